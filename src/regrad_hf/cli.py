@@ -1,0 +1,181 @@
+"""The `regrad` command: `regrad demo`, `regrad build-bank`, `regrad ask`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+LEARNER_SUBDIR = "learner"
+
+
+def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] | None]:
+    """Reads documents from JSONL (`{"text": ..., "id": ..., "metadata": {...}}` per line) or plain text (one per
+    non-empty line)."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines, None, None
+    records = [json.loads(line) for line in lines]
+    texts = [record["text"] for record in records]
+    ids = [str(record["id"]) for record in records] if all("id" in r for r in records) else None
+    metadata = [record.get("metadata", {}) for record in records]
+    return texts, ids, metadata
+
+
+def load_learner(learner: str | None, seed: int):
+    """A saved learner, or a fresh one on the embedded base model (seeded, so runs are repeatable)."""
+    import torch
+
+    from .modeling import ReGradForCausalLM
+
+    if learner:
+        return ReGradForCausalLM.from_pretrained(learner)
+    torch.manual_seed(seed)
+    return ReGradForCausalLM.from_base()
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return question
+
+
+def answer(model, question: str, max_new_tokens: int, **retrieval) -> str:
+    tokenizer = model.tokenizer
+    inputs = tokenizer(chat_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **retrieval)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def document_nll(model, text: str) -> float:
+    """Mean token negative log-likelihood of `text` under the model as it currently is."""
+    import torch
+
+    input_ids = model.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=input_ids, labels=input_ids).loss.item()
+
+
+def build_bank(args: argparse.Namespace) -> int:
+    from .bank import GradientBank
+
+    texts, ids, metadata = read_documents(Path(args.documents))
+    model = load_learner(args.learner, args.seed)
+    bank = GradientBank.build(model, texts, ids=ids, metadata=metadata, batch_size=args.batch_size)
+    output = Path(args.output)
+    bank.save_pretrained(output)
+    if not args.learner:
+        model.save_pretrained(output / LEARNER_SUBDIR)
+    print(f"saved {bank} to {output}")
+    return 0
+
+
+def ask(args: argparse.Namespace) -> int:
+    from .bank import GradientBank
+
+    bank_dir = Path(args.bank)
+    learner = args.learner or (str(bank_dir / LEARNER_SUBDIR) if (bank_dir / LEARNER_SUBDIR).is_dir() else None)
+    if learner is None:
+        print(f"error: {bank_dir} has no {LEARNER_SUBDIR}/ folder; pass --learner", file=sys.stderr)
+        return 2
+    model = load_learner(learner, args.seed)
+    model.attach_bank(GradientBank.from_pretrained(bank_dir))
+    for question in args.question:
+        hits = model.bank.search(question, args.top_k or model.config.top_k_docs)
+        print(f"Q: {question}")
+        print("   retrieved: " + ", ".join(f"{hit.id} ({hit.score:.2f})" for hit in hits))
+        print(f"   ReGrad:    {answer(model, question, args.max_new_tokens, top_k_docs=args.top_k, gamma=args.gamma)}")
+        if args.compare:
+            print(f"   no bank:   {answer(model, question, args.max_new_tokens, use_bank=False)}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Builds a bank from the example documents and answers the example questions with and without ReGrad."""
+    from .bank import GradientBank
+
+    texts, ids, metadata = read_documents(Path(args.documents))
+    questions = [json.loads(line) for line in Path(args.questions).read_text(encoding="utf-8").splitlines() if line]
+    model = load_learner(args.learner, args.seed)
+    print(f"base model: {model.config.base_model_name_or_path} ({model.config.base_model_revision})")
+    print(
+        f"learner: {'fresh (not meta-trained)' if not args.learner else args.learner}, "
+        f"{sum(p.numel() for p in model.lora_parameters().values()):,} LoRA parameters, "
+        f"step size {model.step_sizes.values().mean().item():.3g}, gamma {args.gamma}"
+    )
+    bank = GradientBank.build(model, texts, ids=ids, metadata=metadata)
+    model.attach_bank(bank)
+    print(f"bank: {bank}\n")
+
+    for item in questions:
+        question = item["question"]
+        hits = bank.search(question, args.top_k)
+        print(f"Q: {question}   (expected: {item.get('answer', '?')})")
+        print("   retrieved:      " + ", ".join(f"{hit.id} ({hit.score:.2f})" for hit in hits))
+        if item.get("doc_id") in bank:
+            before = document_nll(model, bank.document(item["doc_id"]).text)
+            with model.retrieved(question, args.top_k, gamma=args.gamma):
+                after = document_nll(model, bank.document(item["doc_id"]).text)
+            print(f"   NLL of its source document without / with ReGrad: {before:.3f} / {after:.3f}")
+        print(f"   without ReGrad: {answer(model, question, args.max_new_tokens, use_bank=False)}")
+        regrad_answer = answer(model, question, args.max_new_tokens, top_k_docs=args.top_k, gamma=args.gamma)
+        print(f"   with ReGrad:    {regrad_answer}")
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--learner",
+            help="a saved learner (directory or Hub id); default: a fresh learner on the "
+            "embedded SmolLM2-135M-Instruct",
+        )
+        sub.add_argument("--seed", type=int, default=0, help="seed of a fresh learner's LoRA init (default 0)")
+
+    sub = commands.add_parser(
+        "demo",
+        help="build a bank from example documents and answer questions with and "
+        "without ReGrad (embedded models, offline)",
+    )
+    sub.add_argument("--documents", default=str(EXAMPLES / "documents.jsonl"), help="JSONL or text documents")
+    sub.add_argument("--questions", default=str(EXAMPLES / "questions.jsonl"), help='JSONL of {"question", "answer"}')
+    sub.add_argument("--top-k", type=int, default=1, help="documents retrieved per question (default 1)")
+    sub.add_argument("--gamma", type=float, default=1.0, help="step multiplier (default 1.0)")
+    sub.add_argument("--max-new-tokens", type=int, default=24)
+    common(sub)
+    sub.set_defaults(run=demo)
+
+    sub = commands.add_parser("build-bank", help="compute and save the gradient bank of a set of documents")
+    sub.add_argument("--documents", required=True, help="JSONL ({text, id?, metadata?} per line) or text, one per line")
+    sub.add_argument("--output", required=True, help="directory to write the bank to")
+    sub.add_argument("--batch-size", type=int, default=8)
+    common(sub)
+    sub.set_defaults(run=build_bank)
+
+    sub = commands.add_parser("ask", help="answer questions with gradients retrieved from a saved bank")
+    sub.add_argument("question", nargs="+", help="one or more questions")
+    sub.add_argument("--bank", required=True, help="a bank directory (written by build-bank)")
+    sub.add_argument("--top-k", type=int, default=None, help="documents per question (default: the learner's)")
+    sub.add_argument("--gamma", type=float, default=None, help="step multiplier (default: the learner's)")
+    sub.add_argument("--max-new-tokens", type=int, default=32)
+    sub.add_argument("--compare", action="store_true", help="also answer without the bank")
+    common(sub)
+    sub.set_defaults(run=ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

