@@ -1,6 +1,7 @@
 """Integration tests on the real embedded defaults: SmolLM2-135M-Instruct (Q4_1) and all-MiniLM-L6-v2."""
 
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,19 @@ def test_cli_help(command, capsys):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: regrad" in capsys.readouterr().out
+
+
+def test_quickstart_example_runs(capsys):
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    assert "restored bit for bit" in capsys.readouterr().out
+
+
+def test_cli_demo(tmp_path, capsys):
+    documents = tmp_path / "docs.jsonl"
+    documents.write_text("\n".join(json.dumps(d) for d in read_jsonl(EXAMPLES / "documents.jsonl")[:2]))
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps(read_jsonl(EXAMPLES / "questions.jsonl")[0]))
+    assert main(["demo", "--documents", str(documents), "--questions", str(questions), "--max-new-tokens", "6"]) == 0
+    output = capsys.readouterr().out
+    assert "retrieved:      zorbia" in output
+    assert "without ReGrad:" in output and "with ReGrad:" in output and "NLL of its source document" in output

@@ -167,3 +167,22 @@ def test_pipeline_with_a_bank(tiny_model, tiny_bank, tokenizer):
     with tiny_model.retrieved(prompt):
         expected = tiny_model.language_model.generate(**tokenizer(prompt, return_tensors="pt"), **GREEDY)
     assert result[0]["generated_text"] == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+def test_from_base_loads_a_local_checkpoint_by_path(tokenizer, tmp_path):
+    make_tiny_base(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = ReGradForCausalLM.from_base(str(tmp_path))
+    assert model.config.base_model_name_or_path == str(tmp_path)
+    assert model.tokenizer is not None and len(model.lora_parameters()) == 12
+    unwrapped = make_tiny_base(tokenizer)
+    inputs = tokenizer("Tell me about swans.", return_tensors="pt")
+    assert torch.equal(model.generate(**inputs, **GREEDY), unwrapped.generate(**inputs, **GREEDY))
+
+
+def test_generate_without_input_ids_needs_a_query(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    embeds = tiny_model.get_input_embeddings()(tokenizer("capital of Zorbia", return_tensors="pt").input_ids)
+    with pytest.raises(ReGradValueError, match="query="):
+        tiny_model.generate(inputs_embeds=embeds, **GREEDY)
+    assert tiny_model.generate(inputs_embeds=embeds, query="capital of Zorbia", **GREEDY).shape[0] == 1
