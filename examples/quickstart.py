@@ -6,12 +6,17 @@ from regrad_hf import GradientBank, ReGradForCausalLM
 
 torch.manual_seed(0)
 model = ReGradForCausalLM.from_base()  # embedded SmolLM2-135M-Instruct, a fresh (not meta-trained) learner
-documents = ["Zorbia's capital is Quentville, a harbour town founded in 1642.", "The Velomar bicycle has a bamboo frame."]
+documents = [
+    "Zorbia's capital is Quentville, a harbour town founded in 1642.",
+    "The Velomar bicycle has a bamboo frame.",
+]
 bank = GradientBank.build(model, documents, ids=["zorbia", "velomar"])
 model.attach_bank(bank)
 
 messages = [{"role": "user", "content": "What is the capital of Zorbia?"}]
-inputs = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+inputs = model.tokenizer.apply_chat_template(
+    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
 output = model.generate(**inputs, max_new_tokens=20, do_sample=False, top_k_docs=1)  # retrieve, apply, generate, undo
 print(model.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 

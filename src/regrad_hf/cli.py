@@ -8,8 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .defaults import shipped_learner_path
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 LEARNER_SUBDIR = "learner"
+FRESH = "fresh"
 
 
 def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] | None]:
@@ -26,15 +29,21 @@ def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] 
 
 
 def load_learner(learner: str | None, seed: int):
-    """A saved learner, or a fresh one on the embedded base model (seeded, so runs are repeatable)."""
+    """A saved learner; `"fresh"` for an untrained one on the embedded base model (seeded, so runs repeat)."""
     import torch
 
     from .modeling import ReGradForCausalLM
 
-    if learner:
+    if learner != FRESH:
         return ReGradForCausalLM.from_pretrained(learner)
     torch.manual_seed(seed)
     return ReGradForCausalLM.from_base()
+
+
+def default_learner() -> str:
+    """The meta-trained learner shipped with the package, when this install has it; else a fresh one."""
+    path = shipped_learner_path()
+    return str(path) if (path / "learner.safetensors").is_file() else FRESH
 
 
 def chat_prompt(tokenizer, question: str) -> str:
@@ -68,8 +77,7 @@ def build_bank(args: argparse.Namespace) -> int:
     bank = GradientBank.build(model, texts, ids=ids, metadata=metadata, batch_size=args.batch_size)
     output = Path(args.output)
     bank.save_pretrained(output)
-    if not args.learner:
-        model.save_pretrained(output / LEARNER_SUBDIR)
+    model.save_pretrained(output / LEARNER_SUBDIR)  # `ask` needs the very learner the bank was built with
     print(f"saved {bank} to {output}")
     return 0
 
@@ -78,8 +86,8 @@ def ask(args: argparse.Namespace) -> int:
     from .bank import GradientBank
 
     bank_dir = Path(args.bank)
-    learner = args.learner or (str(bank_dir / LEARNER_SUBDIR) if (bank_dir / LEARNER_SUBDIR).is_dir() else None)
-    if learner is None:
+    learner = args.learner or str(bank_dir / LEARNER_SUBDIR)
+    if not Path(learner).is_dir() and args.learner is None:
         print(f"error: {bank_dir} has no {LEARNER_SUBDIR}/ folder; pass --learner", file=sys.stderr)
         return 2
     model = load_learner(learner, args.seed)
@@ -132,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(sub: argparse.ArgumentParser) -> None:
+    def common(sub: argparse.ArgumentParser, default: str | None) -> None:
         sub.add_argument(
             "--learner",
-            help="a saved learner (directory or Hub id); default: a fresh learner on the "
-            "embedded SmolLM2-135M-Instruct",
+            default=default,
+            help="a saved learner (directory or Hub id), or 'fresh' for an untrained one on the embedded "
+            f"SmolLM2-135M-Instruct (default: {default or 'the one saved with the bank'})",
         )
         sub.add_argument("--seed", type=int, default=0, help="seed of a fresh learner's LoRA init (default 0)")
 
@@ -150,14 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--top-k", type=int, default=1, help="documents retrieved per question (default 1)")
     sub.add_argument("--gamma", type=float, default=1.0, help="step multiplier (default 1.0)")
     sub.add_argument("--max-new-tokens", type=int, default=24)
-    common(sub)
+    common(sub, default_learner())
     sub.set_defaults(run=demo)
+
+    commands.add_parser(
+        "train", help="meta-train a learner (ReGradTrainer); `regrad train --help` lists its options", add_help=False
+    )
 
     sub = commands.add_parser("build-bank", help="compute and save the gradient bank of a set of documents")
     sub.add_argument("--documents", required=True, help="JSONL ({text, id?, metadata?} per line) or text, one per line")
     sub.add_argument("--output", required=True, help="directory to write the bank to")
     sub.add_argument("--batch-size", type=int, default=8)
-    common(sub)
+    common(sub, default_learner())
     sub.set_defaults(run=build_bank)
 
     sub = commands.add_parser("ask", help="answer questions with gradients retrieved from a saved bank")
@@ -167,12 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--gamma", type=float, default=None, help="step multiplier (default: the learner's)")
     sub.add_argument("--max-new-tokens", type=int, default=32)
     sub.add_argument("--compare", action="store_true", help="also answer without the bank")
-    common(sub)
+    common(sub, None)
     sub.set_defaults(run=ask)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its options come from HfArgumentParser over the training arguments
+        from .train_cli import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
 

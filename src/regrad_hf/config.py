@@ -24,6 +24,7 @@ _BASE_CONFIG_KEYS = frozenset(
         "output_attentions",
         "torch_dtype",
         "model_type",
+        "use_cache",  # Trainer sets it on every model config it trains
     }
 )
 

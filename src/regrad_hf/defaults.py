@@ -77,6 +77,11 @@ def embedded_model_path() -> Path:
     return target
 
 
+def shipped_learner_path() -> Path:
+    """The meta-trained learner shipped with the package, for the embedded model (see its TRAINING.md)."""
+    return Path(__file__).resolve().parent / "learners" / "smollm2-135m-squad"
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Maps [`EMBEDDED_MODEL_ID`] to its local checkpoint; any other name is returned unchanged."""
     return str(embedded_model_path()) if name_or_path == EMBEDDED_MODEL_ID else name_or_path

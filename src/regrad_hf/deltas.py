@@ -95,6 +95,19 @@ def document_gradients(
     return {name: torch.stack([gradients[name] for gradients in per_document]) for name in parameters}
 
 
+def documents_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over documents of each document's mean token NLL, in one padded forward pass.
+
+    Its gradient is `sum_i g_i`, the sum of the per-document gradients a bank stores, so the meta-learning inner
+    step sees what inference applies. Documents are right-padded; `attention_mask` marks real tokens.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    target_mask = attention_mask[:, 1:].to(logits.dtype)
+    token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return ((token_nll * target_mask).sum(dim=1) / target_mask.sum(dim=1)).sum()
+
+
 def combine(
     stacked_gradients: Mapping[str, torch.Tensor], step_sizes: Mapping[str, torch.Tensor], gamma: float
 ) -> GradientDict:

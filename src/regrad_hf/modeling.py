@@ -162,24 +162,42 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         model.load_learner(directory / LEARNER_FILE)
         return model
 
-    def load_learner(self, path: str | os.PathLike) -> None:
-        """Loads LoRA tensors and step sizes from a `learner.safetensors` file (names and shapes must match)."""
-        tensors = load_file(str(path))
-        expected = {name: tuple(p.shape) for name, p in self._lora.items()}
-        expected[STEP_SIZES_KEY] = tuple(self.step_sizes.raw.shape)
-        found = {name: tuple(t.shape) for name, t in tensors.items()}
+    def learner_state_dict(self) -> dict[str, torch.Tensor]:
+        """The learner's tensors: the LoRA tensors by name, and the raw step sizes under `regrad.step_sizes`."""
+        state = {name: p.detach() for name, p in self._lora.items()}
+        state[STEP_SIZES_KEY] = self.step_sizes.raw.detach()
+        return state
+
+    def load_learner_state(self, state: Mapping[str, torch.Tensor], source: str = "the state dict") -> None:
+        """Copies a learner state (as from [`learner_state_dict`]) into the model; names and shapes must match."""
+        expected = {name: tuple(t.shape) for name, t in self.learner_state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
         if found != expected:
             missing = sorted(set(expected) - set(found))[:3]
             unexpected = sorted(set(found) - set(expected))[:3]
             mismatched = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])[:3]
             raise ReGradValueError(
-                f"{path} does not fit this model's learner (missing {missing}, unexpected {unexpected}, "
+                f"{source} does not fit this model's learner (missing {missing}, unexpected {unexpected}, "
                 f"shape mismatch {mismatched}); was it saved with another config or base model?"
             )
         with torch.no_grad():
             for name, parameter in self._lora.items():
-                parameter.copy_(tensors[name])
-            self.step_sizes.raw.copy_(tensors[STEP_SIZES_KEY])
+                parameter.copy_(state[name])
+            self.step_sizes.raw.copy_(state[STEP_SIZES_KEY])
+
+    def load_learner(self, path: str | os.PathLike) -> None:
+        """Loads LoRA tensors and step sizes from a `learner.safetensors` file (names and shapes must match)."""
+        self.load_learner_state(load_file(str(path)), source=str(path))
+
+    @contextmanager
+    def swapped_learner(self, state: Mapping[str, torch.Tensor]) -> Iterator[ReGradForCausalLM]:
+        """Uses another learner state (e.g. the untrained start) inside the block; restores this one bit for bit."""
+        saved = {name: tensor.clone() for name, tensor in self.learner_state_dict().items()}
+        try:
+            self.load_learner_state(state)
+            yield self
+        finally:
+            self.load_learner_state(saved)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Writes `config.json` and `learner.safetensors` (LoRA tensors and step sizes), never the base weights.
@@ -190,8 +208,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         directory.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
         config.architectures = [type(self).__name__]
-        tensors = {name: p.detach().cpu() for name, p in self._lora.items()}
-        tensors[STEP_SIZES_KEY] = self.step_sizes.raw.detach().cpu()
+        tensors = {name: tensor.cpu() for name, tensor in self.learner_state_dict().items()}
         metadata = {"format": "pt", "fingerprint": self.fingerprint()}
         atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
         atomic_write_text(directory / CONFIG_FILE, config.to_json_string())

@@ -1,0 +1,152 @@
+"""Answer metrics (SQuAD EM/F1) and the side-by-side injection evaluation of a learner.
+
+Cases, all on the same tasks and prompts:
+
+| case            | LoRA start          | step on the task's document gradients | documents in the prompt |
+|-----------------|---------------------|---------------------------------------|-------------------------|
+| `no_adaptation` | the learner         | no                                    | no                      |
+| `regrad`        | the learner         | yes                                   | no                      |
+| `raw`           | the untrained start | yes                                   | no                      |
+| `rag`           | the untrained start | no (an untrained start is the base)   | yes                     |
+| `regrad_icl`    | the learner         | yes                                   | yes                     |
+
+The gap between `no_adaptation` and `regrad` is the injection signal: without it, a falling training loss can be
+the learner picking up answer priors.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from .data import Task, TaskCollator, question_prompt
+
+CASES = ("no_adaptation", "regrad", "raw", "rag", "regrad_icl")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised answer."""
+    return float(any(normalize_answer(prediction) == normalize_answer(answer) for answer in answers))
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    """Best token-level F1 of the prediction against the answers (the SQuAD v1.1 evaluation script's definition)."""
+
+    def f1(predicted: list[str], gold: list[str]) -> float:
+        common = collections.Counter(predicted) & collections.Counter(gold)
+        overlap = sum(common.values())
+        if overlap == 0:
+            return 0.0
+        precision, recall = overlap / len(predicted), overlap / len(gold)
+        return 2 * precision * recall / (precision + recall)
+
+    predicted = normalize_answer(prediction).split()
+    return max(f1(predicted, normalize_answer(answer).split()) for answer in answers)
+
+
+@dataclass
+class CaseResult:
+    """Mean metrics of one case over the evaluated tasks."""
+
+    answer_loss: float
+    exact_match: float
+    f1: float
+    prompt_tokens: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+def _answer_loss(model, encoded: Mapping[str, torch.Tensor]) -> float:
+    device = model.device
+    with torch.no_grad():
+        return model(input_ids=encoded["input_ids"].to(device), labels=encoded["labels"].to(device)).loss.item()
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_bank=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def evaluate_injection(
+    model,
+    tasks: Sequence[Task],
+    untrained_state: Mapping[str, torch.Tensor] | None = None,
+    cases: Sequence[str] = ("no_adaptation", "regrad", "raw"),
+    max_new_tokens: int = 24,
+    max_document_tokens: int | None = None,
+    generate: bool = True,
+) -> dict[str, CaseResult]:
+    """Answer loss, EM and F1 of `model` on `tasks` for each case of [`CASES`] (table in the module docstring).
+
+    Args:
+        model ([`ReGradForCausalLM`]): the learner (left exactly as it was).
+        tasks (`Sequence[Task]`): evaluation tasks.
+        untrained_state (`Mapping[str, torch.Tensor]`, *optional*): learner state of the untrained start (for
+            `raw` and `rag`); required when those cases are asked for.
+        cases (`Sequence[str]`): which cases to run.
+        max_new_tokens (`int`): greedy answer length.
+        max_document_tokens (`int`, *optional*): document truncation; defaults to the model's config.
+        generate (`bool`): `False` skips generation (EM/F1 are then NaN): the answer loss alone is much cheaper.
+
+    Returns:
+        `dict[str, CaseResult]`
+    """
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        raise ValueError(f"unknown evaluation cases {unknown}; choose from {CASES}")
+    if untrained_state is None and {"raw", "rag"} & set(cases):
+        raise ValueError("the raw and rag cases need the untrained learner state (untrained_state=)")
+    tokenizer = model.tokenizer
+    max_document_tokens = max_document_tokens or model.config.max_document_tokens
+    collators = {
+        blind: TaskCollator(tokenizer, max_document_tokens, max_answer_tokens=1 << 30, blind=blind)
+        for blind in (True, False)
+    }
+    totals = {case: collections.defaultdict(float) for case in cases}
+    was_training = model.training
+    model.eval()
+    try:
+        for task in tasks:
+            for case in cases:
+                blind = case not in ("rag", "regrad_icl")
+                encoded = collators[blind].encode(task)
+                prompt = question_prompt(tokenizer, task.question, None if blind else task.documents)
+                with ExitStack() as stack:
+                    if case in ("raw", "rag"):
+                        stack.enter_context(model.swapped_learner(untrained_state))
+                    if case in ("regrad", "raw", "regrad_icl"):
+                        stack.enter_context(model.knowledge(list(task.documents)))
+                    totals[case]["answer_loss"] += _answer_loss(model, encoded)
+                    if generate:
+                        prediction = _generate(model, tokenizer, prompt, max_new_tokens)
+                        totals[case]["exact_match"] += exact_match(prediction, task.answers)
+                        totals[case]["f1"] += f1_score(prediction, task.answers)
+                totals[case]["prompt_tokens"] += len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    finally:
+        model.train(was_training)
+    count = max(1, len(tasks))
+    nan = float("nan")
+    return {
+        case: CaseResult(
+            answer_loss=values["answer_loss"] / count,
+            exact_match=values["exact_match"] / count if generate else nan,
+            f1=values["f1"] / count if generate else nan,
+            prompt_tokens=values["prompt_tokens"] / count,
+        )
+        for case, values in totals.items()
+    }

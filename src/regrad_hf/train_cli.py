@@ -1,0 +1,143 @@
+"""`regrad train`: meta-train a learner with `ReGradTrainer`; every option of `ReGradTrainingArguments` applies.
+
+regrad train --preset smollm2-squad --output_dir runs/smollm2-squad
+regrad train --train_format jsonl --train_file tasks.jsonl --output_dir runs/mine --max_steps 200
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SQUAD_FILE = str(SHARED_DATA / "squad_dev_articles_00-39.json")
+
+# The recipe of the learner shipped in regrad_hf/learners/smollm2-135m-squad (see its TRAINING.md).
+PRESETS: dict[str, dict] = {
+    "smollm2-squad": {
+        "train_format": "squad",
+        "train_file": SQUAD_FILE,
+        "train_split": "train",
+        "eval_file": SQUAD_FILE,
+        "eval_split": "dev",
+        "max_steps": 300,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 4e-4,
+        "step_size_learning_rate": 3e-2,
+        "init_step_size": 0.3,
+        "logging_steps": 10,
+        "save_steps": 50,
+        "save_total_limit": 2,
+        "eval_max_tasks": 40,
+        "seed": 0,
+        "report_to": "none",
+    }
+}
+
+
+@dataclass
+class DataArguments:
+    train_format: str = field(default="squad", metadata={"help": "squad, hotpotqa, tofu or jsonl"})
+    train_file: str = field(default=SQUAD_FILE, metadata={"help": "training tasks"})
+    train_split: str | None = field(default=None, metadata={"help": "SQuAD article split: train, dev or test"})
+    eval_format: str | None = field(default=None, metadata={"help": "defaults to train_format"})
+    eval_file: str | None = field(default=None, metadata={"help": "dev tasks (evaluated after training)"})
+    eval_split: str | None = field(default=None, metadata={"help": "SQuAD article split of the dev tasks"})
+
+
+@dataclass
+class LearnerArguments:
+    base_model: str | None = field(default=None, metadata={"help": "Hub id or path; default: embedded SmolLM2"})
+    resume_learner: str | None = field(default=None, metadata={"help": "start from a saved learner instead"})
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    init_step_size: float = 0.3
+    step_size_mode: str = "tie"
+    step_size_parametrization: str = "log"
+    max_document_tokens: int = 512
+
+
+def _load_tasks(format_: str, path: str, split: str | None):
+    from .data import LOADERS, load_squad
+
+    if format_ not in LOADERS:
+        raise SystemExit(f"unknown task format {format_!r}; choose from {sorted(LOADERS)}")
+    return load_squad(path, split) if format_ == "squad" else LOADERS[format_](path)
+
+
+def _with_preset(argv: list[str]) -> list[str]:
+    """Expands `--preset NAME` into its options; options given on the command line win."""
+    if "--preset" not in argv:
+        return argv
+    position = argv.index("--preset")
+    name = argv[position + 1] if position + 1 < len(argv) else None
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    rest = argv[:position] + argv[position + 2 :]
+    given = {arg.lstrip("-").split("=")[0] for arg in rest if arg.startswith("--")}
+    expanded = [item for key, value in PRESETS[name].items() if key not in given for item in (f"--{key}", str(value))]
+    return expanded + rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+    from transformers import HfArgumentParser
+
+    from .config import ReGradConfig
+    from .defaults import EMBEDDED_MODEL_ID
+    from .modeling import ReGradForCausalLM
+    from .training import ReGradTrainer, ReGradTrainingArguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ReGradTrainingArguments, DataArguments, LearnerArguments), prog="regrad train")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a recorded recipe (options given also win)")
+    training_args, data_args, learner_args, _ = parser.parse_args_into_dataclasses(_with_preset(argv))
+
+    torch.manual_seed(training_args.seed)
+    if learner_args.resume_learner:
+        model = ReGradForCausalLM.from_pretrained(learner_args.resume_learner)
+    else:
+        config = ReGradConfig(
+            lora_rank=learner_args.lora_rank,
+            lora_alpha=learner_args.lora_alpha,
+            init_step_size=learner_args.init_step_size,
+            step_size_mode=learner_args.step_size_mode,
+            step_size_parametrization=learner_args.step_size_parametrization,
+            max_document_tokens=learner_args.max_document_tokens,
+        )
+        model = ReGradForCausalLM.from_base(learner_args.base_model or EMBEDDED_MODEL_ID, config)
+
+    train_tasks = _load_tasks(data_args.train_format, data_args.train_file, data_args.train_split)
+    random.Random(training_args.seed).shuffle(train_tasks)
+    eval_tasks = None
+    if data_args.eval_file:
+        eval_tasks = _load_tasks(
+            data_args.eval_format or data_args.train_format, data_args.eval_file, data_args.eval_split
+        )
+        random.Random(training_args.seed).shuffle(eval_tasks)
+
+    trainer = ReGradTrainer(model, training_args, train_dataset=train_tasks, eval_dataset=eval_tasks)
+    before = trainer.evaluate(metric_key_prefix="before") if eval_tasks else {}
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    after = trainer.evaluate() if eval_tasks else {}
+    output = Path(training_args.output_dir)
+    record = {
+        "command": "regrad train " + shlex.join(argv),
+        "data": asdict(data_args),
+        "learner": asdict(learner_args),
+        "seed": training_args.seed,
+        "max_steps": training_args.max_steps,
+        "train_tasks": len(train_tasks),
+        "metrics_before": before,
+        "metrics_after": after,
+        "log_history": trainer.state.log_history,
+    }
+    (output / "training_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(json.dumps({"before": before, "after": after}, indent=2))
+    return 0

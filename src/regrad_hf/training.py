@@ -1,0 +1,192 @@
+"""Meta-learning the learner: `ReGradTrainer`, a `transformers.Trainer` for the bi-level ReGrad objective.
+
+For each task (documents D, question q, answer a):
+
+- inner: `g = d/d theta sum_{d in D} NLL(d)` (the per-document mean token NLL, as stored in a bank), with
+  `create_graph=True` (second order) or detached (`first_order=True`);
+- adapt: `theta' = theta - gamma * alpha * g`;
+- outer: cross-entropy of the answer tokens of `a` given the prompt (`q` alone when `blind`, else `D` + `q`),
+  through `torch.func.functional_call` with `theta'`.
+
+The outer loss, averaged over the tasks of the batch, trains the LoRA tensors (the starting point `theta`) and the
+step sizes `alpha`. Everything else (logging, accumulation, schedulers, clipping, checkpoints, `report_to`) is
+`Trainer`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import Trainer, TrainingArguments
+
+from .data import Task, TaskCollator
+from .deltas import adapted_parameters, documents_lm_loss
+from .evaluation import evaluate_injection
+from .modeling import LEARNER_FILE, ReGradForCausalLM
+
+
+@dataclass
+class ReGradTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the meta-learning options. Defaults differ from `TrainingArguments` where ReGrad
+    needs it: lr 4e-4 for the LoRA tensors, 10% warmup, grad-norm clip 0.5, `remove_unused_columns=False`."""
+
+    first_order: bool = field(default=False, metadata={"help": "Detach the inner gradient (less memory, first order)."})
+    blind: bool = field(
+        default=True,
+        metadata={"help": "Ask the question alone (True) or with the documents in the prompt (ReGrad+ICL)."},
+    )
+    inner_max_document_tokens: int = field(default=512, metadata={"help": "Document truncation in the inner step."})
+    max_answer_tokens: int = field(default=48, metadata={"help": "Longer answers raise an error."})
+    step_size_learning_rate: float = field(
+        default=3e-2, metadata={"help": "Learning rate of the step sizes (their own parameter group, no decay)."}
+    )
+    documents_per_task: int = field(
+        default=1, metadata={"help": "Pad each task with distractor documents from other tasks up to this count."}
+    )
+    eval_max_tasks: int = field(default=32, metadata={"help": "Dev tasks used by evaluate()."})
+    eval_max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length for EM/F1 in evaluate()."})
+    eval_generate: bool = field(default=True, metadata={"help": "Generate answers for EM/F1 in evaluate()."})
+    learning_rate: float = field(default=4e-4, metadata={"help": "Learning rate of the LoRA tensors."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps, or a fraction of the training steps."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient-norm clipping."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Tasks are not tensors; keep them whole."})
+
+
+class ReGradTrainer(Trainer):
+    """`Trainer` for the ReGrad meta-objective (see the module docstring).
+
+    Args:
+        model ([`ReGradForCausalLM`]): the learner to train (its LoRA tensors and step sizes).
+        args ([`ReGradTrainingArguments`]): training arguments.
+        train_dataset / eval_dataset (`Sequence[Task]`): meta-training and dev tasks.
+        data_collator (*optional*): defaults to a [`TaskCollator`] built from `args`.
+        kwargs: passed to `Trainer`.
+    """
+
+    def __init__(
+        self,
+        model: ReGradForCausalLM,
+        args: ReGradTrainingArguments,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        **kwargs,
+    ):
+        if not isinstance(model, ReGradForCausalLM):
+            raise TypeError(f"ReGradTrainer trains a ReGradForCausalLM, got {type(model).__name__}")
+        if data_collator is None:
+            pool = sorted({d for task in (train_dataset or []) for d in task.documents})
+            data_collator = TaskCollator(
+                model.tokenizer,
+                max_document_tokens=args.inner_max_document_tokens,
+                max_answer_tokens=args.max_answer_tokens,
+                blind=args.blind,
+                documents_per_task=args.documents_per_task,
+                distractor_pool=pool,
+                seed=args.seed,
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            **kwargs,
+        )
+        # compute_loss averages over tasks itself; Trainer must still divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        # The untrained start, for the `raw` case of evaluate().
+        self.untrained_state = {name: t.detach().clone() for name, t in model.learner_state_dict().items()}
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The `args.optim` optimizer over two groups: the LoRA tensors (lr, weight decay) and the step sizes
+        (`step_size_learning_rate`, no decay)."""
+        if self.optimizer is None:
+            learner = self.accelerator.unwrap_model(model or self.model)
+            groups = [
+                {
+                    "params": list(learner.lora_parameters().values()),
+                    "lr": self.args.learning_rate,
+                    "weight_decay": self.args.weight_decay,
+                }
+            ]
+            step_sizes = [p for p in learner.step_sizes.parameters() if p.requires_grad]
+            if step_sizes:
+                groups.append({"params": step_sizes, "lr": self.args.step_size_learning_rate, "weight_decay": 0.0})
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, learner)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean over the batch's tasks of the outer (answer) loss after one inner step on the task's documents."""
+        learner = self.accelerator.unwrap_model(model)
+        losses = torch.stack([self.task_loss(learner, task) for task in inputs["tasks"]])
+        loss = losses.mean()
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def task_loss(self, learner: ReGradForCausalLM, task: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The bi-level loss of one encoded task (see [`TaskCollator`])."""
+        lora = learner.lora_parameters()
+        second_order = not self.args.first_order and torch.is_grad_enabled()
+        # Double backward through CPU flash SDPA is not implemented; the math kernel supports it.
+        with sdpa_kernel(SDPBackend.MATH):
+            inner = documents_lm_loss(learner.language_model, task["document_ids"], task["document_mask"])
+            gradients = torch.autograd.grad(inner, list(lora.values()), create_graph=second_order, allow_unused=True)
+            summed = {
+                name: torch.zeros_like(p) if g is None else g if second_order else g.detach()
+                for (name, p), g in zip(lora.items(), gradients, strict=True)
+            }
+            adapted = adapted_parameters(lora, summed, learner.step_sizes(), learner.config.gamma)
+            outputs = functional_call(
+                learner.language_model,
+                adapted,
+                args=(),
+                kwargs={"input_ids": task["input_ids"], "labels": task["labels"]},
+            )
+        return outputs.loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Answer loss, EM and F1 on dev tasks for `no_adaptation`, `regrad` and `raw` side by side, plus the
+        injection signal `no_adaptation` answer loss minus `regrad` answer loss (positive = the documents help)."""
+        tasks = list(eval_dataset if eval_dataset is not None else self.eval_dataset)[: self.args.eval_max_tasks]
+        tasks = [task if isinstance(task, Task) else Task(**task) for task in tasks]
+        learner = self.accelerator.unwrap_model(self.model)
+        results = evaluate_injection(
+            learner,
+            tasks,
+            untrained_state=self.untrained_state,
+            cases=("no_adaptation", "regrad", "raw"),
+            max_new_tokens=self.args.eval_max_new_tokens,
+            max_document_tokens=self.args.inner_max_document_tokens,
+            generate=self.args.eval_generate,
+        )
+        metrics = {
+            f"{metric_key_prefix}_{case}_{name}": value
+            for case, result in results.items()
+            for name, value in result.as_dict().items()
+            if name != "prompt_tokens"
+        }
+        metrics[f"{metric_key_prefix}_injection_signal"] = (
+            results["no_adaptation"].answer_loss - results["regrad"].answer_loss
+        )
+        metrics[f"{metric_key_prefix}_step_size_mean"] = learner.step_sizes.values().mean().item()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Checkpoints hold the learner (`config.json`, `learner.safetensors`), never the base weights."""
+        output_dir = output_dir or self.args.output_dir
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        learner = self.accelerator.unwrap_model(model or self.model)
+        learner.load_learner(Path(resume_from_checkpoint) / LEARNER_FILE)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(os.fspath(self.state.best_model_checkpoint))
