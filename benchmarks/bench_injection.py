@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import time
@@ -48,7 +49,9 @@ def main() -> None:
     random.Random(args.seed).shuffle(tasks)
     tasks = tasks[: args.tasks]
     start = time.perf_counter()
-    results = evaluate_injection(learner, tasks, untrained, cases=CASES, max_new_tokens=args.max_new_tokens)
+    results = evaluate_injection(
+        learner, tasks, untrained, cases=CASES, max_new_tokens=args.max_new_tokens, show_progress=True
+    )
     seconds = time.perf_counter() - start
 
     print(f"{len(tasks)} questions of SQuAD {args.split} articles, gold paragraph injected (oracle, k=1)")
@@ -59,7 +62,7 @@ def main() -> None:
     signal = results["no_adaptation"].answer_loss - results["regrad"].answer_loss
     print(f"injection signal (no-adaptation NLL - ReGrad NLL): {signal:.3f} nats")
     record = {
-        "learner": args.learner,
+        "learner": os.path.relpath(args.learner, ROOT),
         "split": args.split,
         "tasks": len(tasks),
         "seed": args.seed,

@@ -1,11 +1,9 @@
-"""The README quick start: wrap the embedded model, inject documents, generate, and see the weights restored."""
-
-import torch
+"""The README quick start: load the shipped learner, inject documents, generate, and see the weights restored."""
 
 from regrad_hf import GradientBank, ReGradForCausalLM
+from regrad_hf.defaults import shipped_learner_path
 
-torch.manual_seed(0)
-model = ReGradForCausalLM.from_base()  # embedded SmolLM2-135M-Instruct, a fresh (not meta-trained) learner
+model = ReGradForCausalLM.from_pretrained(shipped_learner_path())  # meta-trained learner on the embedded SmolLM2
 documents = [
     "Zorbia's capital is Quentville, a harbour town founded in 1642.",
     "The Velomar bicycle has a bamboo frame.",

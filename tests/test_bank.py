@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from regrad_hf import BankMismatchError, GradientBank, ReGradKeyError, ReGradValueError
+from regrad_hf.files import DIRECTORY_MODE, FILE_MODE
 
 from .conftest import DOCUMENTS, IDS, make_tiny_model
 
@@ -65,7 +66,11 @@ def test_round_trip_in_a_new_process(tiny_bank, tmp_path):
 
 
 def test_layout_on_disk(tiny_bank, tmp_path):
-    tiny_bank.save_pretrained(tmp_path, max_shard_bytes=1)  # one document per shard
+    tiny_bank.save_pretrained(tmp_path / "bank", max_shard_bytes=1)  # one document per shard
+    tmp_path = tmp_path / "bank"
+    # staged in private temporary files and directories, published with ordinary modes
+    assert (tmp_path.stat().st_mode & 0o777) == DIRECTORY_MODE
+    assert all((p.stat().st_mode & 0o777) == FILE_MODE for p in tmp_path.rglob("*") if p.is_file())
     config = json.loads((tmp_path / "bank_config.json").read_text())
     assert config["num_documents"] == 4 and config["dtype"] == "bfloat16" and config["embedding_dim"] == 384
     assert [s["file"] for s in config["shards"]] == [f"gradients/shard-{i:05d}.safetensors" for i in range(4)]
@@ -99,7 +104,7 @@ def test_failed_save_leaves_the_previous_bank(tiny_bank, tmp_path, monkeypatch):
     tiny_bank.save_pretrained(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     tiny_bank.remove("quillon")
-    monkeypatch.setattr("regrad_hf.bank.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr("regrad_hf.files.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         tiny_bank.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -1,6 +1,7 @@
 """Integration tests on the real embedded defaults: SmolLM2-135M-Instruct (Q4_1) and all-MiniLM-L6-v2."""
 
 import json
+import random
 import runpy
 from pathlib import Path
 
@@ -10,10 +11,14 @@ from transformers import pipeline
 
 from regrad_hf import EMBEDDED_MODEL_ID, GradientBank, ReGradForCausalLM
 from regrad_hf.cli import main
+from regrad_hf.data import load_squad
+from regrad_hf.defaults import shipped_learner_path
+from regrad_hf.evaluation import evaluate_injection
 
 from .conftest import parameter_bytes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_dev_articles_00-39.json"
 
 
 def read_jsonl(path):
@@ -135,3 +140,15 @@ def test_cli_demo(tmp_path, capsys):
     output = capsys.readouterr().out
     assert "retrieved:      zorbia" in output
     assert "without ReGrad:" in output and "with ReGrad:" in output and "NLL of its source document" in output
+
+
+def test_shipped_learner_injects_knowledge_on_held_out_articles():
+    # The packaged learner (meta-trained on SQuAD articles 0-29) on questions of test articles 35-39, each with its
+    # own paragraph's gradient: the answer loss must drop with the gradient. Answer loss only (no generation).
+    path = shipped_learner_path()
+    assert (path / "learner.safetensors").stat().st_size <= 8 * 1024 * 1024
+    learner = ReGradForCausalLM.from_pretrained(path)
+    tasks = load_squad(SQUAD, "test")
+    random.Random(0).shuffle(tasks)
+    results = evaluate_injection(learner, tasks[:8], cases=("no_adaptation", "regrad"), generate=False)
+    assert results["regrad"].answer_loss < results["no_adaptation"].answer_loss - 0.1

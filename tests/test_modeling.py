@@ -3,6 +3,7 @@ import torch
 from transformers import pipeline
 
 from regrad_hf import ReGradError, ReGradForCausalLM, ReGradValueError
+from regrad_hf.files import FILE_MODE
 
 from .conftest import DOCUMENTS, make_tiny_base, make_tiny_model, parameter_bytes
 
@@ -135,6 +136,7 @@ def test_knowledge_with_no_documents_changes_nothing(tiny_model):
 def test_save_and_load_write_only_the_learner(tiny_model, tokenizer, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "learner.safetensors"]
+    assert all((p.stat().st_mode & 0o777) == FILE_MODE for p in tmp_path.iterdir())
     assert (tmp_path / "learner.safetensors").stat().st_size < 100_000  # LoRA + step sizes, no base weights
     loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
     assert loaded.fingerprint() == tiny_model.fingerprint()

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from usearch.index import Index, Matches
 
@@ -35,7 +34,7 @@ from .config import ReGradConfig
 from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
 from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
-from .files import atomic_write_text
+from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "bank_config.json"
@@ -308,6 +307,7 @@ class GradientBank:
         target = Path(save_directory).resolve()
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+        staging.chmod(DIRECTORY_MODE)
         try:
             placements, shard_files = self._write(staging, max_shard_bytes)
             _replace_directory(staging, target)
@@ -472,7 +472,8 @@ class GradientBank:
             tensors = {
                 name: torch.stack([self._row(i, name) for i in chunk]).contiguous() for name in self.parameter_shapes
             }
-            save_file(tensors, str(directory / relative), metadata={"format": "pt", "fingerprint": self.fingerprint})
+            metadata = {"format": "pt", "fingerprint": self.fingerprint}
+            atomic_save_safetensors(tensors, directory / relative, metadata=metadata)
             shard_files.append(relative)
             placements.update({doc_id: (shard, row) for row, doc_id in enumerate(chunk)})
 

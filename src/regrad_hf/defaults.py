@@ -18,6 +18,7 @@ from pathlib import Path
 from huggingface_hub import constants
 
 from .errors import ReGradError
+from .files import DIRECTORY_MODE
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -64,6 +65,7 @@ def embedded_model_path() -> Path:
     del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    staging.chmod(DIRECTORY_MODE)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import Task, TaskCollator, question_prompt
 
@@ -90,6 +91,7 @@ def evaluate_injection(
     max_new_tokens: int = 24,
     max_document_tokens: int | None = None,
     generate: bool = True,
+    show_progress: bool = False,
 ) -> dict[str, CaseResult]:
     """Answer loss, EM and F1 of `model` on `tasks` for each case of [`CASES`] (table in the module docstring).
 
@@ -102,6 +104,7 @@ def evaluate_injection(
         max_new_tokens (`int`): greedy answer length.
         max_document_tokens (`int`, *optional*): document truncation; defaults to the model's config.
         generate (`bool`): `False` skips generation (EM/F1 are then NaN): the answer loss alone is much cheaper.
+        show_progress (`bool`): show a progress bar over the tasks.
 
     Returns:
         `dict[str, CaseResult]`
@@ -121,7 +124,7 @@ def evaluate_injection(
     was_training = model.training
     model.eval()
     try:
-        for task in tasks:
+        for task in tqdm(tasks, desc="Evaluating", disable=not show_progress):
             for case in cases:
                 blind = case not in ("rag", "regrad_icl")
                 encoded = collators[blind].encode(task)

@@ -11,6 +11,18 @@ import torch
 from safetensors.torch import save_file
 
 
+def _current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+# tempfile creates private files (0600) and directories (0700); what we publish gets the modes a plain
+# open()/mkdir() would give.
+FILE_MODE = 0o666 & ~_current_umask()
+DIRECTORY_MODE = 0o777 & ~_current_umask()
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,6 +30,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
