@@ -117,6 +117,8 @@ def demo(args: argparse.Namespace) -> int:
     )
     bank = GradientBank.build(model, texts, ids=ids, metadata=metadata)
     model.attach_bank(bank)
+    if Path(args.learner) == shipped_learner_path():
+        print("meta-trained by `regrad train --preset smollm2-squad` (seed 0, SQuAD articles 0-29): see TRAINING.md")
     print(f"bank: {bank}\n")
 
     for item in questions:
