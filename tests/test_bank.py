@@ -143,7 +143,7 @@ def test_errors_share_a_base_class_and_builtin_types():
 
 def test_another_learner_is_refused(tokenizer, tiny_bank):
     other = make_tiny_model(tokenizer, seed=1)
-    with pytest.raises(BankMismatchError):
+    with pytest.raises(BankMismatchError, match=r"differ in lora_values \(bank [0-9a-f]+, model [0-9a-f]+\)"):
         other.attach_bank(tiny_bank)
     with pytest.raises(BankMismatchError):
         tiny_bank.add(other, ["Some new text here."], show_progress=False)
@@ -166,3 +166,77 @@ def test_damaged_bank_files_are_named_in_the_error(tiny_bank, tmp_path, damage, 
     damage(tmp_path)
     with pytest.raises(ReGradValueError, match=match):
         GradientBank.from_pretrained(tmp_path)
+
+
+def test_another_base_revision_is_refused(tiny_model, tiny_bank):
+    tiny_model.config.base_model_revision = "0123abc"
+    with pytest.raises(BankMismatchError, match="base_revision"):
+        tiny_model.attach_bank(tiny_bank)
+
+
+def test_non_finite_gradients_are_refused_at_build(tiny_model, tiny_bank, monkeypatch):
+    before = snapshot(tiny_bank)
+    compute = tiny_model.document_gradients
+
+    def poisoned(documents):
+        stacked = compute(documents)
+        next(iter(stacked.values()))[-1].view(-1)[0] = float("nan")
+        return stacked
+
+    monkeypatch.setattr(tiny_model, "document_gradients", poisoned)
+    with pytest.raises(ReGradValueError, match=r"documents \['b'\] contain NaN or inf"):
+        tiny_bank.add(tiny_model, ["First new text.", "Second new text."], ids=["a", "b"], show_progress=False)
+    assert snapshot(tiny_bank) == before
+
+
+def test_corrupted_gradient_values_are_refused_on_use(tiny_bank, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_bank.save_pretrained(tmp_path)
+    shard = tmp_path / "gradients" / "shard-00000.safetensors"
+    tensors = load_file(str(shard))
+    name = next(iter(tensors))
+    tensors[name][1].view(-1)[3] = float("inf")  # row 1 = "halvorsen"
+    save_file(tensors, str(shard))
+    bank = GradientBank.from_pretrained(tmp_path)
+    bank.gather(["zorbia"])  # the other rows are fine
+    with pytest.raises(ReGradValueError, match=r"\['halvorsen'\] contain NaN or inf .*corrupted"):
+        bank.gather(["zorbia", "halvorsen"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t, n: {**t, n: t[n].float()}, "is F32"),
+        (lambda t, n: {**t, n: t[n][:, :1].contiguous()}, "expected BF16"),
+        (lambda t, n: {k: v for k, v in t.items() if k != n}, "other tensors"),
+        (lambda t, n: {k: v[:1].contiguous() for k, v in t.items()}, "rows, needs 4"),
+    ],
+)
+def test_shards_that_do_not_fit_the_bank_are_refused_on_load(tiny_bank, tmp_path, edit, match):
+    from safetensors.torch import load_file, save_file
+
+    tiny_bank.save_pretrained(tmp_path)
+    shard = tmp_path / "gradients" / "shard-00000.safetensors"
+    tensors = load_file(str(shard))
+    save_file(edit(tensors, next(iter(tensors))), str(shard))
+    with pytest.raises(ReGradValueError, match=match):
+        GradientBank.from_pretrained(tmp_path)
+
+
+def test_edited_fingerprint_is_refused(tiny_bank, tmp_path):
+    tiny_bank.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "bank_config.json").read_text())
+    config["learner"]["lora_values"] = "0" * 64
+    (tmp_path / "bank_config.json").write_text(json.dumps(config))
+    with pytest.raises(ReGradValueError, match="does not match the learner field"):
+        GradientBank.from_pretrained(tmp_path)
+
+
+def test_a_save_killed_between_the_two_renames_is_recovered(tiny_bank, tmp_path):
+    tiny_bank.save_pretrained(tmp_path / "bank")
+    # what a kill after "move the old bank aside" and before "move the new bank in" leaves behind
+    (tmp_path / "bank").rename(tmp_path / ".bank.old-1234abcd")
+    with pytest.warns(UserWarning, match="restored the previous bank"):
+        bank = GradientBank.from_pretrained(tmp_path / "bank")
+    assert bank.ids == IDS

@@ -2,7 +2,8 @@
 
 On disk (see DESIGN.md section 4)::
 
-    bank_config.json                    format version, learner fingerprint, embedder, dtype, shapes, shard list
+    bank_config.json                    format version, learner identity and fingerprint, embedder, dtype, shapes,
+                                        shard list
     documents.jsonl                     one line per document: id, text, metadata, index key, shard, row
     index.usearch                       cosine index of the document embeddings, keyed by the index key
     gradients/shard-NNNNN.safetensors   per LoRA tensor name, the gradients of the shard's documents stacked
@@ -19,6 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
 from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
+from .learner import fingerprint_of
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "bank_config.json"
@@ -47,6 +50,7 @@ INDEX_DTYPE = "f32"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class GradientSource(Protocol):
@@ -54,7 +58,7 @@ class GradientSource(Protocol):
 
     config: ReGradConfig
 
-    def fingerprint(self) -> str: ...
+    def learner_identity(self) -> dict[str, str]: ...
 
     def lora_parameters(self) -> Mapping[str, torch.Tensor]: ...
 
@@ -96,7 +100,8 @@ class GradientBank:
     those two.
 
     Args:
-        fingerprint (`str`): the fingerprint of the learner whose gradients the bank holds.
+        learner (`Mapping[str, str]`): the identity of the learner whose gradients the bank holds (its
+            `learner_identity()`: base model and revision, LoRA layout and values hashes, gradient format).
         parameter_shapes (`Mapping[str, Sequence[int]]`): shape of each LoRA tensor, by name.
         embedding_dim (`int`): dimension of the embedder's vectors.
         embedder (`str`, *optional*): sentence-transformers model name or path; `None` is the embedded default.
@@ -106,7 +111,7 @@ class GradientBank:
 
     def __init__(
         self,
-        fingerprint: str,
+        learner: Mapping[str, str],
         parameter_shapes: Mapping[str, Sequence[int]],
         embedding_dim: int,
         embedder: str | None = None,
@@ -115,7 +120,8 @@ class GradientBank:
     ):
         if dtype not in _TORCH_DTYPES:
             raise ReGradValueError(f"bank dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
-        self.fingerprint = fingerprint
+        self.learner = dict(learner)
+        self.fingerprint = fingerprint_of(self.learner)
         self.parameter_shapes = {name: tuple(shape) for name, shape in parameter_shapes.items()}
         self.embedding_dim = embedding_dim
         self.embedder_name = embedder or DEFAULT_EMBEDDER_ID
@@ -158,7 +164,7 @@ class GradientBank:
         check_documents(documents)
         embedder_model = embedder_model or load_embedder(model.config.embedder)
         bank = cls(
-            fingerprint=model.fingerprint(),
+            learner=model.learner_identity(),
             parameter_shapes={name: p.shape for name, p in model.lora_parameters().items()},
             embedding_dim=embedder_model.get_embedding_dimension(),
             embedder=model.config.embedder,
@@ -195,6 +201,7 @@ class GradientBank:
             for start in range(0, len(documents), batch_size):
                 batch = list(documents[start : start + batch_size])
                 stacked = model.document_gradients(batch)
+                _check_finite(stacked, ids[start : start + batch_size])
                 stored = {name: g.detach().to("cpu", _TORCH_DTYPES[self.dtype]) for name, g in stacked.items()}
                 rows.extend({name: tensor[i] for name, tensor in stored.items()} for i in range(len(batch)))
                 progress.update(len(batch))
@@ -220,11 +227,17 @@ class GradientBank:
 
     def check_learner(self, model: GradientSource) -> None:
         """Raises [`BankMismatchError`] unless `model` is the learner this bank was built with."""
-        fingerprint = model.fingerprint()
-        if fingerprint != self.fingerprint:
+        identity = model.learner_identity()
+        if fingerprint_of(identity) != self.fingerprint:
+            differences = ", ".join(
+                f"{key} (bank {str(self.learner.get(key))[:16]}, model {str(identity.get(key))[:16]})"
+                for key in sorted(set(identity) | set(self.learner))
+                if identity.get(key) != self.learner.get(key)
+            )
             raise BankMismatchError(
-                f"this bank was built by learner {self.fingerprint[:12]}, the model is learner {fingerprint[:12]}: "
-                "its gradients do not apply to this model (rebuild the bank, or attach it with force=True)"
+                f"this bank was built by learner {self.fingerprint[:12]}, the model is learner "
+                f"{fingerprint_of(identity)[:12]}; they differ in {differences}. The bank's gradients do not apply "
+                "to this model: rebuild the bank with it, or attach with force=True if you know better."
             )
 
     # ------------------------------------------------------------------ reading
@@ -287,7 +300,10 @@ class GradientBank:
         if not ids:
             raise ReGradValueError("gather needs at least one document id")
         self._check_known(ids)
-        return {name: torch.stack([self._row(doc_id, name) for doc_id in ids]) for name in self.parameter_shapes}
+        gathered = {name: torch.stack([self._row(doc_id, name) for doc_id in ids]) for name in self.parameter_shapes}
+        # A corrupted shard must not silently poison an answer.
+        _check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
+        return gathered
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -327,6 +343,7 @@ class GradientBank:
             [`ReGradValueError`]: when a file is missing or malformed (the message names it).
         """
         directory = Path(directory).resolve()
+        _recover_interrupted_save(directory)
         config = _read_json(directory / CONFIG_FILE)
         if config.get("format_version") != FORMAT_VERSION:
             raise ReGradValueError(
@@ -335,7 +352,7 @@ class GradientBank:
             )
         try:
             bank = cls(
-                fingerprint=config["fingerprint"],
+                learner=config["learner"],
                 parameter_shapes=config["parameter_shapes"],
                 embedding_dim=config["embedding_dim"],
                 embedder=config["embedder"],
@@ -345,6 +362,10 @@ class GradientBank:
             shard_files = [shard["file"] for shard in config["shards"]]
         except (KeyError, TypeError) as error:
             raise ReGradValueError(f"{directory / CONFIG_FILE} is malformed: missing or invalid {error}") from error
+        if bank.fingerprint != config.get("fingerprint"):
+            raise ReGradValueError(
+                f"{directory / CONFIG_FILE}: the fingerprint field does not match the learner field (edited file?)"
+            )
         for shard_file in shard_files:
             if not (directory / shard_file).is_file():
                 raise ReGradValueError(f"bank file {directory / shard_file} is missing")
@@ -440,14 +461,30 @@ class GradientBank:
     def _open_shards(self, directory: Path, shard_files: list[str]) -> None:
         """Opens (memory-maps) every shard now. An open shard keeps its contents even if another bank later
         replaces the file on disk, so a bank never reads rows written for a different layout."""
+        rows_per_shard = [0] * len(shard_files)
+        for document in self._documents.values():
+            if document.shard is not None and 0 <= document.shard < len(shard_files):
+                rows_per_shard[document.shard] = max(rows_per_shard[document.shard], document.row + 1)
+        expected_dtype = _SAFETENSORS_DTYPES[self.dtype]
         readers = []
-        for relative in shard_files:
+        for relative, rows in zip(shard_files, rows_per_shard, strict=True):
+            path = directory / relative
             try:
-                readers.append(safe_open(str(directory / relative), framework="pt", device="cpu"))
+                reader = safe_open(str(path), framework="pt", device="cpu")
             except Exception as error:  # safetensors raises its own error type for a bad header
-                raise ReGradValueError(
-                    f"bank file {directory / relative} is not a readable safetensors file: {error}"
-                ) from error
+                raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
+            if set(reader.keys()) != set(self.parameter_shapes):
+                raise ReGradValueError(f"bank file {path} holds other tensors than the bank's LoRA tensors")
+            for name, shape in self.parameter_shapes.items():
+                tensor = reader.get_slice(name)
+                if tensor.get_dtype() != expected_dtype or tensor.get_shape()[1:] != list(shape):
+                    raise ReGradValueError(
+                        f"bank file {path}: tensor {name} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
+                        f"{expected_dtype} [rows, {', '.join(map(str, shape))}]"
+                    )
+                if tensor.get_shape()[0] < rows:
+                    raise ReGradValueError(f"bank file {path}: {name} has {tensor.get_shape()[0]} rows, needs {rows}")
+            readers.append(reader)
         self._readers = readers
 
     def _row(self, doc_id: str, name: str) -> torch.Tensor:
@@ -488,6 +525,7 @@ class GradientBank:
         config = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
+            "learner": self.learner,
             "embedder": self.embedder_name,
             "embedding_dim": self.embedding_dim,
             "index_metric": "cos",
@@ -510,6 +548,17 @@ class GradientBank:
         )
 
 
+def _check_finite(stacked: Mapping[str, torch.Tensor], ids: Sequence[str], where: str = "") -> None:
+    """Raises [`ReGradValueError`] naming the documents whose gradients hold NaN or inf values."""
+    bad = set()
+    for tensor in stacked.values():
+        finite = torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+        bad.update(index for index in range(len(ids)) if not finite[index])
+    if bad:
+        names = [ids[index] for index in sorted(bad)]
+        raise ReGradValueError(f"the gradients of documents {names[:5]} contain NaN or inf values{where}")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ReGradValueError(f"bank file {path} is missing")
@@ -517,6 +566,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ReGradValueError(f"bank file {path} is not valid JSON: {error}") from error
+
+
+def _recover_interrupted_save(target: Path) -> None:
+    """Puts the previous bank back if a save was killed between moving it aside and moving the new one in."""
+    if target.exists():
+        return
+    backups = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if backups and (backups[-1] / CONFIG_FILE).is_file():
+        backups[-1].rename(target)
+        warnings.warn(f"{target}: a save was interrupted; restored the previous bank", UserWarning, stacklevel=3)
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -159,15 +160,31 @@ class StepSizes(nn.Module):
         return {name: alpha[index if self.mode == "tie" else 0] for index, name in enumerate(self.names)}
 
 
-def learner_fingerprint(base_model: str | None, parameters: Mapping[str, torch.Tensor]) -> str:
-    """A hash of the base model name and the LoRA layout and values: what a document gradient depends on.
+# Bumped when the way gradients are computed changes, so banks of an older computation are not mixed in.
+GRADIENT_FORMAT_VERSION = "1"
 
-    Step sizes are left out on purpose: they scale gradients at use time and do not change them.
+
+def learner_identity(
+    base_model: str | None, base_revision: str | None, parameters: Mapping[str, torch.Tensor]
+) -> dict[str, str]:
+    """What a document gradient depends on, field by field: base model name and revision, LoRA layout (names and
+    shapes), LoRA values, and the gradient format version. Step sizes are left out on purpose: they scale
+    gradients at use time and do not change them.
     """
-    digest = hashlib.sha256()
-    digest.update(f"base={base_model}\n".encode())
+    layout, values = hashlib.sha256(), hashlib.sha256()
     for name in sorted(parameters):
         tensor = parameters[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
+        layout.update(f"{name}:{tuple(tensor.shape)}\n".encode())
+        values.update(tensor.numpy().tobytes())
+    return {
+        "base_model": str(base_model),
+        "base_revision": str(base_revision),
+        "lora_layout": layout.hexdigest(),
+        "lora_values": values.hexdigest(),
+        "gradient_format": GRADIENT_FORMAT_VERSION,
+    }
+
+
+def fingerprint_of(identity: Mapping[str, str]) -> str:
+    """One hash of a [`learner_identity`]."""
+    return hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()

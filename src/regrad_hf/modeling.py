@@ -21,7 +21,7 @@ from .config import ReGradConfig
 from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, resolve_model_path
 from .errors import ReGradError, ReGradValueError
 from .files import atomic_save_safetensors, atomic_write_text
-from .learner import StepSizes, inject_lora, learner_fingerprint, lora_parameters
+from .learner import StepSizes, fingerprint_of, inject_lora, learner_identity, lora_parameters
 from .query import prompt_to_query
 
 CONFIG_FILE = "config.json"
@@ -219,9 +219,14 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         """The LoRA tensors by name (names as in the wrapped language model)."""
         return dict(self._lora)
 
+    def learner_identity(self) -> dict[str, str]:
+        """What this learner's document gradients depend on, field by field (see [`learner_identity`])."""
+        config = self.config
+        return learner_identity(config.base_model_name_or_path, config.base_model_revision, self._lora)
+
     def fingerprint(self) -> str:
-        """Identifies the learner a bank's gradients belong to (base model name, LoRA layout and values)."""
-        return learner_fingerprint(self.config.base_model_name_or_path, self._lora)
+        """Identifies the learner a bank's gradients belong to: a hash of [`learner_identity`]."""
+        return fingerprint_of(self.learner_identity())
 
     def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]:
         """Per-document gradients of the mean token NLL w.r.t. the LoRA tensors, stacked on a first axis."""
