@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
 
     Create one with [`~ReGradForCausalLM.from_base`] or [`~ReGradForCausalLM.from_pretrained`].
 
-    Adapting writes shared weights: one model instance serves one `generate` (or context) at a time.
+    Adapting writes shared LoRA tensors, so adaptation is serialised: `generate` and the `knowledge`/`retrieved`
+    contexts hold a per-model re-entrant lock, and concurrent `generate` calls from several threads each see only
+    their own delta (they run one after the other). Direct `forward` calls from another thread are not guarded.
     """
 
     config_class = ReGradConfig
@@ -51,6 +54,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.bank: GradientBank | None = None
+        self._adaptation_lock = threading.RLock()
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
         self._lora = lora_parameters(language_model)
@@ -254,10 +258,23 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         bank, self.bank = self.bank, None
         return bank
 
-    def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> AbstractContextManager:
+    @contextmanager
+    def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> Iterator[None]:
         gamma = self.config.gamma if gamma is None else gamma
         delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
-        return deltas.applied_delta(self._lora, delta)
+        with self._adaptation_lock, deltas.applied_delta(self._lora, delta):
+            yield
+
+    def __getstate__(self):
+        # Locks cannot be copied or pickled; a copy gets its own (copy.deepcopy, multiprocessing).
+        state = super().__getstate__()
+        state = dict(state) if state is not None else dict(self.__dict__)
+        state.pop("_adaptation_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._adaptation_lock = threading.RLock()
 
     @contextmanager
     def knowledge(self, documents: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
@@ -315,14 +332,15 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             What the wrapped model's `generate` returns. Rows of a batch that retrieved different documents are
             generated one by one and right-padded with the pad token to a common length.
         """
-        if use_bank is False or (use_bank is None and self.bank is None and query is None):
-            return self.language_model.generate(inputs, *args, **kwargs)
-        self._require_bank()
-        queries = self._queries(inputs, kwargs, query)
-        if len(set(queries)) == 1:
-            with self.retrieved(queries[0], top_k_docs, gamma):
+        with self._adaptation_lock:  # another thread's delta must not be in the weights while we generate
+            if use_bank is False or (use_bank is None and self.bank is None and query is None):
                 return self.language_model.generate(inputs, *args, **kwargs)
-        return self._generate_rows(inputs, args, kwargs, queries, top_k_docs, gamma)
+            self._require_bank()
+            queries = self._queries(inputs, kwargs, query)
+            if len(set(queries)) == 1:
+                with self.retrieved(queries[0], top_k_docs, gamma):
+                    return self.language_model.generate(inputs, *args, **kwargs)
+            return self._generate_rows(inputs, args, kwargs, queries, top_k_docs, gamma)
 
     def _queries(self, inputs: torch.Tensor | None, kwargs: dict, query: str | Sequence[str] | None) -> list[str]:
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
