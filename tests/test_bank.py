@@ -125,6 +125,12 @@ def test_failed_save_leaves_the_previous_bank(tiny_bank, tmp_path, monkeypatch):
         (lambda b, m: b.remove(["velomar", "nope"]), ReGradKeyError, "nope"),
         (lambda b, m: b.search("anything", k=5), ReGradValueError, "larger than the bank"),
         (lambda b, m: b.search("", k=1), ReGradValueError, "non-empty query"),
+        (lambda b, m: b.search("anything", k=0), ReGradValueError, "positive integer"),
+        (lambda b, m: b.search("anything", k=-2), ReGradValueError, "positive integer"),
+        (lambda b, m: b.add(m, [b"bytes, not text"], show_progress=False), ReGradValueError, "not a string"),
+        (lambda b, m: b.add(m, ["broken \udcff text"], show_progress=False), ReGradValueError, "not valid Unicode"),
+        (lambda b, m: b.add(m, ["fine text"], ids=[""], show_progress=False), ReGradValueError, "non-empty strings"),
+        (lambda b, m: b.add(m, ["fine text"], batch_size=0, show_progress=False), ReGradValueError, "batch_size"),
     ],
 )
 def test_bad_input_raises_and_changes_nothing(tiny_model, tiny_bank, call, error, match):
@@ -159,6 +165,14 @@ def test_another_learner_is_refused(tokenizer, tiny_bank):
         (lambda d: (d / "documents.jsonl").write_text('{"id": 1}\n'), "documents.jsonl line 1 is malformed"),
         (lambda d: (d / "gradients" / "shard-00000.safetensors").unlink(), "shard-00000.safetensors is missing"),
         (lambda d: (d / "index.usearch").write_bytes(b"garbage"), "index.usearch"),
+        (lambda d: _truncate(d / "gradients" / "shard-00000.safetensors"), "not a readable safetensors file"),
+        (lambda d: _flip_header_byte(d / "gradients" / "shard-00000.safetensors"), "shard-00000.safetensors"),
+        (
+            lambda d: (d / "documents.jsonl").write_text(
+                "\n".join((d / "documents.jsonl").read_text().splitlines()[:2])
+            ),
+            "holds 2 documents",
+        ),
     ],
 )
 def test_damaged_bank_files_are_named_in_the_error(tiny_bank, tmp_path, damage, match):
@@ -240,3 +254,21 @@ def test_a_save_killed_between_the_two_renames_is_recovered(tiny_bank, tmp_path)
     with pytest.warns(UserWarning, match="restored the previous bank"):
         bank = GradientBank.from_pretrained(tmp_path / "bank")
     assert bank.ids == IDS
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_header_byte(path):
+    data = bytearray(path.read_bytes())
+    data[12] ^= 0xFF  # inside the JSON header
+    path.write_bytes(bytes(data))
+
+
+def test_a_very_long_document_is_truncated_with_a_warning(tiny_model, tiny_bank):
+    long_text = "word " * 100_000
+    with pytest.warns(UserWarning, match="truncated to max_document_tokens=64"):
+        tiny_bank.add(tiny_model, [long_text], ids=["long"], show_progress=False)
+    assert "long" in tiny_bank

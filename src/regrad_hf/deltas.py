@@ -28,6 +28,10 @@ def check_documents(documents: Sequence[str]) -> None:
             raise ReGradValueError(f"document {index} is a {type(document).__name__}, not a string")
         if not document.strip():
             raise ReGradValueError(f"document {index} is empty")
+        try:
+            document.encode("utf-8")
+        except UnicodeEncodeError as error:  # lone surrogates, e.g. from bytes decoded with errors="surrogateescape"
+            raise ReGradValueError(f"document {index} is not valid Unicode text: {error}") from error
 
 
 def document_gradient(
