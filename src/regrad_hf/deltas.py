@@ -70,7 +70,8 @@ def document_gradient(
     if input_ids.shape[1] < 2:
         raise ReGradValueError(f"document {document!r} has fewer than 2 tokens: there is nothing to predict")
     input_ids = input_ids.to(next(iter(parameters.values())).device)
-    loss = model(input_ids=input_ids, labels=input_ids).loss
+    # The same loss the meta-learning inner step differentiates, so banks and training agree by construction.
+    loss = documents_lm_loss(model, input_ids, torch.ones_like(input_ids))
     gradients = torch.autograd.grad(loss, list(parameters.values()), create_graph=create_graph, allow_unused=True)
     return {
         name: torch.zeros_like(parameter) if gradient is None else gradient
