@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -203,7 +204,19 @@ def test_non_finite_gradients_are_refused_at_build(tiny_model, tiny_bank, monkey
     assert snapshot(tiny_bank) == before
 
 
-def test_corrupted_gradient_values_are_refused_on_use(tiny_bank, tmp_path):
+def test_a_flipped_bit_in_gradient_data_is_caught_by_the_checksum(tiny_bank, tmp_path):
+    tiny_bank.save_pretrained(tmp_path, max_shard_bytes=1)  # one document per shard
+    shard = tmp_path / "gradients" / "shard-00001.safetensors"  # "halvorsen"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # the lowest bit of one bf16 value: still a finite, plausible number
+    shard.write_bytes(bytes(data))
+    bank = GradientBank.from_pretrained(tmp_path)
+    bank.gather(["zorbia", "velomar"])  # other shards are fine
+    with pytest.raises(ReGradValueError, match="shard-00001.safetensors does not match its checksum"):
+        bank.gather(["halvorsen"])
+
+
+def test_non_finite_stored_gradients_are_refused_on_use(tiny_bank, tmp_path):
     from safetensors.torch import load_file, save_file
 
     tiny_bank.save_pretrained(tmp_path)
@@ -212,8 +225,11 @@ def test_corrupted_gradient_values_are_refused_on_use(tiny_bank, tmp_path):
     name = next(iter(tensors))
     tensors[name][1].view(-1)[3] = float("inf")  # row 1 = "halvorsen"
     save_file(tensors, str(shard))
+    # a bank written with the bad value and a matching checksum (e.g. by a buggy writer)
+    config = json.loads((tmp_path / "bank_config.json").read_text())
+    config["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (tmp_path / "bank_config.json").write_text(json.dumps(config))
     bank = GradientBank.from_pretrained(tmp_path)
-    bank.gather(["zorbia"])  # the other rows are fine
     with pytest.raises(ReGradValueError, match=r"\['halvorsen'\] contain NaN or inf .*corrupted"):
         bank.gather(["zorbia", "halvorsen"])
 

@@ -3,7 +3,7 @@
 On disk (see DESIGN.md section 4)::
 
     bank_config.json                    format version, learner identity and fingerprint, embedder, dtype, shapes,
-                                        shard list
+                                        shard list with SHA-256 checksums (verified on a shard's first read)
     documents.jsonl                     one line per document: id, text, metadata, index key, shard, row
     index.usearch                       cosine index of the document embeddings, keyed by the index key
     gradients/shard-NNNNN.safetensors   per LoRA tensor name, the gradients of the shard's documents stacked
@@ -15,6 +15,7 @@ The bank knows nothing about generation: it computes gradients through the model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -133,6 +134,9 @@ class GradientBank:
         self._next_key = 0
         self._in_memory: dict[str, dict[str, torch.Tensor]] = {}
         self._readers: list[Any] = []  # open safetensors shards, by shard index
+        self._shard_handles: list[Any] = []  # the same files as plain handles, to checksum what the readers map
+        self._shard_checksums: list[str] = []
+        self._verified_shards: set[int] = set()
 
     # ------------------------------------------------------------------ building
 
@@ -325,12 +329,13 @@ class GradientBank:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
         staging.chmod(DIRECTORY_MODE)
         try:
-            placements, shard_files = self._write(staging, max_shard_bytes)
+            placements, shards = self._write(staging, max_shard_bytes)
             _replace_directory(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         # The saved files now hold every gradient: read from them instead of memory.
-        self._open_shards(target, shard_files)
+        self._open_shards(target, shards)
+        self._verified_shards = set(range(len(shards)))  # checksummed just now, as written
         for doc_id, (shard, row) in placements.items():
             self._documents[doc_id].shard, self._documents[doc_id].row = shard, row
         self._in_memory.clear()
@@ -359,16 +364,16 @@ class GradientBank:
                 dtype=config["dtype"],
                 embedder_model=embedder_model,
             )
-            shard_files = [shard["file"] for shard in config["shards"]]
+            shards = [{"file": shard["file"], "sha256": shard["sha256"]} for shard in config["shards"]]
         except (KeyError, TypeError) as error:
             raise ReGradValueError(f"{directory / CONFIG_FILE} is malformed: missing or invalid {error}") from error
         if bank.fingerprint != config.get("fingerprint"):
             raise ReGradValueError(
                 f"{directory / CONFIG_FILE}: the fingerprint field does not match the learner field (edited file?)"
             )
-        for shard_file in shard_files:
-            if not (directory / shard_file).is_file():
-                raise ReGradValueError(f"bank file {directory / shard_file} is missing")
+        for shard in shards:
+            if not (directory / shard["file"]).is_file():
+                raise ReGradValueError(f"bank file {directory / shard['file']} is missing")
 
         documents_path = directory / DOCUMENTS_FILE
         if not documents_path.is_file():
@@ -400,7 +405,7 @@ class GradientBank:
                 f"{index_path} holds {len(bank._index)} vectors for {len(bank._documents)} documents"
             )
         bank._next_key = max(bank._ids_by_key, default=-1) + 1
-        bank._open_shards(directory, shard_files)
+        bank._open_shards(directory, shards)
         return bank
 
     # ------------------------------------------------------------------ internals
@@ -458,17 +463,18 @@ class GradientBank:
         if unknown:
             raise ReGradKeyError(f"unknown document ids: {unknown[:5]}")
 
-    def _open_shards(self, directory: Path, shard_files: list[str]) -> None:
-        """Opens (memory-maps) every shard now. An open shard keeps its contents even if another bank later
-        replaces the file on disk, so a bank never reads rows written for a different layout."""
-        rows_per_shard = [0] * len(shard_files)
+    def _open_shards(self, directory: Path, shards: list[dict[str, str]]) -> None:
+        """Opens (memory-maps) every shard now and checks its header against the bank. An open shard keeps its
+        contents even if another bank later replaces the file on disk, so a bank never reads rows written for a
+        different layout. Checksums are verified lazily, on a shard's first read (see `_row`)."""
+        rows_per_shard = [0] * len(shards)
         for document in self._documents.values():
-            if document.shard is not None and 0 <= document.shard < len(shard_files):
+            if document.shard is not None and 0 <= document.shard < len(shards):
                 rows_per_shard[document.shard] = max(rows_per_shard[document.shard], document.row + 1)
         expected_dtype = _SAFETENSORS_DTYPES[self.dtype]
-        readers = []
-        for relative, rows in zip(shard_files, rows_per_shard, strict=True):
-            path = directory / relative
+        readers, handles = [], []
+        for shard, rows in zip(shards, rows_per_shard, strict=True):
+            path = directory / shard["file"]
             try:
                 reader = safe_open(str(path), framework="pt", device="cpu")
             except Exception as error:  # safetensors raises its own error type for a bad header
@@ -485,16 +491,33 @@ class GradientBank:
                 if tensor.get_shape()[0] < rows:
                     raise ReGradValueError(f"bank file {path}: {name} has {tensor.get_shape()[0]} rows, needs {rows}")
             readers.append(reader)
-        self._readers = readers
+            handles.append(open(path, "rb"))  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
+        self._readers, self._shard_handles = readers, handles
+        self._shard_checksums = [shard["sha256"] for shard in shards]
+        self._verified_shards = set()
+
+    def _verify_shard(self, index: int) -> None:
+        """Checks a shard's SHA-256 against bank_config.json once, before its first row is used: a flipped bit in
+        the gradient data would otherwise go unnoticed."""
+        handle = self._shard_handles[index]
+        handle.seek(0)
+        if _sha256(handle) != self._shard_checksums[index]:
+            raise ReGradValueError(
+                f"bank file {handle.name} does not match its checksum in {CONFIG_FILE}: it is corrupted; rebuild it"
+            )
+        self._verified_shards.add(index)
 
     def _row(self, doc_id: str, name: str) -> torch.Tensor:
         if doc_id in self._in_memory:
             return self._in_memory[doc_id][name]
         document = self._documents[doc_id]
+        if document.shard not in self._verified_shards:
+            self._verify_shard(document.shard)
         return self._readers[document.shard].get_slice(name)[document.row : document.row + 1][0]
 
-    def _write(self, directory: Path, max_shard_bytes: int) -> tuple[dict[str, tuple[int, int]], list[str]]:
-        """Writes every bank file into `directory`. Returns where each document's gradient went, and the shards."""
+    def _write(self, directory: Path, max_shard_bytes: int) -> tuple[dict[str, tuple[int, int]], list[dict[str, str]]]:
+        """Writes every bank file into `directory`. Returns where each document's gradient went, and the shards
+        (file and SHA-256)."""
         bytes_per_document = sum(
             int(np.prod(shape)) * _TORCH_DTYPES[self.dtype].itemsize for shape in self.parameter_shapes.values()
         )
@@ -502,7 +525,7 @@ class GradientBank:
         ids = self.ids
         (directory / GRADIENTS_DIR).mkdir()
         placements: dict[str, tuple[int, int]] = {}
-        shard_files: list[str] = []
+        shards: list[dict[str, str]] = []
         for shard, start in enumerate(range(0, len(ids), per_shard)):
             chunk = ids[start : start + per_shard]
             relative = f"{GRADIENTS_DIR}/shard-{shard:05d}.safetensors"
@@ -511,7 +534,8 @@ class GradientBank:
             }
             metadata = {"format": "pt", "fingerprint": self.fingerprint}
             atomic_save_safetensors(tensors, directory / relative, metadata=metadata)
-            shard_files.append(relative)
+            with open(directory / relative, "rb") as written:
+                shards.append({"file": relative, "sha256": _sha256(written)})
             placements.update({doc_id: (shard, row) for row, doc_id in enumerate(chunk)})
 
         lines = []
@@ -534,18 +558,25 @@ class GradientBank:
             "num_documents": len(ids),
             "parameter_shapes": {name: list(shape) for name, shape in self.parameter_shapes.items()},
             "shards": [
-                {"file": relative, "num_documents": sum(1 for s, _ in placements.values() if s == index)}
-                for index, relative in enumerate(shard_files)
+                {**shard, "num_documents": sum(1 for s, _ in placements.values() if s == index)}
+                for index, shard in enumerate(shards)
             ],
         }
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        return placements, shard_files
+        return placements, shards
 
     def __repr__(self) -> str:
         return (
             f"GradientBank(documents={len(self)}, dtype={self.dtype}, embedder={self.embedder_name!r}, "
             f"fingerprint={self.fingerprint[:12]})"
         )
+
+
+def _sha256(handle) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(1 << 22), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_finite(stacked: Mapping[str, torch.Tensor], ids: Sequence[str], where: str = "") -> None:
