@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .deltas import check_documents
+from .deltas import check_documents, tokenize_document
 from .errors import ReGradValueError
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
@@ -212,14 +212,7 @@ class TaskCollator:
     def encode(self, task: Task) -> dict[str, torch.Tensor]:
         documents = list(task.documents) + self._distractors(task)
         tokenizer = self.tokenizer
-        encoded_documents = [tokenizer(d, truncation=False)["input_ids"] for d in documents]
-        if any(len(ids) > self.max_document_tokens for ids in encoded_documents):
-            warnings.warn(
-                f"task {task.id!r}: documents truncated to {self.max_document_tokens} tokens", UserWarning, stacklevel=2
-            )
-        encoded_documents = [ids[: self.max_document_tokens] for ids in encoded_documents]
-        if any(len(ids) < 2 for ids in encoded_documents):
-            raise ReGradValueError(f"task {task.id!r} has a document of fewer than 2 tokens")
+        encoded_documents = [tokenize_document(tokenizer, d, self.max_document_tokens) for d in documents]
         length = max(len(ids) for ids in encoded_documents)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         document_ids = torch.full((len(encoded_documents), length), pad, dtype=torch.long)

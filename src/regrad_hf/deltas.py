@@ -34,6 +34,23 @@ def check_documents(documents: Sequence[str]) -> None:
             raise ReGradValueError(f"document {index} is not valid Unicode text: {error}") from error
 
 
+def tokenize_document(tokenizer, document: str, max_tokens: int) -> list[int]:
+    """Token ids of a document for its LM loss, truncated to `max_tokens` with a warning.
+
+    Raises:
+        [`ReGradValueError`]: when fewer than 2 tokens remain (there is nothing to predict).
+    """
+    ids = tokenizer(document, truncation=False)["input_ids"]
+    if len(ids) > max_tokens:
+        warnings.warn(
+            f"document of {len(ids)} tokens truncated to max_document_tokens={max_tokens}", UserWarning, stacklevel=3
+        )
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ReGradValueError(f"document {document!r} has fewer than 2 tokens: there is nothing to predict")
+    return ids
+
+
 def document_gradient(
     model: nn.Module,
     tokenizer,
@@ -58,18 +75,8 @@ def document_gradient(
     Returns:
         `dict[str, torch.Tensor]`: one gradient per parameter name, same shape and dtype as the parameter.
     """
-    encoded = tokenizer(document, return_tensors="pt", truncation=False)
-    input_ids = encoded["input_ids"]
-    if input_ids.shape[1] > max_tokens:
-        warnings.warn(
-            f"document of {input_ids.shape[1]} tokens truncated to max_document_tokens={max_tokens}",
-            UserWarning,
-            stacklevel=2,
-        )
-        input_ids = input_ids[:, :max_tokens]
-    if input_ids.shape[1] < 2:
-        raise ReGradValueError(f"document {document!r} has fewer than 2 tokens: there is nothing to predict")
-    input_ids = input_ids.to(next(iter(parameters.values())).device)
+    ids = tokenize_document(tokenizer, document, max_tokens)
+    input_ids = torch.tensor([ids], device=next(iter(parameters.values())).device)
     # The same loss the meta-learning inner step differentiates, so banks and training agree by construction.
     loss = documents_lm_loss(model, input_ids, torch.ones_like(input_ids))
     gradients = torch.autograd.grad(loss, list(parameters.values()), create_graph=create_graph, allow_unused=True)

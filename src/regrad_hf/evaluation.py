@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import Task, TaskCollator, question_prompt
+from .data import Task, TaskCollator
 
 CASES = ("no_adaptation", "regrad", "raw", "rag", "regrad_icl")
 
@@ -77,10 +77,16 @@ def _answer_loss(model, encoded: Mapping[str, torch.Tensor]) -> float:
         return model(input_ids=encoded["input_ids"].to(device), labels=encoded["labels"].to(device)).loss.item()
 
 
-def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_bank=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+def _generate(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -> str:
+    prompt_ids = prompt_ids.unsqueeze(0).to(model.device)
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=torch.ones_like(prompt_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_bank=False,
+    )
+    return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def evaluate_injection(
@@ -128,7 +134,8 @@ def evaluate_injection(
             for case in cases:
                 blind = case not in ("rag", "regrad_icl")
                 encoded = collators[blind].encode(task)
-                prompt = question_prompt(tokenizer, task.question, None if blind else task.documents)
+                # The collator's prompt: everything before the answer (labels -100), as the loss sees it.
+                prompt_ids = encoded["input_ids"][0][encoded["labels"][0] == -100]
                 with ExitStack() as stack:
                     if case in ("raw", "rag"):
                         stack.enter_context(model.swapped_learner(untrained_state))
@@ -136,10 +143,10 @@ def evaluate_injection(
                         stack.enter_context(model.knowledge(list(task.documents)))
                     totals[case]["answer_loss"] += _answer_loss(model, encoded)
                     if generate:
-                        prediction = _generate(model, tokenizer, prompt, max_new_tokens)
+                        prediction = _generate(model, tokenizer, prompt_ids, max_new_tokens)
                         totals[case]["exact_match"] += exact_match(prediction, task.answers)
                         totals[case]["f1"] += f1_score(prediction, task.answers)
-                totals[case]["prompt_tokens"] += len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                totals[case]["prompt_tokens"] += len(prompt_ids)
     finally:
         model.train(was_training)
     count = max(1, len(tasks))

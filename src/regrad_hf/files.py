@@ -19,8 +19,9 @@ def _current_umask() -> int:
 
 # tempfile creates private files (0600) and directories (0700); what we publish gets the modes a plain
 # open()/mkdir() would give.
-FILE_MODE = 0o666 & ~_current_umask()
-DIRECTORY_MODE = 0o777 & ~_current_umask()
+_UMASK = _current_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIRECTORY_MODE = 0o777 & ~_UMASK
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:

@@ -196,12 +196,13 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     @contextmanager
     def swapped_learner(self, state: Mapping[str, torch.Tensor]) -> Iterator[ReGradForCausalLM]:
         """Uses another learner state (e.g. the untrained start) inside the block; restores this one bit for bit."""
-        saved = {name: tensor.clone() for name, tensor in self.learner_state_dict().items()}
-        try:
-            self.load_learner_state(state)
-            yield self
-        finally:
-            self.load_learner_state(saved)
+        with self._adaptation_lock:
+            saved = {name: tensor.clone() for name, tensor in self.learner_state_dict().items()}
+            try:
+                self.load_learner_state(state)
+                yield self
+            finally:
+                self.load_learner_state(saved)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Writes `config.json` and `learner.safetensors` (LoRA tensors and step sizes), never the base weights.
