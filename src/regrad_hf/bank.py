@@ -38,6 +38,7 @@ from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
 from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
+from .hub import HubOptions, Location, locate, push_folder, render_bank_card
 from .learner import fingerprint_of
 
 FORMAT_VERSION = 1
@@ -46,6 +47,7 @@ DOCUMENTS_FILE = "documents.jsonl"
 INDEX_FILE = "index.usearch"
 GRADIENTS_DIR = "gradients"
 BANK_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE, GRADIENTS_DIR)
+EAGER_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE)  # downloaded when a bank is loaded from a repo; shards later
 # usearch keeps vectors in this scalar type; pinned so an index reads back the same everywhere.
 INDEX_DTYPE = "f32"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
@@ -133,9 +135,14 @@ class GradientBank:
         self._ids_by_key: dict[int, str] = {}
         self._next_key = 0
         self._in_memory: dict[str, dict[str, torch.Tensor]] = {}
-        self._readers: list[Any] = []  # open safetensors shards, by shard index
-        self._shard_handles: list[Any] = []  # the same files as plain handles, to checksum what the readers map
+        # Shards by index: their files (relative to the bank), rows used, checksums, and once opened, the
+        # safetensors reader and a plain handle on the same file (to checksum what the reader maps).
+        self._location: Location | None = None  # where the shard files are (downloaded on first use from a repo)
+        self._shard_files: list[str] = []
+        self._shard_rows: list[int] = []
         self._shard_checksums: list[str] = []
+        self._readers: list[Any | None] = []
+        self._shard_handles: list[Any | None] = []
         self._verified_shards: set[int] = set()
 
     # ------------------------------------------------------------------ building
@@ -334,21 +341,100 @@ class GradientBank:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         # The saved files now hold every gradient: read from them instead of memory.
-        self._open_shards(target, shards)
+        self._attach_shards(Location(target), shards, eager=True)
         self._verified_shards = set(range(len(shards)))  # checksummed just now, as written
         for doc_id, (shard, row) in placements.items():
             self._documents[doc_id].shard, self._documents[doc_id].row = shard, row
         self._in_memory.clear()
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        subfolder: str | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        card_data: Mapping[str, Any] | None = None,
+    ):
+        """Uploads the bank, with its card as `README.md`, to a Hub repo (created if needed) in one commit.
+
+        Args:
+            repo_id (`str`): the repo, e.g. `"user/my-bank"`; a model repo's id with `subfolder="bank"` puts the
+                bank next to its learner, where [`ReGradForCausalLM.from_pretrained`] attaches it.
+            subfolder (`str`, *optional*): the folder of the repo to write to (default: the root).
+            commit_message, commit_description, private, token, revision, create_pr: as in
+                `transformers`' `push_to_hub`.
+            max_shard_bytes (`int`, defaults to 1 GiB): size above which gradients go to a new shard.
+            card_data (`Mapping`, *optional*): more card metadata (`datasets`, `license`, `tags`, ...) and `title`.
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the commit (its sha is `.oid`).
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self._write(Path(folder), max_shard_bytes)
+            bank_config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+            card = render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder, card_data=card_data)
+            return push_folder(
+                folder,
+                repo_id,
+                path_in_repo=subfolder or "",
+                commit_message=commit_message or f"Upload gradient bank ({len(self)} documents)",
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                delete_patterns=[f"{GRADIENTS_DIR}/*"],  # shards of an earlier, larger bank
+                card=card,
+            )
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, embedder_model=None) -> GradientBank:
-        """Loads a bank saved with [`GradientBank.save_pretrained`]. Gradients stay on disk until gathered.
+    def from_pretrained(
+        cls,
+        pretrained_bank_name_or_path: str | os.PathLike,
+        embedder_model=None,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> GradientBank:
+        """Loads a bank saved with [`GradientBank.save_pretrained`] or pushed with [`GradientBank.push_to_hub`].
+
+        Gradients stay on disk until gathered. From a Hub repo, only `bank_config.json`, `documents.jsonl` and
+        `index.usearch` are downloaded now; each gradient shard is downloaded (into the Hub cache, pinned to the
+        commit loaded now) when one of its rows is first gathered, and checked against its SHA-256.
+
+        Args:
+            pretrained_bank_name_or_path (`str` or `os.PathLike`): a local directory or a Hub repo id.
+            embedder_model (*optional*): an already loaded `SentenceTransformer` for the bank's embedder.
+            subfolder (`str`, *optional*): the bank's folder inside the directory or repo, e.g. `"bank"`.
+            revision, token, cache_dir, local_files_only, force_download: as in `transformers`' `from_pretrained`.
 
         Raises:
             [`ReGradValueError`]: when a file is missing or malformed (the message names it).
+            [`ReGradHubError`]: when the repo cannot be found, or is not cached while offline.
         """
-        directory = Path(directory).resolve()
-        _recover_interrupted_save(directory)
+        options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
+        local = Path(pretrained_bank_name_or_path, subfolder or "")
+        if local.parent.is_dir():
+            _recover_interrupted_save(local.resolve())
+        location = locate(
+            pretrained_bank_name_or_path,
+            [CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE],
+            subfolder=subfolder,
+            options=options,
+        )
+        directory = location.directory.resolve()
+        if not location.is_remote:
+            location = Location(directory)
         config = _read_json(directory / CONFIG_FILE)
         if config.get("format_version") != FORMAT_VERSION:
             raise ReGradValueError(
@@ -372,7 +458,7 @@ class GradientBank:
                 f"{directory / CONFIG_FILE}: the fingerprint field does not match the learner field (edited file?)"
             )
         for shard in shards:
-            if not (directory / shard["file"]).is_file():
+            if not location.is_remote and not (directory / shard["file"]).is_file():
                 raise ReGradValueError(f"bank file {directory / shard['file']} is missing")
 
         documents_path = directory / DOCUMENTS_FILE
@@ -405,7 +491,9 @@ class GradientBank:
                 f"{index_path} holds {len(bank._index)} vectors for {len(bank._documents)} documents"
             )
         bank._next_key = max(bank._ids_by_key, default=-1) + 1
-        bank._open_shards(directory, shards)
+        # A local shard is opened now: an open shard keeps its contents even if another bank later replaces the
+        # file. A repo's shards are immutable files of one commit in the cache, opened when first needed.
+        bank._attach_shards(location, shards, eager=not location.is_remote)
         return bank
 
     # ------------------------------------------------------------------ internals
@@ -463,38 +551,43 @@ class GradientBank:
         if unknown:
             raise ReGradKeyError(f"unknown document ids: {unknown[:5]}")
 
-    def _open_shards(self, directory: Path, shards: list[dict[str, str]]) -> None:
-        """Opens (memory-maps) every shard now and checks its header against the bank. An open shard keeps its
-        contents even if another bank later replaces the file on disk, so a bank never reads rows written for a
-        different layout. Checksums are verified lazily, on a shard's first read (see `_row`)."""
+    def _attach_shards(self, location: Location, shards: list[dict[str, str]], eager: bool) -> None:
+        """Points the bank at its shard files; opens them all now if `eager`, else each on its first use."""
         rows_per_shard = [0] * len(shards)
         for document in self._documents.values():
             if document.shard is not None and 0 <= document.shard < len(shards):
                 rows_per_shard[document.shard] = max(rows_per_shard[document.shard], document.row + 1)
-        expected_dtype = _SAFETENSORS_DTYPES[self.dtype]
-        readers, handles = [], []
-        for shard, rows in zip(shards, rows_per_shard, strict=True):
-            path = directory / shard["file"]
-            try:
-                reader = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as error:  # safetensors raises its own error type for a bad header
-                raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
-            if set(reader.keys()) != set(self.parameter_shapes):
-                raise ReGradValueError(f"bank file {path} holds other tensors than the bank's LoRA tensors")
-            for name, shape in self.parameter_shapes.items():
-                tensor = reader.get_slice(name)
-                if tensor.get_dtype() != expected_dtype or tensor.get_shape()[1:] != list(shape):
-                    raise ReGradValueError(
-                        f"bank file {path}: tensor {name} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
-                        f"{expected_dtype} [rows, {', '.join(map(str, shape))}]"
-                    )
-                if tensor.get_shape()[0] < rows:
-                    raise ReGradValueError(f"bank file {path}: {name} has {tensor.get_shape()[0]} rows, needs {rows}")
-            readers.append(reader)
-            handles.append(open(path, "rb"))  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
-        self._readers, self._shard_handles = readers, handles
+        self._location = location
+        self._shard_files = [shard["file"] for shard in shards]
+        self._shard_rows = rows_per_shard
         self._shard_checksums = [shard["sha256"] for shard in shards]
+        self._readers, self._shard_handles = [None] * len(shards), [None] * len(shards)
         self._verified_shards = set()
+        for index in range(len(shards) if eager else 0):
+            self._open_shard(index)
+
+    def _open_shard(self, index: int) -> None:
+        """Opens (memory-maps) one shard, downloading it first if the bank is in a Hub repo, and checks its header
+        against the bank. Its checksum is verified separately, before its first row is used (see `_row`)."""
+        path = self._location.fetch(self._shard_files[index])
+        try:
+            reader = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as error:  # safetensors raises its own error type for a bad header
+            raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
+        if set(reader.keys()) != set(self.parameter_shapes):
+            raise ReGradValueError(f"bank file {path} holds other tensors than the bank's LoRA tensors")
+        expected_dtype, rows = _SAFETENSORS_DTYPES[self.dtype], self._shard_rows[index]
+        for name, shape in self.parameter_shapes.items():
+            tensor = reader.get_slice(name)
+            if tensor.get_dtype() != expected_dtype or tensor.get_shape()[1:] != list(shape):
+                raise ReGradValueError(
+                    f"bank file {path}: tensor {name} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
+                    f"{expected_dtype} [rows, {', '.join(map(str, shape))}]"
+                )
+            if tensor.get_shape()[0] < rows:
+                raise ReGradValueError(f"bank file {path}: {name} has {tensor.get_shape()[0]} rows, needs {rows}")
+        self._readers[index] = reader
+        self._shard_handles[index] = open(path, "rb")  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
 
     def _verify_shard(self, index: int) -> None:
         """Checks a shard's SHA-256 against bank_config.json once, before its first row is used: a flipped bit in
@@ -512,6 +605,8 @@ class GradientBank:
             return self._in_memory[doc_id][name]
         document = self._documents[doc_id]
         if document.shard not in self._verified_shards:
+            if self._readers[document.shard] is None:
+                self._open_shard(document.shard)
             self._verify_shard(document.shard)
         return self._readers[document.shard].get_slice(name)[document.row : document.row + 1][0]
 
