@@ -184,7 +184,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             ref = f"refs/pr/{sum(r.startswith('refs/pr/') for r in repo.refs) + 1}" if create_pr else revision
             sha = repo.commit(updated, ref)
             pr_url = f"{hub.endpoint}/{repo_id}/discussions/{ref.rsplit('/', 1)[-1]}" if create_pr else None
-            self._json(200, {"commitOid": sha, "commitUrl": f"{hub.endpoint}/{repo_id}/commit/{sha}", "pullRequestUrl": pr_url})
+            self._json(
+                200, {"commitOid": sha, "commitUrl": f"{hub.endpoint}/{repo_id}/commit/{sha}", "pullRequestUrl": pr_url}
+            )
 
         def _tree(self, files: dict[str, bytes], path: str, recursive: bool) -> None:
             prefix = f"{path.rstrip('/')}/" if path else ""

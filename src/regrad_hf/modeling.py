@@ -194,7 +194,9 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(bank, GradientBank):
             model.attach_bank(bank)
         elif isinstance(bank, (str, os.PathLike)):
-            model.attach_bank(GradientBank.from_pretrained(bank, token=token, cache_dir=cache_dir))
+            model.attach_bank(
+                GradientBank.from_pretrained(bank, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+            )
         elif bank is not False:
             if (directory / BANK_SUBFOLDER).is_dir():
                 source = location.repo_id or directory
