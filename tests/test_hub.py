@@ -206,7 +206,7 @@ def test_loading_never_fetches_or_runs_code_or_pickles(published, hub, tmp_path)
     assert not marker.exists() and not {"modeling_evil.py", "pytorch_model.bin"} & fetched
 
     hub.edit("user/evil", {"learner.safetensors": None, "learner.bin": b"\x80\x04pickle"})
-    with pytest.raises(ReGradValueError, match="has no learner.safetensors"), pytest.warns(UserWarning):
+    with pytest.raises(ReGradValueError, match="has no learner.safetensors"):
         ReGradForCausalLM.from_pretrained("user/evil")
 
 
@@ -292,3 +292,14 @@ def test_cli_push_and_pull(published, hub, tmp_path, capsys):
     pulled = ReGradForCausalLM.from_pretrained(tmp_path / "pulled")
     assert parameter_bytes(pulled) == parameter_bytes(published.model) and pulled.bank.ids == IDS
     assert "pulled user/cli" in capsys.readouterr().out
+
+
+def test_a_push_to_a_branch_leaves_main_and_a_smaller_bank_replaces_old_shards(published, hub):
+    published.bank.push_to_hub("user/branched", max_shard_bytes=1)  # four shards
+    main_files = hub.files("user/branched")
+    published.bank.push_to_hub("user/branched", revision="dev")  # one shard, on a new branch
+    assert hub.files("user/branched") == main_files
+    shards = sorted(name for name in hub.files("user/branched", "dev") if name.startswith("gradients/"))
+    assert shards == ["gradients/shard-00000.safetensors"]
+    bank = GradientBank.from_pretrained("user/branched", revision="dev")
+    assert all(torch.equal(bank.gather(IDS)[n], published.bank.gather(IDS)[n]) for n in bank.parameter_shapes)
