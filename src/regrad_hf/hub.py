@@ -155,9 +155,9 @@ def locate(
     subfolder = (subfolder or "").strip("/")
     local = Path(name_or_path)
     if local.is_dir():
-        return Location(local / subfolder if subfolder else local, subfolder=subfolder, options=options)
+        return Location(local / subfolder, subfolder=subfolder, options=options)
     repo_id = str(name_or_path)
-    patterns = [str(PurePosixPath(subfolder, name)) if subfolder else name for name in files]
+    patterns = [str(PurePosixPath(subfolder, name)) for name in files]
     api = HfApi(token=options.token)
     try:
         revision = api.resolve_revision(
@@ -185,7 +185,7 @@ def locate(
         raise _offline_error(repo_id, options.revision, patterns, options) from error
     directory = Path(snapshot)
     return Location(
-        directory / subfolder if subfolder else directory,
+        directory / subfolder,
         repo_id=repo_id,
         commit=revision.resolved,
         subfolder=subfolder,
@@ -255,11 +255,9 @@ def push_folder(
         for path in sorted(folder.rglob("*"))
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     }
-    readme = str(PurePosixPath(prefix, README_FILE)) if prefix else README_FILE
+    readme = str(PurePosixPath(prefix, README_FILE))  # PurePosixPath("", name) is name
     operations: list = [
-        CommitOperationAdd(
-            path_in_repo=str(PurePosixPath(prefix, relative)) if prefix else relative, path_or_fileobj=str(path)
-        )
+        CommitOperationAdd(path_in_repo=str(PurePosixPath(prefix, relative)), path_or_fileobj=str(path))
         for relative, path in local.items()
         if not (card is not None and relative == README_FILE)
     ]
@@ -275,8 +273,7 @@ def push_folder(
         under = [name[len(prefix) + 1 :] if prefix else name for name in remote_files if _is_under(name, prefix)]
         for relative in filter_repo_objects(under, allow_patterns=list(delete_patterns)):
             if relative not in local:
-                target = str(PurePosixPath(prefix, relative)) if prefix else relative
-                operations.append(CommitOperationDelete(path_in_repo=target))
+                operations.append(CommitOperationDelete(path_in_repo=str(PurePosixPath(prefix, relative))))
     return api.create_commit(
         repo_id,
         operations,

@@ -182,8 +182,9 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             if config.base_model_name_or_path is None:
                 raise ReGradValueError(f"{location.describe(CONFIG_FILE)} names no base model; pass base_model=")
             base_revision = None if config.base_model_name_or_path == EMBEDDED_MODEL_ID else config.base_model_revision
-            shared = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
-            shared["force_download"] = force_download
+            shared = dict(
+                token=token, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download
+            )
             model = cls.from_base(
                 config.base_model_name_or_path, config, tokenizer, base_revision, **shared, **model_kwargs
             )
