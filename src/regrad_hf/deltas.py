@@ -152,19 +152,27 @@ def _linear_modules_of(model: nn.Module, parameters: Mapping[str, torch.Tensor])
     return modules
 
 
-def _length_buckets(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Groups indices by decreasing length so that little compute goes to padding."""
+def _length_buckets(
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int, max_padding: float = 0.1
+) -> list[list[int]]:
+    """Groups indices by decreasing length into batches whose padding stays under `max_padding` of their tokens.
+
+    On CPU a longer batch hardly raises matmul efficiency, so padded tokens are mostly wasted work; in a large build
+    neighbours in length order differ by a token or two and batches fill up anyway.
+    """
     buckets: list[list[int]] = []
+    real_tokens = 0
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        # The first index of a bucket is its longest, so the padded size is len(bucket) * that length.
-        if (
-            buckets
-            and len(buckets[-1]) < batch_size
-            and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= max_batch_tokens
-        ):
-            buckets[-1].append(index)
-        else:
-            buckets.append([index])
+        if buckets:
+            # The first index of a bucket is its longest, so the padded size is len(bucket) * that length.
+            padded = (len(buckets[-1]) + 1) * lengths[buckets[-1][0]]
+            fits = len(buckets[-1]) < batch_size and padded <= max_batch_tokens
+            if fits and padded <= (1 + max_padding) * (real_tokens + lengths[index]):
+                buckets[-1].append(index)
+                real_tokens += lengths[index]
+                continue
+        buckets.append([index])
+        real_tokens = lengths[index]
     return buckets
 
 
