@@ -66,6 +66,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
         self._lora = lora_parameters(language_model)
+        self._restore = deltas.ExactRestore(self._lora)
         self.step_sizes = StepSizes(
             list(self._lora), config.step_size_mode, config.step_size_parametrization, config.init_step_size
         )
@@ -384,7 +385,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> Iterator[None]:
         gamma = self.config.gamma if gamma is None else gamma
         delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
-        with self._adaptation_lock, deltas.applied_delta(self._lora, delta):
+        with self._adaptation_lock, self._restore.applied(delta):
             yield
 
     def __getstate__(self):
