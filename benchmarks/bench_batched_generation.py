@@ -139,6 +139,7 @@ def main() -> None:
     documents, questions = paragraphs_and_questions(args.documents)
     start = time.perf_counter()
     model.attach_bank(GradientBank.build(model, documents, show_progress=False))
+    fingerprint = model.fingerprint()
     build_seconds = time.perf_counter() - start
     k = min(model.config.top_k_docs, len(documents))
     model.config.top_k_docs = k
@@ -213,6 +214,7 @@ def main() -> None:
         "top_k_docs": k,
         "new_tokens_per_row": NEW_TOKENS,
         "repeats": args.repeats,
+        "learner_unchanged_after_all_runs": model.fingerprint() == fingerprint,
         "results": results,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -92,3 +92,36 @@ def test_hooks_follow_rows_repeated_in_place_and_leave_other_threads_alone(tiny_
     torch.testing.assert_close(repeated, batched.repeat_interleave(3, dim=0))
     torch.testing.assert_close(seen["logits"], plain, rtol=0, atol=0)
     assert not torch.allclose(batched, plain, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_shipped_learner_serves_a_heterogeneous_batch_as_each_row_alone(embedder):
+    from pathlib import Path
+
+    from regrad_hf import GradientBank, ReGradForCausalLM
+    from regrad_hf.data import load_squad
+    from regrad_hf.defaults import shipped_learner_path
+
+    squad = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_dev_articles_00-39.json"
+    tasks = {task.documents[0]: task for task in load_squad(squad, range(35, 37))}
+    tasks = list(tasks.values())[:4]
+    model = ReGradForCausalLM.from_pretrained(shipped_learner_path())
+    model.attach_bank(GradientBank.build(model, [t.documents[0] for t in tasks], embedder_model=embedder))
+    tokenizer, settings = model.tokenizer, {"max_new_tokens": 12, "do_sample": False}
+    tokenizer.padding_side = "left"
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": t.question}], tokenize=False, add_generation_prompt=True
+        )
+        for t in tasks
+    ]
+    queries = [t.question for t in tasks[:3]] + [None]
+    before = parameter_bytes(model)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    output = model.generate(**batch, **settings, query=queries, top_k_docs=2)
+    assert parameter_bytes(model) == before
+    for row, (prompt, query) in enumerate(zip(prompts, queries, strict=True)):
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        alone = model.generate(**inputs, **settings, query=query, top_k_docs=2, use_bank=query is not None)
+        new = alone[0, inputs.input_ids.shape[1] :]
+        assert torch.equal(output[row, batch.input_ids.shape[1] :][: len(new)], new)
