@@ -299,3 +299,13 @@ def test_heterogeneous_batches_run_alongside_other_threads_swaps(tiny_model, tin
         results = [future.result() for future in futures]
     assert all(torch.equal(r, s) for r, s in zip(results, sequential * 2, strict=True))
     assert parameter_bytes(tiny_model) == before
+
+
+def test_per_row_queries_are_strings_or_none(tiny_model, tiny_bank, tokenizer):
+    tokenizer.padding_side = "left"
+    batch = tokenizer(HETEROGENEOUS[:2], return_tensors="pt", padding=True)
+    plain = tiny_model.generate(**batch, **GREEDY, use_bank=False)
+    assert torch.equal(tiny_model.generate(**batch, **GREEDY, query=[None, None]), plain)  # no bank needed
+    tiny_model.attach_bank(tiny_bank)
+    with pytest.raises(ReGradValueError, match="a string or None"):
+        tiny_model.generate(**batch, **GREEDY, query=["capital of Zorbia", 3])
