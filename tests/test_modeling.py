@@ -191,3 +191,124 @@ def test_generate_without_input_ids_needs_a_query(tiny_model, tiny_bank, tokeniz
     with pytest.raises(ReGradValueError, match="query="):
         tiny_model.generate(inputs_embeds=embeds, **GREEDY)
     assert tiny_model.generate(inputs_embeds=embeds, query="capital of Zorbia", **GREEDY).shape[0] == 1
+
+
+HETEROGENEOUS = [
+    "What is the capital of Zorbia?",
+    "Tell me about the frame of the Velomar electric bicycle please",
+    "Which mineral?",
+    "What is the capital of Zorbia?",
+]
+
+
+def new_tokens_alone(model, tokenizer, question, query, **generate_kwargs):
+    """What one prompt generates on its own (no padding): its new tokens, one row per returned sequence."""
+    inputs = tokenizer(question, return_tensors="pt")
+    if query is None:
+        output = model.generate(**inputs, **generate_kwargs, use_bank=False)
+    else:
+        with model.retrieved(query):
+            output = model.language_model.generate(**inputs, **generate_kwargs)
+    return output[:, inputs.input_ids.shape[1] :]
+
+
+def assert_rows_equal_alone(batch_new, alone_new, pad_token_id):
+    # A row generated alone stops at EOS; in the batch it is padded after it.
+    assert torch.equal(batch_new[:, : alone_new.shape[1]], alone_new)
+    assert (batch_new[:, alone_new.shape[1] :] == pad_token_id).all()
+
+
+def test_heterogeneous_batch_is_one_call_and_each_row_gets_what_it_gets_alone(
+    tiny_model, tiny_bank, tokenizer, monkeypatch
+):
+    tiny_model.attach_bank(tiny_bank)
+    queries = [*HETEROGENEOUS[:3], None]  # the last row runs without retrieval
+    tokenizer.padding_side = "left"
+    batch = tokenizer(HETEROGENEOUS, return_tensors="pt", padding=True)
+    assert len({int(n) for n in batch.attention_mask.sum(1)}) > 1  # prompts of different lengths: left padding
+    calls, gathers = [], []
+    generate, gather = tiny_model.language_model.generate, tiny_bank.gather
+    monkeypatch.setattr(tiny_model.language_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    monkeypatch.setattr(tiny_bank, "gather", lambda ids: gathers.append(ids) or gather(ids))
+    before = parameter_bytes(tiny_model)
+    versions = {n: p._version for n, p in tiny_model.named_parameters()}
+    output = tiny_model.generate(**batch, **GREEDY, query=queries, return_dict_in_generate=True)
+    assert len(calls) == 1 and len(gathers) == 3  # one batched generate; one gather per distinct retrieval
+    assert parameter_bytes(tiny_model) == before
+    assert {n: p._version for n, p in tiny_model.named_parameters()} == versions  # no tensor was written
+    assert not any(module._forward_hooks for module in tiny_model.modules())
+    monkeypatch.undo()
+    batch_new = output.sequences[:, batch.input_ids.shape[1] :]
+    for row, (question, query) in enumerate(zip(HETEROGENEOUS, queries, strict=True)):
+        alone = new_tokens_alone(tiny_model, tokenizer, question, query, **GREEDY)
+        assert_rows_equal_alone(batch_new[row : row + 1], alone, tokenizer.pad_token_id)
+    assert len({tuple(row.tolist()) for row in batch_new}) == 4  # the rows differ, or the test proves nothing
+
+
+def test_heterogeneous_batch_with_beams_and_several_returned_sequences(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    settings = {**GREEDY, "num_beams": 3, "num_return_sequences": 2}
+    tokenizer.padding_side = "left"
+    batch = tokenizer(HETEROGENEOUS[:3], return_tensors="pt", padding=True)
+    output = tiny_model.generate(**batch, **settings)
+    assert output.shape[0] == 6
+    for row, question in enumerate(HETEROGENEOUS[:3]):
+        alone = new_tokens_alone(tiny_model, tokenizer, question, question, **settings)
+        assert_rows_equal_alone(
+            output[2 * row : 2 * row + 2, batch.input_ids.shape[1] :], alone, tokenizer.pad_token_id
+        )
+
+
+class RaiseAtStep:
+    """A stopping criterion that raises once generation has produced `step` tokens."""
+
+    def __init__(self, prompt_length, step):
+        self.prompt_length, self.step = prompt_length, step
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if input_ids.shape[1] - self.prompt_length >= self.step:
+            raise KeyboardInterrupt
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_heterogeneous_batch_failing_mid_generate_leaves_everything_as_it_was(tiny_model, tiny_bank, tokenizer):
+    from transformers import StoppingCriteriaList
+
+    tiny_model.attach_bank(tiny_bank)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(HETEROGENEOUS[:2], return_tensors="pt", padding=True)
+    expected = tiny_model.generate(**batch, **GREEDY)
+    before = parameter_bytes(tiny_model)
+    stop = StoppingCriteriaList([RaiseAtStep(batch.input_ids.shape[1], 3)])
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model.generate(**batch, **GREEDY, stopping_criteria=stop)
+    assert parameter_bytes(tiny_model) == before
+    assert not any(module._forward_hooks for module in tiny_model.modules())
+    assert torch.equal(tiny_model.generate(**batch, **GREEDY), expected)
+
+
+def test_heterogeneous_batches_run_alongside_other_threads_swaps(tiny_model, tiny_bank, tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tiny_model.attach_bank(tiny_bank)
+    tokenizer.padding_side = "left"
+    calls = [tokenizer(HETEROGENEOUS[:3], return_tensors="pt", padding=True)]  # per-row LoRA tensors
+    calls += [tokenizer(question, return_tensors="pt") for question in HETEROGENEOUS[:2]]  # swap the shared ones
+    settings = {"max_new_tokens": 8, "do_sample": False}
+    sequential = [tiny_model.generate(**inputs, **settings) for inputs in calls]
+    before = parameter_bytes(tiny_model)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(tiny_model.generate, **inputs, **settings) for _ in range(2) for inputs in calls]
+        results = [future.result() for future in futures]
+    assert all(torch.equal(r, s) for r, s in zip(results, sequential * 2, strict=True))
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_per_row_queries_are_strings_or_none(tiny_model, tiny_bank, tokenizer):
+    tokenizer.padding_side = "left"
+    batch = tokenizer(HETEROGENEOUS[:2], return_tensors="pt", padding=True)
+    plain = tiny_model.generate(**batch, **GREEDY, use_bank=False)
+    assert torch.equal(tiny_model.generate(**batch, **GREEDY, query=[None, None]), plain)  # no bank needed
+    tiny_model.attach_bank(tiny_bank)
+    with pytest.raises(ReGradValueError, match="a string or None"):
+        tiny_model.generate(**batch, **GREEDY, query=["capital of Zorbia", 3])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 
-from . import deltas
+from . import deltas, multi_lora
 from .bank import EAGER_FILES as BANK_EAGER_FILES
 from .bank import GradientBank, Hit
 from .config import ReGradConfig
@@ -48,9 +48,12 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
 
     Create one with [`~ReGradForCausalLM.from_base`] or [`~ReGradForCausalLM.from_pretrained`].
 
-    Adapting writes shared LoRA tensors, so adaptation is serialised: `generate` and the `knowledge`/`retrieved`
-    contexts hold a per-model re-entrant lock, and concurrent `generate` calls from several threads each see only
-    their own delta (they run one after the other). Direct `forward` calls from another thread are not guarded.
+    Applying one delta to a whole batch writes the shared LoRA tensors, so it is serialised: the `knowledge`/
+    `retrieved` contexts, and `generate` when all rows retrieve the same documents, hold a per-model re-entrant lock,
+    and concurrent calls from several threads each see only their own delta (they run one after the other). A batch
+    whose rows retrieve different documents holds the lock only to retrieve and copy the LoRA tensors it adapts
+    per row; its generation writes nothing shared and runs alongside other threads. Direct `forward` calls from
+    another thread are not guarded.
     """
 
     config_class = ReGradConfig
@@ -431,7 +434,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         self,
         inputs: torch.Tensor | None = None,
         *args,
-        query: str | Sequence[str] | None = None,
+        query: str | Sequence[str | None] | None = None,
         top_k_docs: int | None = None,
         gamma: float | None = None,
         use_bank: bool | None = None,
@@ -442,36 +445,50 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         All arguments of the wrapped model's `generate` are accepted and passed on unchanged. The extra keyword
         arguments below are consumed here and never reach it.
 
+        When every row of the batch retrieves the same documents, the step is applied to the shared LoRA tensors
+        for the call (and restored after). When rows retrieve different documents, each row runs with its own LoRA
+        tensors in one batched call ([`multi_lora.per_row_lora`]): no tensor is written, and rows that retrieve the
+        same documents share one delta.
+
         Args:
-            query (`str` or `Sequence[str]`, *optional*): what to retrieve for (one for the batch, or one per row).
-                By default, each row's prompt decoded without special tokens, or only its last user turn when the
-                prompt follows the tokenizer's chat template.
+            query (`str` or `Sequence[str | None]`, *optional*): what to retrieve for: one query for the batch, or one
+                per row, `None` for a row that runs without retrieval. By default, each row's prompt decoded without
+                special tokens, or only its last user turn when the prompt follows the tokenizer's chat template.
             top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`.
             gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
             use_bank (`bool`, *optional*): `False` generates with the learner as it is; `None` (default) uses the
                 bank when one is attached.
 
         Returns:
-            What the wrapped model's `generate` returns. Rows of a batch that retrieved different documents are
-            generated one by one and right-padded with the pad token to a common length.
+            What the wrapped model's `generate` returns.
         """
-        with self._adaptation_lock:  # another thread's delta must not be in the weights while we generate
+        with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
             if use_bank is False or (use_bank is None and self.bank is None and query is None):
                 return self.language_model.generate(inputs, *args, **kwargs)
-            self._require_bank()
-            queries = self._queries(inputs, kwargs, query)
-            if len(set(queries)) == 1:
-                with self.retrieved(queries[0], top_k_docs, gamma):
+            retrievals = self._retrieve_rows(self._queries(inputs, kwargs, query), top_k_docs)
+            if len(set(retrievals)) == 1:
+                if retrievals[0] is None:
                     return self.language_model.generate(inputs, *args, **kwargs)
-            return self._generate_rows(inputs, args, kwargs, queries, top_k_docs, gamma)
+                with self._applied(self.bank.gather(list(retrievals[0])), gamma):
+                    return self.language_model.generate(inputs, *args, **kwargs)
+            row_tensors = self._row_tensors(retrievals, gamma)
+        # Per-row generation reads only its own copies of the LoRA tensors (taken above, under the lock) and the base
+        # weights, which nothing writes, and its hooks ignore other threads' forwards: it needs no lock.
+        with multi_lora.per_row_lora(self.language_model, row_tensors):
+            return self.language_model.generate(inputs, *args, **kwargs)
 
-    def _queries(self, inputs: torch.Tensor | None, kwargs: dict, query: str | Sequence[str] | None) -> list[str]:
+    def _queries(
+        self, inputs: torch.Tensor | None, kwargs: dict, query: str | Sequence[str | None] | None
+    ) -> list[str | None]:
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         batch_size = input_ids.shape[0] if input_ids is not None else 1
         if query is not None:
             queries = [query] * batch_size if isinstance(query, str) else list(query)
             if len(queries) != batch_size:
                 raise ReGradValueError(f"got {len(queries)} queries for a batch of {batch_size}")
+            bad = [q for q in queries if q is not None and not isinstance(q, str)]
+            if bad:
+                raise ReGradValueError(f"each query must be a string or None (no retrieval), got {bad[0]!r}")
             return queries
         if input_ids is None or input_ids.dtype not in (torch.int32, torch.int64):
             raise ReGradValueError("without input_ids, generate needs an explicit query= to retrieve with")
@@ -481,32 +498,26 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         rows = [ids if mask is None else ids[mask[i].bool()] for i, ids in enumerate(input_ids)]
         return [prompt_to_query(self.tokenizer, ids.tolist()) for ids in rows]
 
-    def _generate_rows(self, inputs, args, kwargs, queries, top_k_docs, gamma) -> torch.Tensor:
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        if kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate):
-            raise ReGradError(
-                "return_dict_in_generate is not supported yet when the rows of a batch retrieve different documents;"
-                " generate row by row or pass one query= for the batch"
-            )
-        batch_size = len(queries)
+    def _retrieve_rows(self, queries: list[str | None], top_k: int | None) -> list[tuple[str, ...] | None]:
+        """The ids of the documents each row retrieves, best first (`None` for a row without a query)."""
+        distinct = list(dict.fromkeys(q for q in queries if q is not None))
+        if not distinct:
+            return [None] * len(queries)
+        k = self.config.top_k_docs if top_k is None else top_k
+        bank = self._require_bank()
+        # One query is searched as a string, exactly as `retrieved` does; several are embedded in one batch.
+        hits = [bank.search(distinct[0], k)] if len(distinct) == 1 else bank.search(distinct, k)
+        ids = {q: tuple(hit.id for hit in row_hits) for q, row_hits in zip(distinct, hits, strict=True)}
+        return [None if q is None else ids[q] for q in queries]
 
-        def row_of(value, row):
-            is_batched = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size
-            return value[row : row + 1] if is_batched else value
-
-        outputs = []
-        for row, query in enumerate(queries):
-            row_kwargs = {key: row_of(value, row) for key, value in kwargs.items()}
-            with self.retrieved(query, top_k_docs, gamma):
-                outputs.append(self.language_model.generate(row_of(inputs, row), *args, **row_kwargs))
-        pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
-        if pad_token_id is None:
-            eos = generation_config.eos_token_id
-            pad_token_id = eos[0] if isinstance(eos, list) else eos
-        if pad_token_id is None:
-            raise ReGradError("cannot pad rows of different lengths: the generation config has no pad or eos token")
-        length = max(output.shape[1] for output in outputs)
-        return torch.cat([nn.functional.pad(o, (0, length - o.shape[1]), value=pad_token_id) for o in outputs])
+    def _row_tensors(self, retrievals: list[tuple[str, ...] | None], gamma: float | None) -> dict[str, torch.Tensor]:
+        """Each row's adapted LoRA tensors, stacked (one delta per distinct set of retrieved documents)."""
+        gamma = self.config.gamma if gamma is None else gamma
+        distinct = list(dict.fromkeys(ids for ids in retrievals if ids is not None))
+        step_sizes = self.step_sizes()
+        row_deltas = [deltas.combine(self.bank.gather(list(ids)), step_sizes, gamma) for ids in distinct]
+        rows = [None if ids is None else distinct.index(ids) for ids in retrievals]
+        return multi_lora.stacked_row_tensors(self._lora, row_deltas, rows)
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> None:
