@@ -131,6 +131,9 @@ def test_exact_restore_reuses_its_buffers_nests_and_survives_a_cast(tiny_model):
         pass
     assert [{name: tensor.data_ptr() for name, tensor in spare.items()} for spare in restore._spare_backups] == pointers
 
+    with restore.applied({}):  # an empty delta changes nothing
+        assert parameter_bytes(tiny_model) == before
+
     tiny_model.to(torch.float64)  # the saved buffers no longer fit: reallocated, still exact
     delta = {name: torch.full_like(p, 1e-3) / 3 for name, p in lora.items()}
     before = parameter_bytes(tiny_model)

@@ -260,6 +260,9 @@ class ExactRestore:
         while applying, leaves the tensors exactly as they were. Nothing is written when `delta` does not fit."""
         _check_delta(self.parameters, delta)
         names = list(delta)
+        if not names:  # the foreach ops refuse empty lists
+            yield
+            return
         targets = [self.parameters[name] for name in names]
         backup = self._spare_backups.pop() if self._spare_backups else {}
         for name, target in zip(names, targets, strict=True):
