@@ -17,13 +17,14 @@ from regrad_hf.evaluation import (
     WeightSnapshot,
     base_only,
     bootstrap_ci,
-    drift_run,
+    cpt_drift,
     exact_match,
     f1_score,
     load_eval_set,
     load_probes,
     normalize_answer,
     recall_at_k,
+    regrad_drift,
     run_evaluation,
     untrained_learner_state,
     write_report,
@@ -217,24 +218,26 @@ def test_option_scores_prefer_what_the_model_was_trained_to_say(tokenizer, probe
     assert len(probes["world_facts_4"]) == 4 and probes["world_facts_4"][0].options[probes["world_facts_4"][0].answer]
 
 
-def test_drift_run_regrad_changes_nothing_and_cpt_is_measured(tokenizer, embedder, probes):
+def test_drift_regrad_changes_nothing_and_cpt_is_measured(tokenizer, embedder, probes):
     from regrad_hf import GradientBank
 
     model = make_tiny_model(tokenizer)
     eval_set = load_eval_set("squad", SQUAD)
     ids, texts = list(eval_set.documents), list(eval_set.documents.values())
     model.attach_bank(GradientBank.build(model, texts, ids=ids, embedder_model=embedder, show_progress=False))
-    state = untrained_learner_state(model, 0)
-    drift = drift_run(
-        model, ids[:2], [1, 3], probes, texts[2:], ("regrad", "cpt"), CPTConfig(learning_rate=1e-2), state
-    )
-    assert drift["n"] == [0, 1, 3]
-    regrad, cpt = drift["regrad"], drift["cpt"]
+    regrad = regrad_drift(model, ids[:2], [1, 3], probes, texts[2:])
+    assert regrad["n"] == [0, 1, 3]
     assert all(w["identical"] for w in regrad["weights"])
     assert all(m == regrad["measurements"][0] for m in regrad["measurements"])
-    assert cpt["weights"][0]["identical"] and not cpt["weights"][-1]["identical"]
-    assert cpt["weights"][2]["relative_l2"] > cpt["weights"][1]["relative_l2"] > 0
-    assert cpt["measurements"][-1]["heldout_perplexity"] != cpt["measurements"][0]["heldout_perplexity"]
+
+    cpt = ContinualPretraining(model, CPTConfig(learning_rate=1e-2), untrained_learner_state(model, 0))
+    record = cpt_drift(cpt, texts[:2], [1, 2], probes, texts[2:])
+    weights = record["weights"]
+    assert weights[0]["identical"] and not weights[-1]["identical"]
+    assert weights[2]["relative_l2"] > weights[1]["relative_l2"] > 0
+    assert record["measurements"][-1]["heldout_perplexity"] != record["measurements"][0]["heldout_perplexity"]
+    with pytest.raises(ValueError, match="N=3"):
+        cpt_drift(cpt, texts[:2], [3], probes, texts[2:])
 
 
 # ---------------------------------------------------------------- the whole run
@@ -244,7 +247,7 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
     model = make_tiny_model(tokenizer)
     eval_set = load_eval_set("squad", SQUAD)
     config = EvalConfig(
-        top_k=2, max_new_tokens=4, drift_ns=[1, 2], drift_heldout=1, bootstrap_resamples=50, show_progress=False
+        top_k=2, max_new_tokens=4, drift_ns=[1, 3], drift_heldout=1, bootstrap_resamples=50, show_progress=False
     )
     results = run_evaluation(model, eval_set, config, probes, embedder_model=embedder, run_info={"command": "test"})
     assert results["methods"] == list(METHODS)

@@ -7,7 +7,7 @@ perplexity, byte-for-byte weight comparison), `report` (results.json, report.md,
 """
 
 from .datasets import EvalQuestion, EvalSet, load_eval_set
-from .drift import Probe, WeightSnapshot, drift_run, load_probes, probe_accuracy
+from .drift import Probe, WeightSnapshot, cpt_drift, load_probes, probe_accuracy, regrad_drift
 from .injection import CASES, CaseResult, evaluate_injection
 from .methods import METHODS, ContinualPretraining, CPTConfig, MethodRunner, base_only, untrained_learner_state
 from .metrics import bootstrap_ci, exact_match, f1_score, normalize_answer, recall_at_k
@@ -27,10 +27,11 @@ __all__ = [
     "Probe",
     "WeightSnapshot",
     "base_only",
-    "drift_run",
+    "cpt_drift",
     "load_eval_set",
     "load_probes",
     "probe_accuracy",
+    "regrad_drift",
     "run_evaluation",
     "untrained_learner_state",
     "write_report",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..data import question_prompt
 from ..deltas import tokenize_document
 from ..errors import ReGradValueError
-from .methods import ContinualPretraining, CPTConfig
+from .methods import ContinualPretraining
 
 # Tokens of each injected document run through the adapted model during a ReGrad drift run.
 _INJECTION_FORWARD_TOKENS = 64
@@ -166,22 +166,18 @@ def _bytes(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8).reshape(-1, width)
 
 
-def drift_run(
+def regrad_drift(
     model,
     stream: Sequence[str],
     ns: Sequence[int],
     probes: Mapping[str, Sequence[Probe]],
     heldout: Sequence[str],
-    methods: Sequence[str] = ("regrad", "cpt"),
-    cpt_config: CPTConfig | None = None,
-    untrained_state: Mapping[str, torch.Tensor] | None = None,
     show_progress: bool = False,
 ) -> dict:
-    """Measures general capability after injecting the first N documents of `stream`, for each N in `ns`.
+    """Measures the learner at rest after N inject / restore cycles, for each N in `ns` (cumulative).
 
-    `regrad` injects each document through its bank gradient (`model.injected`) and runs its first tokens through
-    the adapted model, then restores; `cpt` takes one optimiser step per document on a copy. Measurements are
-    cumulative: N = 100 continues from N = 10.
+    Each cycle injects one document through its bank gradient (`model.injected`), runs its first tokens through
+    the adapted model and restores the LoRA tensors.
 
     Args:
         model ([`ReGradForCausalLM`]): the learner with a bank holding `stream`'s ids.
@@ -189,62 +185,73 @@ def drift_run(
         ns (`Sequence[int]`): document counts to measure at (N = 0 is always measured).
         probes (`Mapping[str, Sequence[Probe]]`): named multiple-choice probe sets.
         heldout (`Sequence[str]`): held-out texts for perplexity (never injected).
-        methods (`Sequence[str]`): any of `regrad`, `cpt`.
-        cpt_config ([`CPTConfig`], *optional*): the CPT baseline's settings (for `cpt`).
-        untrained_state (`Mapping[str, torch.Tensor]`, *optional*): untrained learner state (for `cpt`).
         show_progress (`bool`): show progress bars.
 
     Returns:
-        `dict`: `{"n": [0, *ns], method: {"measurements": [...], "weights": [...]}}`, one entry per N.
+        `dict`: `{"n": [0, *ns], "measurements": [...], "weights": [...]}`, one entry per N.
     """
+    ns = _check_ns(stream, ns)
+    snapshot = WeightSnapshot(model)
+    record = {
+        "n": [0],
+        "measurements": [measure(model, probes, heldout, show_progress)],
+        "weights": [snapshot.compare(model)],
+    }
+    # Plain truncation: the injected document's first tokens, not its LM-loss tokenisation.
+    texts = {doc_id: model.bank.document(doc_id).text for doc_id in dict.fromkeys(stream)}
+    tokens = {doc_id: model.tokenizer(text)["input_ids"][:_INJECTION_FORWARD_TOKENS] for doc_id, text in texts.items()}
+    done = 0
+    for n in ns:
+        for index in tqdm(range(done, n), desc=f"ReGrad drift to N={n}", disable=not show_progress):
+            doc_id = stream[index % len(stream)]
+            with model.injected([doc_id]), torch.no_grad():
+                model(input_ids=torch.tensor([tokens[doc_id]], device=model.device))
+        done = n
+        record["n"].append(n)
+        record["measurements"].append(measure(model, probes, heldout, show_progress))
+        record["weights"].append(snapshot.compare(model))
+    return record
+
+
+def cpt_drift(
+    cpt: ContinualPretraining,
+    stream: Sequence[str],
+    ns: Sequence[int],
+    probes: Mapping[str, Sequence[Probe]],
+    heldout: Sequence[str],
+    show_progress: bool = False,
+) -> dict:
+    """Trains `cpt` along `stream` (one optimiser step per document) and measures it at each N in `ns`.
+
+    Args:
+        cpt ([`ContinualPretraining`]): the copy being fine-tuned; left trained on the first `max(ns)` documents.
+        stream (`Sequence[str]`): document texts, in training order; N must not exceed its length.
+        ns, probes, heldout, show_progress: as in [`regrad_drift`].
+
+    Returns:
+        `dict`: `{"n": [0, *ns], "measurements": [...], "weights": [...]}`.
+    """
+    ns = _check_ns(stream, ns)
+    if ns[-1] > len(stream):
+        raise ReGradValueError(f"CPT drift to N={ns[-1]} needs that many documents, the stream has {len(stream)}")
+    snapshot = WeightSnapshot(cpt.model)
+    record = {
+        "n": [0],
+        "measurements": [measure(cpt.model, probes, heldout, show_progress)],
+        "weights": [snapshot.compare(cpt.model)],
+    }
+    done = 0
+    for n in ns:
+        cpt.train(stream[done:n], show_progress)
+        done = n
+        record["n"].append(n)
+        record["measurements"].append(measure(cpt.model, probes, heldout, show_progress))
+        record["weights"].append(snapshot.compare(cpt.model))
+    return record
+
+
+def _check_ns(stream: Sequence[str], ns: Sequence[int]) -> list[int]:
     ns = sorted(set(ns))
     if not stream or not ns or ns[0] < 1:
         raise ReGradValueError(f"drift needs documents to inject and document counts >= 1, got ns={ns}")
-    if "cpt" in methods and (cpt_config is None or untrained_state is None):
-        raise ReGradValueError("drift of cpt needs cpt_config= and untrained_state=")
-    unknown = sorted(set(methods) - {"regrad", "cpt"})
-    if unknown:
-        raise ReGradValueError(f"drift methods {unknown} are not measured; choose from ['regrad', 'cpt']")
-    result: dict = {"n": [0, *ns], "documents_available": len(stream)}
-    texts = {doc_id: model.bank.document(doc_id).text for doc_id in dict.fromkeys(stream)}
-
-    def documents(start: int, stop: int) -> list[str]:
-        return [stream[index % len(stream)] for index in range(start, stop)]
-
-    if "regrad" in methods:
-        snapshot = WeightSnapshot(model)
-        record = {
-            "measurements": [measure(model, probes, heldout, show_progress)],
-            "weights": [snapshot.compare(model)],
-        }
-        # Plain truncation: the injected document's first tokens, not its LM-loss tokenisation.
-        tokens = {
-            doc_id: model.tokenizer(text)["input_ids"][:_INJECTION_FORWARD_TOKENS] for doc_id, text in texts.items()
-        }
-        done = 0
-        for n in ns:
-            for doc_id in tqdm(documents(done, n), desc=f"ReGrad drift to N={n}", disable=not show_progress):
-                with model.injected([doc_id]), torch.no_grad():
-                    model(input_ids=torch.tensor([tokens[doc_id]], device=model.device))
-            done = n
-            record["measurements"].append(measure(model, probes, heldout, show_progress))
-            record["weights"].append(snapshot.compare(model))
-        result["regrad"] = record
-
-    if "cpt" in methods:
-        cpt = ContinualPretraining(model, cpt_config, untrained_state)
-        snapshot = WeightSnapshot(cpt.model)
-        record = {
-            "measurements": [measure(cpt.model, probes, heldout, show_progress)],
-            "weights": [snapshot.compare(cpt.model)],
-        }
-        done = 0
-        for n in ns:
-            cpt.train([texts[doc_id] for doc_id in documents(done, n)], show_progress)
-            done = n
-            record["measurements"].append(measure(cpt.model, probes, heldout, show_progress))
-            record["weights"].append(snapshot.compare(cpt.model))
-        record["train_seconds"] = cpt.seconds
-        result["cpt"] = record
-        del cpt
-    return result
+    return ns

@@ -187,13 +187,19 @@ class ContinualPretraining:
             model.eval()
         self.seconds += time.perf_counter() - start
 
-    def train_epochs(self, documents: Sequence[str], show_progress: bool = False) -> None:
-        """`config.epochs` passes over `documents`, each in a seeded random order."""
-        order = random.Random(self.config.seed)
-        for _ in range(self.config.epochs):
+    @staticmethod
+    def stream(documents: Sequence[str], epochs: int, seed: int) -> list[str]:
+        """The training order: `epochs` passes over `documents`, each pass in a seeded random order."""
+        order, stream = random.Random(seed), []
+        for _ in range(epochs):
             shuffled = list(documents)
             order.shuffle(shuffled)
-            self.train(shuffled, show_progress)
+            stream += shuffled
+        return stream
+
+    def train_epochs(self, documents: Sequence[str], show_progress: bool = False) -> None:
+        """`config.epochs` passes over `documents`, each in a seeded random order."""
+        self.train(self.stream(documents, self.config.epochs, self.config.seed), show_progress)
 
 
 @dataclass

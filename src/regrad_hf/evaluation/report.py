@@ -74,9 +74,8 @@ def plot_f1_vs_tokens(results: Mapping, path: Path) -> None:
 
 
 def plot_drift(results: Mapping, path: Path) -> None:
-    """Probe accuracies and held-out perplexity against the number of injected documents N."""
+    """Probe accuracies and held-out perplexity against the number of injected documents N (symlog axis)."""
     drift = results["drift"]
-    ns = drift["n"]
     methods = [m for m in ("regrad", "cpt") if m in drift]
     panels = [*drift["probes"], "heldout_perplexity"]
     figure = _figure(4.0 * len(panels), 3.6)
@@ -85,8 +84,8 @@ def plot_drift(results: Mapping, path: Path) -> None:
         for method, marker in zip(methods, ("o", "s"), strict=False):
             points = drift[method]["measurements"]
             values = [p[panel] if panel == "heldout_perplexity" else p[panel]["accuracy"] for p in points]
-            axes.plot(range(len(ns)), values, marker=marker, label=LABELS[method])
-        axes.set_xticks(range(len(ns)), [str(n) for n in ns])
+            axes.plot(drift[method]["n"], values, marker=marker, label=LABELS[method])
+        axes.set_xscale("symlog", linthresh=10)
         axes.set_xlabel("documents injected (N)")
         axes.set_ylabel("perplexity" if panel == "heldout_perplexity" else "accuracy")
         axes.set_title("held-out perplexity" if panel == "heldout_perplexity" else f"{panel} probes")
@@ -128,7 +127,8 @@ def drift_table(results: Mapping) -> str:
     for method in ("regrad", "cpt"):
         if method not in drift:
             continue
-        for n, point, weights in zip(drift["n"], drift[method]["measurements"], drift[method]["weights"], strict=True):
+        record = drift[method]
+        for n, point, weights in zip(record["n"], record["measurements"], record["weights"], strict=True):
             cells = " | ".join(f"{point[p]['accuracy']:.3f} ({point[p]['gold_logprob']:.4f})" for p in probes)
             lines.append(
                 f"| {LABELS[method]} | {n} | {cells} | {point['heldout_perplexity']:.3f} | "
@@ -174,7 +174,8 @@ def render_report(results: Mapping) -> str:
     if cpt:
         change = cpt["weight_change"]
         parts.append(
-            f"- CPT: {cpt['mode']} fine-tuning on all {run['bank_documents']} bank documents, {cpt['epochs']} "
+            f"- CPT: {cpt['mode']} fine-tuning on the {cpt['documents']} gold documents of the evaluated questions "
+            f"(the documents the questions need, as in CaMeLS-style evaluations), {cpt['epochs']} "
             f"epoch(s), AdamW lr {cpt['learning_rate']}, one document per step ({cpt['steps']} steps, "
             f"{cpt['train_seconds']:.0f} s); LM loss {cpt['first_loss']:.3f} (first step) -> "
             f"{cpt['last_epoch_mean_loss']:.3f} (mean of the last epoch); it changed "
@@ -203,19 +204,20 @@ def render_report(results: Mapping) -> str:
     ]
     if "drift" in results:
         drift = results["drift"]
-        repeats = max(drift["n"]) > drift["documents_available"]
         parts += [
             "",
             "## Drift",
             "",
-            f"After injecting N documents of the bank (a seeded order of {drift['documents_available']} documents"
-            + (", cycled when N exceeds them" if repeats else "")
-            + f"; {drift['heldout_documents']} other bank documents are held out for perplexity). Probes: "
+            f"After injecting N documents: the {drift['stream_documents']} gold documents of the evaluated questions, "
+            "in CPT's seeded training order (ReGrad cycles through them when N is larger; CPT stops at its training "
+            f"length, and its last point is the CPT model of the table above). Held-out perplexity is measured on "
+            f"{drift['heldout_documents']} bank documents that are gold for no evaluated question. Probes: "
             + ", ".join(f"{name} ({count} questions)" for name, count in drift["probes"].items())
-            + ", scored by the mean log-probability per option token (length-normalised); the right-option "
-            "log-probability is in brackets. ReGrad is measured on the learner at rest after N inject / restore "
-            "cycles; CPT from the base model after N one-document optimiser steps. Weights are compared byte for "
-            "byte with a snapshot taken before the first injection.",
+            + ", each option scored by the mean log-probability of its tokens after the question's chat prompt "
+            "(length-normalised); the highest score is the model's choice; the mean right-option log-probability is "
+            "in brackets. ReGrad is measured on the learner at rest after N inject / restore cycles; CPT from the "
+            "base model after N one-document optimiser steps. Weights are compared byte for byte with a snapshot "
+            "taken before the first injection.",
             "",
             drift_table(results),
             "",

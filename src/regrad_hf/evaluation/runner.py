@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..bank import GradientBank
 from ..errors import ReGradValueError
 from .datasets import EvalQuestion, EvalSet
-from .drift import Probe, WeightSnapshot, drift_run
+from .drift import Probe, WeightSnapshot, cpt_drift, regrad_drift
 from .methods import (
     METHODS,
     RETRIEVING,
@@ -42,9 +42,11 @@ class EvalConfig:
         max_new_tokens (`int`): greedy answer length.
         gamma (`float`, *optional*): ReGrad step multiplier; defaults to the learner's.
         cpt ([`CPTConfig`]): the CPT baseline's settings.
-        drift_ns (`Sequence[int]`): document counts N to measure drift at; empty skips drift.
+        drift_ns (`Sequence[int]`): document counts N to measure drift at; empty skips drift. ReGrad cycles through
+            the gold documents when N exceeds them; CPT is measured at the N below its training length and at it.
         drift_methods (`Sequence[str]`): methods whose drift is measured (`regrad`, `cpt`).
-        drift_heldout (`int`): bank documents set aside (never injected) for held-out perplexity.
+        drift_heldout (`int`): bank documents (gold for no evaluated question, so never trained on or injected)
+            whose perplexity is measured.
         bootstrap_resamples (`int`): resamples of the confidence intervals (95 %, percentile).
         batch_size (`int`): documents per gradient batch when building banks.
         show_progress (`bool`): progress bars.
@@ -130,21 +132,40 @@ def run_evaluation(
         needs_untrained = "raw" in methods or "cpt" in methods or "cpt" in drift_methods
         untrained = untrained_learner_state(model, config.seed) if needs_untrained else None
 
+        # CPT trains on, and drift injects, the evaluated questions' gold documents (`epochs` seeded passes);
+        # held-out perplexity uses bank documents that are gold for no evaluated question.
+        gold = list(dict.fromkeys(doc_id for q in eval_set.questions for doc_id in q.gold_ids))
+        stream = ContinualPretraining.stream(gold, config.cpt.epochs, config.seed)
+        others = [doc_id for doc_id in eval_set.documents if doc_id not in set(gold)]
+        random.Random(config.seed).shuffle(others)
+        heldout = [eval_set.documents[doc_id] for doc_id in others[: config.drift_heldout]]
+        drift: dict = {}
+
         cpt_model = None
-        if "cpt" in methods:
+        if "cpt" in methods or "cpt" in drift_methods:
             cpt = ContinualPretraining(model, config.cpt, untrained)
-            before = WeightSnapshot(cpt.model)
-            cpt.train_epochs(list(eval_set.documents.values()), show)
+            texts = [eval_set.documents[doc_id] for doc_id in stream]
+            # Drift points along the way, and always the end: the CPT model the questions are asked to.
+            ns = sorted({n for n in config.drift_ns if n < len(stream)} | {len(stream)})
+            if "cpt" in drift_methods:
+                drift["cpt"] = cpt_drift(cpt, texts, ns, probes or {}, heldout, show)
+                change = drift["cpt"]["weights"][-1]
+            else:
+                before = WeightSnapshot(cpt.model)
+                cpt.train(texts, show)
+                change = before.compare(cpt.model)
+                del before
             results["cpt"] = {
                 **asdict(config.cpt),
+                "documents": len(gold),
                 "steps": cpt.steps,
                 "train_seconds": cpt.seconds,
                 "first_loss": cpt.losses[0],
-                "last_epoch_mean_loss": float(np.mean(cpt.losses[-len(eval_set.documents) :])),
-                "weight_change": before.compare(cpt.model),
+                "last_epoch_mean_loss": float(np.mean(cpt.losses[-len(gold) :])),
+                "weight_change": change,
             }
             cpt_model = cpt.model
-            del before, cpt  # the optimiser state is no longer needed
+            del cpt  # the optimiser state is no longer needed
 
         ids, texts = list(eval_set.documents), list(eval_set.documents.values())
         start = time.perf_counter()
@@ -221,16 +242,11 @@ def run_evaluation(
             for method in methods
         }
 
-        if drift_methods:
-            order = list(eval_set.documents)
-            random.Random(config.seed).shuffle(order)
-            heldout_count = min(config.drift_heldout, len(order) // 2)
-            heldout = [eval_set.documents[doc_id] for doc_id in order[:heldout_count]]
-            stream = order[heldout_count:]
-            drift = drift_run(
-                model, stream, config.drift_ns, probes or {}, heldout, drift_methods, config.cpt, untrained, show
-            )
-            drift["heldout_documents"] = heldout_count
+        if "regrad" in drift_methods:
+            drift["regrad"] = regrad_drift(model, stream, config.drift_ns, probes or {}, heldout, show)
+        if drift:
+            drift["stream_documents"] = len(gold)
+            drift["heldout_documents"] = len(heldout)
             drift["probes"] = {name: len(items) for name, items in (probes or {}).items()}
             results["drift"] = drift
     finally:
