@@ -212,7 +212,7 @@ def test_option_scores_prefer_what_the_model_was_trained_to_say(tokenizer, probe
     cpt = ContinualPretraining(model, CPTConfig(mode="full", learning_rate=3e-3), untrained_learner_state(model, 0))
     prompt = cli.chat_prompt(tokenizer, question)
     before = option_scores(cpt.model, question, options)
-    cpt.train([prompt + "Quentville"] * 20)
+    cpt.train([prompt + "Quentville"] * 10)
     after = option_scores(cpt.model, question, options)
     assert after[0] > before[0] and after[0] > after[1]
     assert len(probes["world_facts_4"]) == 4 and probes["world_facts_4"][0].options[probes["world_facts_4"][0].answer]
@@ -245,14 +245,14 @@ def test_drift_regrad_changes_nothing_and_cpt_is_measured(tokenizer, embedder, p
 
 def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes, tmp_path):
     model = make_tiny_model(tokenizer)
-    eval_set = load_eval_set("squad", SQUAD)
+    eval_set = load_eval_set("squad", SQUAD, limit=3)
     config = EvalConfig(
-        top_k=2, max_new_tokens=4, drift_ns=[1, 3], drift_heldout=1, bootstrap_resamples=50, show_progress=False
+        top_k=2, max_new_tokens=3, drift_ns=[1, 3], drift_heldout=1, bootstrap_resamples=50, show_progress=False
     )
     results = run_evaluation(model, eval_set, config, probes, embedder_model=embedder, run_info={"command": "test"})
     assert results["methods"] == list(METHODS)
     assert results["integrity"]["identical"]
-    assert len(results["questions"]) == 5
+    assert len(results["questions"]) == 3
     for record in results["questions"]:
         assert set(record["methods"]) == set(METHODS) and len(record["retrieved_ids"]) == 2
         tokens = {m: a["prompt_tokens"] for m, a in record["methods"].items()}
@@ -264,7 +264,7 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
     # Methods differ where they should: the learner is not the base, a document step changes the answer NLL.
     nll = {m: summary[m]["answer_nll"]["mean"] for m in METHODS}
     assert nll["no_adaptation"] != nll["closed_book"] and nll["regrad"] != nll["no_adaptation"]
-    assert results["cpt"]["steps"] == 3 and not results["cpt"]["weight_change"]["identical"]
+    assert results["cpt"]["steps"] == results["cpt"]["documents"] and not results["cpt"]["weight_change"]["identical"]
 
     written = write_report(results, tmp_path / "out")
     for kind in ("f1", "tokens", "drift"):
@@ -273,7 +273,7 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
     assert "`test`" in report and "ReGrad + ICL" in report and "identical byte for byte" in report
     for kind in ("f1", "tokens", "drift"):
         assert f"]({written[kind].name})" in report
-    assert json.loads(written["results"].read_text())["summary"]["regrad"]["f1"]["n"] == 5
+    assert json.loads(written["results"].read_text())["summary"]["regrad"]["f1"]["n"] == 3
 
 
 def test_oracle_injects_the_gold_documents(tokenizer, embedder):

@@ -184,7 +184,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 2
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     eval_set = load_eval_set(args.dataset, data, args.split, args.limit, args.seed)
-    probes = {Path(path).stem: load_probes(path) for path in probe_paths} if drift_ns else {}
+    probes = {Path(path).stem: load_probes(path)[: args.probe_limit] for path in probe_paths} if drift_ns else {}
     config = EvalConfig(
         methods=methods,
         top_k=args.top_k,
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--drift-methods", default="regrad,cpt", help="methods whose drift is measured")
     sub.add_argument("--drift-heldout", type=int, default=20, help="bank documents held out for perplexity")
     sub.add_argument("--probes", nargs="*", help="multiple-choice probe files (default: world_facts, real_authors)")
+    sub.add_argument("--probe-limit", type=int, help="use only the first N questions of each probe file")
     sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_argument("--command-line", help=argparse.SUPPRESS)

@@ -40,7 +40,7 @@ LABELS = {
     "closed_book": "closed-book (base)",
     "no_adaptation": "no adaptation (learner)",
     "rag": "RAG (base + docs in prompt)",
-    "cpt": "CPT (fine-tuned on the bank)",
+    "cpt": "CPT (fine-tuned on the documents)",
     "raw": "raw gradients (untrained LoRA)",
     "regrad": "ReGrad",
     "regrad_icl": "ReGrad + ICL",
