@@ -324,3 +324,11 @@ def test_cli_eval_with_the_shipped_learner(tmp_path):
     assert (
         results["summary"]["regrad"]["answer_nll"]["mean"] < results["summary"]["no_adaptation"]["answer_nll"]["mean"]
     )
+
+
+def test_cli_eval_help_lists_every_method(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    assert all(method in capsys.readouterr().out for method in METHODS)
+    assert cli.METHOD_NAMES == METHODS  # the CLI keeps its own copy so that --help imports no torch
