@@ -330,5 +330,6 @@ def test_cli_eval_help_lists_every_method(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", "--help"])
     assert exit_info.value.code == 0
-    assert all(method in capsys.readouterr().out for method in METHODS)
+    text = "".join(capsys.readouterr().out.split())  # argparse may wrap the long list of names anywhere
+    assert all(method in text for method in METHODS)
     assert cli.METHOD_NAMES == METHODS  # the CLI keeps its own copy so that --help imports no torch
