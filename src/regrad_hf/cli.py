@@ -1,4 +1,5 @@
-"""The `regrad` command: `regrad demo`, `regrad build-bank`, `regrad ask`, `regrad push`, `regrad pull`."""
+"""The `regrad` command: `regrad demo`, `regrad build-bank`, `regrad ask`, `regrad eval`, `regrad push`, `regrad pull`
+(and `regrad train`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from pathlib import Path
 
 from .defaults import shipped_learner_path
 
+# The method names of `regrad eval` (kept here so that `regrad --help` imports no torch).
+METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# The project's shared real data, next to a source checkout (see its README); absent from installed wheels.
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DEFAULT_DATA = {
+    "squad": "squad_dev_articles_00-39.json",
+    "hotpotqa": "hotpotqa_dev_distractor_500.jsonl",
+    "tofu": "tofu_qa_authors_000-179.jsonl",
+}
+DEFAULT_PROBES = ("world_facts.json", "real_authors.json")
 LEARNER_SUBDIR = "learner"
 FRESH = "fresh"
 
@@ -196,6 +208,70 @@ def pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def learner_note(learner: str) -> str:
+    """What the report says about how the learner was trained (ReGrad+ICL depends on it)."""
+    if learner == FRESH:
+        return "fresh, not meta-trained (peft init, B = 0): ReGrad is then a raw-gradient step with the init step size"
+    if Path(learner).resolve() == shipped_learner_path().resolve():
+        return (
+            "the shipped learner, meta-trained blind (question-only prompts) on SQuAD articles 0-29 with one "
+            "document per task (its TRAINING.md); ReGrad+ICL shows it documents in the prompt, which it never saw "
+            "in training (no learner trained with blind=False is shipped)"
+        )
+    return "a saved learner; whether it was trained blind or with documents in the prompt is not in its config"
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Runs every method on a dataset and writes results.json, report.md and the plots to --output."""
+    import shlex
+
+    from .evaluation import CPTConfig, EvalConfig, load_eval_set, load_probes, run_evaluation, write_report
+    from .evaluation.datasets import parse_range
+    from .evaluation.methods import check_methods
+
+    data = args.data or (str(SHARED_DATA / DEFAULT_DATA[args.dataset]) if args.dataset in DEFAULT_DATA else None)
+    if data is None or not Path(data).is_file():
+        print(
+            f"error: no data file for --dataset {args.dataset} ({data or 'none given'}); pass --data", file=sys.stderr
+        )
+        return 2
+    probe_paths = args.probes if args.probes is not None else [str(SHARED_DATA / name) for name in DEFAULT_PROBES]
+    drift_ns = [] if args.drift_n in ("", "none") else parse_range(args.drift_n)
+    missing = [path for path in probe_paths if not Path(path).is_file()]
+    if drift_ns and missing:
+        print(f"error: probe files not found: {missing}; pass --probes or --drift-n none", file=sys.stderr)
+        return 2
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    eval_set = load_eval_set(args.dataset, data, args.split, args.limit, args.seed)
+    probes = {Path(path).stem: load_probes(path)[: args.probe_limit] for path in probe_paths} if drift_ns else {}
+    config = EvalConfig(
+        methods=methods,
+        top_k=args.top_k,
+        oracle=args.oracle,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        gamma=args.gamma,
+        cpt=CPTConfig(args.cpt_mode, args.cpt_epochs, args.cpt_lr, args.seed),
+        drift_ns=drift_ns,
+        drift_methods=[m.strip() for m in args.drift_methods.split(",") if m.strip()],
+        drift_heldout=args.drift_heldout,
+        bootstrap_resamples=args.bootstrap,
+        show_progress=not args.no_progress,
+    )
+    model = load_learner(args.learner, args.seed)
+    command = (
+        "regrad " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
+    )
+    run_info = {"command": command, "learner": args.learner, "learner_note": learner_note(args.learner)}
+    results = run_evaluation(model, eval_set, config, probes, run_info=run_info)
+    written = write_report(results, args.output)
+    from .evaluation.report import results_table
+
+    print(results_table(results))
+    print(f"wrote {', '.join(str(path) for path in written.values())}")
+    return 0 if results["integrity"]["identical"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +338,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
     sub.set_defaults(run=pull)
+
+    sub = commands.add_parser(
+        "eval",
+        help="compare ReGrad with closed-book, no-adaptation, RAG, CPT, raw gradients and ReGrad+ICL on a dataset, "
+        "with drift; writes results.json, report.md and PNG plots",
+    )
+    sub.add_argument("--dataset", required=True, choices=["squad", "hotpotqa", "tofu", "jsonl"], help="data format")
+    sub.add_argument("--data", help="the data file (default: the project's shared/data file for the format)")
+    sub.add_argument(
+        "--split",
+        help="squad: train/dev/test or article indices like 35-39; tofu: author indices like 0-39 (default: all)",
+    )
+    sub.add_argument("--limit", type=int, help="questions to evaluate, sampled with --seed (the bank is unchanged)")
+    sub.add_argument("--top-k", type=int, help="documents retrieved per question (default: the learner's)")
+    sub.add_argument("--oracle", action="store_true", help="use each question's gold documents instead of retrieval")
+    sub.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated, of {','.join(METHOD_NAMES)}")
+    sub.add_argument("--output", required=True, help="directory for results.json, report.md and the plots")
+    sub.add_argument("--max-new-tokens", type=int, default=24)
+    sub.add_argument("--gamma", type=float, help="ReGrad step multiplier (default: the learner's)")
+    sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
+    sub.add_argument("--cpt-epochs", type=int, default=1, help="CPT passes over the bank documents (default 1)")
+    sub.add_argument("--cpt-lr", type=float, default=2e-5, help="CPT AdamW learning rate (default 2e-5)")
+    sub.add_argument("--drift-n", default="10,100", help="document counts to measure drift at, or 'none'")
+    sub.add_argument("--drift-methods", default="regrad,cpt", help="methods whose drift is measured")
+    sub.add_argument("--drift-heldout", type=int, default=20, help="bank documents held out for perplexity")
+    sub.add_argument("--probes", nargs="*", help="multiple-choice probe files (default: world_facts, real_authors)")
+    sub.add_argument("--probe-limit", type=int, help="use only the first N questions of each probe file")
+    sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub.add_argument("--command-line", help=argparse.SUPPRESS)
+    common(sub, default_learner())
+    sub.set_defaults(run=evaluate)
     return parser
 
 

@@ -54,3 +54,13 @@ def atomic_save_safetensors(
     """`safetensors.torch.save_file`, atomically."""
     contiguous = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
     _atomic_write(Path(path), lambda temporary: save_file(contiguous, temporary, metadata=metadata))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` atomically (e.g. a rendered PNG)."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+
+    _atomic_write(Path(path), write)

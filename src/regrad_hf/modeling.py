@@ -418,10 +418,15 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     @contextmanager
     def retrieved(self, query: str, top_k: int | None = None, gamma: float | None = None) -> Iterator[list[Hit]]:
         """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits."""
-        bank = self._require_bank()
-        hits = bank.search(query, self.config.top_k_docs if top_k is None else top_k)
-        with self._applied(bank.gather([hit.id for hit in hits]), gamma):
+        hits = self._require_bank().search(query, self.config.top_k_docs if top_k is None else top_k)
+        with self.injected([hit.id for hit in hits], gamma):
             yield hits
+
+    @contextmanager
+    def injected(self, ids: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
+        """Injects the bank documents with these ids for the duration of the block (retrieval done elsewhere)."""
+        with self._applied(self._require_bank().gather(list(ids)), gamma):
+            yield self
 
     def _require_bank(self) -> GradientBank:
         if self.bank is None:

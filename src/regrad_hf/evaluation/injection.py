@@ -1,4 +1,4 @@
-"""Answer metrics (SQuAD EM/F1) and the side-by-side injection evaluation of a learner.
+"""The side-by-side injection evaluation of a learner on tasks with their own documents (used by the trainer).
 
 Cases, all on the same tasks and prompts:
 
@@ -17,8 +17,6 @@ the learner picking up answer priors.
 from __future__ import annotations
 
 import collections
-import re
-import string
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,36 +24,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import Task, TaskCollator
+from ..data import Task, TaskCollator
+from .metrics import exact_match, f1_score
 
 CASES = ("no_adaptation", "regrad", "raw", "rag", "regrad_icl")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised answer."""
-    return float(any(normalize_answer(prediction) == normalize_answer(answer) for answer in answers))
-
-
-def f1_score(prediction: str, answers: Sequence[str]) -> float:
-    """Best token-level F1 of the prediction against the answers (the SQuAD v1.1 evaluation script's definition)."""
-
-    def f1(predicted: list[str], gold: list[str]) -> float:
-        common = collections.Counter(predicted) & collections.Counter(gold)
-        overlap = sum(common.values())
-        if overlap == 0:
-            return 0.0
-        precision, recall = overlap / len(predicted), overlap / len(gold)
-        return 2 * precision * recall / (precision + recall)
-
-    predicted = normalize_answer(prediction).split()
-    return max(f1(predicted, normalize_answer(answer).split()) for answer in answers)
 
 
 @dataclass

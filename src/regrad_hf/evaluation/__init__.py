@@ -1,0 +1,44 @@
+"""Evaluation: answer metrics, the trainer's injection evaluation, and `regrad eval` (every method side by side
+on real data, with drift, a report and plots).
+
+Modules: `metrics` (EM/F1, recall@k, bootstrap CIs), `injection` (the trainer's per-task evaluation), `datasets`
+(evaluation sets: questions, bank documents, gold ids), `methods` (the seven methods), `drift` (probes,
+perplexity, byte-for-byte weight comparison), `report` (results.json, report.md, plots), `runner` (the whole run).
+"""
+
+from .datasets import EvalQuestion, EvalSet, load_eval_set
+from .drift import Probe, WeightSnapshot, cpt_drift, load_probes, probe_accuracy, regrad_drift
+from .injection import CASES, CaseResult, evaluate_injection
+from .methods import METHODS, ContinualPretraining, CPTConfig, MethodRunner, base_only, untrained_learner_state
+from .metrics import bootstrap_ci, exact_match, f1_score, normalize_answer, recall_at_k
+from .report import write_report
+from .runner import EvalConfig, run_evaluation
+
+__all__ = [
+    "CASES",
+    "METHODS",
+    "CPTConfig",
+    "CaseResult",
+    "ContinualPretraining",
+    "EvalConfig",
+    "EvalQuestion",
+    "EvalSet",
+    "MethodRunner",
+    "Probe",
+    "WeightSnapshot",
+    "base_only",
+    "cpt_drift",
+    "load_eval_set",
+    "load_probes",
+    "probe_accuracy",
+    "regrad_drift",
+    "run_evaluation",
+    "untrained_learner_state",
+    "write_report",
+    "bootstrap_ci",
+    "evaluate_injection",
+    "exact_match",
+    "f1_score",
+    "normalize_answer",
+    "recall_at_k",
+]

@@ -1,0 +1,145 @@
+"""Evaluation sets: the questions, the documents of the bank they are retrieved against, and each question's gold
+documents.
+
+| format     | bank                                                        | retrieval                                |
+|------------|-------------------------------------------------------------|------------------------------------------|
+| `squad`    | every paragraph of the selected articles                    | top-k over the whole bank                |
+| `hotpotqa` | the 10 paragraphs (2 supporting + 8 distractors) of each question | top-k over the question's own 10   |
+| `tofu`     | one document per selected author: that author's answers joined | top-k over the whole bank             |
+| `jsonl`    | every task's documents (deduplicated)                       | top-k over the whole bank                |
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..data import SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad, load_tofu
+from ..errors import ReGradValueError
+
+FORMATS = ("squad", "hotpotqa", "tofu", "jsonl")
+
+
+@dataclass(frozen=True)
+class EvalQuestion:
+    """One evaluation question.
+
+    Args:
+        task ([`Task`]): question and acceptable answers (its documents are the gold documents).
+        gold_ids (`tuple[str, ...]`): bank ids of the gold documents.
+        candidate_ids (`tuple[str, ...]`, *optional*): when set, retrieval ranks only these (HotpotQA); else the
+            whole bank.
+    """
+
+    task: Task
+    gold_ids: tuple[str, ...]
+    candidate_ids: tuple[str, ...] | None = None
+
+
+@dataclass
+class EvalSet:
+    """Questions and the bank documents they are answered from.
+
+    Args:
+        name (`str`): a label, e.g. `"squad:test"`.
+        documents (`dict[str, str]`): bank documents by id, in bank order.
+        questions (`list[EvalQuestion]`): the questions, in evaluation order.
+        note (`str`): how the set was built (stated in the report).
+    """
+
+    name: str
+    documents: dict[str, str]
+    questions: list[EvalQuestion]
+    note: str = ""
+
+
+def parse_range(text: str) -> list[int]:
+    """`"35-39"` -> `[35, ..., 39]`; `"1,4,7"` -> `[1, 4, 7]`; ranges and single values may be mixed."""
+    values: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise ReGradValueError(f"cannot read {text!r} as indices; write e.g. '35-39' or '1,4,7'")
+        low, high = int(match[1]), int(match[2] or match[1])
+        values.extend(range(low, high + 1))
+    return values
+
+
+def _select(questions: list[EvalQuestion], limit: int | None, seed: int) -> list[EvalQuestion]:
+    questions = list(questions)
+    random.Random(seed).shuffle(questions)
+    return questions if limit is None else questions[:limit]
+
+
+def _bank_of(texts: Sequence[str], prefix: str) -> dict[str, str]:
+    """Unique texts in first-seen order, with ids `prefix-0`, `prefix-1`, ..."""
+    unique = list(dict.fromkeys(texts))
+    return {f"{prefix}-{index}": text for index, text in enumerate(unique)}
+
+
+def _whole_bank_set(name: str, tasks: list[Task], prefix: str, limit, seed, note: str) -> EvalSet:
+    documents = _bank_of([d for task in tasks for d in task.documents], prefix)
+    id_of = {text: doc_id for doc_id, text in documents.items()}
+    questions = [EvalQuestion(task, tuple(id_of[d] for d in task.documents)) for task in tasks]
+    return EvalSet(name, documents, _select(questions, limit, seed), note)
+
+
+def load_eval_set(
+    format: str, path: str | os.PathLike, split: str | None = None, limit: int | None = None, seed: int = 0
+) -> EvalSet:
+    """Loads an evaluation set.
+
+    Args:
+        format (`str`): one of [`FORMATS`].
+        path (`str` or `os.PathLike`): the data file.
+        split (`str`, *optional*): SQuAD: a name of `SQUAD_SPLITS` (`train`, `dev`, `test`) or article indices
+            (`"35-39"`); TOFU: author indices (`"0-39"`); HotpotQA, JSONL: unused. `None` keeps everything.
+        limit (`int`, *optional*): evaluate this many questions, sampled with `seed` (the bank is unchanged).
+        seed (`int`): seed of the question sampling.
+
+    Returns:
+        [`EvalSet`]
+    """
+    if format not in FORMATS:
+        raise ReGradValueError(f"unknown dataset format {format!r}; choose from {FORMATS}")
+    if format == "squad":
+        articles = split if split in SQUAD_SPLITS or split is None else parse_range(split)
+        tasks = load_squad(path, articles)
+        note = f"SQuAD articles {split or 'all'}; the bank holds every paragraph of these articles"
+        return _whole_bank_set(f"squad:{split or 'all'}", tasks, "p", limit, seed, note)
+    if format == "tofu":
+        authors = None if split is None else parse_range(split)
+        tasks = load_tofu(path, authors)
+        note = (
+            f"TOFU authors {split or 'all'}; TOFU has no source documents, so each author's document is that "
+            "author's 20 answers joined in file order (the answer to every question is therefore in the document)"
+        )
+        return _whole_bank_set(f"tofu:{split or 'all'}", tasks, "author", limit, seed, note)
+    if format == "jsonl":
+        note = "user JSONL; the bank holds every task's documents"
+        return _whole_bank_set(f"jsonl:{os.path.basename(path)}", load_jsonl(path), "doc", limit, seed, note)
+    return _hotpotqa_set(path, limit, seed)
+
+
+def _hotpotqa_set(path, limit, seed) -> EvalSet:
+    with_context = load_hotpotqa(path, distractors=True)
+    supporting = load_hotpotqa(path, distractors=False)
+    documents = _bank_of([d for task in with_context for d in task.documents], "para")
+    id_of = {text: doc_id for doc_id, text in documents.items()}
+    questions = [
+        EvalQuestion(
+            gold,
+            tuple(id_of[d] for d in gold.documents),
+            candidate_ids=tuple(dict.fromkeys(id_of[d] for d in full.documents)),
+        )
+        for full, gold in zip(with_context, supporting, strict=True)
+    ]
+    questions = _select(questions, limit, seed)
+    # Only the selected questions' paragraphs need gradients.
+    needed = {doc_id for q in questions for doc_id in q.candidate_ids}
+    documents = {doc_id: text for doc_id, text in documents.items() if doc_id in needed}
+    note = "HotpotQA distractor setting; each question is retrieved against its own 10 paragraphs; gold = supporting"
+    return EvalSet("hotpotqa", documents, questions, note)

@@ -1,0 +1,257 @@
+"""Drift: does injecting N documents change what the model knows in general?
+
+General capability is measured with multiple-choice probes (TOFU's `world_facts.json` and `real_authors.json`),
+scored by log-likelihood: each option is scored by the mean log-probability of its tokens after the question's
+prompt (length-normalised, so long options are not penalised), and the highest-scoring option is the model's
+choice. Perplexity is measured on held-out paragraphs that are never injected. Every parameter and buffer is
+compared byte for byte with a snapshot taken before the injections.
+
+ReGrad applies each document's step and restores the LoRA tensors bit for bit, so it must show no change at all;
+continual pre-training (CPT) writes the weights and shows its measured change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import question_prompt
+from ..deltas import tokenize_document
+from ..errors import ReGradValueError
+from .methods import ContinualPretraining
+
+# Tokens of each injected document run through the adapted model during a ReGrad drift run.
+_INJECTION_FORWARD_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A multiple-choice question: `options[answer]` is right."""
+
+    question: str
+    options: tuple[str, ...]
+    answer: int
+
+
+def load_probes(path: str | os.PathLike) -> list[Probe]:
+    """Reads TOFU-style probes: a JSON list of `{"question", "option1".., "answer"}` (answer = the right option's
+    text)."""
+    probes = []
+    for number, record in enumerate(json.loads(Path(path).read_text(encoding="utf-8"))):
+        options = tuple(str(record[key]) for key in sorted(k for k in record if k.startswith("option")))
+        if record["answer"] not in options:
+            raise ReGradValueError(f"{path} probe {number}: answer {record['answer']!r} is not one of {options}")
+        probes.append(Probe(record["question"], options, options.index(record["answer"])))
+    return probes
+
+
+def option_scores(model, question: str, options: Sequence[str]) -> list[float]:
+    """Mean log-probability per token of each option after the question's prompt (one padded forward pass)."""
+    tokenizer = model.tokenizer
+    prompt = tokenizer(question_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    encoded = [tokenizer(option.strip(), add_special_tokens=False)["input_ids"] for option in options]
+    length = len(prompt) + max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(options), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(prompt) + len(ids)] = torch.tensor(prompt + ids)
+        attention_mask[row, : len(prompt) + len(ids)] = 1
+    device = model.device
+    with torch.no_grad():
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    scores = []
+    for row, ids in enumerate(encoded):
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(ids), device=log_probs.device)
+        targets = torch.tensor(ids, device=log_probs.device)
+        scores.append(log_probs[row, positions, targets].mean().item())
+    return scores
+
+
+def probe_accuracy(model, probes: Sequence[Probe], show_progress: bool = False, desc: str = "Probes") -> dict:
+    """Accuracy on multiple-choice probes, and the mean length-normalised log-probability of the right options."""
+    correct, gold = [], []
+    for probe in tqdm(probes, desc=desc, disable=not show_progress, leave=False):
+        scores = option_scores(model, probe.question, probe.options)
+        correct.append(float(max(range(len(scores)), key=scores.__getitem__) == probe.answer))
+        gold.append(scores[probe.answer])
+    count = max(1, len(probes))
+    return {"accuracy": sum(correct) / count, "gold_logprob": sum(gold) / count, "correct": correct}
+
+
+def perplexity(model, texts: Sequence[str]) -> float:
+    """Perplexity of `texts` (token-weighted), each truncated to `config.max_document_tokens`."""
+    total_nll, total_tokens = 0.0, 0
+    for text in texts:
+        ids = tokenize_document(model.tokenizer, text, model.config.max_document_tokens)
+        input_ids = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            total_nll += model(input_ids=input_ids, labels=input_ids).loss.item() * (len(ids) - 1)
+        total_tokens += len(ids) - 1
+    return math.exp(total_nll / max(1, total_tokens))
+
+
+def measure(model, probes: Mapping[str, Sequence[Probe]], heldout: Sequence[str], show_progress: bool = False) -> dict:
+    """Probe accuracies (and right-option log-probabilities) and held-out perplexity of `model` as it is now."""
+    result: dict = {}
+    for name, items in probes.items():
+        scores = probe_accuracy(model, items, show_progress, desc=f"Probe {name}")
+        result[name] = {"accuracy": scores["accuracy"], "gold_logprob": scores["gold_logprob"]}
+    result["heldout_perplexity"] = perplexity(model, heldout) if heldout else float("nan")
+    return result
+
+
+class WeightSnapshot:
+    """A copy of every parameter and buffer of a module, for byte-for-byte comparison later."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.tensors = {name: tensor.detach().clone() for name, tensor in _state(module).items()}
+
+    def compare(self, module: torch.nn.Module) -> dict:
+        """How `module` differs from the snapshot.
+
+        Returns:
+            `dict`: `identical` (every byte equal), `changed_tensors`, `changed_elements` (elements whose bytes
+            differ), `total_elements`, `max_abs_change` and `relative_l2` (`||w - w0|| / ||w0||` over all
+            floating-point tensors).
+        """
+        now = _state(module)
+        if set(now) != set(self.tensors):
+            raise ReGradValueError("the module's parameter names changed since the snapshot")
+        changed_tensors = changed_elements = total = 0
+        max_change, diff_sq, ref_sq = 0.0, 0.0, 0.0
+        for name, before in self.tensors.items():
+            after = now[name].detach()
+            total += before.numel()
+            if before.shape != after.shape or before.dtype != after.dtype:
+                changed_tensors += 1
+                changed_elements += before.numel()
+                continue
+            width = before.element_size()
+            differs = (_bytes(before, width) != _bytes(after, width)).any(dim=1)
+            count = int(differs.sum())
+            if count:
+                changed_tensors += 1
+                changed_elements += count
+            if before.is_floating_point():
+                difference = (after.double() - before.double()).nan_to_num()
+                if count:
+                    max_change = max(max_change, difference.abs().max().item())
+                diff_sq += difference.pow(2).sum().item()
+                ref_sq += before.double().pow(2).sum().item()
+        return {
+            "identical": changed_tensors == 0,
+            "changed_tensors": changed_tensors,
+            "changed_elements": changed_elements,
+            "total_elements": total,
+            "max_abs_change": max_change,
+            "relative_l2": math.sqrt(diff_sq / ref_sq) if ref_sq else 0.0,
+        }
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _bytes(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """The raw bytes of a tensor, one row per element."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).reshape(-1, width)
+
+
+def regrad_drift(
+    model,
+    stream: Sequence[str],
+    ns: Sequence[int],
+    probes: Mapping[str, Sequence[Probe]],
+    heldout: Sequence[str],
+    show_progress: bool = False,
+) -> dict:
+    """Measures the learner at rest after N inject / restore cycles, for each N in `ns` (cumulative).
+
+    Each cycle injects one document through its bank gradient (`model.injected`), runs its first tokens through
+    the adapted model and restores the LoRA tensors.
+
+    Args:
+        model ([`ReGradForCausalLM`]): the learner with a bank holding `stream`'s ids.
+        stream (`Sequence[str]`): bank ids to inject, in order; cycled when N exceeds its length.
+        ns (`Sequence[int]`): document counts to measure at (N = 0 is always measured).
+        probes (`Mapping[str, Sequence[Probe]]`): named multiple-choice probe sets.
+        heldout (`Sequence[str]`): held-out texts for perplexity (never injected).
+        show_progress (`bool`): show progress bars.
+
+    Returns:
+        `dict`: `{"n": [0, *ns], "measurements": [...], "weights": [...]}`, one entry per N.
+    """
+    ns = _check_ns(stream, ns)
+    snapshot = WeightSnapshot(model)
+    record = {
+        "n": [0],
+        "measurements": [measure(model, probes, heldout, show_progress)],
+        "weights": [snapshot.compare(model)],
+    }
+    # Plain truncation: the injected document's first tokens, not its LM-loss tokenisation.
+    texts = {doc_id: model.bank.document(doc_id).text for doc_id in dict.fromkeys(stream)}
+    tokens = {doc_id: model.tokenizer(text)["input_ids"][:_INJECTION_FORWARD_TOKENS] for doc_id, text in texts.items()}
+    done = 0
+    for n in ns:
+        for index in tqdm(range(done, n), desc=f"ReGrad drift to N={n}", disable=not show_progress):
+            doc_id = stream[index % len(stream)]
+            with model.injected([doc_id]), torch.no_grad():
+                model(input_ids=torch.tensor([tokens[doc_id]], device=model.device))
+        done = n
+        record["n"].append(n)
+        record["measurements"].append(measure(model, probes, heldout, show_progress))
+        record["weights"].append(snapshot.compare(model))
+    return record
+
+
+def cpt_drift(
+    cpt: ContinualPretraining,
+    stream: Sequence[str],
+    ns: Sequence[int],
+    probes: Mapping[str, Sequence[Probe]],
+    heldout: Sequence[str],
+    show_progress: bool = False,
+) -> dict:
+    """Trains `cpt` along `stream` (one optimiser step per document) and measures it at each N in `ns`.
+
+    Args:
+        cpt ([`ContinualPretraining`]): the copy being fine-tuned; left trained on the first `max(ns)` documents.
+        stream (`Sequence[str]`): document texts, in training order; N must not exceed its length.
+        ns, probes, heldout, show_progress: as in [`regrad_drift`].
+
+    Returns:
+        `dict`: `{"n": [0, *ns], "measurements": [...], "weights": [...]}`.
+    """
+    ns = _check_ns(stream, ns)
+    if ns[-1] > len(stream):
+        raise ReGradValueError(f"CPT drift to N={ns[-1]} needs that many documents, the stream has {len(stream)}")
+    snapshot = WeightSnapshot(cpt.model)
+    record = {
+        "n": [0],
+        "measurements": [measure(cpt.model, probes, heldout, show_progress)],
+        "weights": [snapshot.compare(cpt.model)],
+    }
+    done = 0
+    for n in ns:
+        cpt.train(stream[done:n], show_progress)
+        done = n
+        record["n"].append(n)
+        record["measurements"].append(measure(cpt.model, probes, heldout, show_progress))
+        record["weights"].append(snapshot.compare(cpt.model))
+    return record
+
+
+def _check_ns(stream: Sequence[str], ns: Sequence[int]) -> list[int]:
+    ns = sorted(set(ns))
+    if not stream or not ns or ns[0] < 1:
+        raise ReGradValueError(f"drift needs documents to inject and document counts >= 1, got ns={ns}")
+    return ns

@@ -1,0 +1,72 @@
+"""Answer metrics (SQuAD v1.1 EM/F1), retrieval recall@k and bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Collection, Sequence
+
+import numpy as np
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised answer."""
+    return float(any(normalize_answer(prediction) == normalize_answer(answer) for answer in answers))
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    """Best token-level F1 of the prediction against the answers (the SQuAD v1.1 evaluation script's definition)."""
+
+    def f1(predicted: list[str], gold: list[str]) -> float:
+        common = collections.Counter(predicted) & collections.Counter(gold)
+        overlap = sum(common.values())
+        if overlap == 0:
+            return 0.0
+        precision, recall = overlap / len(predicted), overlap / len(gold)
+        return 2 * precision * recall / (precision + recall)
+
+    predicted = normalize_answer(prediction).split()
+    return max(f1(predicted, normalize_answer(answer).split()) for answer in answers)
+
+
+def recall_at_k(retrieved: Sequence[str], gold: Collection[str], k: int | None = None) -> float:
+    """Fraction of the gold documents among the first `k` retrieved ids (all of them when `k` is `None`).
+
+    With one gold document this is the hit rate: 1.0 if it was retrieved, else 0.0.
+    """
+    if not gold:
+        raise ValueError("recall@k needs at least one gold document")
+    top = set(retrieved if k is None else retrieved[:k])
+    return sum(doc in top for doc in set(gold)) / len(set(gold))
+
+
+def bootstrap_ci(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of `values` (seeded, so it repeats).
+
+    Args:
+        values (`Sequence[float]`): one value per question.
+        confidence (`float`): coverage of the interval.
+        resamples (`int`): bootstrap resamples.
+        seed (`int`): seed of the resampling.
+
+    Returns:
+        `tuple[float, float]`: the lower and upper bounds (NaN when `values` is empty).
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)

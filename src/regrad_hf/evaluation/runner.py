@@ -1,0 +1,276 @@
+"""`regrad eval`'s whole run: build the banks, fine-tune the CPT copy, answer every question with every method,
+measure drift, and check that the ReGrad model came out of it byte for byte unchanged."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..bank import GradientBank
+from ..errors import ReGradValueError
+from .datasets import EvalQuestion, EvalSet
+from .drift import Probe, WeightSnapshot, cpt_drift, regrad_drift
+from .methods import (
+    METHODS,
+    RETRIEVING,
+    ContinualPretraining,
+    CPTConfig,
+    MethodRunner,
+    check_methods,
+    untrained_learner_state,
+)
+from .metrics import bootstrap_ci, exact_match, f1_score, recall_at_k
+
+GRADIENT_METHODS = ("regrad", "regrad_icl")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of an evaluation run.
+
+    Args:
+        methods (`Sequence[str]`): which of [`METHODS`] to run.
+        top_k (`int`, *optional*): documents retrieved per question; defaults to the learner's `top_k_docs`.
+        oracle (`bool`): inject / paste each question's gold documents instead of retrieving.
+        seed (`int`): seed of everything random (untrained LoRA start, CPT order, bootstrap, drift stream).
+        max_new_tokens (`int`): greedy answer length.
+        gamma (`float`, *optional*): ReGrad step multiplier; defaults to the learner's.
+        cpt ([`CPTConfig`]): the CPT baseline's settings.
+        drift_ns (`Sequence[int]`): document counts N to measure drift at; empty skips drift. ReGrad cycles through
+            the gold documents when N exceeds them; CPT is measured at the N below its training length and at it.
+        drift_methods (`Sequence[str]`): methods whose drift is measured (`regrad`, `cpt`).
+        drift_heldout (`int`): bank documents (gold for no evaluated question, so never trained on or injected)
+            whose perplexity is measured.
+        bootstrap_resamples (`int`): resamples of the confidence intervals (95 %, percentile).
+        batch_size (`int`): documents per gradient batch when building banks.
+        show_progress (`bool`): progress bars.
+    """
+
+    methods: Sequence[str] = METHODS
+    top_k: int | None = None
+    oracle: bool = False
+    seed: int = 0
+    max_new_tokens: int = 24
+    gamma: float | None = None
+    cpt: CPTConfig = field(default_factory=CPTConfig)
+    drift_ns: Sequence[int] = (10, 100)
+    drift_methods: Sequence[str] = ("regrad", "cpt")
+    drift_heldout: int = 20
+    bootstrap_resamples: int = 1000
+    batch_size: int = 8
+    show_progress: bool = True
+
+
+def _rank(embedder, question: str, candidates: Sequence[str], texts: Mapping[str, str], k: int) -> list[str]:
+    """The `k` candidate ids most similar to the question (cosine of the embedder's normalised vectors)."""
+    vectors = embedder.encode(
+        [question] + [texts[c] for c in candidates], normalize_embeddings=True, show_progress_bar=False
+    )
+    scores = np.asarray(vectors[1:]) @ np.asarray(vectors[0])
+    return [candidates[i] for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def _retrieve(bank: GradientBank, question: EvalQuestion, texts: Mapping[str, str], k: int, oracle: bool) -> list[str]:
+    if oracle:
+        return list(question.gold_ids)
+    if question.candidate_ids is not None:
+        return _rank(bank.embedder, question.task.question, question.candidate_ids, texts, k)
+    return [hit.id for hit in bank.search(question.task.question, k)]
+
+
+def _summary(values: Sequence[float], resamples: int, seed: int) -> dict:
+    clean = [v for v in values if v == v]  # NaN answer NLLs (empty answers) are left out
+    mean = float(np.mean(clean)) if clean else float("nan")
+    low, high = bootstrap_ci(clean, resamples=resamples, seed=seed)
+    return {"mean": mean, "ci95": [low, high], "n": len(clean)}
+
+
+def run_evaluation(
+    model,
+    eval_set: EvalSet,
+    config: EvalConfig,
+    probes: Mapping[str, Sequence[Probe]] | None = None,
+    embedder_model=None,
+    run_info: Mapping | None = None,
+) -> dict:
+    """Runs every method of `config` on `eval_set` with `model` (left byte for byte as it was).
+
+    Args:
+        model ([`ReGradForCausalLM`]): the learner to evaluate (any bank attached to it is set aside for the run).
+        eval_set ([`EvalSet`]): questions and bank documents.
+        config ([`EvalConfig`]): the run's settings.
+        probes (`Mapping[str, Sequence[Probe]]`, *optional*): multiple-choice probes for drift.
+        embedder_model (*optional*): a loaded sentence-transformers model (else the learner's default embedder).
+        run_info (`Mapping`, *optional*): what the report states about the run besides what is known here
+            (`command`, `learner`, `learner_note`).
+
+    Returns:
+        `dict`: everything `results.json` holds (see [`write_report`]).
+    """
+    methods = check_methods(config.methods)
+    if not eval_set.questions:
+        raise ReGradValueError(f"{eval_set.name} has no questions to evaluate")
+    top_k = config.top_k or model.config.top_k_docs
+    if not config.oracle and top_k > len(eval_set.documents):
+        raise ReGradValueError(f"top_k={top_k} is larger than the bank ({len(eval_set.documents)} documents)")
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    show = config.show_progress
+    drift_methods = list(config.drift_methods) if config.drift_ns else []
+    started = time.perf_counter()
+    previous_bank = model.detach_bank()
+    integrity = WeightSnapshot(model)
+    results: dict = {"methods": methods, "top_k": top_k, "timings": {}}
+    try:
+        needs_untrained = "raw" in methods or "cpt" in methods or "cpt" in drift_methods
+        untrained = untrained_learner_state(model, config.seed) if needs_untrained else None
+
+        # CPT trains on, and drift injects, the evaluated questions' gold documents (`epochs` seeded passes);
+        # held-out perplexity uses bank documents that are gold for no evaluated question.
+        gold = list(dict.fromkeys(doc_id for q in eval_set.questions for doc_id in q.gold_ids))
+        stream = ContinualPretraining.stream(gold, config.cpt.epochs, config.seed)
+        others = [doc_id for doc_id in eval_set.documents if doc_id not in set(gold)]
+        random.Random(config.seed).shuffle(others)
+        heldout = [eval_set.documents[doc_id] for doc_id in others[: config.drift_heldout]]
+        drift: dict = {}
+
+        cpt_model = None
+        if "cpt" in methods or "cpt" in drift_methods:
+            cpt = ContinualPretraining(model, config.cpt, untrained)
+            texts = [eval_set.documents[doc_id] for doc_id in stream]
+            # Drift points along the way, and always the end: the CPT model the questions are asked to.
+            ns = sorted({n for n in config.drift_ns if n < len(stream)} | {len(stream)})
+            if "cpt" in drift_methods:
+                drift["cpt"] = cpt_drift(cpt, texts, ns, probes or {}, heldout, show)
+                change = drift["cpt"]["weights"][-1]
+            else:
+                before = WeightSnapshot(cpt.model)
+                cpt.train(texts, show)
+                change = before.compare(cpt.model)
+                del before
+            results["cpt"] = {
+                **asdict(config.cpt),
+                "documents": len(gold),
+                "steps": cpt.steps,
+                "train_seconds": cpt.seconds,
+                "first_loss": cpt.losses[0],
+                "last_epoch_mean_loss": float(np.mean(cpt.losses[-len(gold) :])),
+                "weight_change": change,
+            }
+            cpt_model = cpt.model
+            del cpt  # the optimiser state is no longer needed
+
+        ids, texts = list(eval_set.documents), list(eval_set.documents.values())
+        start = time.perf_counter()
+        bank = GradientBank.build(model, texts, ids=ids, embedder_model=embedder_model, show_progress=show)
+        results["timings"]["bank_build_seconds"] = time.perf_counter() - start
+        model.attach_bank(bank)
+        retrieved: dict[int, tuple[list[str], float]] = {}
+        for index, question in enumerate(eval_set.questions):
+            start = time.perf_counter()
+            ids_found = _retrieve(bank, question, eval_set.documents, top_k, config.oracle)
+            retrieved[index] = (ids_found, time.perf_counter() - start)
+
+        raw_bank = None
+        if "raw" in methods:
+            # Only the documents some question retrieved: the raw step never touches the others.
+            needed = list(dict.fromkeys(doc_id for ids_found, _ in retrieved.values() for doc_id in ids_found))
+            start = time.perf_counter()
+            with model.swapped_learner(untrained):
+                raw_bank = GradientBank.build(
+                    model,
+                    [eval_set.documents[doc_id] for doc_id in needed],
+                    ids=needed,
+                    embedder_model=bank.embedder,
+                    show_progress=show,
+                )
+            results["timings"]["raw_bank_build_seconds"] = time.perf_counter() - start
+            results["timings"]["raw_bank_documents"] = len(needed)
+
+        runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma)
+        records = []
+        questions = eval_set.questions
+        for index, question in enumerate(tqdm(questions, desc=f"Questions ({len(methods)} methods)", disable=not show)):
+            retrieved_ids, retrieval_seconds = retrieved[index]
+            retrieved_texts = [eval_set.documents[doc_id] for doc_id in retrieved_ids]
+            task = question.task
+            record = {
+                "id": task.id,
+                "question": task.question,
+                "answers": list(task.answers),
+                "gold_ids": list(question.gold_ids),
+                "retrieved_ids": retrieved_ids,
+                "recall_at_k": recall_at_k(retrieved_ids, question.gold_ids, None if config.oracle else top_k),
+                "retrieval_seconds": retrieval_seconds,
+                "methods": {},
+            }
+            for method in methods:
+                answer = runner.answer(method, task.question, task.answer, retrieved_ids, retrieved_texts)
+                record["methods"][method] = {
+                    "prediction": answer.prediction,
+                    "exact_match": exact_match(answer.prediction, task.answers),
+                    "f1": f1_score(answer.prediction, task.answers),
+                    "answer_nll": answer.answer_nll,
+                    "prompt_tokens": answer.prompt_tokens,
+                    "seconds": answer.seconds + (retrieval_seconds if method in RETRIEVING else 0.0),
+                }
+            records.append(record)
+        del cpt_model, runner, raw_bank
+
+        results["questions"] = records
+        results["retrieval"] = {
+            "recall_at_k": _summary([r["recall_at_k"] for r in records], config.bootstrap_resamples, config.seed)
+        }
+        results["summary"] = {
+            method: {
+                **{
+                    metric: _summary(
+                        [r["methods"][method][metric] for r in records], config.bootstrap_resamples, config.seed
+                    )
+                    for metric in ("exact_match", "f1", "answer_nll")
+                },
+                "prompt_tokens": float(np.mean([r["methods"][method]["prompt_tokens"] for r in records])),
+                "seconds_per_question": float(np.mean([r["methods"][method]["seconds"] for r in records])),
+            }
+            for method in methods
+        }
+
+        if "regrad" in drift_methods:
+            drift["regrad"] = regrad_drift(model, stream, config.drift_ns, probes or {}, heldout, show)
+        if drift:
+            drift["stream_documents"] = len(gold)
+            drift["heldout_documents"] = len(heldout)
+            drift["probes"] = {name: len(items) for name, items in (probes or {}).items()}
+            results["drift"] = drift
+    finally:
+        model.detach_bank()
+        if previous_bank is not None:
+            model.attach_bank(previous_bank, force=True)
+    results["integrity"] = integrity.compare(model)
+    results["run"] = {
+        "command": None,
+        "learner": None,
+        "learner_note": "not stated",
+        **(run_info or {}),
+        "dataset": eval_set.name,
+        "data_note": eval_set.note,
+        "bank_documents": len(eval_set.documents),
+        "base_model": model.config.base_model_name_or_path,
+        "base_model_revision": model.config.base_model_revision,
+        "fingerprint": model.fingerprint(),
+        "seed": config.seed,
+        "oracle": config.oracle,
+        "max_new_tokens": config.max_new_tokens,
+        "gamma": model.config.gamma if config.gamma is None else config.gamma,
+        "bootstrap_resamples": config.bootstrap_resamples,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - started,
+    }
+    return results
