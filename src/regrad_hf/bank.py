@@ -33,14 +33,27 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from usearch.index import Index, Matches
 
+from .bank_schema import (
+    MAX_DOCUMENT_RECORD_BYTES,
+    MAX_ID_CHARS,
+    MAX_TEXT_CHARS,
+    check_metadata_size,
+    check_safetensors_header,
+    read_json_file,
+    validate_config,
+    validate_document,
+)
 from .config import ReGradConfig
 from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
 from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .learner import fingerprint_of
+from .quantization import GradientFormat, gradient_format
 
-FORMAT_VERSION = 1
+# 2: quantised formats (int8/int4/int3: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
+# in bank_config.json ("quantization"). Version 1 banks (float formats only) read unchanged.
+FORMAT_VERSION = 2
 CONFIG_FILE = "bank_config.json"
 DOCUMENTS_FILE = "documents.jsonl"
 INDEX_FILE = "index.usearch"
@@ -49,9 +62,6 @@ BANK_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE, GRADIENTS_DIR)
 # usearch keeps vectors in this scalar type; pinned so an index reads back the same everywhere.
 INDEX_DTYPE = "f32"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
-
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class GradientSource(Protocol):
@@ -106,8 +116,10 @@ class GradientBank:
         parameter_shapes (`Mapping[str, Sequence[int]]`): shape of each LoRA tensor, by name.
         embedding_dim (`int`): dimension of the embedder's vectors.
         embedder (`str`, *optional*): sentence-transformers model name or path; `None` is the embedded default.
-        dtype (`str`, defaults to `"bfloat16"`): dtype of the stored gradients.
+        dtype (`str`, defaults to `"bfloat16"`): how gradients are stored: `"float32"`, `"float16"`, `"bfloat16"`,
+            or quantised `"int8"`, `"int4"`, `"int3"` (see [`regrad_hf.quantization`]).
         embedder_model (*optional*): an already loaded `SentenceTransformer` for `embedder`.
+        quantization (`Mapping`, *optional*): a quantised format's parameters as read from `bank_config.json`.
     """
 
     def __init__(
@@ -118,9 +130,9 @@ class GradientBank:
         embedder: str | None = None,
         dtype: str = "bfloat16",
         embedder_model=None,
+        quantization: Mapping[str, Any] | None = None,
     ):
-        if dtype not in _TORCH_DTYPES:
-            raise ReGradValueError(f"bank dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
+        self.format: GradientFormat = gradient_format(dtype, quantization)
         self.learner = dict(learner)
         self.fingerprint = fingerprint_of(self.learner)
         self.parameter_shapes = {name: tuple(shape) for name, shape in parameter_shapes.items()}
@@ -132,6 +144,7 @@ class GradientBank:
         self._documents: dict[str, _Document] = {}
         self._ids_by_key: dict[int, str] = {}
         self._next_key = 0
+        # stored tensors (by shard key: name + format suffix) of documents not yet saved
         self._in_memory: dict[str, dict[str, torch.Tensor]] = {}
         self._readers: list[Any] = []  # open safetensors shards, by shard index
         self._shard_handles: list[Any] = []  # the same files as plain handles, to checksum what the readers map
@@ -150,6 +163,7 @@ class GradientBank:
         batch_size: int = 8,
         embedder_model=None,
         show_progress: bool = True,
+        dtype: str | None = None,
     ) -> GradientBank:
         """Builds a bank from documents: embeds them and computes their gradients with `model`.
 
@@ -161,6 +175,8 @@ class GradientBank:
             batch_size (`int`, defaults to 8): documents per gradient batch (and progress-bar step).
             embedder_model (*optional*): an already loaded `SentenceTransformer` matching `model.config.embedder`.
             show_progress (`bool`, defaults to `True`): show a progress bar.
+            dtype (`str`, *optional*): how to store the gradients (see [`GradientBank`]); defaults to
+                `model.config.bank_dtype`.
 
         Returns:
             [`GradientBank`]
@@ -172,7 +188,7 @@ class GradientBank:
             parameter_shapes={name: p.shape for name, p in model.lora_parameters().items()},
             embedding_dim=embedder_model.get_embedding_dimension(),
             embedder=model.config.embedder,
-            dtype=model.config.bank_dtype,
+            dtype=dtype or model.config.bank_dtype,
             embedder_model=embedder_model,
         )
         bank.add(model, documents, ids=ids, metadata=metadata, batch_size=batch_size, show_progress=show_progress)
@@ -193,6 +209,12 @@ class GradientBank:
             `list[str]`: the ids of the added documents.
         """
         check_documents(documents)
+        too_long = [index for index, text in enumerate(documents) if len(text) > MAX_TEXT_CHARS]
+        if too_long:
+            raise ReGradValueError(
+                f"documents {too_long[:5]} are longer than {MAX_TEXT_CHARS} characters, the limit a bank stores; "
+                "split them first"
+            )
         ids = self._new_ids(documents, ids)
         metadata = self._check_metadata(documents, metadata)
         if batch_size < 1:
@@ -206,8 +228,8 @@ class GradientBank:
                 batch = list(documents[start : start + batch_size])
                 stacked = model.document_gradients(batch)
                 _check_finite(stacked, ids[start : start + batch_size])
-                stored = {name: g.detach().to("cpu", _TORCH_DTYPES[self.dtype]) for name, g in stacked.items()}
-                rows.extend({name: tensor[i] for name, tensor in stored.items()} for i in range(len(batch)))
+                stored = self._encode(stacked)
+                rows.extend({key: tensor[i] for key, tensor in stored.items()} for i in range(len(batch)))
                 progress.update(len(batch))
 
         keys = np.arange(self._next_key, self._next_key + len(documents), dtype=np.uint64)
@@ -296,7 +318,8 @@ class GradientBank:
     def gather(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """The stored gradients of the documents, stacked: `{name: tensor of shape (len(ids), *shape)}`.
 
-        Rows on disk are read lazily (memory-mapped `get_slice`), one row per document.
+        Rows on disk are read lazily (memory-mapped `get_slice`), one row per document. Float formats give the
+        stored dtype; quantised formats are dequantised to float32.
         """
         if isinstance(ids, str):
             ids = [ids]
@@ -304,7 +327,16 @@ class GradientBank:
         if not ids:
             raise ReGradValueError("gather needs at least one document id")
         self._check_known(ids)
-        gathered = {name: torch.stack([self._row(doc_id, name) for doc_id in ids]) for name in self.parameter_shapes}
+        gathered = {
+            name: self.format.decode(
+                {
+                    suffix: torch.stack([self._row(doc_id, name + suffix) for doc_id in ids])
+                    for suffix in self.format.suffixes
+                },
+                shape,
+            )
+            for name, shape in self.parameter_shapes.items()
+        }
         # A corrupted shard must not silently poison an answer.
         _check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
         return gathered
@@ -334,7 +366,9 @@ class GradientBank:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         # The saved files now hold every gradient: read from them instead of memory.
-        self._open_shards(target, shards)
+        self._open_shards(
+            target, shards, [sum(1 for s, _ in placements.values() if s == i) for i in range(len(shards))]
+        )
         self._verified_shards = set(range(len(shards)))  # checksummed just now, as written
         for doc_id, (shard, row) in placements.items():
             self._documents[doc_id].shard, self._documents[doc_id].row = shard, row
@@ -344,53 +378,43 @@ class GradientBank:
     def from_pretrained(cls, directory: str | os.PathLike, embedder_model=None) -> GradientBank:
         """Loads a bank saved with [`GradientBank.save_pretrained`]. Gradients stay on disk until gathered.
 
+        Every file is checked before it is trusted (see [`regrad_hf.bank_schema`]): `bank_config.json` and each line
+        of `documents.jsonl` against their schema and size limits, the shards' safetensors headers against a size
+        limit and the bank's tensor names, dtypes and shapes, the counts of documents, index vectors and shard rows
+        against each other. A shard's SHA-256 is verified before its first row is used.
+
         Raises:
-            [`ReGradValueError`]: when a file is missing or malformed (the message names it).
+            [`ReGradValueError`]: when a file is missing, malformed or inconsistent (the message names the file and
+                the field).
         """
         directory = Path(directory).resolve()
         _recover_interrupted_save(directory)
-        config = _read_json(directory / CONFIG_FILE)
-        if config.get("format_version") != FORMAT_VERSION:
+        config_path = directory / CONFIG_FILE
+        config = validate_config(read_json_file(config_path), config_path)
+        bank = cls(
+            learner=config["learner"],
+            parameter_shapes=config["parameter_shapes"],
+            embedding_dim=config["embedding_dim"],
+            embedder=config["embedder"],
+            dtype=config["dtype"],
+            embedder_model=embedder_model,
+            quantization=config.get("quantization"),
+        )
+        if bank.fingerprint != config["fingerprint"]:
             raise ReGradValueError(
-                f"{directory / CONFIG_FILE}: format_version {config.get('format_version')!r} is not supported "
-                f"(this regrad-hf reads version {FORMAT_VERSION})"
+                f"{config_path}: the fingerprint field does not match the learner field (edited file?)"
             )
-        try:
-            bank = cls(
-                learner=config["learner"],
-                parameter_shapes=config["parameter_shapes"],
-                embedding_dim=config["embedding_dim"],
-                embedder=config["embedder"],
-                dtype=config["dtype"],
-                embedder_model=embedder_model,
-            )
-            shards = [{"file": shard["file"], "sha256": shard["sha256"]} for shard in config["shards"]]
-        except (KeyError, TypeError) as error:
-            raise ReGradValueError(f"{directory / CONFIG_FILE} is malformed: missing or invalid {error}") from error
-        if bank.fingerprint != config.get("fingerprint"):
-            raise ReGradValueError(
-                f"{directory / CONFIG_FILE}: the fingerprint field does not match the learner field (edited file?)"
-            )
+        shards = [{"file": shard["file"], "sha256": shard["sha256"]} for shard in config["shards"]]
+        shard_sizes = [shard["num_documents"] for shard in config["shards"]]
         for shard in shards:
             if not (directory / shard["file"]).is_file():
                 raise ReGradValueError(f"bank file {directory / shard['file']} is missing")
 
-        documents_path = directory / DOCUMENTS_FILE
-        if not documents_path.is_file():
-            raise ReGradValueError(f"bank file {documents_path} is missing")
-        with open(documents_path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    record = json.loads(line)
-                    document = _Document(**record)
-                except (json.JSONDecodeError, TypeError) as error:
-                    raise ReGradValueError(f"{documents_path} line {number} is malformed: {error}") from error
-                bank._documents[document.id] = document
-                bank._ids_by_key[document.key] = document.id
-        if len(bank._documents) != config.get("num_documents"):
+        bank._read_documents(directory / DOCUMENTS_FILE, shard_sizes)
+        if len(bank._documents) != config["num_documents"]:
             raise ReGradValueError(
-                f"{documents_path} holds {len(bank._documents)} documents, "
-                f"{CONFIG_FILE} says {config.get('num_documents')}"
+                f"{directory / DOCUMENTS_FILE} holds {len(bank._documents)} documents, "
+                f"{CONFIG_FILE} says {config['num_documents']}"
             )
 
         index_path = directory / INDEX_FILE
@@ -400,13 +424,46 @@ class GradientBank:
             bank._index.load(str(index_path))
         except Exception as error:  # usearch raises plain RuntimeError/ValueError on corrupt files
             raise ReGradValueError(f"bank file {index_path} is not a readable usearch index: {error}") from error
-        if len(bank._index) != len(bank._documents):
+        keys = np.fromiter(bank._ids_by_key, dtype=np.uint64, count=len(bank._ids_by_key))
+        if len(bank._index) != len(bank._documents) or (len(keys) and not np.all(bank._index.contains(keys))):
             raise ReGradValueError(
-                f"{index_path} holds {len(bank._index)} vectors for {len(bank._documents)} documents"
+                f"{index_path} holds {len(bank._index)} vectors that do not match the {len(bank._documents)} "
+                f"documents of {DOCUMENTS_FILE}"
+            )
+        if bank._index.ndim != bank.embedding_dim:
+            raise ReGradValueError(
+                f"{index_path} holds {bank._index.ndim}-dim vectors, {CONFIG_FILE} says {bank.embedding_dim}"
             )
         bank._next_key = max(bank._ids_by_key, default=-1) + 1
-        bank._open_shards(directory, shards)
+        bank._open_shards(directory, shards, shard_sizes)
         return bank
+
+    def _read_documents(self, path: Path, shard_sizes: list[int]) -> None:
+        """Reads `documents.jsonl`, one checked record per line; ids, index keys and shard rows must be unique."""
+        if not path.is_file():
+            raise ReGradValueError(f"bank file {path} is missing")
+        places = set()
+        with open(path, encoding="utf-8") as handle:
+            number = 0
+            while line := handle.readline(MAX_DOCUMENT_RECORD_BYTES + 1):
+                number += 1
+                if len(line) > MAX_DOCUMENT_RECORD_BYTES:
+                    raise ReGradValueError(
+                        f"{path} line {number} is longer than the limit of {MAX_DOCUMENT_RECORD_BYTES} characters"
+                    )
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ReGradValueError(f"{path} line {number} is malformed: {error}") from error
+                document = _Document(**validate_document(record, path, number, shard_sizes))
+                if document.id in self._documents or document.key in self._ids_by_key:
+                    duplicate = "id" if document.id in self._documents else "key"
+                    raise ReGradValueError(f"{path} line {number}: field {duplicate!r} repeats an earlier document")
+                if (document.shard, document.row) in places:
+                    raise ReGradValueError(f"{path} line {number}: shard {document.shard} row {document.row} is taken")
+                places.add((document.shard, document.row))
+                self._documents[document.id] = document
+                self._ids_by_key[document.key] = document.id
 
     # ------------------------------------------------------------------ internals
 
@@ -434,6 +491,8 @@ class GradientBank:
             raise ReGradValueError(f"got {len(ids)} ids for {len(documents)} documents")
         if not all(isinstance(doc_id, str) and doc_id for doc_id in ids):
             raise ReGradValueError("document ids must be non-empty strings")
+        if any(len(doc_id) > MAX_ID_CHARS for doc_id in ids):
+            raise ReGradValueError(f"document ids must be at most {MAX_ID_CHARS} characters long")
         seen, duplicates = set(), set()
         for doc_id in ids:
             (duplicates if doc_id in seen else seen).add(doc_id)
@@ -452,10 +511,13 @@ class GradientBank:
         if len(metadata) != len(documents):
             raise ReGradValueError(f"got {len(metadata)} metadata entries for {len(documents)} documents")
         for index, entry in enumerate(metadata):
+            if not isinstance(entry, Mapping):
+                raise ReGradValueError(f"metadata of document {index} must be a mapping, got {type(entry).__name__}")
             try:
                 json.dumps(dict(entry))
             except (TypeError, ValueError) as error:
                 raise ReGradValueError(f"metadata of document {index} is not JSON-serialisable: {error}") from error
+            check_metadata_size(entry, f"metadata of document {index}")
         return metadata
 
     def _check_known(self, ids: Sequence[str]) -> None:
@@ -463,33 +525,39 @@ class GradientBank:
         if unknown:
             raise ReGradKeyError(f"unknown document ids: {unknown[:5]}")
 
-    def _open_shards(self, directory: Path, shards: list[dict[str, str]]) -> None:
-        """Opens (memory-maps) every shard now and checks its header against the bank. An open shard keeps its
-        contents even if another bank later replaces the file on disk, so a bank never reads rows written for a
-        different layout. Checksums are verified lazily, on a shard's first read (see `_row`)."""
-        rows_per_shard = [0] * len(shards)
-        for document in self._documents.values():
-            if document.shard is not None and 0 <= document.shard < len(shards):
-                rows_per_shard[document.shard] = max(rows_per_shard[document.shard], document.row + 1)
-        expected_dtype = _SAFETENSORS_DTYPES[self.dtype]
+    def _open_shards(self, directory: Path, shards: list[dict[str, str]], shard_sizes: list[int]) -> None:
+        """Opens (memory-maps) every shard now and checks its header against the bank: tensor names, dtypes, row
+        shapes and row counts. An open shard keeps its contents even if another bank later replaces the file on
+        disk, so a bank never reads rows written for a different layout. Checksums are verified lazily, on a shard's
+        first read (see `_row`)."""
+        expected = {
+            name + suffix: spec
+            for name, shape in self.parameter_shapes.items()
+            for suffix, spec in self.format.specs(shape).items()
+        }
         readers, handles = [], []
-        for shard, rows in zip(shards, rows_per_shard, strict=True):
+        for shard, rows in zip(shards, shard_sizes, strict=True):
             path = directory / shard["file"]
+            check_safetensors_header(path)
             try:
                 reader = safe_open(str(path), framework="pt", device="cpu")
             except Exception as error:  # safetensors raises its own error type for a bad header
                 raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
-            if set(reader.keys()) != set(self.parameter_shapes):
-                raise ReGradValueError(f"bank file {path} holds other tensors than the bank's LoRA tensors")
-            for name, shape in self.parameter_shapes.items():
-                tensor = reader.get_slice(name)
-                if tensor.get_dtype() != expected_dtype or tensor.get_shape()[1:] != list(shape):
+            if set(reader.keys()) != set(expected):
+                raise ReGradValueError(
+                    f"bank file {path} holds other tensors than the bank's LoRA tensors in format {self.dtype}"
+                )
+            for key, (dtype, row_shape) in expected.items():
+                tensor = reader.get_slice(key)
+                if tensor.get_dtype() != dtype or tensor.get_shape()[1:] != list(row_shape):
                     raise ReGradValueError(
-                        f"bank file {path}: tensor {name} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
-                        f"{expected_dtype} [rows, {', '.join(map(str, shape))}]"
+                        f"bank file {path}: tensor {key} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
+                        f"{dtype} [rows, {', '.join(map(str, row_shape))}]"
                     )
-                if tensor.get_shape()[0] < rows:
-                    raise ReGradValueError(f"bank file {path}: {name} has {tensor.get_shape()[0]} rows, needs {rows}")
+                if tensor.get_shape()[0] != rows:
+                    raise ReGradValueError(
+                        f"bank file {path}: {key} has {tensor.get_shape()[0]} rows, {CONFIG_FILE} says {rows}"
+                    )
             readers.append(reader)
             handles.append(open(path, "rb"))  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
         self._readers, self._shard_handles = readers, handles
@@ -507,21 +575,37 @@ class GradientBank:
             )
         self._verified_shards.add(index)
 
-    def _row(self, doc_id: str, name: str) -> torch.Tensor:
+    def _row(self, doc_id: str, key: str) -> torch.Tensor:
+        """One document's row of a stored tensor (`key` = LoRA tensor name + format suffix), as stored."""
         if doc_id in self._in_memory:
-            return self._in_memory[doc_id][name]
+            return self._in_memory[doc_id][key]
         document = self._documents[doc_id]
         if document.shard not in self._verified_shards:
             self._verify_shard(document.shard)
-        return self._readers[document.shard].get_slice(name)[document.row : document.row + 1][0]
+        return self._readers[document.shard].get_slice(key)[document.row : document.row + 1][0]
+
+    def _encode(self, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stacked float gradients -> the stored tensors of the bank's format, by shard key."""
+        return {
+            name + suffix: tensor
+            for name, gradients in stacked.items()
+            for suffix, tensor in self.format.encode(gradients).items()
+        }
+
+    @property
+    def stored_keys(self) -> list[str]:
+        """The names of the tensors in a shard (LoRA tensor names, with the format's suffixes)."""
+        return [name + suffix for name in self.parameter_shapes for suffix in self.format.suffixes]
+
+    @property
+    def bytes_per_document(self) -> int:
+        """Bytes one document's gradients take in a shard (data only: codes and scales, no file header)."""
+        return self.format.bytes_per_document(self.parameter_shapes)
 
     def _write(self, directory: Path, max_shard_bytes: int) -> tuple[dict[str, tuple[int, int]], list[dict[str, str]]]:
         """Writes every bank file into `directory`. Returns where each document's gradient went, and the shards
         (file and SHA-256)."""
-        bytes_per_document = sum(
-            int(np.prod(shape)) * _TORCH_DTYPES[self.dtype].itemsize for shape in self.parameter_shapes.values()
-        )
-        per_shard = max(1, max_shard_bytes // max(1, bytes_per_document))
+        per_shard = max(1, max_shard_bytes // max(1, self.bytes_per_document))
         ids = self.ids
         (directory / GRADIENTS_DIR).mkdir()
         placements: dict[str, tuple[int, int]] = {}
@@ -529,9 +613,7 @@ class GradientBank:
         for shard, start in enumerate(range(0, len(ids), per_shard)):
             chunk = ids[start : start + per_shard]
             relative = f"{GRADIENTS_DIR}/shard-{shard:05d}.safetensors"
-            tensors = {
-                name: torch.stack([self._row(i, name) for i in chunk]).contiguous() for name in self.parameter_shapes
-            }
+            tensors = {key: torch.stack([self._row(i, key) for i in chunk]).contiguous() for key in self.stored_keys}
             metadata = {"format": "pt", "fingerprint": self.fingerprint}
             atomic_save_safetensors(tensors, directory / relative, metadata=metadata)
             with open(directory / relative, "rb") as written:
@@ -555,6 +637,7 @@ class GradientBank:
             "index_metric": "cos",
             "index_dtype": INDEX_DTYPE,
             "dtype": self.dtype,
+            "quantization": self.format.describe(),
             "num_documents": len(ids),
             "parameter_shapes": {name: list(shape) for name, shape in self.parameter_shapes.items()},
             "shards": [
@@ -588,15 +671,6 @@ def _check_finite(stacked: Mapping[str, torch.Tensor], ids: Sequence[str], where
     if bad:
         names = [ids[index] for index in sorted(bad)]
         raise ReGradValueError(f"the gradients of documents {names[:5]} contain NaN or inf values{where}")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ReGradValueError(f"bank file {path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ReGradValueError(f"bank file {path} is not valid JSON: {error}") from error
 
 
 def _recover_interrupted_save(target: Path) -> None:
