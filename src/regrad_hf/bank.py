@@ -51,7 +51,7 @@ from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .learner import fingerprint_of
 from .quantization import GradientFormat, gradient_format
 
-# 2: quantised formats (int8/int4/int3: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
+# 2: quantised formats (int8/int4/int3/int2: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
 # in bank_config.json ("quantization"). Version 1 banks (float formats only) read unchanged.
 FORMAT_VERSION = 2
 CONFIG_FILE = "bank_config.json"
@@ -117,7 +117,7 @@ class GradientBank:
         embedding_dim (`int`): dimension of the embedder's vectors.
         embedder (`str`, *optional*): sentence-transformers model name or path; `None` is the embedded default.
         dtype (`str`, defaults to `"bfloat16"`): how gradients are stored: `"float32"`, `"float16"`, `"bfloat16"`,
-            or quantised `"int8"`, `"int4"`, `"int3"` (see [`regrad_hf.quantization`]).
+            or quantised `"int8"`, `"int4"`, `"int3"`, `"int2"` (see [`regrad_hf.quantization`]).
         embedder_model (*optional*): an already loaded `SentenceTransformer` for `embedder`.
         quantization (`Mapping`, *optional*): a quantised format's parameters as read from `bank_config.json`.
     """

@@ -85,7 +85,7 @@ class ReGradConfig(PreTrainedConfig):
     top_k_docs: int = 3
     max_document_tokens: int = 512
     embedder: str | None = None
-    bank_dtype: Literal["bfloat16", "float16", "float32", "int8", "int4", "int3"] = "bfloat16"
+    bank_dtype: Literal["bfloat16", "float16", "float32", "int8", "int4", "int3", "int2"] = "bfloat16"
 
     def __post_init__(self, **kwargs):
         unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
@@ -107,7 +107,7 @@ class ReGradConfig(PreTrainedConfig):
         if self.bank_dtype not in BANK_DTYPES:
             raise ReGradValueError(
                 f"bank_dtype must be one of {list(BANK_DTYPES)}, got {self.bank_dtype!r} (bfloat16 is the default; "
-                "int8, int4 and int3 are quantised formats with per-group scales)"
+                "int8, int4, int3 and int2 are quantised formats with per-group scales)"
             )
         for name in ("lora_rank", "top_k_docs", "max_document_tokens"):
             value = getattr(self, name)

@@ -7,6 +7,7 @@
 | `int8`     | int8 codes, one bf16 scale per matrix row (the last axis)     | 1 + 2/row       | ~1/4       |
 | `int4`     | 4-bit codes packed two per byte, one bf16 scale per 64 values | 0.5 + 2/64      | 1/7.5      |
 | `int3`     | 3-bit codes packed eight per three bytes, one bf16 scale per 32 values | 0.375 + 2/32 | 1/9.1 |
+| `int2`     | 2-bit codes (-1, 0, 1) packed four per byte, one bf16 scale per 32 values | 0.25 + 2/32 | 1/12.8 |
 
 Quantisation is symmetric ("absmax"): a group of values `x` is stored as `round(x / s)` with
 `s = max|x| / (2^(bits-1) - 1)`, so zero stays exactly zero and every value is off by at most half a step `s / 2`.
@@ -32,7 +33,12 @@ from .errors import ReGradValueError
 
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # name -> (bits, values per scale; None = one scale per matrix row)
-QUANTIZED_FORMATS: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (4, 64), "int3": (3, 32)}
+QUANTIZED_FORMATS: dict[str, tuple[int, int | None]] = {
+    "int8": (8, None),
+    "int4": (4, 64),
+    "int3": (3, 32),
+    "int2": (2, 32),
+}
 BANK_DTYPES = (*FLOAT_DTYPES, *QUANTIZED_FORMATS)
 SCALE_DTYPE = torch.bfloat16
 MAX_GROUP_SIZE = 1 << 16
@@ -102,7 +108,7 @@ class QuantizedFormat(GradientFormat):
     document's tensor (flattened; the last group is zero-padded). `group_size=None` means one scale per matrix row.
 
     Args:
-        name (`str`): the format's name (`"int8"`, `"int4"`, `"int3"`).
+        name (`str`): the format's name (`"int8"`, `"int4"`, `"int3"`, `"int2"`).
         bits (`int`): bits per code, 2 to 8.
         group_size (`int`, *optional*): values per scale; a multiple of the values packed per word.
     """
@@ -171,8 +177,8 @@ class QuantizedFormat(GradientFormat):
         scales = parts[".scales"]
         documents = scales.shape[0]
         group, groups = self._layout(shape)
-        codes = self._unpack(parts[".codes"]) - 2 ** (self.bits - 1)
-        values = codes.view(documents, groups, group).float() * scales.float().unsqueeze(-1)
+        values = self._unpack(parts[".codes"]).float().sub_(2 ** (self.bits - 1)).view(documents, groups, group)
+        values.mul_(scales.float().unsqueeze(-1))
         return values.view(documents, -1)[:, : math.prod(shape)].reshape(documents, *shape)
 
     def _pack(self, unsigned: torch.Tensor) -> torch.Tensor:
@@ -185,12 +191,17 @@ class QuantizedFormat(GradientFormat):
         return packed.to(torch.uint8).view(unsigned.shape[0], -1)
 
     def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """Inverse of [`_pack`]: `(documents, bytes)` -> `(documents, n)` int32 codes in `[0, 2^bits)`."""
+        """Inverse of [`_pack`]: `(documents, bytes)` -> `(documents, n)` codes in `[0, 2^bits)`."""
         documents = packed.shape[0]
+        # byte-aligned layouts decode without widening (the common formats; same result as the general path)
+        if self.bits == 8:
+            return packed
+        if self.bits == 4:
+            return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(documents, -1)
         byte_shifts = torch.arange(self.bytes_per_word, dtype=torch.int64) * 8
         words = (packed.view(documents, -1, self.bytes_per_word).to(torch.int64) << byte_shifts).sum(dim=-1)
         shifts = torch.arange(self.values_per_word, dtype=torch.int64) * self.bits
-        return ((words.unsqueeze(-1) >> shifts) & (2**self.bits - 1)).view(documents, -1).to(torch.int32)
+        return ((words.unsqueeze(-1) >> shifts) & (2**self.bits - 1)).view(documents, -1)
 
 
 def gradient_format(name: str, quantization: Mapping[str, Any] | None = None) -> GradientFormat:
@@ -208,8 +219,8 @@ def gradient_format(name: str, quantization: Mapping[str, Any] | None = None) ->
         return FloatFormat(name)
     if name not in QUANTIZED_FORMATS:
         raise ReGradValueError(
-            f"bank dtype must be one of {list(BANK_DTYPES)}, got {name!r} (bfloat16 is the default; int8, int4 and "
-            "int3 store integer codes with per-group scales)"
+            f"bank dtype must be one of {list(BANK_DTYPES)}, got {name!r} (bfloat16 is the default; int8, int4, int3 "
+            "and int2 store integer codes with per-group scales)"
         )
     bits, group_size = QUANTIZED_FORMATS[name]
     if quantization is not None:
