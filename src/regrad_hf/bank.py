@@ -33,6 +33,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from usearch.index import Index, Matches
 
+from . import bank_checkpoint as checkpoint
 from .bank_schema import (
     MAX_DOCUMENT_RECORD_BYTES,
     MAX_ID_CHARS,
@@ -164,6 +165,8 @@ class GradientBank:
         embedder_model=None,
         show_progress: bool = True,
         dtype: str | None = None,
+        output_dir: str | os.PathLike | None = None,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ) -> GradientBank:
         """Builds a bank from documents: embeds them and computes their gradients with `model`.
 
@@ -177,6 +180,13 @@ class GradientBank:
             show_progress (`bool`, defaults to `True`): show a progress bar.
             dtype (`str`, *optional*): how to store the gradients (see [`GradientBank`]); defaults to
                 `model.config.bank_dtype`.
+            output_dir (`str` or `os.PathLike`, *optional*): build resumably into this directory: every finished
+                shard is checkpointed (in the hidden sibling `.<name>.build/`, see [`regrad_hf.bank_checkpoint`]),
+                and calling `build` again with the same learner and documents after an interruption skips the
+                finished shards and gives the same bank as an uninterrupted build. The finished bank replaces the
+                directory's bank files as [`save_pretrained`] does, and is returned loaded from there. Resuming with
+                another learner raises [`BankMismatchError`], with other documents or settings [`ReGradValueError`].
+            max_shard_bytes (`int`, defaults to 1 GiB): with `output_dir`, the shard (and checkpoint) size.
 
         Returns:
             [`GradientBank`]
@@ -191,6 +201,10 @@ class GradientBank:
             dtype=dtype or model.config.bank_dtype,
             embedder_model=embedder_model,
         )
+        if output_dir is not None:
+            return bank._build_into(
+                model, documents, ids, metadata, batch_size, show_progress, output_dir, max_shard_bytes
+            )
         bank.add(model, documents, ids=ids, metadata=metadata, batch_size=batch_size, show_progress=show_progress)
         return bank
 
@@ -208,29 +222,11 @@ class GradientBank:
         Returns:
             `list[str]`: the ids of the added documents.
         """
-        check_documents(documents)
-        too_long = [index for index, text in enumerate(documents) if len(text) > MAX_TEXT_CHARS]
-        if too_long:
-            raise ReGradValueError(
-                f"documents {too_long[:5]} are longer than {MAX_TEXT_CHARS} characters, the limit a bank stores; "
-                "split them first"
-            )
-        ids = self._new_ids(documents, ids)
-        metadata = self._check_metadata(documents, metadata)
-        if batch_size < 1:
-            raise ReGradValueError(f"batch_size must be positive, got {batch_size}")
-        self.check_learner(model)
-
+        ids, metadata = self._check_new(model, documents, ids, metadata, batch_size)
         embeddings = self._embed(list(documents))
-        rows: list[dict[str, torch.Tensor]] = []
         with tqdm(total=len(documents), desc="Document gradients", disable=not show_progress) as progress:
-            for start in range(0, len(documents), batch_size):
-                batch = list(documents[start : start + batch_size])
-                stacked = model.document_gradients(batch)
-                _check_finite(stacked, ids[start : start + batch_size])
-                stored = self._encode(stacked)
-                rows.extend({key: tensor[i] for key, tensor in stored.items()} for i in range(len(batch)))
-                progress.update(len(batch))
+            stored = self._compute(model, documents, ids, batch_size, progress)
+        rows = [{key: tensor[i] for key, tensor in stored.items()} for i in range(len(documents))]
 
         keys = np.arange(self._next_key, self._next_key + len(documents), dtype=np.uint64)
         self._index.add(keys, embeddings)
@@ -240,6 +236,116 @@ class GradientBank:
             self._ids_by_key[key] = doc_id
             self._in_memory[doc_id] = row
         return list(ids)
+
+    def _check_new(
+        self,
+        model: GradientSource,
+        documents: Sequence[str],
+        ids: Sequence[str] | None,
+        metadata: Sequence[Mapping[str, Any]] | None,
+        batch_size: int,
+    ) -> tuple[list[str], list[Mapping[str, Any]]]:
+        """Validates documents to add (and the model); returns their ids and metadata."""
+        check_documents(documents)
+        too_long = [index for index, text in enumerate(documents) if len(text) > MAX_TEXT_CHARS]
+        if too_long:
+            raise ReGradValueError(
+                f"documents {too_long[:5]} are longer than {MAX_TEXT_CHARS} characters, the limit a bank stores; "
+                "split them first"
+            )
+        ids = self._new_ids(documents, ids)
+        metadata = self._check_metadata(documents, metadata)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ReGradValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.check_learner(model)
+        return ids, metadata
+
+    def _compute(
+        self, model: GradientSource, documents: Sequence[str], ids: Sequence[str], batch_size: int, progress
+    ) -> dict[str, torch.Tensor]:
+        """The documents' gradients in the bank's format, stacked, by shard key; non-finite gradients refused."""
+        parts: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(documents), batch_size):
+            batch = list(documents[start : start + batch_size])
+            stacked = model.document_gradients(batch)
+            _check_finite(stacked, ids[start : start + batch_size])
+            parts.append(self._encode(stacked))
+            progress.update(len(batch))
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def _build_into(
+        self,
+        model: GradientSource,
+        documents: Sequence[str],
+        ids: Sequence[str] | None,
+        metadata: Sequence[Mapping[str, Any]] | None,
+        batch_size: int,
+        show_progress: bool,
+        output_dir: Path,
+        max_shard_bytes: int,
+    ) -> GradientBank:
+        """[`build`] with `output_dir`: shard by shard, checkpointed, resuming a previous interrupted build."""
+        ids, metadata = self._check_new(model, documents, ids, metadata, batch_size)
+        output = output_dir.resolve()
+        per_shard = max(1, max_shard_bytes // max(1, self.bytes_per_document))
+        expected = checkpoint.new_state(
+            self.fingerprint,
+            learner=self.learner,
+            dtype=self.dtype,
+            quantization=self.format.describe(),
+            embedder=self.embedder_name,
+            documents_digest=checkpoint.documents_digest(ids, documents, metadata),
+            num_documents=len(ids),
+            documents_per_shard=per_shard,
+        )
+        found = checkpoint.find_state(output)
+        if found is not None:
+            checkpoint.check_same_build(found[1], expected, found[0])
+        if found is not None and found[0] == output:  # killed after publishing, before tidying up
+            checkpoint.remove_build_files(output)
+            return GradientBank.from_pretrained(output, embedder_model=self._embedder)
+        work = checkpoint.work_directory(output)
+        state = found[1] if found is not None else expected
+        if found is None:
+            shutil.rmtree(work, ignore_errors=True)
+            (work / GRADIENTS_DIR).mkdir(parents=True, mode=DIRECTORY_MODE)
+            (work / checkpoint.EMBEDDINGS_DIR).mkdir(mode=DIRECTORY_MODE)
+        checkpoint.remove_stray_files(work)
+        del state["shards"][checkpoint.finished_shards(work, state) :]
+        starts = list(range(0, len(ids), per_shard))
+        done = sum(min(per_shard, len(ids) - start) for start in starts[: len(state["shards"])])
+        with tqdm(total=len(ids), initial=done, desc="Document gradients", disable=not show_progress) as progress:
+            for shard in range(len(state["shards"]), len(starts)):
+                chunk = slice(starts[shard], starts[shard] + per_shard)
+                tensors = self._compute(model, documents[chunk], ids[chunk], batch_size, progress)
+                embeddings = torch.from_numpy(self._embed(list(documents[chunk])))
+                record = self._write_shard(work, shard, tensors)
+                relative = f"{checkpoint.EMBEDDINGS_DIR}/shard-{shard:05d}.safetensors"
+                atomic_save_safetensors({"embeddings": embeddings}, work / relative)
+                record.update(embeddings=relative, embeddings_sha256=checkpoint.file_sha256(work / relative))
+                state["shards"].append(record)
+                atomic_write_text(work / checkpoint.BUILD_STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+        # every shard is done: catalogue and index, then swap the work directory in
+        placements = {doc_id: (index // per_shard, index % per_shard) for index, doc_id in enumerate(ids)}
+        for key, (doc_id, text, meta) in enumerate(zip(ids, documents, metadata, strict=True)):
+            self._documents[doc_id] = _Document(doc_id, text, dict(meta), key, *placements[doc_id])
+            self._ids_by_key[key] = doc_id
+        for shard, record in enumerate(state["shards"]):
+            with safe_open(str(work / record["embeddings"]), framework="np") as stored:
+                vectors = stored.get_tensor("embeddings")
+            start = starts[shard]
+            self._index.add(np.arange(start, start + len(vectors), dtype=np.uint64), vectors)
+        self._next_key = len(ids)
+        shards = [{"file": record["file"], "sha256": record["sha256"]} for record in state["shards"]]
+        self._write_catalog(work, placements, shards)
+        self._documents.clear()
+        self._ids_by_key.clear()
+        _replace_directory(work, output)
+        checkpoint.remove_build_files(output)
+        for backup in output.parent.glob(f".{output.name}.old-*"):  # left by a kill inside an earlier swap
+            shutil.rmtree(backup, ignore_errors=True)
+        return GradientBank.from_pretrained(output, embedder_model=self._embedder)
 
     def remove(self, ids: str | Sequence[str]) -> None:
         """Removes documents by id. Unknown ids raise [`ReGradKeyError`] before anything is removed."""
@@ -612,21 +718,33 @@ class GradientBank:
         shards: list[dict[str, str]] = []
         for shard, start in enumerate(range(0, len(ids), per_shard)):
             chunk = ids[start : start + per_shard]
-            relative = f"{GRADIENTS_DIR}/shard-{shard:05d}.safetensors"
-            tensors = {key: torch.stack([self._row(i, key) for i in chunk]).contiguous() for key in self.stored_keys}
-            metadata = {"format": "pt", "fingerprint": self.fingerprint}
-            atomic_save_safetensors(tensors, directory / relative, metadata=metadata)
-            with open(directory / relative, "rb") as written:
-                shards.append({"file": relative, "sha256": _sha256(written)})
+            tensors = {key: torch.stack([self._row(i, key) for i in chunk]) for key in self.stored_keys}
+            shards.append(self._write_shard(directory, shard, tensors))
             placements.update({doc_id: (shard, row) for row, doc_id in enumerate(chunk)})
+        self._write_catalog(directory, placements, shards)
+        return placements, shards
 
+    def _write_shard(self, directory: Path, shard: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """Writes one shard (atomically); returns its file name and SHA-256."""
+        relative = f"{GRADIENTS_DIR}/shard-{shard:05d}.safetensors"
+        # one metadata key: safetensors writes several in a per-process random order, and shards should be
+        # byte-for-byte reproducible (a resumed build equals an uninterrupted one)
+        metadata = {"fingerprint": self.fingerprint}
+        atomic_save_safetensors(tensors, directory / relative, metadata=metadata)
+        with open(directory / relative, "rb") as written:
+            return {"file": relative, "sha256": _sha256(written)}
+
+    def _write_catalog(
+        self, directory: Path, placements: Mapping[str, tuple[int, int]], shards: list[dict[str, str]]
+    ) -> None:
+        """Writes documents.jsonl, index.usearch and bank_config.json (last: a directory with it is complete)."""
         lines = []
-        for doc_id in ids:
+        for doc_id in self.ids:
             document = self._documents[doc_id]
             shard, row = placements[doc_id]
             record = {"id": doc_id, "text": document.text, "metadata": document.metadata, "key": document.key}
             lines.append(json.dumps({**record, "shard": shard, "row": row}, ensure_ascii=False) + "\n")
-        (directory / DOCUMENTS_FILE).write_text("".join(lines), encoding="utf-8")
+        atomic_write_text(directory / DOCUMENTS_FILE, "".join(lines))
         self._index.save(str(directory / INDEX_FILE))
         config = {
             "format_version": FORMAT_VERSION,
@@ -638,7 +756,7 @@ class GradientBank:
             "index_dtype": INDEX_DTYPE,
             "dtype": self.dtype,
             "quantization": self.format.describe(),
-            "num_documents": len(ids),
+            "num_documents": len(placements),
             "parameter_shapes": {name: list(shape) for name, shape in self.parameter_shapes.items()},
             "shards": [
                 {**shard, "num_documents": sum(1 for s, _ in placements.values() if s == index)}
@@ -646,7 +764,6 @@ class GradientBank:
             ],
         }
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        return placements, shards
 
     def __repr__(self) -> str:
         return (
@@ -689,9 +806,11 @@ def _replace_directory(staging: Path, target: Path) -> None:
         staging.rename(target)
         return
     for entry in target.iterdir():
-        if entry.name not in BANK_FILES and not (staging / entry.name).exists():
+        if entry.name not in BANK_FILES + checkpoint.BUILD_FILES and not (staging / entry.name).exists():
             copy = shutil.copytree if entry.is_dir() else shutil.copy2
-            copy(entry, staging / entry.name)
+            partial = staging / f".{entry.name}.copying"  # renamed when complete: a kill never leaves half a copy
+            copy(entry, partial)
+            partial.rename(staging / entry.name)
     backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     target.rename(backup)
     try:
