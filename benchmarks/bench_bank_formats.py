@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--formats", nargs="+", default=list(FORMATS))
+    parser.add_argument("--no-adaptation", action="store_true", help="also evaluate the learner without injection")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "bank_formats.json"))
     args = parser.parse_args()
 
@@ -87,7 +88,9 @@ def main() -> None:
 
     source, embedder = PrecomputedGradients(model, exact), load_embedder()
     values_per_document = sum(tensor.numel() for tensor in next(iter(exact.values())).values())
-    reference = evaluate_injection(model, tasks, cases=("no_adaptation",), max_new_tokens=args.max_new_tokens)
+    reference = {}
+    if args.no_adaptation:
+        reference = evaluate_injection(model, tasks, cases=("no_adaptation",), max_new_tokens=args.max_new_tokens)
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for dtype in args.formats:
@@ -149,7 +152,7 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "lora_values_per_document": values_per_document,
         "gradient_seconds_float32": gradient_seconds,
-        "no_adaptation": reference["no_adaptation"].as_dict(),
+        "no_adaptation": reference["no_adaptation"].as_dict() if reference else None,
         "formats": rows,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
