@@ -134,7 +134,10 @@ def remove_stray_files(directory: Path) -> None:
     for path in directory.rglob(".*.tmp"):
         path.unlink(missing_ok=True)
     for path in directory.glob(".*.copying"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def remove_build_files(directory: Path) -> None:
