@@ -203,7 +203,7 @@ class GradientBank:
         )
         if output_dir is not None:
             return bank._build_into(
-                model, documents, ids, metadata, batch_size, show_progress, output_dir, max_shard_bytes
+                model, documents, ids, metadata, batch_size, show_progress, Path(output_dir), max_shard_bytes
             )
         bank.add(model, documents, ids=ids, metadata=metadata, batch_size=batch_size, show_progress=show_progress)
         return bank

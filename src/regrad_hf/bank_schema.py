@@ -105,8 +105,9 @@ def validate_config(config: Any, path: Path) -> dict[str, Any]:
     learner = config.get("learner")
     if not isinstance(learner, dict) or not learner or len(learner) > 64:
         raise _fail(path, "learner", "must be a non-empty object of at most 64 fields")
-    for key in learner:
-        _str(learner, key, path, field=f"learner.{key}")
+    for key, value in learner.items():
+        if not isinstance(value, (str, int, float, bool, type(None))) or len(str(value)) > MAX_STRING_CHARS:
+            raise _fail(path, f"learner.{key}", f"must be a JSON scalar of at most {MAX_STRING_CHARS} characters")
     _str(config, "embedder", path)
     _int(config, "embedding_dim", path, 1, MAX_EMBEDDING_DIM)
     for key, expected in (("index_metric", "cos"), ("index_dtype", "f32")):
