@@ -3,7 +3,15 @@ import torch
 from torch.func import functional_call
 
 from regrad_hf import ReGradKeyError, ReGradValueError
-from regrad_hf.deltas import adapted_parameters, applied_delta, combine, document_gradient
+from regrad_hf.deltas import (
+    ExactRestore,
+    adapted_parameters,
+    applied_delta,
+    combine,
+    document_gradient,
+    document_gradients,
+)
+from regrad_hf.per_sample import LinearWeightGradients
 
 from .conftest import DOCUMENTS, parameter_bytes
 
@@ -26,12 +34,46 @@ def test_document_gradient_is_the_lm_loss_gradient_wrt_lora_only(tiny_model):
     assert all(p.grad is None for p in base)
 
 
-def test_batch_of_documents_equals_one_at_a_time(tiny_model):
-    stacked = tiny_model.document_gradients(DOCUMENTS[:3])
-    for index, document in enumerate(DOCUMENTS[:3]):
-        single = tiny_model.document_gradients([document])
-        for name in stacked:
-            assert torch.equal(stacked[name][index], single[name][0])
+@pytest.mark.parametrize(("batch_size", "max_batch_tokens"), [(16, 4096), (2, 4096), (16, 40)])
+def test_batched_gradients_equal_one_document_at_a_time(tiny_model, batch_size, max_batch_tokens):
+    # Different lengths, so rows are padded; small batches and a small token budget split the documents.
+    documents = [*DOCUMENTS, "Swans.", DOCUMENTS[0] + " " + DOCUMENTS[3]]
+    lora = tiny_model.lora_parameters()
+    stacked = document_gradients(
+        tiny_model.language_model, tiny_model.tokenizer, lora, documents, 64, batch_size, max_batch_tokens
+    )
+    for index, document in enumerate(documents):
+        alone = document_gradient(tiny_model.language_model, tiny_model.tokenizer, lora, document, 64)
+        for name in lora:
+            torch.testing.assert_close(stacked[name][index], alone[name], rtol=1e-5, atol=1e-7)
+
+
+def test_parameters_that_are_not_linear_weights_fall_back_to_one_document_at_a_time(tiny_model):
+    language_model = tiny_model.language_model
+    norm_name, norm = next(
+        (n, p) for n, p in language_model.named_parameters() if n.endswith("layers.3.input_layernorm.weight")
+    )
+    norm.requires_grad_(True)
+    parameters = {**tiny_model.lora_parameters(), norm_name: norm}
+    stacked = document_gradients(language_model, tiny_model.tokenizer, parameters, DOCUMENTS[:2], 64)
+    for index, document in enumerate(DOCUMENTS[:2]):
+        alone = document_gradient(language_model, tiny_model.tokenizer, parameters, document, 64)
+        for name in parameters:
+            assert torch.equal(stacked[name][index], alone[name])
+    assert stacked[norm_name].abs().sum() > 0
+
+
+def test_per_row_linear_gradients_count_every_call_of_a_shared_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2, bias=False)
+    inputs = torch.randn(4, 5, 3)
+    capture = LinearWeightGradients({"layer": layer})
+    with capture:
+        per_row_loss = (layer(layer(inputs) @ torch.ones(2, 3)) ** 2).sum(dim=(1, 2))  # the layer runs twice
+    per_row = capture.gradients(per_row_loss.sum())["layer"]
+    for row in range(4):
+        (expected,) = torch.autograd.grad((layer(layer(inputs[row]) @ torch.ones(2, 3)) ** 2).sum(), [layer.weight])
+        torch.testing.assert_close(per_row[row], expected)
 
 
 def test_long_documents_are_truncated_with_a_warning(tiny_model):
@@ -69,6 +111,30 @@ def test_applied_delta_restores_bit_for_bit_after_exit_and_exception(tiny_model)
         assert parameter_bytes(tiny_model) != before
     assert parameter_bytes(tiny_model) == before
     with pytest.raises(RuntimeError, match="boom"), applied_delta(lora, delta):
+        raise RuntimeError("boom")
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_exact_restore_reuses_its_buffers_nests_and_survives_a_cast(tiny_model):
+    lora = tiny_model.lora_parameters()
+    restore = ExactRestore(lora)
+    delta = {name: torch.full_like(p, 1e-3) / 3 for name, p in lora.items()}
+    before = parameter_bytes(tiny_model)
+    with restore.applied(delta):
+        with restore.applied(delta):  # nested: a second set of buffers
+            pass
+        assert parameter_bytes(tiny_model) != before
+    assert parameter_bytes(tiny_model) == before
+    assert len(restore._spare_backups) == 2
+    pointers = [{name: tensor.data_ptr() for name, tensor in spare.items()} for spare in restore._spare_backups]
+    with restore.applied(delta):
+        pass
+    assert [{name: tensor.data_ptr() for name, tensor in spare.items()} for spare in restore._spare_backups] == pointers
+
+    tiny_model.to(torch.float64)  # the saved buffers no longer fit: reallocated, still exact
+    delta = {name: torch.full_like(p, 1e-3) / 3 for name, p in lora.items()}
+    before = parameter_bytes(tiny_model)
+    with pytest.raises(RuntimeError, match="boom"), restore.applied(delta):
         raise RuntimeError("boom")
     assert parameter_bytes(tiny_model) == before
 

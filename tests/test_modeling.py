@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import pipeline
+from transformers import AutoTokenizer, pipeline
 
 from regrad_hf import ReGradError, ReGradForCausalLM, ReGradValueError
 from regrad_hf.files import FILE_MODE
@@ -133,9 +133,12 @@ def test_knowledge_with_no_documents_changes_nothing(tiny_model):
     assert parameter_bytes(tiny_model) == before
 
 
-def test_save_and_load_write_only_the_learner(tiny_model, tokenizer, tmp_path):
+def test_save_and_load_write_only_the_learner_and_tokenizer(tiny_model, tokenizer, tmp_path):
     tiny_model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "learner.safetensors"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    tokenizer_files = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert files == sorted(["config.json", "learner.safetensors", *tokenizer_files])
+    assert type(AutoTokenizer.from_pretrained(tmp_path)) is type(tokenizer)  # what `pipeline(model=dir)` loads
     assert all((p.stat().st_mode & 0o777) == FILE_MODE for p in tmp_path.iterdir())
     assert (tmp_path / "learner.safetensors").stat().st_size < 100_000  # LoRA + step sizes, no base weights
     loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)

@@ -1,13 +1,19 @@
 """regrad-hf: Retrievable Gradients (ReGrad) for Hugging Face transformers."""
 
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from .bank import GradientBank, Hit
 from .config import ReGradConfig
 from .data import Task
 from .defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID
-from .errors import BankMismatchError, ReGradError, ReGradKeyError, ReGradValueError
+from .errors import BankMismatchError, ReGradError, ReGradHubError, ReGradKeyError, ReGradValueError
 from .modeling import ReGradForCausalLM
 
 __version__ = "0.1.0"
+
+# `AutoModelForCausalLM.from_pretrained(regrad_repo)` and `pipeline(model=regrad_repo)` then build a ReGradForCausalLM.
+AutoConfig.register(ReGradConfig.model_type, ReGradConfig, exist_ok=True)
+AutoModelForCausalLM.register(ReGradConfig, ReGradForCausalLM, exist_ok=True)
 
 # The trainer pulls in transformers.Trainer and accelerate: import it only when it is asked for.
 _LAZY = {"ReGradTrainer": "training", "ReGradTrainingArguments": "training"}
@@ -30,6 +36,7 @@ __all__ = [
     "ReGradConfig",
     "ReGradError",
     "ReGradForCausalLM",
+    "ReGradHubError",
     "ReGradKeyError",
     "ReGradTrainer",
     "ReGradTrainingArguments",

@@ -49,6 +49,7 @@ from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
 from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
+from .hub import HubOptions, Location, locate, push_folder, render_bank_card
 from .learner import fingerprint_of
 from .quantization import GradientFormat, gradient_format
 
@@ -60,6 +61,7 @@ DOCUMENTS_FILE = "documents.jsonl"
 INDEX_FILE = "index.usearch"
 GRADIENTS_DIR = "gradients"
 BANK_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE, GRADIENTS_DIR)
+EAGER_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE)  # downloaded when a bank is loaded from a repo; shards later
 # usearch keeps vectors in this scalar type; pinned so an index reads back the same everywhere.
 INDEX_DTYPE = "f32"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
@@ -147,9 +149,14 @@ class GradientBank:
         self._next_key = 0
         # stored tensors (by shard key: name + format suffix) of documents not yet saved
         self._in_memory: dict[str, dict[str, torch.Tensor]] = {}
-        self._readers: list[Any] = []  # open safetensors shards, by shard index
-        self._shard_handles: list[Any] = []  # the same files as plain handles, to checksum what the readers map
+        # Shards by index: their files (relative to the bank), rows used, checksums, and once opened, the
+        # safetensors reader and a plain handle on the same file (to checksum what the reader maps).
+        self._location: Location | None = None  # where the shard files are (downloaded on first use from a repo)
+        self._shard_files: list[str] = []
+        self._shard_rows: list[int] = []
         self._shard_checksums: list[str] = []
+        self._readers: list[Any | None] = []
+        self._shard_handles: list[Any | None] = []
         self._verified_shards: set[int] = set()
 
     # ------------------------------------------------------------------ building
@@ -472,17 +479,83 @@ class GradientBank:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         # The saved files now hold every gradient: read from them instead of memory.
-        self._open_shards(
-            target, shards, [sum(1 for s, _ in placements.values() if s == i) for i in range(len(shards))]
-        )
+        rows = [sum(1 for s, _ in placements.values() if s == index) for index in range(len(shards))]
+        self._attach_shards(Location(target), shards, rows, eager=True)
         self._verified_shards = set(range(len(shards)))  # checksummed just now, as written
         for doc_id, (shard, row) in placements.items():
             self._documents[doc_id].shard, self._documents[doc_id].row = shard, row
         self._in_memory.clear()
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        subfolder: str | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        card_data: Mapping[str, Any] | None = None,
+    ):
+        """Uploads the bank, with its card as `README.md`, to a Hub repo (created if needed) in one commit.
+
+        Args:
+            repo_id (`str`): the repo, e.g. `"user/my-bank"`; a model repo's id with `subfolder="bank"` puts the
+                bank next to its learner, where [`ReGradForCausalLM.from_pretrained`] attaches it.
+            subfolder (`str`, *optional*): the folder of the repo to write to (default: the root).
+            commit_message, commit_description, private, token, revision, create_pr: as in
+                `transformers`' `push_to_hub`.
+            max_shard_bytes (`int`, defaults to 1 GiB): size above which gradients go to a new shard.
+            card_data (`Mapping`, *optional*): more card metadata (`datasets`, `license`, `tags`, ...) and `title`.
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the commit (its sha is `.oid`).
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self._write(Path(folder), max_shard_bytes)
+            bank_config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+            card = render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder, card_data=card_data)
+            return push_folder(
+                folder,
+                repo_id,
+                path_in_repo=subfolder or "",
+                commit_message=commit_message or f"Upload gradient bank ({len(self)} documents)",
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                delete_patterns=[f"{GRADIENTS_DIR}/*"],  # shards of an earlier, larger bank
+                card=card,
+            )
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, embedder_model=None) -> GradientBank:
-        """Loads a bank saved with [`GradientBank.save_pretrained`]. Gradients stay on disk until gathered.
+    def from_pretrained(
+        cls,
+        pretrained_bank_name_or_path: str | os.PathLike,
+        embedder_model=None,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> GradientBank:
+        """Loads a bank saved with [`GradientBank.save_pretrained`] or pushed with [`GradientBank.push_to_hub`].
+
+        Gradients stay on disk until gathered. From a Hub repo, only `bank_config.json`, `documents.jsonl` and
+        `index.usearch` are downloaded now; each gradient shard is downloaded (into the Hub cache, pinned to the
+        commit loaded now) when one of its rows is first gathered, and checked against its SHA-256.
+
+        Args:
+            pretrained_bank_name_or_path (`str` or `os.PathLike`): a local directory or a Hub repo id.
+            embedder_model (*optional*): an already loaded `SentenceTransformer` for the bank's embedder.
+            subfolder (`str`, *optional*): the bank's folder inside the directory or repo, e.g. `"bank"`.
+            revision, token, cache_dir, local_files_only, force_download: as in `transformers`' `from_pretrained`.
 
         Every file is checked before it is trusted (see [`regrad_hf.bank_schema`]): `bank_config.json` and each line
         of `documents.jsonl` against their schema and size limits, the shards' safetensors headers against a size
@@ -492,16 +565,28 @@ class GradientBank:
         Raises:
             [`ReGradValueError`]: when a file is missing, malformed or inconsistent (the message names the file and
                 the field).
+            [`ReGradHubError`]: when the repo cannot be found, or is not cached while offline.
         """
-        directory = Path(directory).resolve()
-        _recover_interrupted_save(directory)
+        options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
+        local = Path(pretrained_bank_name_or_path, subfolder or "")
+        if local.parent.is_dir():
+            _recover_interrupted_save(local.resolve())
+        location = locate(
+            pretrained_bank_name_or_path,
+            [CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE],
+            subfolder=subfolder,
+            options=options,
+        )
+        directory = location.directory.resolve()
+        if not location.is_remote:
+            location = Location(directory)
         config_path = directory / CONFIG_FILE
         config = validate_config(read_json_file(config_path), config_path)
         bank = cls(
             learner=config["learner"],
             parameter_shapes=config["parameter_shapes"],
-            embedding_dim=config["embedding_dim"],
             embedder=config["embedder"],
+            embedding_dim=config["embedding_dim"],
             dtype=config["dtype"],
             embedder_model=embedder_model,
             quantization=config.get("quantization"),
@@ -513,7 +598,7 @@ class GradientBank:
         shards = [{"file": shard["file"], "sha256": shard["sha256"]} for shard in config["shards"]]
         shard_sizes = [shard["num_documents"] for shard in config["shards"]]
         for shard in shards:
-            if not (directory / shard["file"]).is_file():
+            if not location.is_remote and not (directory / shard["file"]).is_file():
                 raise ReGradValueError(f"bank file {directory / shard['file']} is missing")
 
         bank._read_documents(directory / DOCUMENTS_FILE, shard_sizes)
@@ -541,7 +626,9 @@ class GradientBank:
                 f"{index_path} holds {bank._index.ndim}-dim vectors, {CONFIG_FILE} says {bank.embedding_dim}"
             )
         bank._next_key = max(bank._ids_by_key, default=-1) + 1
-        bank._open_shards(directory, shards, shard_sizes)
+        # A local shard is opened now: an open shard keeps its contents even if another bank later replaces the
+        # file. A repo's shards are immutable files of one commit in the cache, opened when first needed.
+        bank._attach_shards(location, shards, shard_sizes, eager=not location.is_remote)
         return bank
 
     def _read_documents(self, path: Path, shard_sizes: list[int]) -> None:
@@ -631,44 +718,54 @@ class GradientBank:
         if unknown:
             raise ReGradKeyError(f"unknown document ids: {unknown[:5]}")
 
-    def _open_shards(self, directory: Path, shards: list[dict[str, str]], shard_sizes: list[int]) -> None:
-        """Opens (memory-maps) every shard now and checks its header against the bank: tensor names, dtypes, row
-        shapes and row counts. An open shard keeps its contents even if another bank later replaces the file on
-        disk, so a bank never reads rows written for a different layout. Checksums are verified lazily, on a shard's
-        first read (see `_row`)."""
+    def _attach_shards(
+        self, location: Location, shards: list[dict[str, str]], shard_sizes: list[int], eager: bool
+    ) -> None:
+        """Points the bank at its shard files (with their row counts from bank_config.json); opens them all now if
+        `eager`, else each on its first use."""
+        self._location = location
+        self._shard_files = [shard["file"] for shard in shards]
+        self._shard_rows = list(shard_sizes)
+        self._shard_checksums = [shard["sha256"] for shard in shards]
+        self._readers, self._shard_handles = [None] * len(shards), [None] * len(shards)
+        self._verified_shards = set()
+        for index in range(len(shards) if eager else 0):
+            self._open_shard(index)
+
+    def _open_shard(self, index: int) -> None:
+        """Opens (memory-maps) one shard, downloading it first if the bank is in a Hub repo, and checks its header
+        against the bank: header size, tensor names, dtypes, row shapes and row counts. An open shard keeps its
+        contents even if another bank later replaces the file on disk, so a bank never reads rows written for a
+        different layout. Its checksum is verified separately, before its first row is used (see `_row`)."""
+        path = self._location.fetch(self._shard_files[index])
+        check_safetensors_header(path)
+        try:
+            reader = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as error:  # safetensors raises its own error type for a bad header
+            raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
         expected = {
             name + suffix: spec
             for name, shape in self.parameter_shapes.items()
             for suffix, spec in self.format.specs(shape).items()
         }
-        readers, handles = [], []
-        for shard, rows in zip(shards, shard_sizes, strict=True):
-            path = directory / shard["file"]
-            check_safetensors_header(path)
-            try:
-                reader = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as error:  # safetensors raises its own error type for a bad header
-                raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
-            if set(reader.keys()) != set(expected):
+        if set(reader.keys()) != set(expected):
+            raise ReGradValueError(
+                f"bank file {path} holds other tensors than the bank's LoRA tensors in format {self.dtype}"
+            )
+        rows = self._shard_rows[index]
+        for key, (dtype, row_shape) in expected.items():
+            tensor = reader.get_slice(key)
+            if tensor.get_dtype() != dtype or tensor.get_shape()[1:] != list(row_shape):
                 raise ReGradValueError(
-                    f"bank file {path} holds other tensors than the bank's LoRA tensors in format {self.dtype}"
+                    f"bank file {path}: tensor {key} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
+                    f"{dtype} [rows, {', '.join(map(str, row_shape))}]"
                 )
-            for key, (dtype, row_shape) in expected.items():
-                tensor = reader.get_slice(key)
-                if tensor.get_dtype() != dtype or tensor.get_shape()[1:] != list(row_shape):
-                    raise ReGradValueError(
-                        f"bank file {path}: tensor {key} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
-                        f"{dtype} [rows, {', '.join(map(str, row_shape))}]"
-                    )
-                if tensor.get_shape()[0] != rows:
-                    raise ReGradValueError(
-                        f"bank file {path}: {key} has {tensor.get_shape()[0]} rows, {CONFIG_FILE} says {rows}"
-                    )
-            readers.append(reader)
-            handles.append(open(path, "rb"))  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
-        self._readers, self._shard_handles = readers, handles
-        self._shard_checksums = [shard["sha256"] for shard in shards]
-        self._verified_shards = set()
+            if tensor.get_shape()[0] != rows:
+                raise ReGradValueError(
+                    f"bank file {path}: {key} has {tensor.get_shape()[0]} rows, {CONFIG_FILE} says {rows}"
+                )
+        self._readers[index] = reader
+        self._shard_handles[index] = open(path, "rb")  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
 
     def _verify_shard(self, index: int) -> None:
         """Checks a shard's SHA-256 against bank_config.json once, before its first row is used: a flipped bit in
@@ -687,6 +784,8 @@ class GradientBank:
             return self._in_memory[doc_id][key]
         document = self._documents[doc_id]
         if document.shard not in self._verified_shards:
+            if self._readers[document.shard] is None:
+                self._open_shard(document.shard)
             self._verify_shard(document.shard)
         return self._readers[document.shard].get_slice(key)[document.row : document.row + 1][0]
 

@@ -1,4 +1,4 @@
-"""The `regrad` command: `regrad demo`, `regrad build-bank`, `regrad ask`."""
+"""The `regrad` command: `regrad demo`, `regrad build-bank`, `regrad ask`, `regrad push`, `regrad pull`."""
 
 from __future__ import annotations
 
@@ -158,6 +158,64 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def folder_card(folder: Path, repo_id: str, subfolder: str | None) -> tuple[str, list[str]] | None:
+    """The card of a saved learner or bank directory, and the repo files a push of it replaces; None if neither."""
+    from safetensors import safe_open
+
+    from . import bank, hub, modeling
+    from .config import ReGradConfig
+
+    if (folder / bank.CONFIG_FILE).is_file():
+        bank_config = json.loads((folder / bank.CONFIG_FILE).read_text(encoding="utf-8"))
+        return hub.render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder), [f"{bank.GRADIENTS_DIR}/*"]
+    if (folder / modeling.CONFIG_FILE).is_file() and (folder / modeling.LEARNER_FILE).is_file():
+        config = ReGradConfig.from_json_file(str(folder / modeling.CONFIG_FILE))
+        with safe_open(str(folder / modeling.LEARNER_FILE), framework="pt") as learner:
+            fingerprint, names = (learner.metadata() or {}).get("fingerprint", "unknown"), list(learner.keys())
+        lora_tensors = len([name for name in names if name != modeling.STEP_SIZES_KEY])
+        return hub.render_model_card(
+            config, fingerprint=fingerprint, num_lora_tensors=lora_tensors, repo_id=repo_id
+        ), []
+    return None
+
+
+def push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    folder = Path(args.path)
+    found = folder_card(folder, args.repo_id, args.subfolder) if folder.is_dir() else None
+    if found is None:
+        print(
+            f"error: {folder} is neither a saved learner (config.json + learner.safetensors) nor a bank "
+            "(bank_config.json)",
+            file=sys.stderr,
+        )
+        return 2
+    card, replaced = found
+    commit = push_folder(
+        folder,
+        args.repo_id,
+        path_in_repo=args.subfolder or "",
+        commit_message=args.commit_message or f"Upload {folder.name} with regrad push",
+        private=args.private or None,
+        token=args.token,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        delete_patterns=replaced,
+        card=card,
+    )
+    print(f"pushed {folder} to {args.repo_id} (commit {commit.oid}{', PR ' + commit.pr_url if commit.pr_url else ''})")
+    return 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    from .hub import pull as pull_repo
+
+    directory = pull_repo(args.repo_id, args.directory, revision=args.revision, token=args.token)
+    print(f"pulled {args.repo_id} to {directory}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--compare", action="store_true", help="also answer without the bank")
     common(sub, None)
     sub.set_defaults(run=ask)
+
+    sub = commands.add_parser(
+        "push", help="upload a saved learner or bank directory to a Hub repo, with its model card"
+    )
+    sub.add_argument("path", help="a directory written by save_pretrained or build-bank")
+    sub.add_argument("repo_id", help="the repo, e.g. user/my-learner (created if needed)")
+    sub.add_argument("--subfolder", default=None, help="folder of the repo to write to, e.g. bank")
+    sub.add_argument("--revision", default=None, help="branch to push to (created from main if needed)")
+    sub.add_argument("--private", action="store_true", help="create the repo as private")
+    sub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    sub.add_argument("--commit-message", default=None)
+    sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
+    sub.set_defaults(run=push)
+
+    sub = commands.add_parser("pull", help="download a learner or bank repo (data files only) to a directory")
+    sub.add_argument("repo_id", help="the repo, e.g. user/my-learner")
+    sub.add_argument("directory", help="where to put its files")
+    sub.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
+    sub.set_defaults(run=pull)
     return parser
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ReGradKeyError, ReGradValueError
+from .per_sample import LinearWeightGradients
 
 GradientDict = dict[str, torch.Tensor]
 
@@ -92,19 +93,98 @@ def document_gradients(
     parameters: Mapping[str, torch.Tensor],
     documents: Sequence[str],
     max_tokens: int,
+    batch_size: int = 16,
+    max_batch_tokens: int = 4096,
 ) -> GradientDict:
     """Per-document gradients of several documents, stacked: `{name: tensor of shape (len(documents), *shape)}`.
 
-    The model is put in eval mode (no dropout) for the computation and returned to its previous mode after.
+    Documents are sorted by length and run in right-padded batches of up to `batch_size` documents and
+    `max_batch_tokens` padded tokens; each document's gradient is read off its own rows of the batch (see
+    [`LinearWeightGradients`]), so the result equals [`document_gradient`] on each document alone up to float
+    rounding. Parameters that are not the weight of an `nn.Linear` fall back to one document at a time. The model
+    is put in eval mode (no dropout) for the computation and returned to its previous mode after.
+
+    Args:
+        batch_size (`int`, defaults to 16): documents per forward/backward pass.
+        max_batch_tokens (`int`, defaults to 4096): cap on `documents x longest document` per pass (memory).
     """
     check_documents(documents)
+    if batch_size < 1 or max_batch_tokens < 1:
+        raise ReGradValueError(
+            f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}"
+        )
+    token_ids = [tokenize_document(tokenizer, document, max_tokens) for document in documents]
+    weight_modules = _linear_modules_of(model, parameters)
     was_training = model.training
     model.eval()
     try:
-        per_document = [document_gradient(model, tokenizer, parameters, text, max_tokens) for text in documents]
+        if weight_modules is None:
+            per_document = [document_gradient(model, tokenizer, parameters, text, max_tokens) for text in documents]
+            return {name: torch.stack([gradients[name] for gradients in per_document]) for name in parameters}
+        stacked = {
+            name: torch.empty((len(documents), *p.shape), dtype=p.dtype, device=p.device)
+            for name, p in parameters.items()
+        }
+        device = next(iter(parameters.values())).device
+        for rows in _length_buckets([len(ids) for ids in token_ids], batch_size, max_batch_tokens):
+            input_ids, attention_mask = _right_padded([token_ids[row] for row in rows], device)
+            with LinearWeightGradients(weight_modules) as capture:
+                loss = documents_lm_loss(model, input_ids, attention_mask)
+            for name, gradients in capture.gradients(loss).items():
+                stacked[name][rows] = gradients
+        return stacked
     finally:
         model.train(was_training)
-    return {name: torch.stack([gradients[name] for gradients in per_document]) for name in parameters}
+
+
+def _linear_modules_of(model: nn.Module, parameters: Mapping[str, torch.Tensor]) -> dict[str, nn.Linear] | None:
+    """`{parameter name: the nn.Linear whose weight it is}`, or `None` when some parameter is not such a weight."""
+    modules = {}
+    for name, parameter in parameters.items():
+        module_name, _, attribute = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return None
+        if attribute != "weight" or not isinstance(module, nn.Linear) or module.weight is not parameter:
+            return None
+        modules[name] = module
+    return modules
+
+
+def _length_buckets(
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int, max_padding: float = 0.1
+) -> list[list[int]]:
+    """Groups indices by decreasing length into batches whose padding stays under `max_padding` of their tokens.
+
+    On CPU a longer batch hardly raises matmul efficiency, so padded tokens are mostly wasted work; in a large build
+    neighbours in length order differ by a token or two and batches fill up anyway.
+    """
+    buckets: list[list[int]] = []
+    real_tokens = 0
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if buckets:
+            # The first index of a bucket is its longest, so the padded size is len(bucket) * that length.
+            padded = (len(buckets[-1]) + 1) * lengths[buckets[-1][0]]
+            fits = len(buckets[-1]) < batch_size and padded <= max_batch_tokens
+            if fits and padded <= (1 + max_padding) * (real_tokens + lengths[index]):
+                buckets[-1].append(index)
+                real_tokens += lengths[index]
+                continue
+        buckets.append([index])
+        real_tokens = lengths[index]
+    return buckets
+
+
+def _right_padded(token_ids: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `(input_ids, attention_mask)`; the pad value is irrelevant as padded positions are masked."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.zeros((len(token_ids), longest), dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
 
 
 def documents_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -113,11 +193,17 @@ def documents_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     Its gradient is `sum_i g_i`, the sum of the per-document gradients a bank stores, so the meta-learning inner
     step sees what inference applies. Documents are right-padded; `attention_mask` marks real tokens.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    target_mask = attention_mask[:, 1:].to(logits.dtype)
-    token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return ((token_nll * target_mask).sum(dim=1) / target_mask.sum(dim=1)).sum()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # Targets are shifted left and the last position (and padding) ignored, so that the loss runs on the logits as
+    # they are: (batch * tokens, vocab) is a free view, and log-softmax over the contiguous last dimension is the
+    # fast path (slicing and transposing the logits would copy them, the largest tensor of the pass).
+    targets = input_ids.new_full(input_ids.shape, -100)
+    targets[:, :-1] = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    token_nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+    predicted = (targets != -100).to(token_nll.dtype)
+    return (token_nll.sum(dim=1) / predicted.sum(dim=1)).sum()
 
 
 def combine(
@@ -153,26 +239,58 @@ def _check_delta(parameters: Mapping[str, torch.Tensor], delta: Mapping[str, tor
             )
 
 
+class ExactRestore:
+    """Adds deltas to a fixed set of tensors in place and puts the saved values back, bit for bit, afterwards.
+
+    Adding `-delta` would not round-trip in floating point, so the values are saved; the backup buffers are allocated
+    once and reused (one set per level of nesting), and saving, adding and restoring are fused `torch._foreach_*`
+    calls over all tensors, so an apply/undo cycle allocates nothing but the step itself.
+
+    Args:
+        parameters (`Mapping[str, torch.Tensor]`): the tensors deltas are applied to, by name.
+    """
+
+    def __init__(self, parameters: Mapping[str, torch.Tensor]):
+        self.parameters = dict(parameters)
+        self._spare_backups: list[dict[str, torch.Tensor]] = []
+
+    @contextmanager
+    def applied(self, delta: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Adds `delta` for the duration of the block; restores in `finally`, so an exception inside the block, or
+        while applying, leaves the tensors exactly as they were. Nothing is written when `delta` does not fit."""
+        _check_delta(self.parameters, delta)
+        names = list(delta)
+        targets = [self.parameters[name] for name in names]
+        backup = self._spare_backups.pop() if self._spare_backups else {}
+        for name, target in zip(names, targets, strict=True):
+            kept = backup.get(name)
+            # Reallocated when the model was moved or cast since (`.to()` swaps the tensors' storage).
+            if kept is None or (kept.shape, kept.dtype, kept.device) != (target.shape, target.dtype, target.device):
+                backup[name] = torch.empty_like(target)
+        saved = [backup[name] for name in names]
+        try:
+            with torch.no_grad():
+                torch._foreach_copy_(saved, targets)
+            try:
+                steps = [delta[name].to(device=t.device, dtype=t.dtype) for name, t in zip(names, targets, strict=True)]
+                with torch.no_grad():
+                    torch._foreach_add_(targets, steps)
+                yield
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(targets, saved)
+        finally:
+            self._spare_backups.append(backup)
+
+
 @contextmanager
 def applied_delta(parameters: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Adds `delta` to `parameters` in place for the duration of the block, then restores them bit for bit.
 
-    The restore copies saved values back (adding `-delta` would not round-trip in floating point) and runs in
-    `finally`, so an exception inside the block, or while applying, leaves the parameters exactly as they were.
-    Nothing is written when `delta` does not fit `parameters`.
+    A one-off [`ExactRestore`]; keep an `ExactRestore` to reuse its buffers across calls.
     """
-    _check_delta(parameters, delta)
-    saved = {name: parameters[name].detach().clone() for name in delta}
-    try:
-        with torch.no_grad():
-            for name, value in delta.items():
-                target = parameters[name]
-                target.add_(value.to(device=target.device, dtype=target.dtype))
+    with ExactRestore(parameters).applied(delta):
         yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                parameters[name].copy_(value)
 
 
 def adapted_parameters(

@@ -23,3 +23,7 @@ class ReGradKeyError(ReGradError, KeyError):
 
 class BankMismatchError(ReGradValueError):
     """A gradient bank was built by another learner than the model it is used with."""
+
+
+class ReGradHubError(ReGradError, OSError):
+    """A repo, revision or file cannot be found on the Hub or in the local cache (e.g. offline with an empty cache)."""

@@ -4,30 +4,38 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 
 from . import deltas
+from .bank import EAGER_FILES as BANK_EAGER_FILES
 from .bank import GradientBank, Hit
 from .config import ReGradConfig
 from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, resolve_model_path
 from .errors import ReGradError, ReGradValueError
-from .files import atomic_save_safetensors, atomic_write_text
+from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
+from .hub import HubOptions, locate, push_folder, render_model_card
 from .learner import StepSizes, fingerprint_of, inject_lora, learner_identity, lora_parameters
 from .query import prompt_to_query
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
 STEP_SIZES_KEY = "regrad.step_sizes"
+BANK_SUBFOLDER = "bank"
+# Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
+_SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
+# What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
+# from a learner repo is ever run (it holds none), so `trust_remote_code` is moot; it is not passed on to the base.
+_IGNORED_KWARGS = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "trust_remote_code", "proxies")
 
 
 class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
@@ -58,6 +66,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
         self._lora = lora_parameters(language_model)
+        self._restore = deltas.ExactRestore(self._lora)
         self.step_sizes = StepSizes(
             list(self._lora), config.step_size_mode, config.step_size_parametrization, config.init_step_size
         )
@@ -92,7 +101,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             name = str(model_or_name)
             path = resolve_model_path(name)
             model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **model_kwargs)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision)
+            hub_kwargs = {key: model_kwargs[key] for key in _SHARED_HUB_KWARGS if key in model_kwargs}
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision, **hub_kwargs)
             config.base_model_name_or_path = name
             config.base_model_revision = embedded_model_revision() if name == EMBEDDED_MODEL_ID else revision
         else:
@@ -116,54 +126,94 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         *,
         base_model: PreTrainedModel | None = None,
         tokenizer=None,
+        bank: GradientBank | str | os.PathLike | bool | None = None,
+        config: ReGradConfig | None = None,
+        subfolder: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
         **model_kwargs,
     ) -> ReGradForCausalLM:
-        """Loads a learner saved with [`~ReGradForCausalLM.save_pretrained`] and the base model it names.
+        """Loads a learner saved with [`~ReGradForCausalLM.save_pretrained`] or pushed with
+        [`~ReGradForCausalLM.push_to_hub`], and the base model its config names (at the recorded revision).
+
+        Also what `AutoModelForCausalLM.from_pretrained` and `pipeline(model=...)` call once `regrad_hf` is imported.
+        From a Hub repo only data files are downloaded (`config.json`, `learner.safetensors`, and a `bank/` folder's
+        eager files); nothing from the repo is executed or unpickled.
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a local directory or a Hub repo id.
             base_model (`PreTrainedModel`, *optional*): an already loaded base model (else loaded from the name and
                 revision recorded in the config).
             tokenizer (*optional*): the base model's tokenizer.
-            revision, token, cache_dir, local_files_only: as in `transformers`, for the learner repo.
-            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model.
+            bank ([`GradientBank`], `str`, `os.PathLike` or `bool`, *optional*): the bank to attach: a bank, or a
+                directory or repo id to load one from. `None` (default) attaches the `bank/` folder of the learner's
+                directory or repo when there is one; `True` requires it; `False` attaches nothing.
+            config ([`ReGradConfig`], *optional*): use this configuration instead of the saved one.
+            subfolder (`str`, *optional*): the learner's folder inside the directory or repo.
+            revision, token, cache_dir, local_files_only, force_download: as in `transformers`, for the learner repo
+                (and its bank); all but `revision` also apply to the base model's repo.
+            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model (e.g. `dtype`).
 
         Returns:
             [`ReGradForCausalLM`]
+
+        Raises:
+            [`ReGradValueError`]: not a learner (missing files), or a bad argument.
+            [`ReGradHubError`]: the repo cannot be found, or is not cached while offline.
         """
-        directory = Path(pretrained_model_name_or_path)
-        if not directory.is_dir():
-            try:
-                directory = Path(
-                    snapshot_download(
-                        str(pretrained_model_name_or_path),
-                        allow_patterns=[CONFIG_FILE, LEARNER_FILE],
-                        revision=revision,
+        for key in _IGNORED_KWARGS:
+            model_kwargs.pop(key, None)
+        options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
+        files = [CONFIG_FILE, LEARNER_FILE]
+        if bank is None or bank is True:
+            files += [f"{BANK_SUBFOLDER}/{name}" for name in BANK_EAGER_FILES]
+        location = locate(pretrained_model_name_or_path, files, subfolder=subfolder, options=options)
+        directory = location.directory
+        for name in (CONFIG_FILE, LEARNER_FILE):
+            if not (directory / name).is_file():
+                raise ReGradValueError(f"{location.describe()} has no {name}: it is not a ReGrad learner")
+        if config is None:
+            config = ReGradConfig.from_json_file(str(directory / CONFIG_FILE))
+        elif not isinstance(config, ReGradConfig):
+            raise ReGradValueError(f"config must be a ReGradConfig, got {type(config).__name__}")
+        if base_model is None:
+            if config.base_model_name_or_path is None:
+                raise ReGradValueError(f"{location.describe(CONFIG_FILE)} names no base model; pass base_model=")
+            base_revision = None if config.base_model_name_or_path == EMBEDDED_MODEL_ID else config.base_model_revision
+            shared = dict(
+                token=token, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download
+            )
+            model = cls.from_base(
+                config.base_model_name_or_path, config, tokenizer, base_revision, **shared, **model_kwargs
+            )
+        else:
+            model = cls.from_base(base_model, config, tokenizer)
+        model.load_learner(directory / LEARNER_FILE)
+
+        if isinstance(bank, GradientBank):
+            model.attach_bank(bank)
+        elif isinstance(bank, (str, os.PathLike)):
+            model.attach_bank(
+                GradientBank.from_pretrained(bank, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+            )
+        elif bank is not False:
+            if (directory / BANK_SUBFOLDER).is_dir():
+                source = location.repo_id or directory
+                model.attach_bank(
+                    GradientBank.from_pretrained(
+                        source,
+                        subfolder=BANK_SUBFOLDER,
+                        revision=location.commit,
                         token=token,
                         cache_dir=cache_dir,
                         local_files_only=local_files_only,
                     )
                 )
-            except HFValidationError as error:
-                raise ReGradValueError(
-                    f"{pretrained_model_name_or_path} is neither a local directory nor a Hub repo id"
-                ) from error
-        for name in (CONFIG_FILE, LEARNER_FILE):
-            if not (directory / name).is_file():
-                raise ReGradValueError(f"{directory} has no {name}: it is not a ReGrad learner")
-        config = ReGradConfig.from_json_file(str(directory / CONFIG_FILE))
-        if base_model is None:
-            if config.base_model_name_or_path is None:
-                raise ReGradValueError(f"{directory / CONFIG_FILE} names no base model; pass base_model=")
-            base_revision = None if config.base_model_name_or_path == EMBEDDED_MODEL_ID else config.base_model_revision
-            model = cls.from_base(config.base_model_name_or_path, config, tokenizer, base_revision, **model_kwargs)
-        else:
-            model = cls.from_base(base_model, config, tokenizer)
-        model.load_learner(directory / LEARNER_FILE)
+            elif bank is True:
+                raise ReGradValueError(f"{location.describe()} has no {BANK_SUBFOLDER}/ folder to attach a bank from")
         return model
 
     def learner_state_dict(self) -> dict[str, torch.Tensor]:
@@ -205,9 +255,10 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                 self.load_learner_state(saved)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Writes `config.json` and `learner.safetensors` (LoRA tensors and step sizes), never the base weights.
+        """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes) and the tokenizer's files (so
+        that `AutoTokenizer` and `pipeline` find them), never the base weights.
 
-        Each file is written atomically (temporary file, then rename).
+        Each file is written atomically (temporary file, then rename). Other files in the directory are kept.
         """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -216,7 +267,78 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         tensors = {name: tensor.cpu() for name, tensor in self.learner_state_dict().items()}
         metadata = {"format": "pt", "fingerprint": self.fingerprint()}
         atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
+        if self.tokenizer is not None:
+            _save_tokenizer(self.tokenizer, directory)
         atomic_write_text(directory / CONFIG_FILE, config.to_json_string())
+
+    def model_card(
+        self,
+        repo_id: str | None = None,
+        card_data: Mapping[str, object] | None = None,
+        evaluation: Mapping[str, float] | None = None,
+    ) -> str:
+        """The learner's model card (rendered from `MODEL_CARD_TEMPLATE.md`), as [`push_to_hub`] writes it.
+
+        Args:
+            repo_id (`str`, *optional*): the repo it is pushed to (for the usage example).
+            card_data (`Mapping`, *optional*): more card metadata: `datasets`, `metrics`, `license`, `language`,
+                `tags` (added to regrad-hf's) and a `title`.
+            evaluation (`Mapping[str, float]`, *optional*): metric name -> value, rendered as a table.
+        """
+        return render_model_card(
+            self.config,
+            fingerprint=self.fingerprint(),
+            num_lora_tensors=len(self._lora),
+            repo_id=repo_id,
+            card_data=card_data,
+            evaluation=evaluation,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: Sequence[str] | None = None,
+        card_data: Mapping[str, object] | None = None,
+        evaluation: Mapping[str, float] | None = None,
+        **kwargs,
+    ):
+        """Uploads the learner (what [`save_pretrained`] writes: never the base weights) and its model card to a Hub
+        repo, created if needed, in one commit. An existing README in the repo is updated, not overwritten.
+
+        The attached bank is not uploaded: push it with `model.bank.push_to_hub(repo_id, subfolder="bank")` to put
+        it where [`from_pretrained`] attaches it, or to a repo of its own.
+
+        Args:
+            repo_id (`str`): the repo, e.g. `"user/my-learner"`.
+            commit_message, commit_description, private, token, revision, create_pr: as in `transformers`.
+            tags (`Sequence[str]`, *optional*): more tags for the card.
+            card_data, evaluation: more card contents (see [`model_card`]).
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the commit (its sha is `.oid`, a PR's URL `.pr_url`).
+        """
+        card_data = dict(card_data or {})
+        card_data["tags"] = [*card_data.get("tags", []), *(tags or [])]
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return push_folder(
+                folder,
+                repo_id,
+                commit_message=commit_message or "Upload ReGrad learner",
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                card=self.model_card(repo_id, card_data, evaluation),
+            )
 
     # ------------------------------------------------------------------ the learner
 
@@ -263,7 +385,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> Iterator[None]:
         gamma = self.config.gamma if gamma is None else gamma
         delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
-        with self._adaptation_lock, deltas.applied_delta(self._lora, delta):
+        with self._adaptation_lock, self._restore.applied(delta):
             yield
 
     def __getstate__(self):
@@ -385,3 +507,15 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             raise ReGradError("cannot pad rows of different lengths: the generation config has no pad or eos token")
         length = max(output.shape[1] for output in outputs)
         return torch.cat([nn.functional.pad(o, (0, length - o.shape[1]), value=pad_token_id) for o in outputs])
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """`tokenizer.save_pretrained(directory)`, with each file moved into place atomically."""
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.staging-", dir=directory))
+    try:
+        staging.chmod(DIRECTORY_MODE)
+        tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
