@@ -125,16 +125,16 @@ def main() -> None:
                 **result["regrad"].as_dict(),
                 "seconds": seconds,
             }
-            print(f"{dtype}: done in {seconds:.0f} s", flush=True)
+            print(f"{dtype}: done in {seconds:.0f} s: {json.dumps(rows[dtype])}", flush=True)
 
     fp32 = rows.get("float32")
     print(f"\n{len(tasks)} questions of SQuAD {args.split} articles, gold paragraph injected (oracle, k=1)")
     header = f"{'format':<10}{'bytes/doc':>11}{'vs fp32':>9}{'bits/value':>11}{'rel. error':>11}{'gather ms':>10}"
     print(header + f"{'answer NLL':>11}{'EM':>7}{'F1':>7}")
-    r = reference["no_adaptation"]
-    print(
-        f"{'(none)':<10}{'':>11}{'':>9}{'':>11}{'':>11}{'':>10}{r.answer_loss:>11.3f}{r.exact_match:>7.3f}{r.f1:>7.3f}"
-    )
+    if reference:
+        r = reference["no_adaptation"]
+        blank = " " * 52
+        print(f"{'(none)':<10}{blank}{r.answer_loss:>11.3f}{r.exact_match:>7.3f}{r.f1:>7.3f}")
     for dtype, row in rows.items():
         ratio = row["bytes_per_document"] / fp32["bytes_per_document"] if fp32 else float("nan")
         row["ratio_vs_float32"] = ratio
