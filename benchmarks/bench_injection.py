@@ -14,19 +14,16 @@ import argparse
 import json
 import os
 import platform
-import random
 import time
 from pathlib import Path
 
 import torch
+from squad_tasks import ROOT, held_out_tasks
 
 from regrad_hf import ReGradForCausalLM
-from regrad_hf.data import load_squad
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.evaluation import evaluate_injection
 
-ROOT = Path(__file__).resolve().parents[1]
-SQUAD = ROOT.parent / "shared" / "data" / "squad_dev_articles_00-39.json"
 CASES = ("no_adaptation", "raw", "regrad", "rag")
 
 
@@ -45,9 +42,7 @@ def main() -> None:
     base = learner.config.base_model_name_or_path
     untrained = ReGradForCausalLM.from_base(base, learner.config).learner_state_dict()
 
-    tasks = load_squad(SQUAD, args.split)
-    random.Random(args.seed).shuffle(tasks)
-    tasks = tasks[: args.tasks]
+    tasks = held_out_tasks(args.split, args.tasks, args.seed)
     start = time.perf_counter()
     results = evaluate_injection(
         learner, tasks, untrained, cases=CASES, max_new_tokens=args.max_new_tokens, show_progress=True

@@ -163,7 +163,7 @@ def test_another_learner_is_refused(tokenizer, tiny_bank):
     [
         (lambda d: (d / "bank_config.json").unlink(), "bank_config.json is missing"),
         (lambda d: (d / "bank_config.json").write_text("{not json"), "bank_config.json is not valid JSON"),
-        (lambda d: (d / "documents.jsonl").write_text('{"id": 1}\n'), "documents.jsonl line 1 is malformed"),
+        (lambda d: (d / "documents.jsonl").write_text('{"id": 1}\n'), "documents.jsonl line 1: field 'id'"),
         (lambda d: (d / "gradients" / "shard-00000.safetensors").unlink(), "shard-00000.safetensors is missing"),
         (lambda d: (d / "index.usearch").write_bytes(b"garbage"), "index.usearch"),
         (lambda d: _truncate(d / "gradients" / "shard-00000.safetensors"), "not a readable safetensors file"),
@@ -240,7 +240,7 @@ def test_non_finite_stored_gradients_are_refused_on_use(tiny_bank, tmp_path):
         (lambda t, n: {**t, n: t[n].float()}, "is F32"),
         (lambda t, n: {**t, n: t[n][:, :1].contiguous()}, "expected BF16"),
         (lambda t, n: {k: v for k, v in t.items() if k != n}, "other tensors"),
-        (lambda t, n: {k: v[:1].contiguous() for k, v in t.items()}, "rows, needs 4"),
+        (lambda t, n: {k: v[:1].contiguous() for k, v in t.items()}, "has 1 rows, bank_config.json says 4"),
     ],
 )
 def test_shards_that_do_not_fit_the_bank_are_refused_on_load(tiny_bank, tmp_path, edit, match):

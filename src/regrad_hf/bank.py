@@ -33,6 +33,17 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from usearch.index import Index, Matches
 
+from . import bank_checkpoint as checkpoint
+from .bank_schema import (
+    MAX_DOCUMENT_RECORD_BYTES,
+    MAX_ID_CHARS,
+    MAX_TEXT_CHARS,
+    check_metadata_size,
+    check_safetensors_header,
+    read_json_file,
+    validate_config,
+    validate_document,
+)
 from .config import ReGradConfig
 from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
@@ -40,8 +51,11 @@ from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, Location, locate, push_folder, render_bank_card
 from .learner import fingerprint_of
+from .quantization import GradientFormat, gradient_format
 
-FORMAT_VERSION = 1
+# 2: quantised formats (int8/int4/int3/int2: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
+# in bank_config.json ("quantization"). Version 1 banks (float formats only) read unchanged.
+FORMAT_VERSION = 2
 CONFIG_FILE = "bank_config.json"
 DOCUMENTS_FILE = "documents.jsonl"
 INDEX_FILE = "index.usearch"
@@ -51,9 +65,6 @@ EAGER_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE)  # downloaded when a ban
 # usearch keeps vectors in this scalar type; pinned so an index reads back the same everywhere.
 INDEX_DTYPE = "f32"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
-
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class GradientSource(Protocol):
@@ -108,8 +119,10 @@ class GradientBank:
         parameter_shapes (`Mapping[str, Sequence[int]]`): shape of each LoRA tensor, by name.
         embedding_dim (`int`): dimension of the embedder's vectors.
         embedder (`str`, *optional*): sentence-transformers model name or path; `None` is the embedded default.
-        dtype (`str`, defaults to `"bfloat16"`): dtype of the stored gradients.
+        dtype (`str`, defaults to `"bfloat16"`): how gradients are stored: `"float32"`, `"float16"`, `"bfloat16"`,
+            or quantised `"int8"`, `"int4"`, `"int3"`, `"int2"` (see [`regrad_hf.quantization`]).
         embedder_model (*optional*): an already loaded `SentenceTransformer` for `embedder`.
+        quantization (`Mapping`, *optional*): a quantised format's parameters as read from `bank_config.json`.
     """
 
     def __init__(
@@ -120,9 +133,9 @@ class GradientBank:
         embedder: str | None = None,
         dtype: str = "bfloat16",
         embedder_model=None,
+        quantization: Mapping[str, Any] | None = None,
     ):
-        if dtype not in _TORCH_DTYPES:
-            raise ReGradValueError(f"bank dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
+        self.format: GradientFormat = gradient_format(dtype, quantization)
         self.learner = dict(learner)
         self.fingerprint = fingerprint_of(self.learner)
         self.parameter_shapes = {name: tuple(shape) for name, shape in parameter_shapes.items()}
@@ -134,6 +147,7 @@ class GradientBank:
         self._documents: dict[str, _Document] = {}
         self._ids_by_key: dict[int, str] = {}
         self._next_key = 0
+        # stored tensors (by shard key: name + format suffix) of documents not yet saved
         self._in_memory: dict[str, dict[str, torch.Tensor]] = {}
         # Shards by index: their files (relative to the bank), rows used, checksums, and once opened, the
         # safetensors reader and a plain handle on the same file (to checksum what the reader maps).
@@ -157,6 +171,9 @@ class GradientBank:
         batch_size: int = 8,
         embedder_model=None,
         show_progress: bool = True,
+        dtype: str | None = None,
+        output_dir: str | os.PathLike | None = None,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ) -> GradientBank:
         """Builds a bank from documents: embeds them and computes their gradients with `model`.
 
@@ -168,6 +185,15 @@ class GradientBank:
             batch_size (`int`, defaults to 8): documents per gradient batch (and progress-bar step).
             embedder_model (*optional*): an already loaded `SentenceTransformer` matching `model.config.embedder`.
             show_progress (`bool`, defaults to `True`): show a progress bar.
+            dtype (`str`, *optional*): how to store the gradients (see [`GradientBank`]); defaults to
+                `model.config.bank_dtype`.
+            output_dir (`str` or `os.PathLike`, *optional*): build resumably into this directory: every finished
+                shard is checkpointed (in the hidden sibling `.<name>.build/`, see [`regrad_hf.bank_checkpoint`]),
+                and calling `build` again with the same learner and documents after an interruption skips the
+                finished shards and gives the same bank as an uninterrupted build. The finished bank replaces the
+                directory's bank files as [`save_pretrained`] does, and is returned loaded from there. Resuming with
+                another learner raises [`BankMismatchError`], with other documents or settings [`ReGradValueError`].
+            max_shard_bytes (`int`, defaults to 1 GiB): with `output_dir`, the shard (and checkpoint) size.
 
         Returns:
             [`GradientBank`]
@@ -179,9 +205,13 @@ class GradientBank:
             parameter_shapes={name: p.shape for name, p in model.lora_parameters().items()},
             embedding_dim=embedder_model.get_embedding_dimension(),
             embedder=model.config.embedder,
-            dtype=model.config.bank_dtype,
+            dtype=dtype or model.config.bank_dtype,
             embedder_model=embedder_model,
         )
+        if output_dir is not None:
+            return bank._build_into(
+                model, documents, ids, metadata, batch_size, show_progress, Path(output_dir), max_shard_bytes
+            )
         bank.add(model, documents, ids=ids, metadata=metadata, batch_size=batch_size, show_progress=show_progress)
         return bank
 
@@ -199,23 +229,11 @@ class GradientBank:
         Returns:
             `list[str]`: the ids of the added documents.
         """
-        check_documents(documents)
-        ids = self._new_ids(documents, ids)
-        metadata = self._check_metadata(documents, metadata)
-        if batch_size < 1:
-            raise ReGradValueError(f"batch_size must be positive, got {batch_size}")
-        self.check_learner(model)
-
+        ids, metadata = self._check_new(model, documents, ids, metadata, batch_size)
         embeddings = self._embed(list(documents))
-        rows: list[dict[str, torch.Tensor]] = []
         with tqdm(total=len(documents), desc="Document gradients", disable=not show_progress) as progress:
-            for start in range(0, len(documents), batch_size):
-                batch = list(documents[start : start + batch_size])
-                stacked = model.document_gradients(batch)
-                _check_finite(stacked, ids[start : start + batch_size])
-                stored = {name: g.detach().to("cpu", _TORCH_DTYPES[self.dtype]) for name, g in stacked.items()}
-                rows.extend({name: tensor[i] for name, tensor in stored.items()} for i in range(len(batch)))
-                progress.update(len(batch))
+            stored = self._compute(model, documents, ids, batch_size, progress)
+        rows = [{key: tensor[i] for key, tensor in stored.items()} for i in range(len(documents))]
 
         keys = np.arange(self._next_key, self._next_key + len(documents), dtype=np.uint64)
         self._index.add(keys, embeddings)
@@ -225,6 +243,116 @@ class GradientBank:
             self._ids_by_key[key] = doc_id
             self._in_memory[doc_id] = row
         return list(ids)
+
+    def _check_new(
+        self,
+        model: GradientSource,
+        documents: Sequence[str],
+        ids: Sequence[str] | None,
+        metadata: Sequence[Mapping[str, Any]] | None,
+        batch_size: int,
+    ) -> tuple[list[str], list[Mapping[str, Any]]]:
+        """Validates documents to add (and the model); returns their ids and metadata."""
+        check_documents(documents)
+        too_long = [index for index, text in enumerate(documents) if len(text) > MAX_TEXT_CHARS]
+        if too_long:
+            raise ReGradValueError(
+                f"documents {too_long[:5]} are longer than {MAX_TEXT_CHARS} characters, the limit a bank stores; "
+                "split them first"
+            )
+        ids = self._new_ids(documents, ids)
+        metadata = self._check_metadata(documents, metadata)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ReGradValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.check_learner(model)
+        return ids, metadata
+
+    def _compute(
+        self, model: GradientSource, documents: Sequence[str], ids: Sequence[str], batch_size: int, progress
+    ) -> dict[str, torch.Tensor]:
+        """The documents' gradients in the bank's format, stacked, by shard key; non-finite gradients refused."""
+        parts: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(documents), batch_size):
+            batch = list(documents[start : start + batch_size])
+            stacked = model.document_gradients(batch)
+            _check_finite(stacked, ids[start : start + batch_size])
+            parts.append(self._encode(stacked))
+            progress.update(len(batch))
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def _build_into(
+        self,
+        model: GradientSource,
+        documents: Sequence[str],
+        ids: Sequence[str] | None,
+        metadata: Sequence[Mapping[str, Any]] | None,
+        batch_size: int,
+        show_progress: bool,
+        output_dir: Path,
+        max_shard_bytes: int,
+    ) -> GradientBank:
+        """[`build`] with `output_dir`: shard by shard, checkpointed, resuming a previous interrupted build."""
+        ids, metadata = self._check_new(model, documents, ids, metadata, batch_size)
+        output = output_dir.resolve()
+        per_shard = max(1, max_shard_bytes // max(1, self.bytes_per_document))
+        expected = checkpoint.new_state(
+            self.fingerprint,
+            learner=self.learner,
+            dtype=self.dtype,
+            quantization=self.format.describe(),
+            embedder=self.embedder_name,
+            documents_digest=checkpoint.documents_digest(ids, documents, metadata),
+            num_documents=len(ids),
+            documents_per_shard=per_shard,
+        )
+        found = checkpoint.find_state(output)
+        if found is not None:
+            checkpoint.check_same_build(found[1], expected, found[0])
+        if found is not None and found[0] == output:  # killed after publishing, before tidying up
+            checkpoint.remove_build_files(output)
+            return GradientBank.from_pretrained(output, embedder_model=self._embedder)
+        work = checkpoint.work_directory(output)
+        state = found[1] if found is not None else expected
+        if found is None:
+            shutil.rmtree(work, ignore_errors=True)
+            (work / GRADIENTS_DIR).mkdir(parents=True, mode=DIRECTORY_MODE)
+            (work / checkpoint.EMBEDDINGS_DIR).mkdir(mode=DIRECTORY_MODE)
+        checkpoint.remove_stray_files(work)
+        del state["shards"][checkpoint.finished_shards(work, state) :]
+        starts = list(range(0, len(ids), per_shard))
+        done = sum(min(per_shard, len(ids) - start) for start in starts[: len(state["shards"])])
+        with tqdm(total=len(ids), initial=done, desc="Document gradients", disable=not show_progress) as progress:
+            for shard in range(len(state["shards"]), len(starts)):
+                chunk = slice(starts[shard], starts[shard] + per_shard)
+                tensors = self._compute(model, documents[chunk], ids[chunk], batch_size, progress)
+                embeddings = torch.from_numpy(self._embed(list(documents[chunk])))
+                record = self._write_shard(work, shard, tensors)
+                relative = f"{checkpoint.EMBEDDINGS_DIR}/shard-{shard:05d}.safetensors"
+                atomic_save_safetensors({"embeddings": embeddings}, work / relative)
+                record.update(embeddings=relative, embeddings_sha256=checkpoint.file_sha256(work / relative))
+                state["shards"].append(record)
+                atomic_write_text(work / checkpoint.BUILD_STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+        # every shard is done: catalogue and index, then swap the work directory in
+        placements = {doc_id: (index // per_shard, index % per_shard) for index, doc_id in enumerate(ids)}
+        for key, (doc_id, text, meta) in enumerate(zip(ids, documents, metadata, strict=True)):
+            self._documents[doc_id] = _Document(doc_id, text, dict(meta), key, *placements[doc_id])
+            self._ids_by_key[key] = doc_id
+        for shard, record in enumerate(state["shards"]):
+            with safe_open(str(work / record["embeddings"]), framework="np") as stored:
+                vectors = stored.get_tensor("embeddings")
+            start = starts[shard]
+            self._index.add(np.arange(start, start + len(vectors), dtype=np.uint64), vectors)
+        self._next_key = len(ids)
+        shards = [{"file": record["file"], "sha256": record["sha256"]} for record in state["shards"]]
+        self._write_catalog(work, placements, shards)
+        self._documents.clear()
+        self._ids_by_key.clear()
+        _replace_directory(work, output)
+        checkpoint.remove_build_files(output)
+        for backup in output.parent.glob(f".{output.name}.old-*"):  # left by a kill inside an earlier swap
+            shutil.rmtree(backup, ignore_errors=True)
+        return GradientBank.from_pretrained(output, embedder_model=self._embedder)
 
     def remove(self, ids: str | Sequence[str]) -> None:
         """Removes documents by id. Unknown ids raise [`ReGradKeyError`] before anything is removed."""
@@ -303,7 +431,8 @@ class GradientBank:
     def gather(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """The stored gradients of the documents, stacked: `{name: tensor of shape (len(ids), *shape)}`.
 
-        Rows on disk are read lazily (memory-mapped `get_slice`), one row per document.
+        Rows on disk are read lazily (memory-mapped `get_slice`), one row per document. Float formats give the
+        stored dtype; quantised formats are dequantised to float32.
         """
         if isinstance(ids, str):
             ids = [ids]
@@ -311,7 +440,16 @@ class GradientBank:
         if not ids:
             raise ReGradValueError("gather needs at least one document id")
         self._check_known(ids)
-        gathered = {name: torch.stack([self._row(doc_id, name) for doc_id in ids]) for name in self.parameter_shapes}
+        gathered = {
+            name: self.format.decode(
+                {
+                    suffix: torch.stack([self._row(doc_id, name + suffix) for doc_id in ids])
+                    for suffix in self.format.suffixes
+                },
+                shape,
+            )
+            for name, shape in self.parameter_shapes.items()
+        }
         # A corrupted shard must not silently poison an answer.
         _check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
         return gathered
@@ -341,7 +479,8 @@ class GradientBank:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         # The saved files now hold every gradient: read from them instead of memory.
-        self._attach_shards(Location(target), shards, eager=True)
+        rows = [sum(1 for s, _ in placements.values() if s == index) for index in range(len(shards))]
+        self._attach_shards(Location(target), shards, rows, eager=True)
         self._verified_shards = set(range(len(shards)))  # checksummed just now, as written
         for doc_id, (shard, row) in placements.items():
             self._documents[doc_id].shard, self._documents[doc_id].row = shard, row
@@ -418,8 +557,14 @@ class GradientBank:
             subfolder (`str`, *optional*): the bank's folder inside the directory or repo, e.g. `"bank"`.
             revision, token, cache_dir, local_files_only, force_download: as in `transformers`' `from_pretrained`.
 
+        Every file is checked before it is trusted (see [`regrad_hf.bank_schema`]): `bank_config.json` and each line
+        of `documents.jsonl` against their schema and size limits, the shards' safetensors headers against a size
+        limit and the bank's tensor names, dtypes and shapes, the counts of documents, index vectors and shard rows
+        against each other. A shard's SHA-256 is verified before its first row is used.
+
         Raises:
-            [`ReGradValueError`]: when a file is missing or malformed (the message names it).
+            [`ReGradValueError`]: when a file is missing, malformed or inconsistent (the message names the file and
+                the field).
             [`ReGradHubError`]: when the repo cannot be found, or is not cached while offline.
         """
         options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
@@ -435,48 +580,32 @@ class GradientBank:
         directory = location.directory.resolve()
         if not location.is_remote:
             location = Location(directory)
-        config = _read_json(directory / CONFIG_FILE)
-        if config.get("format_version") != FORMAT_VERSION:
+        config_path = directory / CONFIG_FILE
+        config = validate_config(read_json_file(config_path), config_path)
+        bank = cls(
+            learner=config["learner"],
+            parameter_shapes=config["parameter_shapes"],
+            embedder=config["embedder"],
+            embedding_dim=config["embedding_dim"],
+            dtype=config["dtype"],
+            embedder_model=embedder_model,
+            quantization=config.get("quantization"),
+        )
+        if bank.fingerprint != config["fingerprint"]:
             raise ReGradValueError(
-                f"{directory / CONFIG_FILE}: format_version {config.get('format_version')!r} is not supported "
-                f"(this regrad-hf reads version {FORMAT_VERSION})"
+                f"{config_path}: the fingerprint field does not match the learner field (edited file?)"
             )
-        try:
-            bank = cls(
-                learner=config["learner"],
-                parameter_shapes=config["parameter_shapes"],
-                embedding_dim=config["embedding_dim"],
-                embedder=config["embedder"],
-                dtype=config["dtype"],
-                embedder_model=embedder_model,
-            )
-            shards = [{"file": shard["file"], "sha256": shard["sha256"]} for shard in config["shards"]]
-        except (KeyError, TypeError) as error:
-            raise ReGradValueError(f"{directory / CONFIG_FILE} is malformed: missing or invalid {error}") from error
-        if bank.fingerprint != config.get("fingerprint"):
-            raise ReGradValueError(
-                f"{directory / CONFIG_FILE}: the fingerprint field does not match the learner field (edited file?)"
-            )
+        shards = [{"file": shard["file"], "sha256": shard["sha256"]} for shard in config["shards"]]
+        shard_sizes = [shard["num_documents"] for shard in config["shards"]]
         for shard in shards:
             if not location.is_remote and not (directory / shard["file"]).is_file():
                 raise ReGradValueError(f"bank file {directory / shard['file']} is missing")
 
-        documents_path = directory / DOCUMENTS_FILE
-        if not documents_path.is_file():
-            raise ReGradValueError(f"bank file {documents_path} is missing")
-        with open(documents_path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    record = json.loads(line)
-                    document = _Document(**record)
-                except (json.JSONDecodeError, TypeError) as error:
-                    raise ReGradValueError(f"{documents_path} line {number} is malformed: {error}") from error
-                bank._documents[document.id] = document
-                bank._ids_by_key[document.key] = document.id
-        if len(bank._documents) != config.get("num_documents"):
+        bank._read_documents(directory / DOCUMENTS_FILE, shard_sizes)
+        if len(bank._documents) != config["num_documents"]:
             raise ReGradValueError(
-                f"{documents_path} holds {len(bank._documents)} documents, "
-                f"{CONFIG_FILE} says {config.get('num_documents')}"
+                f"{directory / DOCUMENTS_FILE} holds {len(bank._documents)} documents, "
+                f"{CONFIG_FILE} says {config['num_documents']}"
             )
 
         index_path = directory / INDEX_FILE
@@ -486,15 +615,48 @@ class GradientBank:
             bank._index.load(str(index_path))
         except Exception as error:  # usearch raises plain RuntimeError/ValueError on corrupt files
             raise ReGradValueError(f"bank file {index_path} is not a readable usearch index: {error}") from error
-        if len(bank._index) != len(bank._documents):
+        keys = np.fromiter(bank._ids_by_key, dtype=np.uint64, count=len(bank._ids_by_key))
+        if len(bank._index) != len(bank._documents) or (len(keys) and not np.all(bank._index.contains(keys))):
             raise ReGradValueError(
-                f"{index_path} holds {len(bank._index)} vectors for {len(bank._documents)} documents"
+                f"{index_path} holds {len(bank._index)} vectors that do not match the {len(bank._documents)} "
+                f"documents of {DOCUMENTS_FILE}"
+            )
+        if bank._index.ndim != bank.embedding_dim:
+            raise ReGradValueError(
+                f"{index_path} holds {bank._index.ndim}-dim vectors, {CONFIG_FILE} says {bank.embedding_dim}"
             )
         bank._next_key = max(bank._ids_by_key, default=-1) + 1
         # A local shard is opened now: an open shard keeps its contents even if another bank later replaces the
         # file. A repo's shards are immutable files of one commit in the cache, opened when first needed.
-        bank._attach_shards(location, shards, eager=not location.is_remote)
+        bank._attach_shards(location, shards, shard_sizes, eager=not location.is_remote)
         return bank
+
+    def _read_documents(self, path: Path, shard_sizes: list[int]) -> None:
+        """Reads `documents.jsonl`, one checked record per line; ids, index keys and shard rows must be unique."""
+        if not path.is_file():
+            raise ReGradValueError(f"bank file {path} is missing")
+        places = set()
+        with open(path, encoding="utf-8") as handle:
+            number = 0
+            while line := handle.readline(MAX_DOCUMENT_RECORD_BYTES + 1):
+                number += 1
+                if len(line) > MAX_DOCUMENT_RECORD_BYTES:
+                    raise ReGradValueError(
+                        f"{path} line {number} is longer than the limit of {MAX_DOCUMENT_RECORD_BYTES} characters"
+                    )
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ReGradValueError(f"{path} line {number} is malformed: {error}") from error
+                document = _Document(**validate_document(record, path, number, shard_sizes))
+                if document.id in self._documents or document.key in self._ids_by_key:
+                    duplicate = "id" if document.id in self._documents else "key"
+                    raise ReGradValueError(f"{path} line {number}: field {duplicate!r} repeats an earlier document")
+                if (document.shard, document.row) in places:
+                    raise ReGradValueError(f"{path} line {number}: shard {document.shard} row {document.row} is taken")
+                places.add((document.shard, document.row))
+                self._documents[document.id] = document
+                self._ids_by_key[document.key] = document.id
 
     # ------------------------------------------------------------------ internals
 
@@ -522,6 +684,8 @@ class GradientBank:
             raise ReGradValueError(f"got {len(ids)} ids for {len(documents)} documents")
         if not all(isinstance(doc_id, str) and doc_id for doc_id in ids):
             raise ReGradValueError("document ids must be non-empty strings")
+        if any(len(doc_id) > MAX_ID_CHARS for doc_id in ids):
+            raise ReGradValueError(f"document ids must be at most {MAX_ID_CHARS} characters long")
         seen, duplicates = set(), set()
         for doc_id in ids:
             (duplicates if doc_id in seen else seen).add(doc_id)
@@ -540,10 +704,13 @@ class GradientBank:
         if len(metadata) != len(documents):
             raise ReGradValueError(f"got {len(metadata)} metadata entries for {len(documents)} documents")
         for index, entry in enumerate(metadata):
+            if not isinstance(entry, Mapping):
+                raise ReGradValueError(f"metadata of document {index} must be a mapping, got {type(entry).__name__}")
             try:
                 json.dumps(dict(entry))
             except (TypeError, ValueError) as error:
                 raise ReGradValueError(f"metadata of document {index} is not JSON-serialisable: {error}") from error
+            check_metadata_size(entry, f"metadata of document {index}")
         return metadata
 
     def _check_known(self, ids: Sequence[str]) -> None:
@@ -551,15 +718,14 @@ class GradientBank:
         if unknown:
             raise ReGradKeyError(f"unknown document ids: {unknown[:5]}")
 
-    def _attach_shards(self, location: Location, shards: list[dict[str, str]], eager: bool) -> None:
-        """Points the bank at its shard files; opens them all now if `eager`, else each on its first use."""
-        rows_per_shard = [0] * len(shards)
-        for document in self._documents.values():
-            if document.shard is not None and 0 <= document.shard < len(shards):
-                rows_per_shard[document.shard] = max(rows_per_shard[document.shard], document.row + 1)
+    def _attach_shards(
+        self, location: Location, shards: list[dict[str, str]], shard_sizes: list[int], eager: bool
+    ) -> None:
+        """Points the bank at its shard files (with their row counts from bank_config.json); opens them all now if
+        `eager`, else each on its first use."""
         self._location = location
         self._shard_files = [shard["file"] for shard in shards]
-        self._shard_rows = rows_per_shard
+        self._shard_rows = list(shard_sizes)
         self._shard_checksums = [shard["sha256"] for shard in shards]
         self._readers, self._shard_handles = [None] * len(shards), [None] * len(shards)
         self._verified_shards = set()
@@ -568,24 +734,36 @@ class GradientBank:
 
     def _open_shard(self, index: int) -> None:
         """Opens (memory-maps) one shard, downloading it first if the bank is in a Hub repo, and checks its header
-        against the bank. Its checksum is verified separately, before its first row is used (see `_row`)."""
+        against the bank: header size, tensor names, dtypes, row shapes and row counts. An open shard keeps its
+        contents even if another bank later replaces the file on disk, so a bank never reads rows written for a
+        different layout. Its checksum is verified separately, before its first row is used (see `_row`)."""
         path = self._location.fetch(self._shard_files[index])
+        check_safetensors_header(path)
         try:
             reader = safe_open(str(path), framework="pt", device="cpu")
         except Exception as error:  # safetensors raises its own error type for a bad header
             raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
-        if set(reader.keys()) != set(self.parameter_shapes):
-            raise ReGradValueError(f"bank file {path} holds other tensors than the bank's LoRA tensors")
-        expected_dtype, rows = _SAFETENSORS_DTYPES[self.dtype], self._shard_rows[index]
-        for name, shape in self.parameter_shapes.items():
-            tensor = reader.get_slice(name)
-            if tensor.get_dtype() != expected_dtype or tensor.get_shape()[1:] != list(shape):
+        expected = {
+            name + suffix: spec
+            for name, shape in self.parameter_shapes.items()
+            for suffix, spec in self.format.specs(shape).items()
+        }
+        if set(reader.keys()) != set(expected):
+            raise ReGradValueError(
+                f"bank file {path} holds other tensors than the bank's LoRA tensors in format {self.dtype}"
+            )
+        rows = self._shard_rows[index]
+        for key, (dtype, row_shape) in expected.items():
+            tensor = reader.get_slice(key)
+            if tensor.get_dtype() != dtype or tensor.get_shape()[1:] != list(row_shape):
                 raise ReGradValueError(
-                    f"bank file {path}: tensor {name} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
-                    f"{expected_dtype} [rows, {', '.join(map(str, shape))}]"
+                    f"bank file {path}: tensor {key} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
+                    f"{dtype} [rows, {', '.join(map(str, row_shape))}]"
                 )
-            if tensor.get_shape()[0] < rows:
-                raise ReGradValueError(f"bank file {path}: {name} has {tensor.get_shape()[0]} rows, needs {rows}")
+            if tensor.get_shape()[0] != rows:
+                raise ReGradValueError(
+                    f"bank file {path}: {key} has {tensor.get_shape()[0]} rows, {CONFIG_FILE} says {rows}"
+                )
         self._readers[index] = reader
         self._shard_handles[index] = open(path, "rb")  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
 
@@ -600,46 +778,72 @@ class GradientBank:
             )
         self._verified_shards.add(index)
 
-    def _row(self, doc_id: str, name: str) -> torch.Tensor:
+    def _row(self, doc_id: str, key: str) -> torch.Tensor:
+        """One document's row of a stored tensor (`key` = LoRA tensor name + format suffix), as stored."""
         if doc_id in self._in_memory:
-            return self._in_memory[doc_id][name]
+            return self._in_memory[doc_id][key]
         document = self._documents[doc_id]
         if document.shard not in self._verified_shards:
             if self._readers[document.shard] is None:
                 self._open_shard(document.shard)
             self._verify_shard(document.shard)
-        return self._readers[document.shard].get_slice(name)[document.row : document.row + 1][0]
+        return self._readers[document.shard].get_slice(key)[document.row : document.row + 1][0]
+
+    def _encode(self, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stacked float gradients -> the stored tensors of the bank's format, by shard key."""
+        return {
+            name + suffix: tensor
+            for name, gradients in stacked.items()
+            for suffix, tensor in self.format.encode(gradients).items()
+        }
+
+    @property
+    def stored_keys(self) -> list[str]:
+        """The names of the tensors in a shard (LoRA tensor names, with the format's suffixes)."""
+        return [name + suffix for name in self.parameter_shapes for suffix in self.format.suffixes]
+
+    @property
+    def bytes_per_document(self) -> int:
+        """Bytes one document's gradients take in a shard (data only: codes and scales, no file header)."""
+        return self.format.bytes_per_document(self.parameter_shapes)
 
     def _write(self, directory: Path, max_shard_bytes: int) -> tuple[dict[str, tuple[int, int]], list[dict[str, str]]]:
         """Writes every bank file into `directory`. Returns where each document's gradient went, and the shards
         (file and SHA-256)."""
-        bytes_per_document = sum(
-            int(np.prod(shape)) * _TORCH_DTYPES[self.dtype].itemsize for shape in self.parameter_shapes.values()
-        )
-        per_shard = max(1, max_shard_bytes // max(1, bytes_per_document))
+        per_shard = max(1, max_shard_bytes // max(1, self.bytes_per_document))
         ids = self.ids
         (directory / GRADIENTS_DIR).mkdir()
         placements: dict[str, tuple[int, int]] = {}
         shards: list[dict[str, str]] = []
         for shard, start in enumerate(range(0, len(ids), per_shard)):
             chunk = ids[start : start + per_shard]
-            relative = f"{GRADIENTS_DIR}/shard-{shard:05d}.safetensors"
-            tensors = {
-                name: torch.stack([self._row(i, name) for i in chunk]).contiguous() for name in self.parameter_shapes
-            }
-            metadata = {"format": "pt", "fingerprint": self.fingerprint}
-            atomic_save_safetensors(tensors, directory / relative, metadata=metadata)
-            with open(directory / relative, "rb") as written:
-                shards.append({"file": relative, "sha256": _sha256(written)})
+            tensors = {key: torch.stack([self._row(i, key) for i in chunk]) for key in self.stored_keys}
+            shards.append(self._write_shard(directory, shard, tensors))
             placements.update({doc_id: (shard, row) for row, doc_id in enumerate(chunk)})
+        self._write_catalog(directory, placements, shards)
+        return placements, shards
 
+    def _write_shard(self, directory: Path, shard: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """Writes one shard (atomically); returns its file name and SHA-256."""
+        relative = f"{GRADIENTS_DIR}/shard-{shard:05d}.safetensors"
+        # one metadata key: safetensors writes several in a per-process random order, and shards should be
+        # byte-for-byte reproducible (a resumed build equals an uninterrupted one)
+        metadata = {"fingerprint": self.fingerprint}
+        atomic_save_safetensors(tensors, directory / relative, metadata=metadata)
+        with open(directory / relative, "rb") as written:
+            return {"file": relative, "sha256": _sha256(written)}
+
+    def _write_catalog(
+        self, directory: Path, placements: Mapping[str, tuple[int, int]], shards: list[dict[str, str]]
+    ) -> None:
+        """Writes documents.jsonl, index.usearch and bank_config.json (last: a directory with it is complete)."""
         lines = []
-        for doc_id in ids:
+        for doc_id in self.ids:
             document = self._documents[doc_id]
             shard, row = placements[doc_id]
             record = {"id": doc_id, "text": document.text, "metadata": document.metadata, "key": document.key}
             lines.append(json.dumps({**record, "shard": shard, "row": row}, ensure_ascii=False) + "\n")
-        (directory / DOCUMENTS_FILE).write_text("".join(lines), encoding="utf-8")
+        atomic_write_text(directory / DOCUMENTS_FILE, "".join(lines))
         self._index.save(str(directory / INDEX_FILE))
         config = {
             "format_version": FORMAT_VERSION,
@@ -650,7 +854,8 @@ class GradientBank:
             "index_metric": "cos",
             "index_dtype": INDEX_DTYPE,
             "dtype": self.dtype,
-            "num_documents": len(ids),
+            "quantization": self.format.describe(),
+            "num_documents": len(placements),
             "parameter_shapes": {name: list(shape) for name, shape in self.parameter_shapes.items()},
             "shards": [
                 {**shard, "num_documents": sum(1 for s, _ in placements.values() if s == index)}
@@ -658,7 +863,6 @@ class GradientBank:
             ],
         }
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        return placements, shards
 
     def __repr__(self) -> str:
         return (
@@ -685,15 +889,6 @@ def _check_finite(stacked: Mapping[str, torch.Tensor], ids: Sequence[str], where
         raise ReGradValueError(f"the gradients of documents {names[:5]} contain NaN or inf values{where}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ReGradValueError(f"bank file {path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ReGradValueError(f"bank file {path} is not valid JSON: {error}") from error
-
-
 def _recover_interrupted_save(target: Path) -> None:
     """Puts the previous bank back if a save was killed between moving it aside and moving the new one in."""
     if target.exists():
@@ -710,9 +905,11 @@ def _replace_directory(staging: Path, target: Path) -> None:
         staging.rename(target)
         return
     for entry in target.iterdir():
-        if entry.name not in BANK_FILES and not (staging / entry.name).exists():
+        if entry.name not in BANK_FILES + checkpoint.BUILD_FILES and not (staging / entry.name).exists():
             copy = shutil.copytree if entry.is_dir() else shutil.copy2
-            copy(entry, staging / entry.name)
+            partial = staging / f".{entry.name}.copying"  # renamed when complete: a kill never leaves half a copy
+            copy(entry, partial)
+            partial.rename(staging / entry.name)
     backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     target.rename(backup)
     try:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .defaults import shipped_learner_path
+from .quantization import BANK_DTYPES
 
 # The method names of `regrad eval` (kept here so that `regrad --help` imports no torch).
 METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
@@ -82,13 +83,32 @@ def document_nll(model, text: str) -> float:
 
 
 def build_bank(args: argparse.Namespace) -> int:
+    """Builds a bank into `--output`, checkpointing finished shards: rerunning the same command after an
+    interruption resumes where it stopped."""
     from .bank import GradientBank
+    from .bank_checkpoint import resume_message
+    from .errors import ReGradError
 
     texts, ids, metadata = read_documents(Path(args.documents))
     model = load_learner(args.learner, args.seed)
-    bank = GradientBank.build(model, texts, ids=ids, metadata=metadata, batch_size=args.batch_size)
     output = Path(args.output)
-    bank.save_pretrained(output)
+    message = resume_message(output)
+    if message:
+        print(message)
+    try:
+        bank = GradientBank.build(
+            model,
+            texts,
+            ids=ids,
+            metadata=metadata,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            output_dir=output,
+            max_shard_bytes=args.max_shard_mb << 20,
+        )
+    except ReGradError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     model.save_pretrained(output / LEARNER_SUBDIR)  # `ask` needs the very learner the bank was built with
     print(f"saved {bank} to {output}")
     return 0
@@ -304,8 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("build-bank", help="compute and save the gradient bank of a set of documents")
     sub.add_argument("--documents", required=True, help="JSONL ({text, id?, metadata?} per line) or text, one per line")
-    sub.add_argument("--output", required=True, help="directory to write the bank to")
+    sub.add_argument(
+        "--output",
+        required=True,
+        help="directory to write the bank to; finished shards are checkpointed, so rerunning an interrupted "
+        "command resumes it",
+    )
     sub.add_argument("--batch-size", type=int, default=8)
+    sub.add_argument(
+        "--dtype", choices=BANK_DTYPES, default=None, help="how to store gradients (default: the learner's bank_dtype)"
+    )
+    sub.add_argument("--max-shard-mb", type=int, default=1024, help="shard (and checkpoint) size in MiB (default 1024)")
     common(sub, default_learner())
     sub.set_defaults(run=build_bank)
 

@@ -8,10 +8,10 @@ from typing import Literal
 from transformers import PreTrainedConfig
 
 from .errors import ReGradValueError
+from .quantization import BANK_DTYPES
 
 STEP_SIZE_MODES = ("tie", "same", "fix")
 STEP_SIZE_PARAMETRIZATIONS = ("log", "linear")
-BANK_DTYPES = ("bfloat16", "float16", "float32")
 
 # Keys that `PreTrainedConfig.__post_init__` consumes itself; anything else we do not know is reported.
 _BASE_CONFIG_KEYS = frozenset(
@@ -85,7 +85,7 @@ class ReGradConfig(PreTrainedConfig):
     top_k_docs: int = 3
     max_document_tokens: int = 512
     embedder: str | None = None
-    bank_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    bank_dtype: Literal["bfloat16", "float16", "float32", "int8", "int4", "int3", "int2"] = "bfloat16"
 
     def __post_init__(self, **kwargs):
         unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
@@ -105,7 +105,10 @@ class ReGradConfig(PreTrainedConfig):
                 f"got {self.step_size_parametrization!r}"
             )
         if self.bank_dtype not in BANK_DTYPES:
-            raise ReGradValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {self.bank_dtype!r}")
+            raise ReGradValueError(
+                f"bank_dtype must be one of {list(BANK_DTYPES)}, got {self.bank_dtype!r} (bfloat16 is the default; "
+                "int8, int4, int3 and int2 are quantised formats with per-group scales)"
+            )
         for name in ("lora_rank", "top_k_docs", "max_document_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

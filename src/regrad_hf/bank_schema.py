@@ -1,0 +1,234 @@
+"""Checks of a bank's files before they are trusted: `bank_config.json` and `documents.jsonl` against their schema,
+safetensors headers against size limits.
+
+A bank may come from anyone (the Hub), so every field is checked for presence, type and range, with limits on
+sizes that would otherwise exhaust memory (a 100 GB header, a billion-element "LoRA tensor"). Errors are
+[`ReGradValueError`]s naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ReGradValueError
+from .quantization import BANK_DTYPES, FLOAT_DTYPES, gradient_format
+
+READABLE_FORMAT_VERSIONS = (1, 2)
+MAX_CONFIG_BYTES = 64 << 20
+MAX_SAFETENSORS_HEADER_BYTES = 16 << 20
+MAX_DOCUMENT_RECORD_BYTES = 64 << 20  # one line of documents.jsonl
+MAX_TEXT_CHARS = 16 << 20
+MAX_ID_CHARS = 1024
+MAX_METADATA_BYTES = 1 << 20
+MAX_DOCUMENTS = 1 << 40
+MAX_TENSORS = 1 << 16
+MAX_TENSOR_ELEMENTS = 1 << 28  # per document and tensor: 1 GiB in float32
+MAX_TENSOR_RANK = 4
+MAX_EMBEDDING_DIM = 1 << 16
+MAX_STRING_CHARS = 4096  # names, hashes, identities
+
+SHARD_FILE = re.compile(r"gradients/shard-[0-9]{5,9}\.safetensors")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+DOCUMENT_FIELDS = ("id", "text", "metadata", "key", "shard", "row")
+
+
+def _fail(path: Path, field: str, problem: str) -> ReGradValueError:
+    return ReGradValueError(f"{path}: field {field!r} {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(config: Mapping, key: str, path: Path, low: int, high: int, field: str | None = None) -> int:
+    field = field or key
+    if key not in config:
+        raise _fail(path, field, "is missing")
+    value = config[key]
+    if not _is_int(value) or not low <= value <= high:
+        raise _fail(path, field, f"must be an integer from {low} to {high}, got {_short(value)}")
+    return value
+
+
+def _str(config: Mapping, key: str, path: Path, pattern: re.Pattern | None = None, field: str | None = None) -> str:
+    field = field or key
+    if key not in config:
+        raise _fail(path, field, "is missing")
+    value = config[key]
+    if not isinstance(value, str) or not value or len(value) > MAX_STRING_CHARS:
+        raise _fail(path, field, f"must be a non-empty string of at most {MAX_STRING_CHARS} characters")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _fail(path, field, f"must match {pattern.pattern!r}, got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_json_file(path: Path) -> Any:
+    """Reads a JSON file of at most [`MAX_CONFIG_BYTES`]."""
+    if not path.is_file():
+        raise ReGradValueError(f"bank file {path} is missing")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ReGradValueError(f"bank file {path} is {size} bytes, more than the limit of {MAX_CONFIG_BYTES}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ReGradValueError(f"bank file {path} is not valid JSON: {error}") from error
+
+
+def validate_config(config: Any, path: Path) -> dict[str, Any]:
+    """Checks a parsed `bank_config.json` (any readable format version) and returns it.
+
+    Raises:
+        [`ReGradValueError`]: naming the file and the first bad field.
+    """
+    if not isinstance(config, dict):
+        raise ReGradValueError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    version = config.get("format_version")
+    if not _is_int(version) or version not in READABLE_FORMAT_VERSIONS:
+        raise _fail(
+            path,
+            "format_version",
+            f"is {_short(version)}; this regrad-hf reads versions {list(READABLE_FORMAT_VERSIONS)} "
+            "(upgrade regrad-hf to read newer banks)",
+        )
+    _str(config, "fingerprint", path, SHA256)
+    learner = config.get("learner")
+    if not isinstance(learner, dict) or not learner or len(learner) > 64:
+        raise _fail(path, "learner", "must be a non-empty object of at most 64 fields")
+    for key, value in learner.items():
+        if not isinstance(value, (str, int, float, bool, type(None))) or len(str(value)) > MAX_STRING_CHARS:
+            raise _fail(path, f"learner.{key}", f"must be a JSON scalar of at most {MAX_STRING_CHARS} characters")
+    _str(config, "embedder", path)
+    _int(config, "embedding_dim", path, 1, MAX_EMBEDDING_DIM)
+    for key, expected in (("index_metric", "cos"), ("index_dtype", "f32")):
+        if config.get(key) != expected:
+            raise _fail(path, key, f"must be {expected!r}, got {_short(config.get(key))}")
+    dtypes = list(FLOAT_DTYPES) if version == 1 else list(BANK_DTYPES)
+    if config.get("dtype") not in dtypes:
+        raise _fail(
+            path, "dtype", f"must be one of {dtypes} in format version {version}, got {_short(config.get('dtype'))}"
+        )
+    quantization = config.get("quantization")
+    if config["dtype"] in FLOAT_DTYPES:
+        if quantization is not None:
+            raise _fail(path, "quantization", f"must be null for dtype {config['dtype']!r}")
+    else:
+        if not isinstance(quantization, dict) or quantization.get("method") != "absmax":
+            raise _fail(path, "quantization", "must be an object with method 'absmax', bits and group_size")
+        if quantization.get("scale_dtype") != "bfloat16":
+            raise _fail(
+                path, "quantization.scale_dtype", f"must be 'bfloat16', got {_short(quantization.get('scale_dtype'))}"
+            )
+        try:
+            gradient_format(config["dtype"], quantization)
+        except ReGradValueError as error:
+            raise _fail(path, "quantization", f"is invalid: {error}") from None
+    num_documents = _int(config, "num_documents", path, 0, MAX_DOCUMENTS)
+
+    shapes = config.get("parameter_shapes")
+    if not isinstance(shapes, dict) or not shapes or len(shapes) > MAX_TENSORS:
+        raise _fail(path, "parameter_shapes", f"must be a non-empty object of at most {MAX_TENSORS} tensors")
+    for name, shape in shapes.items():
+        field = f"parameter_shapes.{name}"
+        if not name or len(name) > MAX_STRING_CHARS:
+            raise _fail(path, field, "has an empty or overlong tensor name")
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= MAX_TENSOR_RANK
+            or not all(_is_int(size) and size >= 1 for size in shape)
+            or math.prod(shape) > MAX_TENSOR_ELEMENTS
+        ):
+            raise _fail(
+                path,
+                field,
+                f"must be a list of 1 to {MAX_TENSOR_RANK} positive sizes with at most {MAX_TENSOR_ELEMENTS} elements "
+                f"in all, got {_short(shape)}",
+            )
+
+    shards = config.get("shards")
+    if not isinstance(shards, list):
+        raise _fail(path, "shards", "must be a list")
+    files = set()
+    for index, shard in enumerate(shards):
+        field = f"shards[{index}]"
+        if not isinstance(shard, dict):
+            raise _fail(path, field, "must be an object with file, sha256 and num_documents")
+        # the pattern also keeps shard paths inside the bank directory
+        files.add(_str(shard, "file", path, SHARD_FILE, field=f"{field}.file"))
+        _str(shard, "sha256", path, SHA256, field=f"{field}.sha256")
+        _int(shard, "num_documents", path, 0, MAX_DOCUMENTS, field=f"{field}.num_documents")
+    if len(files) != len(shards):
+        raise _fail(path, "shards", "names the same file twice")
+    stored = sum(shard["num_documents"] for shard in shards)
+    if stored != num_documents:
+        raise _fail(path, "num_documents", f"is {num_documents}, but the shards hold {stored} documents")
+    return config
+
+
+def validate_document(record: Any, path: Path, number: int, shard_sizes: list[int]) -> dict[str, Any]:
+    """Checks one parsed line of `documents.jsonl` against the shards it points into and returns it."""
+    where = Path(f"{path} line {number}")
+    if not isinstance(record, dict):
+        raise ReGradValueError(f"{where}: must hold a JSON object")
+    unknown = sorted(set(record) - set(DOCUMENT_FIELDS))
+    if unknown:
+        raise _fail(where, unknown[0], f"is unknown (the fields are {list(DOCUMENT_FIELDS)})")
+    doc_id = record.get("id")
+    if not isinstance(doc_id, str) or not doc_id or len(doc_id) > MAX_ID_CHARS:
+        raise _fail(where, "id", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_CHARS:
+        raise _fail(where, "text", f"must be a non-empty string of at most {MAX_TEXT_CHARS} characters")
+    for field in ("id", "text"):
+        try:
+            record[field].encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(where, field, "is not valid Unicode (lone surrogate escapes)") from None
+    metadata = record.get("metadata")
+    if not isinstance(metadata, dict):
+        raise _fail(where, "metadata", "must be a JSON object")
+    check_metadata_size(metadata, where)
+    _int(record, "key", where, 0, (1 << 63) - 1)
+    shard = _int(record, "shard", where, 0, max(0, len(shard_sizes) - 1))
+    if not shard_sizes:
+        raise _fail(where, "shard", "points into a bank without shards")
+    _int(record, "row", where, 0, shard_sizes[shard] - 1)
+    return record
+
+
+def check_metadata_size(metadata: Mapping[str, Any], where: Path | str) -> None:
+    """Refuses metadata whose JSON is larger than [`MAX_METADATA_BYTES`]."""
+    size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if size > MAX_METADATA_BYTES:
+        raise ReGradValueError(f"{where}: metadata of {size} bytes is larger than the limit of {MAX_METADATA_BYTES}")
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Reads a safetensors file's 8-byte header length and refuses files whose header is over
+    [`MAX_SAFETENSORS_HEADER_BYTES`] or runs past the end of the file, before any parser sees the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {size} bytes, truncated")
+    header = int.from_bytes(prefix, "little")
+    if header > MAX_SAFETENSORS_HEADER_BYTES:
+        raise ReGradValueError(
+            f"bank file {path} declares a safetensors header of {header} bytes, more than the limit of "
+            f"{MAX_SAFETENSORS_HEADER_BYTES}: refusing to read it"
+        )
+    if 8 + header > size:
+        raise ReGradValueError(
+            f"bank file {path} is not a readable safetensors file: its header needs {8 + header} bytes, the file "
+            f"has {size} (truncated)"
+        )
