@@ -168,7 +168,7 @@ class GradientBank:
         documents: Sequence[str],
         ids: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
-        batch_size: int = 8,
+        batch_size: int = 16,
         embedder_model=None,
         show_progress: bool = True,
         dtype: str | None = None,
@@ -182,7 +182,7 @@ class GradientBank:
             documents (`Sequence[str]`): the texts.
             ids (`Sequence[str]`, *optional*): unique ids; defaults to `"0"`, `"1"`, ...
             metadata (`Sequence[dict]`, *optional*): JSON-serialisable metadata per document.
-            batch_size (`int`, defaults to 8): documents per gradient batch (and progress-bar step).
+            batch_size (`int`, defaults to 16): documents per gradient batch, padded together (and progress-bar step).
             embedder_model (*optional*): an already loaded `SentenceTransformer` matching `model.config.embedder`.
             show_progress (`bool`, defaults to `True`): show a progress bar.
             dtype (`str`, *optional*): how to store the gradients (see [`GradientBank`]); defaults to
@@ -221,7 +221,7 @@ class GradientBank:
         documents: Sequence[str],
         ids: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
-        batch_size: int = 8,
+        batch_size: int = 16,
         show_progress: bool = True,
     ) -> list[str]:
         """Adds documents. Everything is validated and computed before the bank changes, so a failure adds nothing.

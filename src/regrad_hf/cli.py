@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory to write the bank to; finished shards are checkpointed, so rerunning an interrupted "
         "command resumes it",
     )
-    sub.add_argument("--batch-size", type=int, default=8)
+    sub.add_argument("--batch-size", type=int, default=16, help="documents per gradient batch")
     sub.add_argument(
         "--dtype", choices=BANK_DTYPES, default=None, help="how to store gradients (default: the learner's bank_dtype)"
     )
