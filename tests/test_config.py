@@ -24,7 +24,7 @@ def test_unknown_keys_warn_and_are_dropped():
     [
         {"step_size_mode": "bogus"},
         {"step_size_parametrization": "cubic"},
-        {"bank_dtype": "int3"},
+        {"bank_dtype": "int16"},
         {"lora_rank": 0},
         {"top_k_docs": 0},
         {"max_document_tokens": 1},
