@@ -37,6 +37,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects
 
+from .defaults import DEFAULT_EMBEDDER_ID
 from .errors import ReGradHubError, ReGradValueError
 
 LIBRARY_NAME = "regrad-hf"
@@ -382,7 +383,7 @@ def render_model_card(
         gamma=config.gamma,
         top_k_docs=config.top_k_docs,
         fingerprint=fingerprint,
-        embedder=config.embedder or "sentence-transformers/all-MiniLM-L6-v2",
+        embedder=config.embedder or DEFAULT_EMBEDDER_ID,
         evaluation={name: f"{value:.4g}" for name, value in (evaluation or {}).items()},
         evaluation_dataset=(data.datasets or [None])[0],
     )
