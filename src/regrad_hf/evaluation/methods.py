@@ -20,6 +20,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ class ContinualPretraining:
         self.steps = 0
         self.seconds = 0.0
         self.losses: list[float] = []
+        self.truncated_documents = 0
 
     def train(self, documents: Sequence[str], show_progress: bool = False) -> None:
         """One optimiser step per document, in the given order."""
@@ -176,7 +178,12 @@ class ContinualPretraining:
         model.train()
         try:
             for text in tqdm(documents, desc=f"CPT ({self.config.mode})", disable=not show_progress):
-                input_ids = torch.tensor([tokenize_document(tokenizer, text, max_tokens)], device=model.device)
+                # One count in the results instead of a truncation warning per optimiser step.
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    ids = tokenize_document(tokenizer, text, max_tokens)
+                self.truncated_documents += bool(caught)
+                input_ids = torch.tensor([ids], device=model.device)
                 loss = model(input_ids=input_ids, labels=input_ids).loss
                 loss.backward()
                 self.optimizer.step()

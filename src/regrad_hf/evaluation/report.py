@@ -178,7 +178,9 @@ def render_report(results: Mapping) -> str:
             f"(the documents the questions need, as in CaMeLS-style evaluations), {cpt['epochs']} "
             f"epoch(s), AdamW lr {cpt['learning_rate']}, one document per step ({cpt['steps']} steps, "
             f"{cpt['train_seconds']:.0f} s); LM loss {cpt['first_loss']:.3f} (first step) -> "
-            f"{cpt['last_epoch_mean_loss']:.3f} (mean of the last epoch); it changed "
+            f"{cpt['last_epoch_mean_loss']:.3f} (mean of the last epoch; "
+            f"{cpt.get('truncated_documents', 0)} document(s) truncated to the learner's max_document_tokens, as for "
+            "ReGrad's gradients); it changed "
             f"{change['changed_elements']:,} of {change['total_elements']:,} weights (relative L2 "
             f"{change['relative_l2']:.2e}) and they stay changed."
         )
@@ -211,7 +213,8 @@ def render_report(results: Mapping) -> str:
             f"After injecting N documents: the {drift['stream_documents']} gold documents of the evaluated questions, "
             "in CPT's seeded training order (ReGrad cycles through them when N is larger; CPT stops at its training "
             f"length, and its last point is the CPT model of the table above). Held-out perplexity is measured on "
-            f"{drift['heldout_documents']} bank documents that are gold for no evaluated question. Probes: "
+            f"{drift['heldout_documents']} bank document{'s' if drift['heldout_documents'] != 1 else ''} that "
+            f"{'are' if drift['heldout_documents'] != 1 else 'is'} gold for no evaluated question. Probes: "
             + ", ".join(f"{name} ({count} questions)" for name, count in drift["probes"].items())
             + ", each option scored by the mean log-probability of its tokens after the question's chat prompt "
             "(length-normalised); the highest score is the model's choice; the mean right-option log-probability is "

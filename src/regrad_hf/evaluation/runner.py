@@ -160,6 +160,7 @@ def run_evaluation(
                 "documents": len(gold),
                 "steps": cpt.steps,
                 "train_seconds": cpt.seconds,
+                "truncated_documents": cpt.truncated_documents,
                 "first_loss": cpt.losses[0],
                 "last_epoch_mean_loss": float(np.mean(cpt.losses[-len(gold) :])),
                 "weight_change": change,
