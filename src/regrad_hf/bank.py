@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ from .bank_schema import (
 from .config import ReGradConfig
 from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
+from .distributed import broadcast_flags, everyone, process_rank
 from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, Location, locate, push_folder, render_bank_card
@@ -55,6 +57,8 @@ from .quantization import GradientFormat, gradient_format
 
 # 2: quantised formats (int8/int4/int3/int2: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
 # in bank_config.json ("quantization"). Version 1 banks (float formats only) read unchanged.
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 2
 CONFIG_FILE = "bank_config.json"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -291,8 +295,10 @@ class GradientBank:
         output_dir: Path,
         max_shard_bytes: int,
     ) -> GradientBank:
-        """[`build`] with `output_dir`: shard by shard, checkpointed, resuming a previous interrupted build."""
-        ids, metadata = self._check_new(model, documents, ids, metadata, batch_size)
+        """[`build`] with `output_dir`: shard by shard, checkpointed, resuming a previous interrupted build; with
+        several processes, each computes a share of the unfinished shards and process 0 publishes the bank."""
+        rank, world = process_rank()
+        ids, metadata = everyone(lambda: self._check_new(model, documents, ids, metadata, batch_size), "checking")
         output = output_dir.resolve()
         per_shard = max(1, max_shard_bytes // max(1, self.bytes_per_document))
         expected = checkpoint.new_state(
@@ -305,46 +311,109 @@ class GradientBank:
             num_documents=len(ids),
             documents_per_shard=per_shard,
         )
-        found = checkpoint.find_state(output)
-        if found is not None:
-            checkpoint.check_same_build(found[1], expected, found[0])
-        if found is not None and found[0] == output:  # killed after publishing, before tidying up
-            checkpoint.remove_build_files(output)
-            return GradientBank.from_pretrained(output, embedder_model=self._embedder)
         work = checkpoint.work_directory(output)
-        state = found[1] if found is not None else expected
-        if found is None:
-            shutil.rmtree(work, ignore_errors=True)
-            (work / GRADIENTS_DIR).mkdir(parents=True, mode=DIRECTORY_MODE)
-            (work / checkpoint.EMBEDDINGS_DIR).mkdir(mode=DIRECTORY_MODE)
-        checkpoint.remove_stray_files(work)
-        del state["shards"][checkpoint.finished_shards(work, state) :]
-        starts = list(range(0, len(ids), per_shard))
-        done = sum(min(per_shard, len(ids) - start) for start in starts[: len(state["shards"])])
-        with tqdm(total=len(ids), initial=done, desc="Document gradients", disable=not show_progress) as progress:
-            for shard in range(len(state["shards"]), len(starts)):
-                chunk = slice(starts[shard], starts[shard] + per_shard)
-                tensors = self._compute(model, documents[chunk], ids[chunk], batch_size, progress)
-                embeddings = torch.from_numpy(self._embed(list(documents[chunk])))
-                record = self._write_shard(work, shard, tensors)
-                relative = f"{checkpoint.EMBEDDINGS_DIR}/shard-{shard:05d}.safetensors"
-                atomic_save_safetensors({"embeddings": embeddings}, work / relative)
-                record.update(embeddings=relative, embeddings_sha256=checkpoint.file_sha256(work / relative))
-                state["shards"].append(record)
-                atomic_write_text(work / checkpoint.BUILD_STATE_FILE, json.dumps(state, indent=2) + "\n")
 
-        # every shard is done: catalogue and index, then swap the work directory in
+        def check() -> bool:  # read-only, so every process raises the same error itself
+            found = checkpoint.find_state(output)
+            if found is not None:
+                checkpoint.check_same_build(found[1], expected, found[0])
+            return found is not None and found[0] == output  # killed after publishing, before tidying up
+
+        if everyone(check, "checking the build directory"):
+            everyone(lambda: rank == 0 and checkpoint.remove_build_files(output), "tidying up")
+            return GradientBank.from_pretrained(output, embedder_model=self._embedder)
+
+        num_shards = checkpoint.shard_count(expected)
+        todo = everyone(lambda: self._prepare_work(work, expected) if rank == 0 else [], "preparing the build")
+        todo = broadcast_flags(todo, num_shards)
+        mine = [shard for shard in range(num_shards) if todo[shard]][rank::world]
+        mine_documents = sum(checkpoint.shard_size(expected, shard) for shard in mine)
+        logger.info(
+            "%s%d of %d shards (%d documents) to compute",
+            f"process {rank} of {world}: " if world > 1 else "",
+            len(mine),
+            num_shards,
+            mine_documents,
+        )
+        label = "Document gradients" + (f" (process {rank} of {world})" if world > 1 else "")
+        with tqdm(
+            total=mine_documents,
+            desc=label,
+            disable=not show_progress or rank != 0,
+        ) as progress:
+            everyone(
+                lambda: self._build_shards(model, documents, ids, batch_size, work, expected, mine, progress),
+                "computing",
+            )
+        everyone(lambda: rank == 0 and self._publish(work, output, expected, ids, documents, metadata), "publishing")
+        return GradientBank.from_pretrained(output, embedder_model=self._embedder)
+
+    @staticmethod
+    def _prepare_work(work: Path, state: dict[str, Any]) -> list[bool]:
+        """Process 0: creates or tidies the work directory; returns, by shard, whether it is still to compute."""
+        if not (work / checkpoint.BUILD_STATE_FILE).is_file():
+            shutil.rmtree(work, ignore_errors=True)
+            for folder in (GRADIENTS_DIR, checkpoint.EMBEDDINGS_DIR, checkpoint.RECORDS_DIR):
+                (work / folder).mkdir(parents=True, mode=DIRECTORY_MODE)
+            atomic_write_text(work / checkpoint.BUILD_STATE_FILE, json.dumps(state, indent=2) + "\n")
+        checkpoint.remove_stray_files(work)
+        finished = checkpoint.finished_shards(work, state)
+        return [shard not in finished for shard in range(checkpoint.shard_count(state))]
+
+    def _build_shards(
+        self,
+        model: GradientSource,
+        documents: Sequence[str],
+        ids: Sequence[str],
+        batch_size: int,
+        work: Path,
+        state: Mapping[str, Any],
+        shards: Sequence[int],
+        progress,
+    ) -> None:
+        """Computes and writes `shards` (numbers) into the work directory, each finished by its record."""
+        per_shard = state["documents_per_shard"]
+        for shard in shards:
+            chunk = slice(shard * per_shard, (shard + 1) * per_shard)
+            tensors = self._compute(model, documents[chunk], ids[chunk], batch_size, progress)
+            embeddings = torch.from_numpy(self._embed(list(documents[chunk])))
+            record = self._write_shard(work, shard, tensors)
+            relative = f"{checkpoint.EMBEDDINGS_DIR}/shard-{shard:05d}.safetensors"
+            atomic_save_safetensors({"embeddings": embeddings}, work / relative)
+            record.update(embeddings=relative, embeddings_sha256=checkpoint.file_sha256(work / relative))
+            checkpoint.write_record(work, shard, record)
+
+    def _publish(
+        self,
+        work: Path,
+        output: Path,
+        state: Mapping[str, Any],
+        ids: Sequence[str],
+        documents: Sequence[str],
+        metadata: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Process 0, every shard finished: writes the catalogue and index and swaps the work directory in."""
+        num_shards = checkpoint.shard_count(state)
+        # Checksums were verified (or computed) as the shards were resumed or written; here only their presence.
+        records = checkpoint.finished_shards(work, state, verify=False)
+        missing = [shard for shard in range(num_shards) if shard not in records]
+        if missing:
+            raise ReGradValueError(
+                f"shards {missing[:5]} of the build in {work} are not there although their processes finished: with "
+                "several machines, the output directory must be on a filesystem that every process sees"
+            )
+        per_shard = state["documents_per_shard"]
         placements = {doc_id: (index // per_shard, index % per_shard) for index, doc_id in enumerate(ids)}
         for key, (doc_id, text, meta) in enumerate(zip(ids, documents, metadata, strict=True)):
             self._documents[doc_id] = _Document(doc_id, text, dict(meta), key, *placements[doc_id])
             self._ids_by_key[key] = doc_id
-        for shard, record in enumerate(state["shards"]):
-            with safe_open(str(work / record["embeddings"]), framework="np") as stored:
+        for shard in range(num_shards):
+            with safe_open(str(work / records[shard]["embeddings"]), framework="np") as stored:
                 vectors = stored.get_tensor("embeddings")
-            start = starts[shard]
+            start = shard * per_shard
             self._index.add(np.arange(start, start + len(vectors), dtype=np.uint64), vectors)
         self._next_key = len(ids)
-        shards = [{"file": record["file"], "sha256": record["sha256"]} for record in state["shards"]]
+        shards = [{"file": records[shard]["file"], "sha256": records[shard]["sha256"]} for shard in range(num_shards)]
         self._write_catalog(work, placements, shards)
         self._documents.clear()
         self._ids_by_key.clear()
@@ -352,7 +421,6 @@ class GradientBank:
         checkpoint.remove_build_files(output)
         for backup in output.parent.glob(f".{output.name}.old-*"):  # left by a kill inside an earlier swap
             shutil.rmtree(backup, ignore_errors=True)
-        return GradientBank.from_pretrained(output, embedder_model=self._embedder)
 
     def remove(self, ids: str | Sequence[str]) -> None:
         """Removes documents by id. Unknown ids raise [`ReGradKeyError`] before anything is removed."""

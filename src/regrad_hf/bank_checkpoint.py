@@ -1,14 +1,17 @@
-"""Resumable bank builds: the state a build keeps next to its output so that an interrupted build resumes.
+"""Resumable (and multi-process) bank builds: the state a build keeps next to its output.
 
 `GradientBank.build(..., output_dir=out)` works in a hidden sibling directory `.out.build/`:
 
     build_state.json                    what is being built (learner fingerprint, format, documents digest, shard size)
-                                        and the finished shards, each with the SHA-256 of its files
     gradients/shard-NNNNN.safetensors   finished shards, exactly as the final bank holds them
     embeddings/shard-NNNNN.safetensors  the embeddings of each finished shard's documents
+    records/shard-NNNNN.json            one per finished shard: its two files and their SHA-256
 
-Each shard is written atomically before `build_state.json` is rewritten (atomically) to list it, so a kill at any
-point leaves a state that lists only complete shards. When every shard is done the catalogue (documents, index,
+The documents are cut into shards of a fixed number of documents (from `max_shard_bytes`), whatever the number of
+processes. A shard is finished when its record is: both files are written atomically before the record, so a kill
+at any point leaves only complete shards recorded, and shards can finish in any order (each process of a
+distributed build computes its own). A build resumes by verifying the records' checksums and computing the shards
+that have none, with any number of processes. When every shard is done the catalogue (documents, index,
 `bank_config.json`) is written into the work directory, which is then swapped in for `out` whole.
 """
 
@@ -24,11 +27,13 @@ from typing import Any
 
 from .bank_schema import SHA256, SHARD_FILE, read_json_file
 from .errors import BankMismatchError, ReGradValueError
+from .files import atomic_write_text
 
 BUILD_STATE_FILE = "build_state.json"
 EMBEDDINGS_DIR = "embeddings"
-BUILD_FILES = (BUILD_STATE_FILE, EMBEDDINGS_DIR)
-BUILD_STATE_VERSION = 1
+RECORDS_DIR = "records"
+BUILD_FILES = (BUILD_STATE_FILE, EMBEDDINGS_DIR, RECORDS_DIR)
+BUILD_STATE_VERSION = 2
 _EMBEDDINGS_FILE = re.compile(rf"{EMBEDDINGS_DIR}/shard-[0-9]{{5,9}}\.safetensors")
 # what must be equal for a build to resume, besides the learner fingerprint
 _SAME_BUILD = ("dtype", "quantization", "embedder", "documents_digest", "num_documents", "documents_per_shard")
@@ -57,7 +62,27 @@ def file_sha256(path: Path) -> str:
 
 
 def new_state(fingerprint: str, **fields: Any) -> dict[str, Any]:
-    return {"build_state_version": BUILD_STATE_VERSION, "fingerprint": fingerprint, **fields, "shards": []}
+    return {"build_state_version": BUILD_STATE_VERSION, "fingerprint": fingerprint, **fields}
+
+
+def shard_count(state: Mapping[str, Any]) -> int:
+    """How many shards the build described by `state` has."""
+    return -(-state["num_documents"] // state["documents_per_shard"])
+
+
+def shard_size(state: Mapping[str, Any], shard: int) -> int:
+    """How many documents shard number `shard` holds (the last one may hold fewer)."""
+    per_shard = state["documents_per_shard"]
+    return min(per_shard, state["num_documents"] - shard * per_shard)
+
+
+def record_path(directory: Path, shard: int) -> Path:
+    return directory / RECORDS_DIR / f"shard-{shard:05d}.json"
+
+
+def write_record(directory: Path, shard: int, record: Mapping[str, str]) -> None:
+    """Marks shard number `shard` finished; its files must already be written."""
+    atomic_write_text(record_path(directory, shard), json.dumps(dict(record), indent=2) + "\n")
 
 
 def find_state(output: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -92,28 +117,30 @@ def check_same_build(state: Mapping[str, Any], expected: Mapping[str, Any], wher
         )
 
 
-def finished_shards(directory: Path, state: Mapping[str, Any]) -> int:
-    """How many of the state's shards are intact on disk (well-formed entries, files present, checksums matching), in
-    order: a build resumes after the last of them."""
-    shards = state.get("shards")
-    count = 0
-    for shard in shards if isinstance(shards, list) else []:
+def finished_shards(directory: Path, state: Mapping[str, Any], verify: bool = True) -> dict[int, dict[str, str]]:
+    """The records of the shards that are finished in `directory`, by shard number: records well-formed, files
+    present and, with `verify`, their checksums matching. A build computes the others."""
+    finished = {}
+    for shard in range(shard_count(state)):
+        path = record_path(directory, shard)
+        if not path.is_file():
+            continue
         try:
-            files = ((shard["file"], shard["sha256"]), (shard["embeddings"], shard["embeddings_sha256"]))
-        except (KeyError, TypeError):
-            break
-        if not all(
+            record = read_json_file(path)
+            files = ((record["file"], record["sha256"]), (record["embeddings"], record["embeddings_sha256"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if all(
             isinstance(name, str)
             and (SHARD_FILE.fullmatch(name) or _EMBEDDINGS_FILE.fullmatch(name))
             and isinstance(sha, str)
             and SHA256.fullmatch(sha)
             and (directory / name).is_file()
-            and file_sha256(directory / name) == sha
+            and (not verify or file_sha256(directory / name) == sha)
             for name, sha in files
         ):
-            break
-        count += 1
-    return count
+            finished[shard] = record
+    return finished
 
 
 def resume_message(output: Path) -> str | None:
@@ -123,9 +150,9 @@ def resume_message(output: Path) -> str | None:
         return None
     directory, state = found
     total, per_shard = state.get("num_documents"), state.get("documents_per_shard")
-    if not isinstance(total, int) or not isinstance(per_shard, int):
+    if not isinstance(total, int) or not isinstance(per_shard, int) or per_shard < 1:
         return None
-    done = min(total, per_shard * finished_shards(directory, state))
+    done = sum(shard_size(state, shard) for shard in finished_shards(directory, state))
     return f"resuming the interrupted build in {directory}: {done} of {total} documents already done"
 
 
@@ -143,6 +170,7 @@ def remove_stray_files(directory: Path) -> None:
 def remove_build_files(directory: Path) -> None:
     (directory / BUILD_STATE_FILE).unlink(missing_ok=True)
     shutil.rmtree(directory / EMBEDDINGS_DIR, ignore_errors=True)
+    shutil.rmtree(directory / RECORDS_DIR, ignore_errors=True)
 
 
 def _short(value: Any) -> str:

@@ -41,6 +41,18 @@ def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] 
     return texts, ids, metadata
 
 
+def log_to_stderr() -> None:
+    """Shows regrad-hf's own INFO messages (not other libraries') on stderr."""
+    import logging
+
+    logger = logging.getLogger("regrad_hf")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def load_learner(learner: str | None, seed: int):
     """A saved learner; `"fresh"` for an untrained one on the embedded base model (seeded, so runs repeat)."""
     import torch
@@ -84,15 +96,27 @@ def document_nll(model, text: str) -> float:
 
 def build_bank(args: argparse.Namespace) -> int:
     """Builds a bank into `--output`, checkpointing finished shards: rerunning the same command after an
-    interruption resumes where it stopped."""
+    interruption resumes where it stopped. Under `torchrun` or `accelerate launch` every process computes a share of
+    the shards and process 0 publishes the bank (the result does not depend on the number of processes)."""
+    import os
+
     from .bank import GradientBank
     from .bank_checkpoint import resume_message
     from .errors import ReGradError
 
     texts, ids, metadata = read_documents(Path(args.documents))
     model = load_learner(args.learner, args.seed)
+    log_to_stderr()
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by a launcher: join its process group
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        rank = state.process_index
+        model.to(state.device)  # this process's GPU; the CPU otherwise
     output = Path(args.output)
-    message = resume_message(output)
+    message = resume_message(output) if rank == 0 else None
     if message:
         print(message)
     try:
@@ -104,13 +128,14 @@ def build_bank(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             dtype=args.dtype,
             output_dir=output,
-            max_shard_bytes=args.max_shard_mb << 20,
+            max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
         )
     except ReGradError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model.save_pretrained(output / LEARNER_SUBDIR)  # `ask` needs the very learner the bank was built with
-    print(f"saved {bank} to {output}")
+    if rank == 0:
+        model.save_pretrained(output / LEARNER_SUBDIR)  # `ask` needs the very learner the bank was built with
+        print(f"saved {bank} to {output}")
     return 0
 
 
@@ -334,7 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--dtype", choices=BANK_DTYPES, default=None, help="how to store gradients (default: the learner's bank_dtype)"
     )
-    sub.add_argument("--max-shard-mb", type=int, default=1024, help="shard (and checkpoint) size in MiB (default 1024)")
+    sub.add_argument(
+        "--max-shard-mb",
+        type=float,
+        default=1024,
+        help="shard (and checkpoint) size in MiB (default 1024); the unit of work of each process in a multi-process "
+        "build",
+    )
     common(sub, default_learner())
     sub.set_defaults(run=build_bank)
 

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import deltas, multi_lora
+from . import deltas, multi_lora, objective
 from .bank import EAGER_FILES as BANK_EAGER_FILES
 from .bank import GradientBank, Hit
 from .config import ReGradConfig
@@ -366,8 +367,18 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens
         )
 
-    def forward(self, *args, **kwargs):
-        """The wrapped language model's forward, with the LoRA tensors as they currently are."""
+    def forward(self, *args, meta_tasks: Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
+        """The wrapped language model's forward, with the LoRA tensors as they currently are.
+
+        With `meta_tasks` (tasks encoded by [`TaskCollator`]; `first_order=` may be passed too), the meta-learning
+        loss instead (see [`regrad_hf.objective`]), as a `CausalLMOutputWithPast` with only `loss` set:
+        [`ReGradTrainer`] computes its loss through this forward so that a DDP wrapper synchronises the gradients.
+        """
+        if meta_tasks is not None:
+            loss = objective.meta_loss(self, meta_tasks, first_order=kwargs.pop("first_order", False))
+            if args or kwargs:
+                raise ReGradValueError(f"meta_tasks takes no other inputs, got {sorted(kwargs) or 'positional ones'}")
+            return CausalLMOutputWithPast(loss=loss)
         return self.language_model(*args, **kwargs)
 
     # ------------------------------------------------------------------ knowledge injection

@@ -1,16 +1,9 @@
 """Meta-learning the learner: `ReGradTrainer`, a `transformers.Trainer` for the bi-level ReGrad objective.
 
-For each task (documents D, question q, answer a):
-
-- inner: `g = d/d theta sum_{d in D} NLL(d)` (the per-document mean token NLL, as stored in a bank), with
-  `create_graph=True` (second order) or detached (`first_order=True`);
-- adapt: `theta' = theta - gamma * alpha * g`;
-- outer: cross-entropy of the answer tokens of `a` given the prompt (`q` alone when `blind`, else `D` + `q`),
-  through `torch.func.functional_call` with `theta'`.
-
-The outer loss, averaged over the tasks of the batch, trains the LoRA tensors (the starting point `theta`) and the
-step sizes `alpha`. Everything else (logging, accumulation, schedulers, clipping, checkpoints, `report_to`) is
-`Trainer`'s.
+The objective (inner LM step on a task's documents, outer answer loss with the adapted LoRA tensors) is in
+[`regrad_hf.objective`]; its outer loss, averaged over the tasks of the batch, trains the LoRA tensors (the starting
+point `theta`) and the step sizes `alpha`. Everything else (logging, accumulation, schedulers, clipping,
+checkpoints, `report_to`, DDP) is `Trainer`'s.
 """
 
 from __future__ import annotations
@@ -20,12 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer, TrainingArguments
 
 from .data import Task, TaskCollator
-from .deltas import adapted_parameters, documents_lm_loss
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
 
@@ -123,32 +113,11 @@ class ReGradTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Mean over the batch's tasks of the outer (answer) loss after one inner step on the task's documents."""
-        learner = self.accelerator.unwrap_model(model)
-        losses = torch.stack([self.task_loss(learner, task) for task in inputs["tasks"]])
-        loss = losses.mean()
-        return (loss, {"loss": loss}) if return_outputs else loss
+        """Mean over the batch's tasks of the outer (answer) loss after one inner step on the task's documents.
 
-    def task_loss(self, learner: ReGradForCausalLM, task: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The bi-level loss of one encoded task (see [`TaskCollator`])."""
-        lora = learner.lora_parameters()
-        second_order = not self.args.first_order and torch.is_grad_enabled()
-        # Double backward through CPU flash SDPA is not implemented; the math kernel supports it.
-        with sdpa_kernel(SDPBackend.MATH):
-            inner = documents_lm_loss(learner.language_model, task["document_ids"], task["document_mask"])
-            gradients = torch.autograd.grad(inner, list(lora.values()), create_graph=second_order, allow_unused=True)
-            summed = {
-                name: torch.zeros_like(p) if g is None else g if second_order else g.detach()
-                for (name, p), g in zip(lora.items(), gradients, strict=True)
-            }
-            adapted = adapted_parameters(lora, summed, learner.step_sizes(), learner.config.gamma)
-            outputs = functional_call(
-                learner.language_model,
-                adapted,
-                args=(),
-                kwargs={"input_ids": task["input_ids"], "labels": task["labels"]},
-            )
-        return outputs.loss
+        It runs as the (possibly DDP-wrapped) model's forward, so that DDP all-reduces the gradients."""
+        outputs = model(meta_tasks=inputs["tasks"], first_order=self.args.first_order)
+        return (outputs.loss, {"loss": outputs.loss}) if return_outputs else outputs.loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Answer loss, EM and F1 on dev tasks for `no_adaptation`, `regrad` and `raw` side by side, plus the
