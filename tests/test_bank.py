@@ -26,6 +26,25 @@ def test_search_ranks_the_relevant_document_first(tiny_bank):
     assert [hits[0].id for hits in batch] == ["zorbia", "velomar"]
 
 
+def test_search_is_exact_up_to_the_limit_and_approximate_above(tiny_model, embedder, monkeypatch):
+    documents = [f"Note {i}: the {c} lantern of street {i % 7} burns {i % 5} hours a night." for i, c in
+                 enumerate(["red", "blue", "green", "amber", "violet", "white"] * 20)]  # fmt: skip
+    bank = GradientBank.build(tiny_model, documents, embedder_model=embedder, show_progress=False)
+    queries = ["a violet lantern on street 3", "lanterns that burn four hours", "Note 77"]
+    vectors = embedder.encode(documents, normalize_embeddings=True)
+    asked = embedder.encode(queries, normalize_embeddings=True)
+    true_top = [[str(i) for i in (-(vectors @ q)).argsort(kind="stable")[:10]] for q in asked]
+    assert [[hit.id for hit in hits] for hits in bank.search(queries, k=10)] == true_top
+    calls = []
+    search = bank._index.search
+    monkeypatch.setattr(bank._index, "search", lambda *a, **kw: calls.append(kw["exact"]) or search(*a, **kw))
+    bank.search(queries[0], k=3)
+    monkeypatch.setattr("regrad_hf.bank.EXACT_SEARCH_MAX_DOCUMENTS", len(bank) - 1)
+    bank.search(queries[0], k=3)
+    bank.search(queries[0], k=3, exact=True)
+    assert calls == [True, False, True]
+
+
 def test_gather_returns_the_stored_gradients(tiny_model, tiny_bank):
     gathered = tiny_bank.gather(["velomar", "zorbia"])
     expected = tiny_model.document_gradients([DOCUMENTS[2], DOCUMENTS[0]])

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from usearch.index import Index
 
 from regrad_hf import GradientBank, ReGradConfig, ReGradForCausalLM
+from regrad_hf.cli import main as cli_main
 
 from .conftest import make_tiny_base
 
@@ -63,39 +65,90 @@ def learner_dir(tokenizer, tmp_path_factory) -> Path:
 
 
 def bank_files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file's bytes but the index's: usearch inserts in parallel threads, so the bytes of its graph depend on
+    their timing (its keys and vectors do not: see `index_contents`)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "index.usearch")
+    return {str(p.relative_to(directory)): p.read_bytes() for p in files}
 
 
-def test_two_process_build_equals_the_single_process_bank(learner_dir, embedder, tmp_path):
-    documents = tmp_path / "docs.jsonl"
+def index_contents(directory: Path) -> dict[int, bytes]:
+    index = Index.restore(str(directory / "index.usearch"))
+    return {int(key): index.get(key).tobytes() for key in index.keys}
+
+
+@pytest.fixture(scope="module")
+def build_command(learner_dir, tmp_path_factory) -> list[str]:
+    """`regrad build-bank` for the 64 documents, 8 per shard, as `python -m` arguments."""
+    documents = tmp_path_factory.mktemp("documents") / "docs.jsonl"
     records = [{"id": f"doc{i:02d}", "text": text, "metadata": {"n": i}} for i, text in enumerate(DOCUMENTS)]
     documents.write_text("".join(json.dumps(record) + "\n" for record in records))
     model = ReGradForCausalLM.from_pretrained(learner_dir)
     per_document = sum(p.numel() for p in model.lora_parameters().values()) * 2  # bfloat16
     shard_mb = str(DOCUMENTS_PER_SHARD * per_document / (1 << 20))
-    build = ["-m", "regrad_hf.cli", "build-bank", "--documents", str(documents), "--learner", str(learner_dir)]
+    return ["-m", "regrad_hf.cli", "build-bank", "--documents", str(documents), "--learner", str(learner_dir),
+            "--max-shard-mb", shard_mb]  # fmt: skip
 
-    run([*build, "--output", "single", "--max-shard-mb", shard_mb], tmp_path)
-    multi = run([*build, "--output", "multi", "--max-shard-mb", shard_mb], tmp_path, processes=2)
+
+@pytest.fixture(scope="module")
+def single(build_command, tmp_path_factory) -> Path:
+    """The bank built by one process."""
+    root = tmp_path_factory.mktemp("single")
+    run([*build_command, "--output", "bank"], root)
+    return root / "bank"
+
+
+def test_two_process_build_equals_the_single_process_bank(build_command, single, learner_dir, embedder, tmp_path):
+    multi = run([*build_command, "--output", "multi"], tmp_path, processes=2)
 
     # each process computed half of the 8 shards
     for rank in (0, 1):
         assert f"process {rank} of 2: 4 of 8 shards (32 documents) to compute" in multi.stderr, multi.stderr[-3000:]
-    single, distributed = tmp_path / "single", tmp_path / "multi"
+    distributed = tmp_path / "multi"
     config = json.loads((distributed / "bank_config.json").read_text())
     assert len(config["shards"]) == 8 and all(shard["num_documents"] == 8 for shard in config["shards"])
-    # the same bank, byte for byte: shards, documents, index, config (and the learner saved beside it)
+    # the same bank, byte for byte: shards, documents, config (and the learner saved beside it), the same index
     assert bank_files(single) == bank_files(distributed)
+    assert index_contents(single) == index_contents(distributed) and len(index_contents(single)) == 64
     assert not list(tmp_path.glob(".*.build"))  # the checkpoint directory is gone
 
     one, two = GradientBank.from_pretrained(single, embedder), GradientBank.from_pretrained(distributed, embedder)
-    assert one.ids == two.ids == [record["id"] for record in records]
+    assert one.ids == two.ids == [f"doc{i:02d}" for i in range(64)]
     assert all(torch.equal(one.gather(one.ids)[n], two.gather(two.ids)[n]) for n in one.parameter_shapes)
-    for query in ("a glacier in district 3", "the comet catalogued in 1841", "violin keeper"):
+    for query in ("a glacier in district 3", "the comet catalogued in 1841", "violin keeper", *DOCUMENTS[::7]):
         assert [(h.id, h.score) for h in one.search(query, k=5)] == [(h.id, h.score) for h in two.search(query, k=5)]
-    # and the gradients are the model's
-    model.attach_bank(two)
+    model = ReGradForCausalLM.from_pretrained(learner_dir)
+    model.attach_bank(two)  # built for this very learner
     assert model.bank.document("doc05").metadata == {"n": 5}
+
+
+def test_a_single_process_build_interrupted_resumes_with_two_processes(build_command, single, tmp_path, monkeypatch):
+    # three shards finished by one process (one thread, as the processes below), then interrupted
+    model = ReGradForCausalLM.from_pretrained(build_command[build_command.index("--learner") + 1])
+    compute, calls = model.document_gradients, []
+
+    def failing(documents):
+        calls.append(len(documents))
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return compute(documents)
+
+    monkeypatch.setattr("regrad_hf.cli.load_learner", lambda learner, seed: model)
+    monkeypatch.setattr(model, "document_gradients", failing)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli_main(build_command[2:] + ["--output", "bank"])
+    finally:
+        torch.set_num_threads(threads)
+
+    resumed = run([*build_command, "--output", "bank"], tmp_path, processes=2)
+    assert "resuming the interrupted build" in resumed.stdout and "24 of 64 documents already done" in resumed.stdout
+    assert "process 0 of 2: 3 of 8 shards (24 documents) to compute" in resumed.stderr
+    assert "process 1 of 2: 2 of 8 shards (16 documents) to compute" in resumed.stderr
+    assert bank_files(tmp_path / "bank") == bank_files(single)
+    assert index_contents(tmp_path / "bank") == index_contents(single)
 
 
 def test_ddp_meta_training_keeps_both_processes_learners_identical(tmp_path):
@@ -111,3 +164,11 @@ def test_ddp_meta_training_keeps_both_processes_learners_identical(tmp_path):
     )
     untrained = load_file(tmp_path / "untrained" / "rank0.safetensors")
     assert any(not torch.equal(first[name], untrained[name]) for name in first)  # the steps moved the learner
+
+
+def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
+    result = run([str(ROOT / "tests" / "distributed" / "one_process_fails.py")], tmp_path, processes=2)
+    assert "rank 1 raised ValueError: process 1 cannot read its documents" in result.stdout
+    assert "rank 0 raised ReGradError: computing failed on process(es) [1]: see their errors" in result.stdout
+    for rank in (0, 1):  # and neither hangs in the collective that follows
+        assert f"rank {rank} of 2 got [True, False, True]" in result.stdout

@@ -69,6 +69,9 @@ EAGER_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE)  # downloaded when a ban
 # usearch keeps vectors in this scalar type; pinned so an index reads back the same everywhere.
 INDEX_DTYPE = "f32"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
+# Up to this size `search` scans every vector: recall 1 and results independent of how the HNSW graph was built
+# (usearch inserts in parallel threads), for ~30 ms a query at the limit on 2 cores (benchmarks/bench_search.py).
+EXACT_SEARCH_MAX_DOCUMENTS = 100_000
 
 
 class GradientSource(Protocol):
@@ -466,12 +469,16 @@ class GradientBank:
         document = self._documents[doc_id]
         return Hit(id=doc_id, score=1.0, text=document.text, metadata=dict(document.metadata))
 
-    def search(self, query: str | Sequence[str], k: int = 3) -> list[Hit] | list[list[Hit]]:
+    def search(self, query: str | Sequence[str], k: int = 3, exact: bool | None = None) -> list[Hit] | list[list[Hit]]:
         """The `k` documents most similar to the query (cosine similarity of the embeddings).
 
         Args:
             query (`str` or `Sequence[str]`): one query, or several.
             k (`int`, defaults to 3): how many documents per query; at most the size of the bank.
+            exact (`bool`, *optional*): compare the query with every document (the true top `k`, whatever the
+                order the index was built in) instead of walking usearch's approximate HNSW graph. Defaults to
+                `True` for banks of up to `EXACT_SEARCH_MAX_DOCUMENTS` (100,000) documents, where the scan takes
+                milliseconds, and `False` above.
 
         Returns:
             `list[Hit]` for one query, `list[list[Hit]]` for several, best first.
@@ -484,7 +491,8 @@ class GradientBank:
             raise ReGradValueError(f"k must be a positive integer, got {k!r}")
         if k > len(self):
             raise ReGradValueError(f"top_k={k} is larger than the bank, which holds {len(self)} documents")
-        matches = self._index.search(self._embed(queries), k)
+        exact = len(self) <= EXACT_SEARCH_MAX_DOCUMENTS if exact is None else exact
+        matches = self._index.search(self._embed(queries), k, exact=exact)
         # usearch answers one query with `Matches` and several with `BatchMatches` (indexable into `Matches`).
         per_query = [matches] if isinstance(matches, Matches) else [matches[row] for row in range(len(queries))]
         results = []

@@ -269,7 +269,9 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         config = copy.deepcopy(self.config)
         config.architectures = [type(self).__name__]
         tensors = {name: tensor.cpu() for name, tensor in self.learner_state_dict().items()}
-        metadata = {"format": "pt", "fingerprint": self.fingerprint()}
+        # one metadata key: safetensors writes several in a per-process random order, and a learner saved twice
+        # should be the same file (bank builds by one process or several compare byte for byte)
+        metadata = {"fingerprint": self.fingerprint()}
         atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
         if self.tokenizer is not None:
             _save_tokenizer(self.tokenizer, directory)
