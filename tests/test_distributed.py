@@ -151,8 +151,10 @@ def test_a_single_process_build_interrupted_resumes_with_two_processes(build_com
     assert index_contents(tmp_path / "bank") == index_contents(single)
 
 
-def test_ddp_meta_training_keeps_both_processes_learners_identical(tmp_path):
-    run([str(ROOT / "tests" / "distributed" / "ddp_meta_train.py"), str(tmp_path)], tmp_path, processes=2)
+@pytest.mark.parametrize("order", ["second", "first"])
+def test_ddp_meta_training_keeps_both_processes_learners_identical(tmp_path, order):
+    flags = ["--first-order"] if order == "first" else []
+    run([str(ROOT / "tests" / "distributed" / "ddp_meta_train.py"), str(tmp_path), *flags], tmp_path, processes=2)
     first, second = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert first.keys() == second.keys() and first
     # each process trained on other tasks (DistributedSampler): only all-reduced gradients keep them equal

@@ -126,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     after = trainer.evaluate() if eval_tasks else {}
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, process 0 writes the record
+        return 0
     output = Path(training_args.output_dir)
     record = {
         "command": "regrad train " + shlex.join(argv),
