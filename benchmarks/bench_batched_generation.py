@@ -13,6 +13,9 @@ alternating between repeats), so machine noise hits all of them; medians are rep
   LoRA tensors, generating and restoring them.
 - `batched`: one `generate` on the left-padded batch; rows retrieve different documents, so it runs with per-row
   LoRA tensors (`regrad_hf.multi_lora`).
+- `plain sequential` / `plain batched`: the base model with the learner's LoRA and no knowledge at all
+  (`language_model.generate`, nothing retrieved or applied), one question at a time and as one batch: the ceiling
+  that batching itself offers on this machine, against which `batched` is judged.
 - `peft`: the same stacked tensors served through peft's `adapter_names=` mixed batches: one named adapter per row
   created on every LoRA layer (`update_layer`, then the tensors copied in), `adapter_names` injected by a forward
   pre-hook as peft's `PeftModel` does, the adapters deleted afterwards.
@@ -75,6 +78,19 @@ def run_sequential(model: ReGradForCausalLM, prompts: list[str], questions: list
 def run_batched(model: ReGradForCausalLM, prompts: list[str], questions: list[str]) -> list[list[int]]:
     inputs = model.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     return new_tokens(model.generate(**inputs, **GENERATION), inputs.input_ids.shape[1])
+
+
+def run_plain_sequential(model: ReGradForCausalLM, prompts: list[str], questions: list[str]) -> list[list[int]]:
+    rows = []
+    for prompt in prompts:
+        inputs = model.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        rows += new_tokens(model.language_model.generate(**inputs, **GENERATION), inputs.input_ids.shape[1])
+    return rows
+
+
+def run_plain_batched(model: ReGradForCausalLM, prompts: list[str], questions: list[str]) -> list[list[int]]:
+    inputs = model.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return new_tokens(model.language_model.generate(**inputs, **GENERATION), inputs.input_ids.shape[1])
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
@@ -151,7 +167,13 @@ def main() -> None:
     run_sequential(model, prompts[:1], picked[:1])  # warm-up
     run_batched(model, prompts[:2], picked[:2])
 
-    ways = {"sequential": run_sequential, "batched": run_batched, "peft": run_peft}
+    ways = {
+        "sequential": run_sequential,
+        "batched": run_batched,
+        "peft": run_peft,
+        "plain_sequential": run_plain_sequential,
+        "plain_batched": run_plain_batched,
+    }
     results = []
     for batch_size in args.batch_sizes:
         batch_prompts, batch_questions = prompts[:batch_size], picked[:batch_size]
@@ -178,6 +200,10 @@ def main() -> None:
                 entry[f"{way}_tokens_per_second"] = tokens / statistics.median(values)
                 entry[f"{way}_all_seconds"] = values
         entry["batched_speedup_over_sequential"] = entry["sequential_seconds"] / entry["batched_seconds"]
+        entry["plain_batching_speedup"] = entry["plain_sequential_seconds"] / entry["plain_batched_seconds"]
+        entry["batched_fraction_of_plain_batched_throughput"] = (
+            entry["plain_batched_seconds"] / entry["batched_seconds"]
+        )
         entry["batched_rows_equal_sequential"] = sum(
             a == b for a, b in zip(outputs["batched"], outputs["sequential"], strict=True)
         )
@@ -192,7 +218,8 @@ def main() -> None:
 
     header = (
         f"{'batch':>5} {'sequential tok/s':>17} {'batched tok/s':>14} {'speedup':>8} {'rows equal':>11}"
-        f" {'peft tok/s':>11} {'peft create+delete s':>21}"
+        f" {'peft tok/s':>11} {'peft create+delete s':>21} {'plain seq tok/s':>16} {'plain batch tok/s':>18}"
+        f" {'plain speedup':>14}"
     )
     print(header)
     for e in results:
@@ -204,7 +231,10 @@ def main() -> None:
         print(
             f"{e['batch_size']:>5} {e['sequential_tokens_per_second']:>17.1f} {e['batched_tokens_per_second']:>14.1f}"
             f" {e['batched_speedup_over_sequential']:>7.2f}x"
-            f" {e['batched_rows_equal_sequential']:>5}/{e['batch_size']:<5}" + peft
+            f" {e['batched_rows_equal_sequential']:>5}/{e['batch_size']:<5}"
+            + peft
+            + f" {e['plain_sequential_tokens_per_second']:>16.1f} {e['plain_batched_tokens_per_second']:>18.1f}"
+            f" {e['plain_batching_speedup']:>13.2f}x"
         )
     report = {
         "model": model.config.base_model_name_or_path,

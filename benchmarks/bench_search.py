@@ -7,8 +7,10 @@ benchmarks/results/search.json.
 Vectors are random unit vectors of the embedder's dimension (384), so that no dataset is needed; they are the
 hard case for an approximate index (no cluster structure). Recall@10 is measured against exact search
 (`usearch.index.search(..., exact=True)`) on the same vectors; "source in top 3" asks for the stored vector a
-noisy query was made from (cosine ~0.7), the situation of a question about one document. Memory is the index's
-own accounting (`Index.memory_usage`) and its serialized size.
+noisy query was made from (cosine ~0.7), the situation of a question about one document. Each size is searched
+three ways: the HNSW graph with usearch's default `expansion_search`, with 4x that, and an exact scan of every
+vector (what `GradientBank.search` does up to `EXACT_SEARCH_MAX_DOCUMENTS`). Memory is the index's own accounting
+(`Index.memory_usage`) and its serialized size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from usearch.index import Index, search
 
-from regrad_hf.bank import INDEX_DTYPE
+from regrad_hf.bank import EXACT_SEARCH_MAX_DOCUMENTS, INDEX_DTYPE
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMENSION = 384  # all-MiniLM-L6-v2, the default embedder
@@ -35,32 +37,52 @@ def unit_vectors(count: int, generator: np.random.Generator) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def measure(size: int, queries: int, k: int, seed: int) -> dict[str, float]:
+def search_quality(
+    index: Index, vectors: np.ndarray, probes: np.ndarray, noisy: np.ndarray, sources: np.ndarray, k: int, exact: bool
+) -> dict[str, float]:
+    """Latency of single queries, recall@k against exact search, and how often a noisy query finds its source."""
+    latencies, found = [], []
+    for probe in probes:  # one query at a time, as generate() asks
+        start = time.perf_counter()
+        matches = index.search(probe, k, exact=exact)
+        latencies.append(time.perf_counter() - start)
+        found.append(set(matches.keys.tolist()))
+    truth = search(vectors, probes, k, metric="cos", exact=True)
+    recall = np.mean([len(found[i] & set(truth.keys[i].tolist())) / k for i in range(len(probes))])
+    source_hits = [
+        source in index.search(query, 3, exact=exact).keys for source, query in zip(sources, noisy, strict=True)
+    ]
+    return {
+        "search_ms_median": float(np.median(latencies) * 1e3),
+        "search_ms_p99": float(np.percentile(latencies, 99) * 1e3),
+        f"recall_at_{k}": float(recall),
+        "source_document_in_top_3": float(np.mean(source_hits)),
+    }
+
+
+def measure(size: int, queries: int, k: int, seed: int, threads: int) -> dict:
     generator = np.random.default_rng(seed)
     vectors = unit_vectors(size, generator)
     probes = unit_vectors(queries, generator)
-    index = Index(ndim=DIMENSION, metric="cos", dtype=INDEX_DTYPE)
-
-    start = time.perf_counter()
-    index.add(np.arange(size, dtype=np.uint64), vectors)
-    add_seconds = time.perf_counter() - start
-
-    latencies = []
-    found = []
-    for probe in probes:  # one query at a time, as generate() asks
-        start = time.perf_counter()
-        matches = index.search(probe, k)
-        latencies.append(time.perf_counter() - start)
-        found.append(set(matches.keys.tolist()))
-    exact = search(vectors, probes, k, metric="cos", exact=True)
-    recall = np.mean([len(found[i] & set(exact.keys[i].tolist())) / k for i in range(queries)])
-
     # A query written about one stored document: that document's vector plus noise (cosine ~0.7 to it). Does the
     # index return that document among its top 3, as retrieval for generate() needs?
     sources = generator.choice(size, queries, replace=False)
     noisy = vectors[sources] + unit_vectors(queries, generator)
     noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
-    source_hits = [source in index.search(query, 3).keys for source, query in zip(sources, noisy, strict=True)]
+    index = Index(ndim=DIMENSION, metric="cos", dtype=INDEX_DTYPE)
+
+    start = time.perf_counter()
+    index.add(np.arange(size, dtype=np.uint64), vectors, threads=threads)
+    add_seconds = time.perf_counter() - start
+
+    modes = {"hnsw": search_quality(index, vectors, probes, noisy, sources, k, exact=False)}
+    default_expansion = index.expansion_search
+    index.expansion_search = 4 * default_expansion
+    modes[f"hnsw_expansion_{index.expansion_search}"] = search_quality(
+        index, vectors, probes, noisy, sources, k, exact=False
+    )
+    index.expansion_search = default_expansion
+    modes["exact"] = search_quality(index, vectors, probes, noisy, sources, k, exact=True)
 
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "index.usearch")
@@ -68,12 +90,11 @@ def measure(size: int, queries: int, k: int, seed: int) -> dict[str, float]:
         file_bytes = os.path.getsize(path)
     return {
         "documents": size,
+        "add_threads": threads,
         "add_seconds": add_seconds,
         "add_documents_per_second": size / add_seconds,
-        "search_ms_median": float(np.median(latencies) * 1e3),
-        "search_ms_p99": float(np.percentile(latencies, 99) * 1e3),
-        f"recall_at_{k}": float(recall),
-        "source_document_in_top_3": float(np.mean(source_hits)),
+        "gradient_bank_default": "exact" if size <= EXACT_SEARCH_MAX_DOCUMENTS else "hnsw",
+        "modes": modes,
         "memory_bytes_per_document": index.memory_usage / size,
         "file_bytes_per_document": file_bytes / size,
         "raw_vector_bytes_per_document": DIMENSION * vectors.itemsize,
@@ -86,18 +107,25 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="usearch add threads (0: all cores)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "search.json"))
     args = parser.parse_args()
 
-    rows = [measure(size, args.queries, args.k, args.seed) for size in args.sizes]
-    header = f"{'documents':>10} {'add s':>8} {'search ms':>10} {'p99 ms':>8} {'recall@' + str(args.k):>10} "
-    print(header + f"{'source@3':>9} {'mem B/doc':>10} {'file B/doc':>10}")
+    rows = [measure(size, args.queries, args.k, args.seed, args.threads) for size in args.sizes]
+    recall = f"recall@{args.k}"
+    print(
+        f"{'documents':>10} {'add s':>8} {'search':<16} {'ms':>8} {'p99 ms':>8} {recall:>10} {'source@3':>9} "
+        f"{'mem B/doc':>10} {'file B/doc':>10}"
+    )
     for row in rows:
-        print(
-            f"{row['documents']:>10} {row['add_seconds']:>8.1f} {row['search_ms_median']:>10.3f} "
-            f"{row['search_ms_p99']:>8.3f} {row[f'recall_at_{args.k}']:>10.3f} {row['source_document_in_top_3']:>9.3f} "
-            f"{row['memory_bytes_per_document']:>10.0f} {row['file_bytes_per_document']:>10.0f}"
-        )
+        for mode, quality in row["modes"].items():
+            label = mode + (" (bank)" if mode == row["gradient_bank_default"] else "")
+            print(
+                f"{row['documents']:>10} {row['add_seconds']:>8.1f} {label:<16} {quality['search_ms_median']:>8.3f} "
+                f"{quality['search_ms_p99']:>8.3f} {quality[f'recall_at_{args.k}']:>10.3f} "
+                f"{quality['source_document_in_top_3']:>9.3f} {row['memory_bytes_per_document']:>10.0f} "
+                f"{row['file_bytes_per_document']:>10.0f}"
+            )
     results = {
         "index": {"metric": "cos", "dtype": INDEX_DTYPE, "ndim": DIMENSION},
         "queries": args.queries,
