@@ -230,7 +230,7 @@ def render_report(results: Mapping) -> str:
         "",
         "## Integrity",
         "",
-        "After the whole run (every method, drift included) the ReGrad model is "
+        f"After the whole run (every method{', drift included' if 'drift' in results else ''}) the ReGrad model is "
         + (
             f"**identical byte for byte** to before: 0 of {integrity['total_elements']:,} parameter and buffer "
             "elements changed."
