@@ -200,7 +200,13 @@ class GradientBank:
                 finished shards and gives the same bank as an uninterrupted build. The finished bank replaces the
                 directory's bank files as [`save_pretrained`] does, and is returned loaded from there. Resuming with
                 another learner raises [`BankMismatchError`], with other documents or settings [`ReGradValueError`].
-            max_shard_bytes (`int`, defaults to 1 GiB): with `output_dir`, the shard (and checkpoint) size.
+            max_shard_bytes (`int`, defaults to 1 GiB): with `output_dir`, the shard (and checkpoint) size, and the
+                unit of work of a multi-process build.
+
+        With `output_dir` and an initialised `torch.distributed` process group (`torchrun`, `accelerate launch`),
+        every process must call `build` with the same arguments: each computes a share of the shards into the
+        build directory, which must be on a filesystem they all see, and process 0 publishes the bank, which every
+        process then returns. Without `output_dir`, every process builds the whole bank in memory.
 
         Returns:
             [`GradientBank`]
