@@ -67,10 +67,11 @@ def everyone(step: Callable[[], T], what: str) -> T:
 
 def broadcast_flags(flags: Sequence[bool], count: int) -> list[bool]:
     """Process 0's `count` `flags`, on every process (`flags` is ignored on the others)."""
-    if process_rank()[1] == 1:
+    rank, world = process_rank()
+    if world == 1:
         return list(flags)
     tensor = torch.zeros(count, dtype=torch.uint8, device=_device())
-    if process_rank()[0] == 0:
+    if rank == 0:
         tensor.copy_(torch.tensor(list(flags), dtype=torch.uint8))
     dist.broadcast(tensor, src=0)
     return [bool(flag) for flag in tensor.tolist()]
