@@ -36,10 +36,10 @@ def test_search_is_exact_up_to_the_limit_and_approximate_above(tiny_model, embed
     true_top = [[str(i) for i in (-(vectors @ q)).argsort(kind="stable")[:10]] for q in asked]
     assert [[hit.id for hit in hits] for hits in bank.search(queries, k=10)] == true_top
     calls = []
-    search = bank._index.search
-    monkeypatch.setattr(bank._index, "search", lambda *a, **kw: calls.append(kw["exact"]) or search(*a, **kw))
+    search = bank.index._index.search
+    monkeypatch.setattr(bank.index._index, "search", lambda *a, **kw: calls.append(kw["exact"]) or search(*a, **kw))
     bank.search(queries[0], k=3)
-    monkeypatch.setattr("regrad_hf.bank.EXACT_SEARCH_MAX_DOCUMENTS", len(bank) - 1)
+    monkeypatch.setattr("regrad_hf.bank.index.EXACT_SEARCH_MAX_DOCUMENTS", len(bank) - 1)
     bank.search(queries[0], k=3)
     bank.search(queries[0], k=3, exact=True)
     assert calls == [True, False, True]

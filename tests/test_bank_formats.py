@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regrad_hf import GradientBank, ReGradConfig, ReGradValueError
-from regrad_hf.quantization import QUANTIZED_FORMATS, QuantizedFormat, gradient_format
+from regrad_hf.bank.quantization import QUANTIZED_FORMATS, QuantizedFormat, gradient_format
 
 from .conftest import DOCUMENTS, IDS
 

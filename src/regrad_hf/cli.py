@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .bank.quantization import BANK_DTYPES
 from .defaults import shipped_learner_path
-from .quantization import BANK_DTYPES
 
 # The method names of `regrad eval` (kept here so that `regrad --help` imports no torch).
 METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
@@ -101,7 +101,7 @@ def build_bank(args: argparse.Namespace) -> int:
     import os
 
     from .bank import GradientBank
-    from .bank_checkpoint import resume_message
+    from .bank.checkpoint import resume_message
     from .errors import ReGradError
 
     texts, ids, metadata = read_documents(Path(args.documents))

@@ -7,8 +7,8 @@ from typing import Literal
 
 from transformers import PreTrainedConfig
 
+from .bank.quantization import BANK_DTYPES
 from .errors import ReGradValueError
-from .quantization import BANK_DTYPES
 
 STEP_SIZE_MODES = ("tie", "same", "fix")
 STEP_SIZE_PARAMETRIZATIONS = ("log", "linear")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ReGradValueError
+from ..errors import ReGradValueError
 from .quantization import BANK_DTYPES, FLOAT_DTYPES, gradient_format
 
 READABLE_FORMAT_VERSIONS = (1, 2)
