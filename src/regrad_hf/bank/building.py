@@ -4,6 +4,7 @@ processes each computing a share of the shards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -22,7 +23,7 @@ from ..errors import ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from . import checkpoint
 from .catalogue import Document
-from .directory import GRADIENTS_DIR, replace_directory
+from .directory import GRADIENTS_DIR, publish, writer_lock
 from .persistence import write_catalogue
 from .schema import MAX_TEXT_CHARS
 from .shards import check_finite
@@ -62,6 +63,26 @@ def build_into(
         documents_per_shard=bank.store.documents_per_shard(max_shard_bytes),
     )
     work = checkpoint.work_directory(output)
+    with contextlib.ExitStack() as stack:
+        # Process 0 holds the output's writer lock for the whole build: another build or save into it waits.
+        everyone(lambda: rank == 0 and stack.enter_context(writer_lock(output)) and None, "locking the output")
+        _build_locked(bank, model, documents, ids, metadata, batch_size, show_progress, output, work, expected)
+    return type(bank).from_pretrained(output, embedder_model=bank.index.loaded_embedder)
+
+
+def _build_locked(
+    bank: GradientBank,
+    model: GradientSource,
+    documents: Sequence[str],
+    ids: Sequence[str],
+    metadata: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    show_progress: bool,
+    output: Path,
+    work: Path,
+    expected: dict[str, Any],
+) -> None:
+    rank, world = process_rank()
 
     def check() -> bool:  # read-only, so every process raises the same error itself
         found = checkpoint.find_state(output)
@@ -69,10 +90,9 @@ def build_into(
             checkpoint.check_same_build(found[1], expected, found[0])
         return found is not None and found[0] == output  # killed after publishing, before tidying up
 
-    loaded = type(bank).from_pretrained
     if everyone(check, "checking the build directory"):
         everyone(lambda: rank == 0 and checkpoint.remove_build_files(output), "tidying up")
-        return loaded(output, embedder_model=bank.index.loaded_embedder)
+        return
 
     num_shards = checkpoint.shard_count(expected)
     todo = everyone(lambda: _prepare_work(work, expected) if rank == 0 else [], "preparing the build")
@@ -93,7 +113,6 @@ def build_into(
             "computing",
         )
     everyone(lambda: rank == 0 and _publish(bank, work, output, expected, ids, documents, metadata), "publishing")
-    return loaded(output, embedder_model=bank.index.loaded_embedder)
 
 
 def check_new(
@@ -201,7 +220,5 @@ def _publish(
     shards = [{"file": records[shard]["file"], "sha256": records[shard]["sha256"]} for shard in range(num_shards)]
     write_catalogue(bank, work, placements, shards)
     bank.catalogue.clear()
-    replace_directory(work, output)
+    publish(work, output)
     checkpoint.remove_build_files(output)
-    for backup in output.parent.glob(f".{output.name}.old-*"):  # left by a kill inside an earlier swap
-        shutil.rmtree(backup, ignore_errors=True)

@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ReGradKeyError, ReGradValueError
-from .schema import MAX_DOCUMENT_RECORD_BYTES, MAX_ID_CHARS, check_metadata_size, validate_document
+from ..errors import ReGradKeyError, ReGradTypeError, ReGradValueError
+from .schema import (
+    MAX_DOCUMENT_RECORD_BYTES,
+    MAX_ID_CHARS,
+    check_json_value,
+    check_metadata_size,
+    parse_json,
+    validate_document,
+)
 
 
 @dataclass(frozen=True)
@@ -83,19 +90,32 @@ class Catalogue:
         self.ids_by_key.clear()
 
     def check_known(self, ids: Iterable[str]) -> None:
+        """Raises [`ReGradKeyError`] for ids not in the catalogue (and [`ReGradTypeError`] for ids not strings)."""
+        wrong = [doc_id for doc_id in ids if not isinstance(doc_id, str)]
+        if wrong:
+            raise ReGradTypeError(f"document ids must be strings, got {type(wrong[0]).__name__} {wrong[0]!r:.40}")
         unknown = [doc_id for doc_id in ids if doc_id not in self.documents]
         if unknown:
             raise ReGradKeyError(f"unknown document ids: {unknown[:5]}")
 
     def new_ids(self, documents: Sequence[str], ids: Sequence[str] | None) -> list[str]:
         """Checks the ids of documents to add (or makes them: `"0"`, `"1"`, ... from the next index key)."""
-        if ids is None:
-            return [str(key) for key in range(self.next_key, self.next_key + len(documents))]
+        if ids is None:  # the next free numbers: a user's ids may be numbers too, and must never be replaced
+            ids, key = [], self.next_key
+            while len(ids) < len(documents):
+                if str(key) not in self.documents:
+                    ids.append(str(key))
+                key += 1
+            return ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise ReGradTypeError(f"ids must be a sequence of strings, got {type(ids).__name__}")
         ids = list(ids)
         if len(ids) != len(documents):
             raise ReGradValueError(f"got {len(ids)} ids for {len(documents)} documents")
         if not all(isinstance(doc_id, str) and doc_id for doc_id in ids):
             raise ReGradValueError("document ids must be non-empty strings")
+        for doc_id in ids:
+            check_json_value(doc_id, "a document id")
         if any(len(doc_id) > MAX_ID_CHARS for doc_id in ids):
             raise ReGradValueError(f"document ids must be at most {MAX_ID_CHARS} characters long")
         seen, duplicates = set(), set()
@@ -123,34 +143,40 @@ class Catalogue:
                 json.dumps(dict(entry))
             except (TypeError, ValueError) as error:
                 raise ReGradValueError(f"metadata of document {index} is not JSON-serialisable: {error}") from error
+            check_json_value(dict(entry), f"metadata of document {index}")
             check_metadata_size(entry, f"metadata of document {index}")
         return metadata
 
-    def read(self, path: Path, shard_sizes: list[int]) -> None:
-        """Reads `documents.jsonl`, one checked record per line; ids, index keys and shard rows must be unique."""
-        if not path.is_file():
-            raise ReGradValueError(f"bank file {path} is missing")
+    def read(self, data: bytes, path: Path, shard_sizes: list[int]) -> None:
+        """Reads the bytes of `documents.jsonl`, one checked record per line; ids, index keys and shard rows must be
+        unique."""
         places = set()
-        with open(path, encoding="utf-8") as handle:
-            number = 0
-            while line := handle.readline(MAX_DOCUMENT_RECORD_BYTES + 1):
-                number += 1
-                if len(line) > MAX_DOCUMENT_RECORD_BYTES:
-                    raise ReGradValueError(
-                        f"{path} line {number} is longer than the limit of {MAX_DOCUMENT_RECORD_BYTES} characters"
-                    )
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ReGradValueError(f"{path} line {number} is malformed: {error}") from error
-                document = Document(**validate_document(record, path, number, shard_sizes))
-                if document.id in self.documents or document.key in self.ids_by_key:
-                    duplicate = "id" if document.id in self.documents else "key"
-                    raise ReGradValueError(f"{path} line {number}: field {duplicate!r} repeats an earlier document")
-                if (document.shard, document.row) in places:
-                    raise ReGradValueError(f"{path} line {number}: shard {document.shard} row {document.row} is taken")
-                places.add((document.shard, document.row))
-                self.insert(document)
+        lines = data.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        for number, line in enumerate(lines, start=1):
+            if len(line) > MAX_DOCUMENT_RECORD_BYTES:
+                raise ReGradValueError(
+                    f"{path} line {number} is longer than the limit of {MAX_DOCUMENT_RECORD_BYTES} bytes"
+                )
+            record = parse_json(line, f"{path} line {number}")
+            document = Document(**validate_document(record, path, number, shard_sizes))
+            if document.id in self.documents or document.key in self.ids_by_key:
+                duplicate = "id" if document.id in self.documents else "key"
+                raise ReGradValueError(f"{path} line {number}: field {duplicate!r} repeats an earlier document")
+            if (document.shard, document.row) in places:
+                raise ReGradValueError(f"{path} line {number}: shard {document.shard} row {document.row} is taken")
+            places.add((document.shard, document.row))
+            self.insert(document)
+
+    @staticmethod
+    def id_list(ids: object, what: str) -> list[str]:
+        """`ids` (one id or a sequence of them) as a list, type-checked, for `what` (e.g. "gather")."""
+        if isinstance(ids, str):
+            return [ids]
+        if not isinstance(ids, Iterable) or isinstance(ids, (bytes, bytearray)):
+            raise ReGradTypeError(f"{what} takes a document id or a sequence of them, got {type(ids).__name__}")
+        return list(ids)
 
     def lines(self, placements: Mapping[str, tuple[int, int]]) -> str:
         """The text of `documents.jsonl`, with each document at its (shard, row) of `placements`."""

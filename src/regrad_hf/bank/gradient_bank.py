@@ -21,20 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..deltas import check_documents
-from ..errors import BankMismatchError, ReGradValueError
+from ..errors import BankMismatchError, ReGradTypeError, ReGradValueError
 from ..hub import HubOptions, locate, push_folder, render_bank_card
 from ..learner import fingerprint_of
 from . import index as index_module
 from . import persistence
 from .building import build_into, check_new, compute
 from .catalogue import Catalogue, Document, Hit
-from .directory import (
-    CONFIG_FILE,
-    DOCUMENTS_FILE,
-    GRADIENTS_DIR,
-    INDEX_FILE,
-    recover_interrupted_save,
-)
+from .directory import CONFIG_FILE, DOCUMENTS_FILE, GRADIENTS_DIR, INDEX_FILE, was_a_bank
 from .index import EmbeddingIndex
 from .quantization import gradient_format
 from .shards import ShardStore, check_finite
@@ -73,6 +67,8 @@ class GradientBank:
             or quantised `"int8"`, `"int4"`, `"int3"`, `"int2"` (see [`regrad_hf.bank.quantization`]).
         embedder_model (*optional*): an already loaded `SentenceTransformer` for `embedder`.
         quantization (`Mapping`, *optional*): a quantised format's parameters as read from `bank_config.json`.
+        embedder_identity (`str`, *optional*): the identity the embedder must have (see
+            [`regrad_hf.bank.index.embedder_identity`]); `None` takes the embedder's own.
     """
 
     def __init__(
@@ -84,6 +80,7 @@ class GradientBank:
         dtype: str = "bfloat16",
         embedder_model=None,
         quantization: Mapping[str, Any] | None = None,
+        embedder_identity: str | None = None,
     ):
         self.format = gradient_format(dtype, quantization)
         self.learner = dict(learner)
@@ -91,7 +88,7 @@ class GradientBank:
         self.parameter_shapes = {name: tuple(shape) for name, shape in parameter_shapes.items()}
         self.dtype = dtype
         self.catalogue = Catalogue()
-        self.index = EmbeddingIndex(embedder, embedding_dim, embedder_model)
+        self.index = EmbeddingIndex(embedder, embedding_dim, embedder_model, embedder_identity)
         self.store = ShardStore(self.parameter_shapes, self.format, self.fingerprint)
 
     @property
@@ -198,9 +195,13 @@ class GradientBank:
         return list(ids)
 
     def remove(self, ids: str | Sequence[str]) -> None:
-        """Removes documents by id. Unknown ids raise [`ReGradKeyError`] before anything is removed."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
+        """Removes documents by id. Unknown or repeated ids raise [`ReGradKeyError`] or [`ReGradValueError`]
+        before anything is removed."""
+        ids = self.catalogue.id_list(ids, "remove")
         self.catalogue.check_known(ids)
+        if len(set(ids)) != len(ids):
+            repeated = sorted({doc_id for doc_id in ids if ids.count(doc_id) > 1})
+            raise ReGradValueError(f"remove got ids {repeated[:5]} more than once; nothing was removed")
         for doc_id in ids:
             document = self.catalogue.pop(doc_id)
             self.index.remove(document.key)
@@ -236,7 +237,7 @@ class GradientBank:
 
     def document(self, doc_id: str) -> Hit:
         """The stored text and metadata of one document (score 1.0)."""
-        self.catalogue.check_known([doc_id])
+        self.catalogue.check_known([doc_id])  # type-checked too
         document = self.catalogue[doc_id]
         return Hit(id=doc_id, score=1.0, text=document.text, metadata=dict(document.metadata))
 
@@ -255,10 +256,12 @@ class GradientBank:
             `list[Hit]` for one query, `list[list[Hit]]` for several, best first.
         """
         single = isinstance(query, str)
+        if not single and (not isinstance(query, Sequence) or isinstance(query, (bytes, bytearray))):
+            raise ReGradTypeError(f"search takes a query string or a sequence of them, got {type(query).__name__}")
         queries = [query] if single else list(query)
         if not queries or not all(isinstance(q, str) and q.strip() for q in queries):
             raise ReGradValueError("search needs a non-empty query string (or a list of them)")
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ReGradValueError(f"k must be a positive integer, got {k!r}")
         if k > len(self):
             raise ReGradValueError(f"top_k={k} is larger than the bank, which holds {len(self)} documents")
@@ -277,9 +280,7 @@ class GradientBank:
         Rows on disk are read lazily (memory-mapped `get_slice`), one row per document. Float formats give the
         stored dtype; quantised formats are dequantised to float32.
         """
-        if isinstance(ids, str):
-            ids = [ids]
-        ids = list(ids)
+        ids = self.catalogue.id_list(ids, "gather")
         if not ids:
             raise ReGradValueError("gather needs at least one document id")
         self.catalogue.check_known(ids)
@@ -409,14 +410,16 @@ class GradientBank:
         """
         options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
         local = Path(pretrained_bank_name_or_path, subfolder or "")
-        if local.parent.is_dir():
-            recover_interrupted_save(local.resolve())
+        if local.is_dir() or (local.parent.is_dir() and was_a_bank(local.absolute())):
+            return persistence.read_local(cls, local.resolve(), embedder_model)
         location = locate(
             pretrained_bank_name_or_path,
             [CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE],
             subfolder=subfolder,
             options=options,
         )
+        if not location.is_remote:
+            return persistence.read_local(cls, location.directory.resolve(), embedder_model)
         return persistence.read(cls, location, embedder_model)
 
     def __repr__(self) -> str:

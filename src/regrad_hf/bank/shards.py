@@ -3,6 +3,7 @@ opened lazily, checked against the bank's layout, and checksummed before their f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from ..errors import ReGradValueError
 from ..files import atomic_save_safetensors
 from ..hub import Location
-from .directory import CONFIG_FILE, GRADIENTS_DIR, sha256_of
+from .directory import CONFIG_FILE, GRADIENTS_DIR, regular_file, sha256_of
 from .quantization import GradientFormat
 from .schema import check_safetensors_header
 
@@ -36,6 +37,7 @@ class ShardStore:
         # Shards by index: their files (relative to the bank), rows used, checksums, and once opened, the
         # safetensors reader and a plain handle on the same file (to checksum what the reader maps).
         self._location: Location | None = None  # where the shard files are (downloaded on first use from a repo)
+        self._local = True
         self._files: list[str] = []
         self._rows: list[int] = []
         self._checksums: list[str] = []
@@ -73,6 +75,7 @@ class ShardStore:
         """Points the store at its shard files (with their row counts from bank_config.json); opens them all now if
         `eager`, else each on its first use."""
         self._location = location
+        self._local = not location.is_remote
         self._files = [shard["file"] for shard in shards]
         self._rows = list(shard_sizes)
         self._checksums = [shard["sha256"] for shard in shards]
@@ -91,6 +94,8 @@ class ShardStore:
         contents even if another bank later replaces the file on disk, so a bank never reads rows written for a
         different layout. Its checksum is verified separately, before its first row is used (see `row`)."""
         path = self._location.fetch(self._files[index])
+        if self._local:  # a Hub snapshot's files are links into its cache; a local bank's never are
+            regular_file(path, self._location.directory)
         check_safetensors_header(path)
         try:
             reader = safe_open(str(path), framework="pt", device="cpu")
@@ -118,7 +123,8 @@ class ShardStore:
                     f"bank file {path}: {key} has {tensor.get_shape()[0]} rows, {CONFIG_FILE} says {rows}"
                 )
         self._readers[index] = reader
-        self._handles[index] = open(path, "rb")  # noqa: SIM115 - held open for the bank's lifetime, like the mmap
+        flags = os.O_RDONLY | (getattr(os, "O_NOFOLLOW", 0) if self._local else 0)
+        self._handles[index] = os.fdopen(os.open(path, flags), "rb")  # held open for the bank's life, like the mmap
 
     def _verify(self, index: int) -> None:
         """Checks a shard's SHA-256 against bank_config.json once, before its first row is used: a flipped bit in
@@ -127,7 +133,8 @@ class ShardStore:
         handle.seek(0)
         if sha256_of(handle) != self._checksums[index]:
             raise ReGradValueError(
-                f"bank file {handle.name} does not match its checksum in {CONFIG_FILE}: it is corrupted; rebuild it"
+                f"bank file {self._location.describe(self._files[index])} does not match its checksum in "
+                f"{CONFIG_FILE}: it is corrupted; rebuild it"
             )
         self._verified.add(index)
 
