@@ -83,6 +83,7 @@ class EmbeddingIndex:
                 f"({self.embedder_name}): pass the bank's embedder, or rebuild the bank with this one."
             )
         self._embedder = model
+        self.identity = self.identity or identity  # a new bank (or an older one without it) records its embedder's
 
     def __len__(self) -> int:
         return len(self._index)
