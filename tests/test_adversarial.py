@@ -5,10 +5,13 @@ documents, search hits and gradient bytes."""
 
 import copy
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from safetensors import SafetensorError
 from usearch.index import Index
 
 from regrad_hf import BankMismatchError, GradientBank, ReGradError, ReGradKeyError, ReGradValueError
-from regrad_hf.bank.directory import lock_path
+from regrad_hf.bank.directory import journal_path, lock_path
 from regrad_hf.errors import BankNotFoundError, ReGradFileError, ReGradTypeError
 
 from .conftest import DOCUMENTS, IDS, make_tiny_model
@@ -329,3 +332,93 @@ def test_adversarial_case_raises_a_typed_error_and_changes_nothing(
     assert state_of(bank, model) == before
     assert files_of(original) == saved_files
     assert tree_of(directory) == copy_tree  # nothing written, renamed or left behind (no staging, no backup)
+
+
+def test_generated_ids_never_replace_existing_ones(tiny_model, embedder, tmp_path):
+    bank = GradientBank.build(tiny_model, DOCUMENTS[:2], ids=["1", "2"], embedder_model=embedder, show_progress=False)
+    two = bank.gather(["2"])
+    added = bank.add(tiny_model, [DOCUMENTS[2], DOCUMENTS[3]], show_progress=False)
+    assert set(added).isdisjoint({"1", "2"}) and len(bank) == 4 and len(bank.index) == 4
+    assert bank.document("2").text == DOCUMENTS[1]
+    assert all(torch.equal(bank.gather(["2"])[n], two[n]) for n in two)
+    bank.save_pretrained(tmp_path / "bank")
+    loaded = GradientBank.from_pretrained(tmp_path / "bank", embedder_model=embedder)
+    assert sorted(loaded.ids) == sorted(["1", "2", *added])
+    assert [hit.id for hit in loaded.search(DOCUMENTS[3], k=1)] == [added[1]]
+
+
+def test_a_version_2_bank_without_checksums_still_loads(tiny_bank, embedder, tmp_path):
+    tiny_bank.save_pretrained(tmp_path / "bank")
+    path = tmp_path / "bank" / "bank_config.json"
+    config = json.loads(path.read_text())
+    for key in ("documents_sha256", "index_sha256", "embedder_sha256"):
+        del config[key]
+    path.write_text(json.dumps({**config, "format_version": 2}))
+    loaded = GradientBank.from_pretrained(tmp_path / "bank", embedder_model=embedder)
+    assert loaded.ids == IDS and all(
+        torch.equal(loaded.gather(IDS)[n], tiny_bank.gather(IDS)[n]) for n in config["parameter_shapes"]
+    )
+    loaded.save_pretrained(tmp_path / "again")  # written as version 3, with its checksums
+    again = json.loads((tmp_path / "again" / "bank_config.json").read_text())
+    assert again["format_version"] == 3 and len(again["documents_sha256"]) == len(again["embedder_sha256"]) == 64
+
+
+def test_threads_saving_and_loading_one_directory_see_one_complete_bank_each_time(tiny_bank, embedder, tmp_path):
+    three = GradientBank.from_pretrained(_saved(tiny_bank, tmp_path / "four"), embedder_model=embedder)
+    three.remove("quillon")
+    banks = [GradientBank.from_pretrained(tmp_path / "four", embedder_model=embedder), three]
+    target = tmp_path / "target"
+    banks[0].save_pretrained(target)
+    (target / "README.md").write_text("notes")
+    loads, errors = [], []
+
+    def writer(bank):
+        try:
+            for _ in range(8):
+                bank.save_pretrained(target)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def reader():
+        try:
+            for _ in range(16):
+                bank = GradientBank.from_pretrained(target, embedder_model=embedder)
+                bank.gather(bank.ids)
+                loads.append(tuple(bank.ids))
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(bank,)) for bank in banks] + [threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(loads) == 16
+    assert set(loads) <= {tuple(IDS), tuple(IDS[:3])}
+    assert (target / "README.md").read_text() == "notes"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".target")) == [".target.lock"]
+
+
+def test_a_reader_waits_for_a_swap_in_flight_and_renames_nothing(tiny_bank, embedder, tmp_path):
+    target = _saved(tiny_bank, tmp_path / "bank")
+    staging = tmp_path / ".bank.staging-x"
+    shutil.copytree(target, staging)
+    result = {}
+    with open(lock_path(target), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a writer, between its two renames
+        backup = tmp_path / ".bank.old-feedbeef"
+        journal_path(target).write_text(json.dumps({"backup": backup.name}))
+        target.rename(backup)
+        reader = threading.Thread(target=lambda: result.update(bank=GradientBank.from_pretrained(target)))
+        reader.start()
+        time.sleep(0.3)
+        assert reader.is_alive() and backup.is_dir() and not target.exists()  # waiting, nothing renamed
+        staging.rename(target)
+        journal_path(target).unlink()
+    reader.join(timeout=30)
+    assert result["bank"].ids == IDS and backup.is_dir()  # the reader read the new bank and left the backup
+
+
+def _saved(bank, directory):
+    bank.save_pretrained(directory)
+    return directory

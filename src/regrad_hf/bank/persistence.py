@@ -62,15 +62,16 @@ def save(bank: GradientBank, save_directory: Path, max_shard_bytes: int) -> None
                 publish(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+            # The saved files now hold every gradient: read from them instead of memory. Opened under the lock,
+            # so that they are this save's files, not those of a writer that comes next.
+            rows = [sum(1 for s, _ in placements.values() if s == index) for index in range(len(shards))]
+            bank.store.attach(Location(target), shards, rows, eager=True)
     except OSError as error:
         if isinstance(error, ReGradError):
             raise
         raise file_error(error, Path(error.filename or target), "write the bank into") from error
     except SafetensorError as error:  # safetensors reports its I/O failures (ENOSPC included) this way
         raise ReGradFileError(f"cannot write the bank into {target}: {error}") from error
-    # The saved files now hold every gradient: read from them instead of memory.
-    rows = [sum(1 for s, _ in placements.values() if s == index) for index in range(len(shards))]
-    bank.store.attach(Location(target), shards, rows, eager=True)
     bank.store.mark_verified()  # checksummed just now, as written
     for doc_id, (shard, row) in placements.items():
         bank.catalogue[doc_id].shard, bank.catalogue[doc_id].row = shard, row
