@@ -422,3 +422,20 @@ def test_a_reader_waits_for_a_swap_in_flight_and_renames_nothing(tiny_bank, embe
 def _saved(bank, directory):
     bank.save_pretrained(directory)
     return directory
+
+
+def test_a_full_disk_during_a_build_is_a_typed_error_and_publishes_nothing(tiny_model, embedder, tmp_path):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(
+            "regrad_hf.files.save_file",
+            lambda *args, **kwargs: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+        )
+        with pytest.raises(ReGradFileError, match="the disk is full"):
+            GradientBank.build(
+                tiny_model, DOCUMENTS, ids=IDS, embedder_model=embedder, show_progress=False, output_dir=tmp_path / "b"
+            )
+    assert not (tmp_path / "b").exists()
+    bank = GradientBank.build(
+        tiny_model, DOCUMENTS, ids=IDS, embedder_model=embedder, show_progress=False, output_dir=tmp_path / "b"
+    )  # space again: the build resumes and publishes
+    assert bank.ids == IDS

@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..deltas import check_documents
 from ..distributed import broadcast_flags, everyone, process_rank
-from ..errors import ReGradValueError
+from ..errors import ReGradError, ReGradFileError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from . import checkpoint
 from .catalogue import Document
 from .directory import GRADIENTS_DIR, publish, writer_lock
 from .persistence import write_catalogue
-from .schema import MAX_TEXT_CHARS
+from .schema import MAX_TEXT_CHARS, file_error
 from .shards import check_finite
 
 if TYPE_CHECKING:
@@ -63,10 +63,17 @@ def build_into(
         documents_per_shard=bank.store.documents_per_shard(max_shard_bytes),
     )
     work = checkpoint.work_directory(output)
-    with contextlib.ExitStack() as stack:
-        # Process 0 holds the output's writer lock for the whole build: another build or save into it waits.
-        everyone(lambda: rank == 0 and stack.enter_context(writer_lock(output)) and None, "locking the output")
-        _build_locked(bank, model, documents, ids, metadata, batch_size, show_progress, output, work, expected)
+    try:
+        with contextlib.ExitStack() as stack:
+            # Process 0 holds the output's writer lock for the whole build: another build or save into it waits.
+            everyone(lambda: rank == 0 and stack.enter_context(writer_lock(output)) and None, "locking the output")
+            _build_locked(bank, model, documents, ids, metadata, batch_size, show_progress, output, work, expected)
+    except OSError as error:
+        if isinstance(error, ReGradError):
+            raise
+        raise file_error(error, Path(error.filename or work), "write the build into") from error
+    except SafetensorError as error:  # safetensors reports its I/O failures (ENOSPC included) this way
+        raise ReGradFileError(f"cannot write the build into {work}: {error}") from error
     return type(bank).from_pretrained(output, embedder_model=bank.index.loaded_embedder)
 
 

@@ -173,7 +173,9 @@ def read_local(cls: type[GradientBank], target: Path, embedder_model) -> Gradien
                     )
                 return bank
         time.sleep(min(0.2, 0.01 * (attempt + 1)))
-    raise ReGradFileError(f"{target} was replaced {READ_ATTEMPTS} times while it was being read: try again")
+    raise ReGradFileError(
+        f"{target} was being replaced by writers during all of {READ_ATTEMPTS} attempts to read it: try again"
+    )
 
 
 def read(cls: type[GradientBank], location: Location, embedder_model) -> GradientBank:
