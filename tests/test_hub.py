@@ -216,7 +216,7 @@ def test_loading_never_fetches_or_runs_code_or_pickles(published, hub, tmp_path)
     [
         ({"bank/documents.jsonl": None}, r"documents\.jsonl is missing"),
         ({"bank/bank_config.json": b"{not json"}, r"bank_config\.json is not valid JSON"),
-        ({"bank/index.usearch": b"garbage"}, r"index\.usearch is not a readable usearch index"),
+        ({"bank/index.usearch": b"garbage"}, r"index\.usearch does not match its checksum"),
     ],
 )
 def test_missing_or_malformed_bank_files_in_a_repo_are_named(published, hub, damage, match):
