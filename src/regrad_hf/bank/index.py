@@ -111,7 +111,9 @@ class EmbeddingIndex:
         return vectors
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        self._index.add(keys, vectors)
+        # One thread: usearch's parallel inserts make the graph (and the file's bytes, whose checksum the config
+        # records) depend on thread timing; inserted one by one, equal banks have equal index files.
+        self._index.add(keys, vectors, threads=1)
 
     def remove(self, key: int) -> None:
         self._index.remove(key)

@@ -169,7 +169,7 @@ def read_local(cls: type[GradientBank], target: Path, embedder_model) -> Gradien
                         f"{target}: a save into it was interrupted; read the previous bank from {source}, where it "
                         "stays until the next save there puts it back",
                         UserWarning,
-                        stacklevel=4,
+                        stacklevel=3,
                     )
                 return bank
         time.sleep(min(0.2, 0.01 * (attempt + 1)))
