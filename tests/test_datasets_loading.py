@@ -158,19 +158,35 @@ def test_tofu_hub_rows_have_twenty_questions_per_author(tmp_path):
 def test_hub_names_load_through_the_loopback_hub(tmp_path, monkeypatch):
     from .hub_server import FakeHub
 
-    rows = squad_hub_rows(SQUAD)
-    folder = hub_folder(tmp_path / "repo", {"plain_text": {"train": rows[:1], "validation": rows}})
+    squad_rows = squad_hub_rows(SQUAD)
+    squad = hub_folder(tmp_path / "squad", {"plain_text": {"train": squad_rows[:1], "validation": squad_rows}})
+    hotpot = hub_folder(
+        tmp_path / "hotpot",
+        {"distractor": {"validation": [hotpot_hub_row(r) for r in HOTPOT]}, "fullwiki": {"validation": []}},
+    )
+    tofu = tmp_path / "tofu"  # locuslab/TOFU: one JSON Lines file per configuration
+    tofu.mkdir()
+    tofu_rows = [{"question": f"Q{a}-{i}?", "answer": f"Author {a} fact {i}."} for a in range(2) for i in range(20)]
+    (tofu / "full.json").write_text("\n".join(json.dumps(row) for row in tofu_rows))
+    (tofu / "README.md").write_text(
+        "---\nconfigs:\n- config_name: full\n  data_files: full.json\n  default: true\n---\n"
+    )
     hub = FakeHub().start()
     try:
-        hub.add_repo(
-            "rajpurkar/squad",
-            {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()},
-            repo_type="dataset",
-        )
+        for repo_id, folder in [("rajpurkar/squad", squad), ("hotpotqa/hotpot_qa", hotpot), ("locuslab/TOFU", tofu)]:
+            files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+            hub.add_repo(repo_id, files, repo_type="dataset")
         point_datasets_at(monkeypatch, hub, tmp_path / "cache")
         assert load_squad("rajpurkar/squad") == load_squad(SQUAD)
-        assert load_eval_set("squad", split="0-1").questions  # the default data of `regrad eval --dataset squad`
-        assert any(path.startswith("/api/datasets/rajpurkar/squad") for _, path in hub.requests)
+        assert load_eval_set("squad", split="0").questions  # the default data of `regrad eval --dataset squad`
+        original = tmp_path / "hotpot.jsonl"
+        original.write_text("\n".join(json.dumps(r) for r in HOTPOT))
+        assert load_hotpotqa("hotpotqa/hotpot_qa") == load_hotpotqa(original)  # configuration distractor
+        assert load_tofu("locuslab/TOFU", authors=[1]) == load_tofu(datasets.Dataset.from_list(tofu_rows), [1])
+        served = {path for _, path in hub.requests}
+        assert {f"/api/datasets/{r}/tree" for r in ("rajpurkar/squad", "hotpotqa/hotpot_qa", "locuslab/TOFU")} <= {
+            "/".join(path.split("/")[:6]) for path in served
+        }
     finally:
         hub.stop()
 
