@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -195,9 +196,13 @@ def test_no_default_points_beside_the_checkout():
 
 def test_the_wheel_ships_the_demo_files_and_the_entry_point(tmp_path):
     """`pip wheel` the checkout and install it into an empty folder: `regrad demo`'s default files are found there."""
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    source, wheel_dir, target = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)]
-    subprocess.run([*build, str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*build, str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheel_dir.glob("regrad_hf-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
