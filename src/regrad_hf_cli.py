@@ -135,8 +135,14 @@ def build_parser() -> Parser:
 
     sub = commands.add_parser("build-bank", help="compute and save the gradient bank of a set of documents")
     sub.add_argument(
-        "--documents", required=True, type=existing_file, help="JSONL ({text, id?, metadata?} per line) or text"
+        "--documents",
+        required=True,
+        help="JSONL ({text, id?, metadata?} per line), text (one document per line), or through `datasets`: a "
+        "Parquet/CSV file, a dataset folder or a Hub dataset name",
     )
+    sub.add_argument("--text-column", default="text", help="for a dataset: the column of the texts (default text)")
+    sub.add_argument("--id-column", default=None, help="for a dataset: the column of unique ids (default: row numbers)")
+    sub.add_argument("--split", default=None, help="for a dataset with several splits (default: train)")
     sub.add_argument(
         "--output",
         required=True,

@@ -103,8 +103,8 @@ def test_bad_document_files(tmp_path, capsys, content, fragments):
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["build-bank", "--documents", "nope.jsonl", "--output", "out"], ["no such file: nope.jsonl"]),
-        (["build-bank", "--documents", ".", "--output", "out"], ["is a directory"]),
+        (["build-bank", "--documents", "nope.jsonl", "--output", "out"], ["no such file or directory: nope.jsonl"]),
+        (["build-bank", "--documents", "docs/a/typo", "--output", "out"], ["no such file or directory: docs/a/typo"]),
         (["demo", "--questions", "missing/questions.jsonl"], ["no such file"]),
         (["ask", "--bank", "runs/typo/bank", "q?"], ["no such bank directory: runs/typo/bank"]),
         (["ask", "--bank", "./bnak", "q?"], ["no such bank directory: ./bnak"]),
@@ -219,3 +219,34 @@ def test_the_wheel_ships_the_demo_files_and_the_entry_point(tmp_path):
     documents, questions = map(Path, result.stdout.split())
     assert documents.is_relative_to(target) and questions.is_relative_to(target)
     assert json.loads(documents.read_text().splitlines()[0])["id"] == "zorbia" and questions.is_file()
+
+
+def test_build_bank_from_a_parquet_file(tiny_model, embedder, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "docs.parquet"
+    datasets.Dataset.from_dict({"body": DOCUMENTS, "key": IDS}).to_parquet(path)
+    monkeypatch.setattr("regrad_hf.cli.load_learner", lambda learner, seed: tiny_model)
+    monkeypatch.setattr("regrad_hf.bank.load_embedder", lambda name=None: embedder)
+    argv = ["build-bank", "--documents", str(path), "--text-column", "body", "--id-column", "key"]
+    assert main([*argv, "--output", str(tmp_path / "bank")]) == 0
+    bank = GradientBank.from_pretrained(tmp_path / "bank")
+    assert bank.ids == IDS and bank.document("velomar").text == DOCUMENTS[2]
+    capsys.readouterr()
+    assert main([*argv[:3], "--output", str(tmp_path / "other")]) == 2  # the default column "text" is not there
+    err = capsys.readouterr().err  # datasets' own progress lines may come first
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [
+        "error: the dataset has no 'text' column for documents (it has ['body', 'key'])"
+    ]
+    assert "Traceback" not in err
+
+
+def test_ask_answers_from_a_saved_bank(saved_bank, tiny_model, capsys, monkeypatch):
+    monkeypatch.setattr("regrad_hf.cli.load_learner", lambda learner, seed: tiny_model)
+    assert main(["ask", "--bank", str(saved_bank), "--max-new-tokens", "2", "Where is Quentville?"]) == 0
+    output = capsys.readouterr().out
+    assert "retrieved: " in output and output.count("(") >= 3  # the learner's top_k_docs=3 of the 4 documents
+
+
+def test_train_help_all_lists_the_training_arguments(capsys):
+    assert main(["train", "--help-all"]) == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in ("--output_dir", "--first_order", "--step_size_learning_rate", "--data"))

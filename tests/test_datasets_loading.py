@@ -214,7 +214,7 @@ def test_offline_hub_names_fail_with_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(
-        ReGradHubError, match=r"cannot load the Hub dataset 'rajpurkar/squad' \(HF_HUB_OFFLINE is set\)"
+        ReGradHubError, match=r"Hub dataset 'rajpurkar/squad' cannot be loaded \(HF_HUB_OFFLINE is set\)"
     ):
         load_squad("rajpurkar/squad")
 

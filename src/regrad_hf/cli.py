@@ -46,6 +46,21 @@ def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] 
     return texts, ids, metadata
 
 
+def load_documents(
+    source: str, text_column: str = "text", id_column: str | None = None, split: str | None = None
+) -> tuple[list[str], list[str] | None, list[dict] | None]:
+    """`build-bank --documents`: our JSONL or a text file (see [`read_documents`]); a Parquet/CSV file, a dataset
+    folder or a Hub dataset name through `datasets` (its `text_column` and `id_column`)."""
+    from .data import documents_from
+    from .sources import read_rows
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() not in (".parquet", ".csv", ".arrow"):
+        return read_documents(path)
+    rows = read_rows(source, split=split, default_split="train")
+    return documents_from(rows, text_column, id_column)
+
+
 def read_questions(path: Path) -> list[dict]:
     """`regrad demo`'s questions: JSONL of `{"question": ..., "answer"?: ..., "doc_id"?: ...}`."""
     questions = []
@@ -126,7 +141,7 @@ def build_bank(args: argparse.Namespace) -> int:
     from .bank import GradientBank
     from .bank_checkpoint import resume_message
 
-    texts, ids, metadata = read_documents(Path(args.documents))
+    texts, ids, metadata = load_documents(args.documents, args.text_column, args.id_column, args.split)
     model = load_learner(args.learner, args.seed)
     log_to_stderr()
     rank = 0

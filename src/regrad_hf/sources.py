@@ -134,8 +134,10 @@ def _load_error(name: str, local: bool, error: Exception) -> Exception:
     if local:
         return ReGradValueError(f"cannot load the dataset folder {name}: {_first_line(error)}")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    # The name is not a local path either: say so, in case it is a mistyped one.
     return ReGradHubError(
-        f"cannot load the Hub dataset {name!r}{' (HF_HUB_OFFLINE is set)' if offline else ''}: {_first_line(error)}"
+        f"no local file or directory {name}, and the Hub dataset {name!r} cannot be loaded"
+        f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {_first_line(error)}"
     )
 
 
