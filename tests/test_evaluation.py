@@ -300,8 +300,8 @@ def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, 
 
 
 def test_cli_eval_refuses_unknown_methods(tmp_path, capsys):
-    argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--methods", "magic", "--output", str(tmp_path)]
-    assert cli.main(argv) == 2
+    argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--probes", *map(str, PROBE_FILES)]
+    assert cli.main([*argv, "--methods", "magic", "--output", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: unknown methods")
 
 
