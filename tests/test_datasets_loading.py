@@ -118,6 +118,8 @@ def test_squad_from_the_hub_schema_equals_the_json_file(tmp_path, squad_file):
     assert load_squad(folder) == from_file  # the validation split by default, as SQUAD_SPLITS assume
     assert load_squad(folder, split="train") == from_file[:1]
     assert load_squad(datasets.Dataset.from_list(rows)) == from_file
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "squad.parquet")  # a local file in the Hub schema
+    assert load_squad(tmp_path / "squad.parquet") == from_file
     dataset_dict = datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(rows[:1]), "validation": datasets.Dataset.from_list(rows)}
     )
@@ -231,10 +233,12 @@ def test_hub_id_syntax():
     assert not any(map(looks_like_hub_id, ["a/b/c", "a--b/c", "a/b.jsonl", ".hidden", "a/../b", ""]))
 
 
-def test_jsonl_tasks_from_a_dataset_with_extra_columns():
+def test_jsonl_tasks_from_a_dataset_with_extra_columns(tmp_path):
     task = Task(("Doc one.", "Doc two."), "Q?", "A", ("A", "a."), "t1")
     dataset = datasets.Dataset.from_list([{**task.to_dict(), "source": "mine"}])
     assert load_jsonl(dataset) == [task] == as_tasks(dataset)
+    dataset.to_parquet(tmp_path / "tasks.parquet")
+    assert load_jsonl(tmp_path / "tasks.parquet") == [task]
     with pytest.raises(ReGradValueError, match="no 'documents'"):
         as_tasks(datasets.Dataset.from_list([{"question": "q", "answer": "a"}]))
     with pytest.raises(ReGradValueError, match="DatasetDict"):

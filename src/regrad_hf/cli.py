@@ -52,10 +52,10 @@ def load_documents(
     """`build-bank --documents`: our JSONL or a text file (see [`read_documents`]); a Parquet/CSV file, a dataset
     folder or a Hub dataset name through `datasets` (its `text_column` and `id_column`)."""
     from .data import documents_from
-    from .sources import read_rows
+    from .sources import DATASET_SUFFIXES, read_rows
 
     path = Path(source).expanduser()
-    if path.is_file() and path.suffix.lower() not in (".parquet", ".csv", ".arrow"):
+    if path.is_file() and path.suffix.lower() not in DATASET_SUFFIXES:
         return read_documents(path)
     rows = read_rows(source, split=split, default_split="train")
     return documents_from(rows, text_column, id_column)

@@ -20,7 +20,7 @@ import torch
 
 from .deltas import check_documents, tokenize_document
 from .errors import ReGradValueError
-from .sources import Rows, is_dataset, is_dataset_dict, read_rows
+from .sources import DATASET_SUFFIXES, Rows, is_dataset, is_dataset_dict, read_rows
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
 SQUAD_SPLITS: dict[str, range] = {"train": range(0, 30), "dev": range(30, 35), "test": range(35, 40)}
@@ -250,7 +250,8 @@ def load_jsonl(source: Any, *, split: str | None = None) -> list[Task]:
     """Our own format: one JSON object per line with `documents` (list of strings), `question`, `answer`, and
     optionally `answers` (all acceptable answers) and `id`; or a `datasets.Dataset` (or dataset folder, Hub
     dataset) with those columns."""
-    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_file():
+    is_lines = isinstance(source, (str, os.PathLike)) and Path(source).is_file()
+    if not is_lines or Path(source).suffix.lower() in DATASET_SUFFIXES:
         return [task_from_record(row) for row in read_rows(source, split=split, default_split="train")]
     tasks = []
     for number, line in enumerate(Path(source).read_text(encoding="utf-8").splitlines(), start=1):

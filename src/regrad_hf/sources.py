@@ -18,6 +18,8 @@ from typing import Any
 
 from .errors import ReGradHubError, ReGradValueError
 
+# Files always read by `datasets` (the loaders' own readers are for JSON and JSON Lines).
+DATASET_SUFFIXES = (".parquet", ".csv", ".arrow")
 # Suffixes that make a name a file path, never a Hub repo id.
 FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".csv", ".arrow", ".gz", ".zst")
 # A Hub repo id: "name" or "owner/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule).
@@ -85,7 +87,8 @@ def read_rows(
         config (`str`, *optional*): the configuration (subset) of a Hub dataset or dataset folder.
         split (`str`, *optional*): the split of a `DatasetDict`, Hub dataset or dataset folder.
         default_split (`str`, *optional*): the split taken when `split` is not given and there are several.
-        read_file (*optional*): reads a local file into rows; without it, `datasets` reads the file by its suffix.
+        read_file (*optional*): reads a local JSON or JSONL file into rows; other files, and all files without it,
+            are read by `datasets` by their suffix.
 
     Returns:
         A `datasets.Dataset` or a sequence of mappings.
@@ -102,7 +105,8 @@ def read_rows(
         )
     path = Path(source).expanduser()
     if path.is_file():
-        return read_file(path) if read_file is not None else _load_file(path)
+        custom = read_file is not None and path.suffix.lower() not in DATASET_SUFFIXES
+        return read_file(path) if custom else _load_file(path)
     name = os.fspath(source)
     if not path.is_dir() and not (isinstance(source, str) and looks_like_hub_id(name)):
         raise ReGradValueError(missing_path_message(name))
@@ -121,9 +125,9 @@ def read_rows(
 def _load_file(path: Path):
     import datasets
 
-    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+    builders = {".jsonl": "json", ".json": "json", ".txt": "text", **{s: s[1:] for s in DATASET_SUFFIXES}}
     if path.suffix.lower() not in builders:
-        raise ReGradValueError(f"cannot read {path}: use a .jsonl, .json, .parquet, .csv or .txt file")
+        raise ReGradValueError(f"cannot read {path}: use a .jsonl, .json, .parquet, .csv, .arrow or .txt file")
     try:
         return datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as error:

@@ -7,6 +7,9 @@ documents.
 | `hotpotqa` | the 10 paragraphs (2 supporting + 8 distractors) of each question | top-k over the question's own 10   |
 | `tofu`     | one document per selected author: that author's answers joined | top-k over the whole bank             |
 | `jsonl`    | every task's documents (deduplicated)                       | top-k over the whole bank                |
+
+The data is a local file, a dataset folder, a Hub dataset name or a `datasets.Dataset`; by default the format's Hub
+dataset (`rajpurkar/squad` validation, `hotpotqa/hotpot_qa` distractor validation, `locuslab/TOFU` full).
 """
 
 from __future__ import annotations
