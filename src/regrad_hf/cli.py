@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from regrad_hf_cli import FRESH, METHOD_NAMES, build_parser, default_learner, examples_dir  # noqa: F401
+# The options live in regrad_hf_cli (imported without torch); METHOD_NAMES is re-exported for callers of this module.
+from regrad_hf_cli import FRESH, METHOD_NAMES  # noqa: F401
 
 from .defaults import shipped_learner_path
 from .errors import ReGradValueError
