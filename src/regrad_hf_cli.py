@@ -330,21 +330,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(verb, *arguments) -> int:
-    """Runs a verb; a user mistake (a `ReGradError`, a missing or unreadable file) prints one `error:` line and
-    returns 2, an interruption returns 130. Anything else is a bug and keeps its traceback."""
+    """Runs a verb; a user mistake (a `ReGradError`, a missing or unreadable file, no network for the Hub) prints one
+    `error:` line and returns 2, an interruption returns 130. Anything else is a bug and keeps its traceback."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     from regrad_hf.errors import ReGradError
 
+    # The HTTP library's base error (httpx's HTTPError: connection failures, timeouts), whichever huggingface_hub uses.
+    network_errors = tuple(base for base in HfHubHTTPError.__bases__ if issubclass(base, Exception))
     try:
         return verb(*arguments)
     except ReGradError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
     except OSError as error:  # files the user named: missing, unreadable, a directory instead of a file ...
-        print(f"error: {error.strerror or error}: {error.filename}" if error.filename else f"error: {error}",
-              file=sys.stderr)  # fmt: skip
+        message = f"{error.strerror}: {error.filename}" if error.filename and error.strerror else one_line(error)
+        print(f"error: {message}", file=sys.stderr)
+    except network_errors as error:
+        print(f"error: cannot reach the Hub: {one_line(error)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (some libraries' messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

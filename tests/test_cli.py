@@ -18,7 +18,11 @@ import pytest
 import regrad_hf_cli
 from regrad_hf import GradientBank, ReGradValueError
 from regrad_hf.cli import main, read_documents
-from regrad_hf.quantization import BANK_DTYPES
+
+try:  # the bank package (regrad_hf/bank/) keeps its formats inside it
+    from regrad_hf.bank.quantization import BANK_DTYPES
+except ImportError:
+    from regrad_hf.quantization import BANK_DTYPES
 
 from .conftest import DOCUMENTS, IDS
 
@@ -110,6 +114,7 @@ def test_bad_document_files(tmp_path, capsys, content, fragments):
         (["ask", "--bank", "./bnak", "q?"], ["no such bank directory: ./bnak"]),
         (["ask", "--bank", "user/bank-on-hub", "q?"], ["not local: pass --learner"]),
         (["push", "runs/missing", "user/repo"], ["no such directory: runs/missing"]),
+        (["push", ".", "user/repo"], ["is neither a saved learner"]),
         (["eval", "--dataset", "squad", "--data", "data/squad.json", "--output", "o"], ["no such file or directory"]),
         (["eval", "--dataset", "jsonl", "--output", "o"], ["needs --data"]),
         (["eval", "--dataset", "squad", "--probes", "none.json", "--output", "o"], ["no such file: none.json"]),
@@ -157,6 +162,11 @@ def test_library_errors_escaping_a_verb_become_one_line(saved_bank, capsys, monk
     (saved_bank / "bank_config.json").write_text("{not json")
     assert main(["ask", "--bank", str(saved_bank), "q?"]) == 2
     one_error_line(capsys, "bank_config.json")
+    assert main(["push", str(saved_bank), "user/repo"]) == 2  # refused before anything is uploaded
+    one_error_line(capsys, "has a damaged config")
+    (saved_bank / "bank_config.json").write_text('{"format_version": 2}')
+    assert main(["push", str(saved_bank), "user/repo"]) == 2
+    one_error_line(capsys, "has a damaged config (no 'learner')")
 
 
 def offline(monkeypatch, tmp_path):
@@ -237,6 +247,23 @@ def test_build_bank_from_a_parquet_file(tiny_model, embedder, tmp_path, monkeypa
         "error: the dataset has no 'text' column for documents (it has ['body', 'key'])"
     ]
     assert "Traceback" not in err
+
+
+def test_errors_from_the_network_and_multi_line_messages_are_one_line(tmp_path, capsys, monkeypatch):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    transport = next(base for base in HfHubHTTPError.__bases__ if base is not OSError)  # httpx's HTTPError
+
+    def offline_verb(args):
+        raise transport("[Errno -2] Name or service not known")
+
+    def wordy_verb(args):
+        raise OSError("An error happened while trying to locate the files on the Hub,\nplease check your connection.")
+
+    for verb, fragment in [(offline_verb, "cannot reach the Hub: [Errno -2]"), (wordy_verb, "Hub, please check")]:
+        monkeypatch.setattr("regrad_hf.cli.pull", verb)
+        assert main(["pull", "user/repo", str(tmp_path / "here")]) == 2
+        one_error_line(capsys, fragment)
 
 
 def test_ask_answers_from_a_saved_bank(saved_bank, tiny_model, capsys, monkeypatch):

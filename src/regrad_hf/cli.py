@@ -263,7 +263,11 @@ def push(args: argparse.Namespace) -> int:
     folder = Path(args.path)
     if not folder.is_dir():
         raise ReGradValueError(missing_path_message(folder, "directory"))
-    found = folder_card(folder, args.repo_id, args.subfolder)
+    try:
+        found = folder_card(folder, args.repo_id, args.subfolder)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:  # hand-edited or truncated config
+        detail = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise ReGradValueError(f"{folder} has a damaged config ({detail}): rebuild or re-save it") from error
     if found is None:
         raise ReGradValueError(
             f"{folder} is neither a saved learner (config.json + learner.safetensors) nor a bank (bank_config.json)"
