@@ -277,3 +277,20 @@ def test_train_help_all_lists_the_training_arguments(capsys):
     assert main(["train", "--help-all"]) == 0
     text = capsys.readouterr().out
     assert all(option in text for option in ("--output_dir", "--first_order", "--step_size_learning_rate", "--data"))
+
+
+def test_the_training_preset_reads_local_data_given_with_data(monkeypatch, capsys, tmp_path):
+    """`regrad train --preset smollm2-squad --data FILE`: train and dev tasks both come from FILE (another split)."""
+    calls = []
+
+    def record(format_, source, split):
+        calls.append((format_, source, split))
+        if len(calls) == 2:
+            raise ReGradValueError("stop before the model loads")
+        return []
+
+    monkeypatch.setattr("regrad_hf.train_cli._load_tasks", record)
+    argv = ["train", "--preset", "smollm2-squad", "--data", str(SQUAD), "--output_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    one_error_line(capsys, "stop before the model loads")
+    assert calls == [("squad", str(SQUAD), "train"), ("squad", str(SQUAD), "dev")]
