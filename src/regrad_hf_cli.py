@@ -81,6 +81,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def existing_file(text: str) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
@@ -155,10 +162,10 @@ def build_parser() -> Parser:
     )
     sub.add_argument(
         "--max-shard-mb",
-        type=positive_float,
+        type=nonnegative_float,
         default=1024,
-        help="shard (and checkpoint) size in MiB (default 1024); the unit of work of each process in a multi-process "
-        "build",
+        help="shard (and checkpoint) size in MiB (default 1024; 0: one document per shard); the unit of work of "
+        "each process in a multi-process build",
     )
     common(sub, default_learner())
     sub.set_defaults(verb="build_bank")

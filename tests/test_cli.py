@@ -124,7 +124,7 @@ def test_bad_document_files(tmp_path, capsys, content, fragments):
         (["ask", "--bank", "b", "--top-k", "0", "q?"], ["--top-k: must be at least 1"]),
         (["demo", "--gamma", "nan"], ["--gamma: must be finite"]),
         (["demo", "--max-new-tokens", "many"], ["'many' is not an integer"]),
-        (["build-bank", "--documents", "d", "--output", "o", "--max-shard-mb", "-1"], ["must be positive"]),
+        (["build-bank", "--documents", "d", "--output", "o", "--max-shard-mb", "-1"], ["must not be negative"]),
         (["build-bank", "--documents", "d", "--output", "o", "--dtype", "int5"], ["invalid choice: 'int5'"]),
         (["eval", "--dataset", "wiki", "--output", "o"], ["invalid choice: 'wiki'"]),
         (["frobnicate"], ["invalid choice: 'frobnicate'"]),
