@@ -265,6 +265,13 @@ def test_errors_from_the_network_and_multi_line_messages_are_one_line(tmp_path, 
         assert main(["pull", "user/repo", str(tmp_path / "here")]) == 2
         one_error_line(capsys, fragment)
 
+    def interrupted_verb(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("regrad_hf.cli.pull", interrupted_verb)
+    assert main(["pull", "user/repo", str(tmp_path / "here")]) == 130
+    one_error_line(capsys, "interrupted")
+
 
 def test_ask_answers_from_a_saved_bank(saved_bank, tiny_model, capsys, monkeypatch):
     monkeypatch.setattr("regrad_hf.cli.load_learner", lambda learner, seed: tiny_model)
