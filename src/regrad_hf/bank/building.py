@@ -122,6 +122,31 @@ def _build_locked(
     everyone(lambda: rank == 0 and _publish(bank, work, output, expected, ids, documents, metadata), "publishing")
 
 
+def add_documents(
+    bank: GradientBank,
+    model: GradientSource,
+    documents: Sequence[str],
+    ids: Sequence[str] | None,
+    metadata: Sequence[Mapping[str, Any]] | None,
+    batch_size: int,
+    show_progress: bool,
+) -> list[str]:
+    """[`GradientBank.add`]: checks and computes everything, then changes the bank (so a failure adds nothing)."""
+    ids, metadata = check_new(bank, model, documents, ids, metadata, batch_size)
+    embeddings = bank.index.embed(list(documents))
+    with tqdm(total=len(documents), desc="Document gradients", disable=not show_progress) as progress:
+        stored = compute(bank, model, documents, ids, batch_size, progress)
+    rows = [{key: tensor[i] for key, tensor in stored.items()} for i in range(len(documents))]
+
+    first = bank.catalogue.next_key
+    keys = np.arange(first, first + len(documents), dtype=np.uint64)
+    bank.index.add(keys, embeddings)
+    for key, doc_id, text, meta, row in zip(keys.tolist(), ids, documents, metadata, rows, strict=True):
+        bank.catalogue.insert(Document(id=doc_id, text=text, metadata=dict(meta), key=key))
+        bank.store.in_memory[doc_id] = row
+    return list(ids)
+
+
 def check_new(
     bank: GradientBank,
     model: GradientSource,

@@ -16,9 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..data import dataset_documents
 from ..deltas import check_documents
@@ -27,8 +25,8 @@ from ..hub import HubOptions, locate, push_folder, render_bank_card
 from ..learner import fingerprint_of
 from . import index as index_module
 from . import persistence
-from .building import build_into, check_new, compute
-from .catalogue import Catalogue, Document, Hit
+from .building import add_documents, build_into
+from .catalogue import Catalogue, Hit
 from .directory import CONFIG_FILE, DOCUMENTS_FILE, GRADIENTS_DIR, INDEX_FILE, was_a_bank
 from .index import EmbeddingIndex
 from .quantization import gradient_format
@@ -186,19 +184,7 @@ class GradientBank:
         Returns:
             `list[str]`: the ids of the added documents.
         """
-        ids, metadata = check_new(self, model, documents, ids, metadata, batch_size)
-        embeddings = self.index.embed(list(documents))
-        with tqdm(total=len(documents), desc="Document gradients", disable=not show_progress) as progress:
-            stored = compute(self, model, documents, ids, batch_size, progress)
-        rows = [{key: tensor[i] for key, tensor in stored.items()} for i in range(len(documents))]
-
-        first = self.catalogue.next_key
-        keys = np.arange(first, first + len(documents), dtype=np.uint64)
-        self.index.add(keys, embeddings)
-        for key, doc_id, text, meta, row in zip(keys.tolist(), ids, documents, metadata, rows, strict=True):
-            self.catalogue.insert(Document(id=doc_id, text=text, metadata=dict(meta), key=key))
-            self.store.in_memory[doc_id] = row
-        return list(ids)
+        return add_documents(self, model, documents, ids, metadata, batch_size, show_progress)
 
     def remove(self, ids: str | Sequence[str]) -> None:
         """Removes documents by id. Unknown or repeated ids raise [`ReGradKeyError`] or [`ReGradValueError`]
