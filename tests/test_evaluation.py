@@ -32,6 +32,7 @@ from regrad_hf.evaluation import (
 from regrad_hf.evaluation.datasets import parse_range
 from regrad_hf.evaluation.drift import option_scores
 from regrad_hf.evaluation.methods import ContinualPretraining
+from regrad_hf.prompting import PromptTemplate
 
 from .conftest import make_tiny_base, make_tiny_model
 
@@ -210,7 +211,7 @@ def test_option_scores_prefer_what_the_model_was_trained_to_say(tokenizer, probe
     model = make_tiny_model(tokenizer)
     question, options = "Which city?", ("Quentville", "Berlin")
     cpt = ContinualPretraining(model, CPTConfig(mode="full", learning_rate=3e-3), untrained_learner_state(model, 0))
-    prompt = cli.chat_prompt(tokenizer, question)
+    prompt = PromptTemplate.from_config(model.config).build(tokenizer, question)
     before = option_scores(cpt.model, question, options)
     cpt.train([prompt + "Quentville"] * 10)
     after = option_scores(cpt.model, question, options)

@@ -71,18 +71,18 @@ def default_learner() -> str:
     return str(path) if (path / "learner.safetensors").is_file() else FRESH
 
 
-def chat_prompt(tokenizer, question: str) -> str:
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return question
-
-
 def answer(model, question: str, max_new_tokens: int, **retrieval) -> str:
-    tokenizer = model.tokenizer
-    inputs = tokenizer(chat_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **retrieval)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    """Greedy answer to `question`, asked with the learner's prompt template and cut by its stop rule."""
+    from .prompting import PromptTemplate
+
+    tokenizer, template = model.tokenizer, PromptTemplate.from_config(model.config)
+    inputs = tokenizer(template.build(tokenizer, question), return_tensors="pt", add_special_tokens=False)
+    length = inputs["input_ids"].shape[1]
+    stop = template.stopping_criteria(tokenizer, length)
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop, **retrieval
+    )
+    return template.cut(tokenizer.decode(output[0, length:], skip_special_tokens=True))
 
 
 def document_nll(model, text: str) -> float:
