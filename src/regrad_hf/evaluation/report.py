@@ -100,16 +100,27 @@ def _interval(entry: Mapping, digits: int = 3) -> str:
     return f"{entry['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _prompt(prompt: Mapping) -> str:
+    system = "no system turn" if prompt["system_prompt"] is None else f"system turn {prompt['system_prompt']!r}"
+    stop = "the end of the first line or of the turn" if prompt["answer_stop"] == "line" else "the end of the turn"
+    return (
+        f"{system}; user turn {prompt['user_template']!r}, each document written as "
+        f"{prompt['document_template']!r}; answers end at {stop}."
+    )
+
+
 def results_table(results: Mapping) -> str:
     """The main table of the report, in markdown."""
     lines = [
-        "| method | EM [95% CI] | F1 [95% CI] | answer NLL [95% CI] | prompt tokens | s / question |",
-        "|---|---|---|---|---|---|",
+        "| method | EM [95% CI] | F1 [95% CI] | contained [95% CI] | repetition | answer NLL [95% CI] | prompt tokens "
+        "| s / question |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in results["methods"]:
         s = results["summary"][method]
         lines.append(
             f"| {LABELS[method]} | {_interval(s['exact_match'])} | {_interval(s['f1'])} | "
+            f"{_interval(s['contained'])} | {s['repetition']['mean']:.3f} | "
             f"{_interval(s['answer_nll'])} | {s['prompt_tokens']:.1f} | {s['seconds_per_question']:.2f} |"
         )
     return "\n".join(lines)
@@ -168,6 +179,7 @@ def render_report(results: Mapping) -> str:
         f"- Seed {run['seed']} (question sample, untrained LoRA start, CPT document order, drift stream, bootstrap); "
         f"greedy answers of at most {run['max_new_tokens']} tokens; gamma {run['gamma']}; torch threads "
         f"{run['torch_threads']}; {run['seconds']:.0f} s in all.",
+        f"- Prompt, the same for every method (documents only for RAG and ReGrad+ICL): {_prompt(results['prompt'])}",
         "- Closed-book and RAG use the base model (LoRA layers switched off); raw gradients start from an untrained "
         "LoRA (B = 0, so without a step it is the base model) with step size `init_step_size`.",
     ]
@@ -194,8 +206,10 @@ def render_report(results: Mapping) -> str:
         "",
         "## Answers",
         "",
-        "EM and F1 with SQuAD v1.1 normalisation; answer NLL is the teacher-forced mean NLL of the reference answer "
-        "(and end of turn) after each method's prompt; 95 % percentile bootstrap intervals "
+        "EM and F1 with SQuAD v1.1 normalisation; contained: the normalised gold answer appears (whole words) in the "
+        "normalised prediction (best over the gold answers), fair to a method that answers in sentences; repetition: "
+        "the share of answers with a repeated word 3-gram; answer NLL is the teacher-forced mean NLL of the reference "
+        "answer (and end of turn) after each method's prompt; 95 % percentile bootstrap intervals "
         f"({run['bootstrap_resamples']} resamples, seed {run['seed']}).",
         "",
         results_table(results),

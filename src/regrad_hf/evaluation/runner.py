@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..bank import GradientBank
 from ..errors import ReGradValueError
+from ..prompting import PromptTemplate
 from .datasets import EvalQuestion, EvalSet
 from .drift import Probe, WeightSnapshot, cpt_drift, regrad_drift
 from .methods import (
@@ -25,9 +26,11 @@ from .methods import (
     check_methods,
     untrained_learner_state,
 )
-from .metrics import bootstrap_ci, exact_match, f1_score, recall_at_k
+from .metrics import answer_contained, bootstrap_ci, exact_match, f1_score, has_repetition, recall_at_k
 
 GRADIENT_METHODS = ("regrad", "regrad_icl")
+# Per-question scores of each answer, summarised with bootstrap intervals.
+ANSWER_METRICS = ("exact_match", "f1", "contained", "repetition", "answer_nll")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class EvalConfig:
         seed (`int`): seed of everything random (untrained LoRA start, CPT order, bootstrap, drift stream).
         max_new_tokens (`int`): greedy answer length.
         gamma (`float`, *optional*): ReGrad step multiplier; defaults to the learner's.
+        prompt ([`PromptTemplate`], *optional*): the prompt every method is asked with (instruction, layout, stop
+            rule); defaults to the learner's own template.
         cpt ([`CPTConfig`]): the CPT baseline's settings.
         drift_ns (`Sequence[int]`): document counts N to measure drift at; empty skips drift. ReGrad cycles through
             the gold documents when N exceeds them; CPT is measured at the N below its training length and at it.
@@ -58,6 +63,7 @@ class EvalConfig:
     seed: int = 0
     max_new_tokens: int = 24
     gamma: float | None = None
+    prompt: PromptTemplate | None = None
     cpt: CPTConfig = field(default_factory=CPTConfig)
     drift_ns: Sequence[int] = (10, 100)
     drift_methods: Sequence[str] = ("regrad", "cpt")
@@ -117,6 +123,7 @@ def run_evaluation(
     if not eval_set.questions:
         raise ReGradValueError(f"{eval_set.name} has no questions to evaluate")
     top_k = config.top_k or model.config.top_k_docs
+    prompt = config.prompt or PromptTemplate.from_config(model.config)
     if not config.oracle and top_k > len(eval_set.documents):
         raise ReGradValueError(f"top_k={top_k} is larger than the bank ({len(eval_set.documents)} documents)")
     random.seed(config.seed)
@@ -127,7 +134,7 @@ def run_evaluation(
     started = time.perf_counter()
     previous_bank = model.detach_bank()
     integrity = WeightSnapshot(model)
-    results: dict = {"methods": methods, "top_k": top_k, "timings": {}}
+    results: dict = {"methods": methods, "top_k": top_k, "prompt": asdict(prompt), "timings": {}}
     try:
         needs_untrained = "raw" in methods or "cpt" in methods or "cpt" in drift_methods
         untrained = untrained_learner_state(model, config.seed) if needs_untrained else None
@@ -195,7 +202,7 @@ def run_evaluation(
             results["timings"]["raw_bank_build_seconds"] = time.perf_counter() - start
             results["timings"]["raw_bank_documents"] = len(needed)
 
-        runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma)
+        runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma, prompt)
         records = []
         questions = eval_set.questions
         for index, question in enumerate(tqdm(questions, desc=f"Questions ({len(methods)} methods)", disable=not show)):
@@ -218,6 +225,8 @@ def run_evaluation(
                     "prediction": answer.prediction,
                     "exact_match": exact_match(answer.prediction, task.answers),
                     "f1": f1_score(answer.prediction, task.answers),
+                    "contained": answer_contained(answer.prediction, task.answers),
+                    "repetition": has_repetition(answer.prediction),
                     "answer_nll": answer.answer_nll,
                     "prompt_tokens": answer.prompt_tokens,
                     "seconds": answer.seconds + (retrieval_seconds if method in RETRIEVING else 0.0),
@@ -235,7 +244,7 @@ def run_evaluation(
                     metric: _summary(
                         [r["methods"][method][metric] for r in records], config.bootstrap_resamples, config.seed
                     )
-                    for metric in ("exact_match", "f1", "answer_nll")
+                    for metric in ANSWER_METRICS
                 },
                 "prompt_tokens": float(np.mean([r["methods"][method]["prompt_tokens"] for r in records])),
                 "seconds_per_question": float(np.mean([r["methods"][method]["seconds"] for r in records])),
