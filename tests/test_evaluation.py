@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrad_hf import ReGradForCausalLM, cli
+from regrad_hf import BankMismatchError, ReGradForCausalLM, cli
 from regrad_hf.evaluation import (
     METHODS,
     CPTConfig,
     EvalConfig,
+    EvalSet,
     WeightSnapshot,
     answer_contained,
     base_only,
@@ -339,6 +340,29 @@ def test_oracle_injects_the_gold_documents(tokenizer, embedder):
     assert all(r["retrieved_ids"] == r["gold_ids"] for r in results["questions"])
     assert results["retrieval"]["recall_at_k"]["mean"] == 1.0
     assert "drift" not in results
+
+
+def test_bank_cache_is_built_once_and_reused(tokenizer, embedder, tmp_path):
+    model = make_tiny_model(tokenizer)
+    config = EvalConfig(methods=["regrad"], max_new_tokens=2, drift_ns=[], show_progress=False)
+    config.bank_cache = str(tmp_path / "bank")
+    eval_set = load_eval_set("squad", SQUAD)
+    first = run_evaluation(model, eval_set, config, embedder_model=embedder)
+    assert first["timings"]["bank_build_seconds"] is not None and (tmp_path / "bank" / "bank_config.json").is_file()
+    second = run_evaluation(model, eval_set, config, embedder_model=embedder)
+    assert second["timings"]["bank_build_seconds"] is None
+
+    def answers(results):
+        return [(q["retrieved_ids"], q["methods"]["regrad"]["prediction"]) for q in results["questions"]]
+
+    assert answers(second) == answers(first)
+    with pytest.raises(BankMismatchError):
+        run_evaluation(make_tiny_model(tokenizer, seed=1), eval_set, config, embedder_model=embedder)
+    doc_id = next(iter(eval_set.documents))
+    smaller = EvalSet("one", {doc_id: eval_set.documents[doc_id]}, [eval_set.questions[0]])
+    config.top_k = 1
+    with pytest.raises(ValueError, match="other documents"):
+        run_evaluation(model, smaller, config, embedder_model=embedder)
 
 
 def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, capsys):

@@ -318,6 +318,7 @@ def evaluate(args: argparse.Namespace) -> int:
         drift_heldout=args.drift_heldout,
         bootstrap_resamples=args.bootstrap,
         show_progress=not args.no_progress,
+        bank_cache=args.bank_cache,
     )
     model = load_learner(args.learner, args.seed)
     config.prompt = eval_prompt(model.config, args)
@@ -439,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--user-template", help="user turn with {question} and {context} (default: the learner's)")
     sub.add_argument("--document-template", help="each document in {context}: {document}, {index} (default: learner's)")
+    sub.add_argument(
+        "--bank-cache", help="directory to build the learner's bank into, reused by later runs on the same documents"
+    )
     sub.add_argument("--answer-stop", choices=["line", "turn"], help="where answers end (default: the learner's)")
     sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
     sub.add_argument("--cpt-epochs", type=int, default=1, help="CPT passes over the bank documents (default 1)")

@@ -197,10 +197,15 @@ def render_report(results: Mapping) -> str:
             f"{change['relative_l2']:.2e}) and they stay changed."
         )
     timings = results["timings"]
+    build = timings["bank_build_seconds"]
+    offline = (
+        f"the ReGrad bank took {build:.0f} s ({build / max(1, run['bank_documents']):.2f} s per document)"
+        if build is not None
+        else "the ReGrad bank was loaded from an earlier run's cache (--bank-cache)"
+    )
     parts.append(
-        f"- Offline: the ReGrad bank took {timings['bank_build_seconds']:.0f} s "
-        f"({timings['bank_build_seconds'] / max(1, run['bank_documents']):.2f} s per document); seconds per question "
-        "below are online (retrieval, gradient step and restore, NLL and generation)."
+        f"- Offline: {offline}; seconds per question below are online (retrieval, gradient step and restore, NLL and "
+        "generation)."
     )
     parts += [
         "",

@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ class EvalConfig:
             whose perplexity is measured.
         bootstrap_resamples (`int`): resamples of the confidence intervals (95 %, percentile).
         batch_size (`int`): documents per gradient batch when building banks.
+        bank_cache (`str`, *optional*): a directory for the learner's bank of the evaluation set: built there
+            (resumably) the first time, loaded from there by later runs on the same documents and learner.
         show_progress (`bool`): progress bars.
     """
 
@@ -70,7 +73,20 @@ class EvalConfig:
     drift_heldout: int = 20
     bootstrap_resamples: int = 1000
     batch_size: int = 8
+    bank_cache: str | None = None
     show_progress: bool = True
+
+
+def _cached_bank(directory, model, ids: Sequence[str], texts: Sequence[str]) -> GradientBank | None:
+    """The bank saved in `directory` when it holds exactly these documents for this learner, else `None`."""
+    if directory is None or not (Path(directory) / "bank_config.json").is_file():
+        return None
+    bank = GradientBank.from_pretrained(directory)
+    same = bank.ids == list(ids) and all(bank.document(i).text == t for i, t in zip(ids, texts, strict=True))
+    if not same:
+        raise ReGradValueError(f"the bank cache {directory} holds other documents; use another --bank-cache directory")
+    bank.check_learner(model)
+    return bank
 
 
 def _rank(embedder, question: str, candidates: Sequence[str], texts: Mapping[str, str], k: int) -> list[str]:
@@ -177,8 +193,16 @@ def run_evaluation(
 
         ids, texts = list(eval_set.documents), list(eval_set.documents.values())
         start = time.perf_counter()
-        bank = GradientBank.build(model, texts, ids=ids, embedder_model=embedder_model, show_progress=show)
-        results["timings"]["bank_build_seconds"] = time.perf_counter() - start
+        bank = _cached_bank(config.bank_cache, model, ids, texts)
+        if bank is None:
+            output = config.bank_cache  # with a cache directory the build is resumable, and kept for the next run
+            bank = GradientBank.build(
+                model, texts, ids=ids, embedder_model=embedder_model, show_progress=show, output_dir=output
+            )
+            results["timings"]["bank_build_seconds"] = time.perf_counter() - start
+        else:
+            results["timings"]["bank_build_seconds"] = None
+            results["timings"]["bank_loaded_seconds"] = time.perf_counter() - start
         model.attach_bank(bank)
         retrieved: dict[int, tuple[list[str], float]] = {}
         for index, question in enumerate(eval_set.questions):
