@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrad_hf import BankMismatchError, ReGradForCausalLM, cli
+from regrad_hf import BankMismatchError, GradientBank, ReGradForCausalLM, cli
 from regrad_hf.evaluation import (
     METHODS,
     CPTConfig,
@@ -36,6 +36,7 @@ from regrad_hf.evaluation import (
 from regrad_hf.evaluation.datasets import parse_range
 from regrad_hf.evaluation.drift import option_scores
 from regrad_hf.evaluation.methods import ContinualPretraining
+from regrad_hf.evaluation.report import render_report
 from regrad_hf.prompting import PromptTemplate
 
 from .conftest import make_tiny_base, make_tiny_model
@@ -342,27 +343,34 @@ def test_oracle_injects_the_gold_documents(tokenizer, embedder):
     assert "drift" not in results
 
 
-def test_bank_cache_is_built_once_and_reused(tokenizer, embedder, tmp_path):
+def test_gradients_only_for_retrieved_documents_and_the_cache_adds_what_it_lacks(tokenizer, embedder, tmp_path):
     model = make_tiny_model(tokenizer)
-    config = EvalConfig(methods=["regrad"], max_new_tokens=2, drift_ns=[], show_progress=False)
+    eval_set = load_eval_set("squad", SQUAD, limit=1)
+    config = EvalConfig(methods=["regrad"], top_k=1, max_new_tokens=2, drift_ns=[], show_progress=False)
     config.bank_cache = str(tmp_path / "bank")
-    eval_set = load_eval_set("squad", SQUAD)
     first = run_evaluation(model, eval_set, config, embedder_model=embedder)
-    assert first["timings"]["bank_build_seconds"] is not None and (tmp_path / "bank" / "bank_config.json").is_file()
+    assert first["timings"]["bank_gradient_documents"] == first["timings"]["bank_computed_documents"] == 1
+    assert GradientBank.from_pretrained(tmp_path / "bank", embedder).ids == first["questions"][0]["retrieved_ids"]
+    # Retrieval is over the whole bank: the same hits as a bank of every document searched exactly.
+    full = GradientBank.build(model, list(eval_set.documents.values()), ids=list(eval_set.documents),
+                              embedder_model=embedder, show_progress=False)  # fmt: skip
+    assert first["questions"][0]["retrieved_ids"] == [full.search(eval_set.questions[0].task.question, 1)[0].id]
+    config.top_k = 3
     second = run_evaluation(model, eval_set, config, embedder_model=embedder)
-    assert second["timings"]["bank_build_seconds"] is None
-
-    def answers(results):
-        return [(q["retrieved_ids"], q["methods"]["regrad"]["prediction"]) for q in results["questions"]]
-
-    assert answers(second) == answers(first)
+    assert second["timings"]["bank_gradient_documents"] == 3 and second["timings"]["bank_computed_documents"] == 2
+    assert set(GradientBank.from_pretrained(tmp_path / "bank", embedder).ids) == set(eval_set.documents)
+    again = run_evaluation(model, eval_set, config, embedder_model=embedder)
+    assert again["timings"]["bank_computed_documents"] == 0
+    assert again["questions"][0]["methods"]["regrad"]["prediction"] == second["questions"][0]["methods"]["regrad"][
+        "prediction"]  # fmt: skip
+    assert "0 computed in this run, 3 loaded from the --bank-cache" in render_report(again)
     with pytest.raises(BankMismatchError):
         run_evaluation(make_tiny_model(tokenizer, seed=1), eval_set, config, embedder_model=embedder)
     doc_id = next(iter(eval_set.documents))
-    smaller = EvalSet("one", {doc_id: eval_set.documents[doc_id]}, [eval_set.questions[0]])
+    changed = EvalSet("changed", {doc_id: "Another text under the same id."}, [eval_set.questions[0]])
     config.top_k = 1
     with pytest.raises(ValueError, match="other documents"):
-        run_evaluation(model, smaller, config, embedder_model=embedder)
+        run_evaluation(model, changed, config, embedder_model=embedder)
 
 
 def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, capsys):

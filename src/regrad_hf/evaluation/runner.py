@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bank import GradientBank
+from ..defaults import load_embedder
 from ..errors import ReGradValueError
 from ..prompting import PromptTemplate
 from .datasets import EvalQuestion, EvalSet
@@ -55,8 +56,8 @@ class EvalConfig:
             whose perplexity is measured.
         bootstrap_resamples (`int`): resamples of the confidence intervals (95 %, percentile).
         batch_size (`int`): documents per gradient batch when building banks.
-        bank_cache (`str`, *optional*): a directory for the learner's bank of the evaluation set: built there
-            (resumably) the first time, loaded from there by later runs on the same documents and learner.
+        bank_cache (`str`, *optional*): a directory that keeps the learner's gradients of the evaluation set's
+            documents between runs (a bank; each run adds the documents it needs and lacks).
         show_progress (`bool`): progress bars.
     """
 
@@ -77,16 +78,42 @@ class EvalConfig:
     show_progress: bool = True
 
 
-def _cached_bank(directory, model, ids: Sequence[str], texts: Sequence[str]) -> GradientBank | None:
-    """The bank saved in `directory` when it holds exactly these documents for this learner, else `None`."""
+def _learner_bank(directory, model, ids: Sequence[str], texts: Mapping[str, str], embedder, show: bool):
+    """The learner's bank of the documents `ids`: loaded from the cache `directory` when it has one for this learner,
+    the documents it lacks computed and added (and the cache saved again); built in memory without a cache.
+
+    Returns:
+        `tuple[GradientBank, int]`: the bank (it may hold more documents than `ids`) and how many were computed now.
+    """
     if directory is None or not (Path(directory) / "bank_config.json").is_file():
-        return None
-    bank = GradientBank.from_pretrained(directory)
-    same = bank.ids == list(ids) and all(bank.document(i).text == t for i, t in zip(ids, texts, strict=True))
-    if not same:
-        raise ReGradValueError(f"the bank cache {directory} holds other documents; use another --bank-cache directory")
+        bank = GradientBank.build(model, [texts[i] for i in ids], ids=list(ids), embedder_model=embedder,
+                                  show_progress=show)  # fmt: skip
+        if directory is not None:
+            bank.save_pretrained(directory)
+        return bank, len(ids)
+    bank = GradientBank.from_pretrained(directory, embedder_model=embedder)
     bank.check_learner(model)
-    return bank
+    if any(bank.document(i).text != texts[i] for i in ids if i in bank):
+        raise ReGradValueError(f"the bank cache {directory} holds other documents; use another --bank-cache directory")
+    missing = [i for i in ids if i not in bank]
+    if missing:
+        bank.add(model, [texts[i] for i in missing], ids=missing, show_progress=show)
+        bank.save_pretrained(directory)
+    return bank, len(missing)
+
+
+def _whole_bank_ranking(embedder, questions: Sequence[EvalQuestion], texts: Mapping[str, str], k: int):
+    """Exact cosine top-`k` over every document for each question (what the bank's exact search returns), timed per
+    question. Retrieval needs only the embeddings: gradients are then computed for the retrieved documents alone."""
+    ids = list(texts)
+    vectors = np.asarray(embedder.encode([texts[i] for i in ids], normalize_embeddings=True, show_progress_bar=False))
+    found = []
+    for question in questions:
+        start = time.perf_counter()
+        query = np.asarray(embedder.encode(question.task.question, normalize_embeddings=True, show_progress_bar=False))
+        order = np.argsort(-(vectors @ query), kind="stable")[:k]
+        found.append(([ids[i] for i in order], time.perf_counter() - start))
+    return found
 
 
 def _rank(embedder, question: str, candidates: Sequence[str], texts: Mapping[str, str], k: int) -> list[str]:
@@ -96,14 +123,6 @@ def _rank(embedder, question: str, candidates: Sequence[str], texts: Mapping[str
     )
     scores = np.asarray(vectors[1:]) @ np.asarray(vectors[0])
     return [candidates[i] for i in np.argsort(-scores, kind="stable")[:k]]
-
-
-def _retrieve(bank: GradientBank, question: EvalQuestion, texts: Mapping[str, str], k: int, oracle: bool) -> list[str]:
-    if oracle:
-        return list(question.gold_ids)
-    if question.candidate_ids is not None:
-        return _rank(bank.embedder, question.task.question, question.candidate_ids, texts, k)
-    return [hit.id for hit in bank.search(question.task.question, k)]
 
 
 def _summary(values: Sequence[float], resamples: int, seed: int) -> dict:
@@ -191,24 +210,30 @@ def run_evaluation(
             cpt_model = cpt.model
             del cpt  # the optimiser state is no longer needed
 
-        ids, texts = list(eval_set.documents), list(eval_set.documents.values())
-        start = time.perf_counter()
-        bank = _cached_bank(config.bank_cache, model, ids, texts)
-        if bank is None:
-            output = config.bank_cache  # with a cache directory the build is resumable, and kept for the next run
-            bank = GradientBank.build(
-                model, texts, ids=ids, embedder_model=embedder_model, show_progress=show, output_dir=output
-            )
-            results["timings"]["bank_build_seconds"] = time.perf_counter() - start
-        else:
-            results["timings"]["bank_build_seconds"] = None
-            results["timings"]["bank_loaded_seconds"] = time.perf_counter() - start
-        model.attach_bank(bank)
+        embedder = embedder_model or load_embedder(model.config.embedder)
+        questions = eval_set.questions
         retrieved: dict[int, tuple[list[str], float]] = {}
-        for index, question in enumerate(eval_set.questions):
-            start = time.perf_counter()
-            ids_found = _retrieve(bank, question, eval_set.documents, top_k, config.oracle)
-            retrieved[index] = (ids_found, time.perf_counter() - start)
+        whole = [] if config.oracle else [i for i, q in enumerate(questions) if q.candidate_ids is None]
+        ranked = _whole_bank_ranking(embedder, [questions[i] for i in whole], eval_set.documents, top_k)
+        retrieved.update(zip(whole, ranked, strict=True))
+        for index, question in enumerate(questions):
+            if index not in retrieved:
+                start = time.perf_counter()
+                ids_found = (
+                    list(question.gold_ids)
+                    if config.oracle
+                    else _rank(embedder, question.task.question, question.candidate_ids, eval_set.documents, top_k)
+                )
+                retrieved[index] = (ids_found, time.perf_counter() - start)
+        # Gradients only where a step uses them: the retrieved documents (and drift's stream of gold documents).
+        needed = [doc_id for ids_found, _ in retrieved.values() for doc_id in ids_found]
+        needed = list(dict.fromkeys(needed + (stream if "regrad" in drift_methods else [])))
+        start = time.perf_counter()
+        bank, computed = _learner_bank(config.bank_cache, model, needed, eval_set.documents, embedder, show)
+        results["timings"]["bank_build_seconds"] = time.perf_counter() - start
+        results["timings"]["bank_gradient_documents"] = len(needed)
+        results["timings"]["bank_computed_documents"] = computed
+        model.attach_bank(bank)
 
         raw_bank = None
         if "raw" in methods:
