@@ -39,7 +39,6 @@ TEMPLATES = {
         None, "{context}Question: {question}\n" + BRIEF + "\nAnswer:"
     ),
 }
-METHODS = ("rag", "regrad")
 
 
 def main() -> None:
@@ -49,9 +48,13 @@ def main() -> None:
     parser.add_argument("--split", default="30-34")
     parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="rag,regrad", help="comma-separated, of rag and regrad")
+    parser.add_argument("--templates", help="comma-separated template numbers (0-based, default: all)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "rag_prompts_dev.json"))
     args = parser.parse_args()
 
+    methods = args.methods.split(",")
+    names = list(TEMPLATES) if args.templates is None else [list(TEMPLATES)[int(i)] for i in args.templates.split(",")]
     eval_set = load_eval_set("squad", args.data, args.split, args.questions, args.seed)
     model = ReGradForCausalLM.from_pretrained(args.learner)
     embedder = load_embedder()
@@ -60,19 +63,22 @@ def main() -> None:
     queries = embedder.encode([q.task.question for q in eval_set.questions], normalize_embeddings=True)
     retrieved = [candidates[int(np.argmax(vectors @ query))] for query in queries]  # exact top-1, as the bank
     recall = sum(doc in q.gold_ids for doc, q in zip(retrieved, eval_set.questions, strict=True)) / len(retrieved)
-    needed = list(dict.fromkeys(retrieved))
-    bank = GradientBank.build(model, [eval_set.documents[i] for i in needed], ids=needed, embedder_model=embedder)
-    model.attach_bank(bank)
+    if "regrad" in methods:
+        needed = list(dict.fromkeys(retrieved))
+        bank = GradientBank.build(model, [eval_set.documents[i] for i in needed], ids=needed, embedder_model=embedder)
+        model.attach_bank(bank)
 
-    results = {"split": args.split, "questions": len(retrieved), "recall_at_1": recall, "templates": {}}
+    results = {"methods": methods, "split": args.split, "questions": len(retrieved), "recall_at_1": recall}
+    results["templates"] = {}
     start = time.perf_counter()
-    for name, template in TEMPLATES.items():
+    for name in names:
+        template = TEMPLATES[name]
         runner = MethodRunner(model, prompt=template)
-        scores = {m: {"exact_match": 0.0, "f1": 0.0, "contained": 0.0, "repetition": 0.0} for m in METHODS}
+        scores = {m: {"exact_match": 0.0, "f1": 0.0, "contained": 0.0, "repetition": 0.0} for m in methods}
         examples = []
         for doc, question in zip(retrieved, eval_set.questions, strict=True):
             task = question.task
-            for method in METHODS:
+            for method in methods:
                 answer = runner.answer(method, task.question, task.answer, [doc], [eval_set.documents[doc]])
                 scores[method]["exact_match"] += exact_match(answer.prediction, task.answers)
                 scores[method]["f1"] += f1_score(answer.prediction, task.answers)
@@ -89,14 +95,12 @@ def main() -> None:
     results["seconds"] = time.perf_counter() - start
     results["torch_threads"] = torch.get_num_threads()
     Path(args.output).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(
-        "| template | RAG EM | RAG F1 | RAG contained | ReGrad EM | ReGrad F1 | ReGrad contained | ReGrad repetition |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print("| template | " + " | ".join(f"{m} {k}" for m in methods for k in ("EM", "F1", "contained", "rep.")) + " |")
+    print("|---|" + "---|" * 4 * len(methods))
     for name, entry in results["templates"].items():
-        r, g = entry["scores"]["rag"], entry["scores"]["regrad"]
-        print(f"| {name} | {r['exact_match']:.3f} | {r['f1']:.3f} | {r['contained']:.3f} | {g['exact_match']:.3f} | "
-              f"{g['f1']:.3f} | {g['contained']:.3f} | {g['repetition']:.3f} |")  # fmt: skip
+        metrics = ("exact_match", "f1", "contained", "repetition")
+        cells = [f"{entry['scores'][m][k]:.3f}" for m in methods for k in metrics]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"best for RAG: {best}; recall@1 {recall:.3f}; wrote {args.output}")
 
 
