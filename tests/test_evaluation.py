@@ -395,9 +395,10 @@ def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, 
     assert json.loads((tmp_path / "results.json").read_text())["prompt"]["system_prompt"] is None
 
 
-def test_cli_eval_refuses_unknown_methods(tmp_path):
-    with pytest.raises(ValueError, match="unknown methods"):
-        cli.main(["eval", "--dataset", "squad", "--data", str(SQUAD), "--methods", "magic", "--output", str(tmp_path)])
+def test_cli_eval_refuses_unknown_methods(tmp_path, capsys):
+    argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--probes", *map(str, PROBE_FILES)]
+    assert cli.main([*argv, "--methods", "magic", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown methods")
 
 
 @pytest.mark.slow
