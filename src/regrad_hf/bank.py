@@ -31,7 +31,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 from usearch.index import Index, Matches
 
 from . import bank_checkpoint as checkpoint
@@ -53,6 +52,7 @@ from .errors import BankMismatchError, ReGradKeyError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, Location, locate, push_folder, render_bank_card
 from .learner import fingerprint_of
+from .log import progress_bar
 from .quantization import GradientFormat, gradient_format
 
 # 2: quantised formats (int8/int4/int3/int2: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
@@ -244,7 +244,7 @@ class GradientBank:
         """
         ids, metadata = self._check_new(model, documents, ids, metadata, batch_size)
         embeddings = self._embed(list(documents))
-        with tqdm(total=len(documents), desc="Document gradients", disable=not show_progress) as progress:
+        with progress_bar(total=len(documents), desc="Document gradients", enabled=show_progress) as progress:
             stored = self._compute(model, documents, ids, batch_size, progress)
         rows = [{key: tensor[i] for key, tensor in stored.items()} for i in range(len(documents))]
 
@@ -345,11 +345,7 @@ class GradientBank:
             mine_documents,
         )
         label = "Document gradients" + (f" (process {rank} of {world})" if world > 1 else "")
-        with tqdm(
-            total=mine_documents,
-            desc=label,
-            disable=not show_progress or rank != 0,
-        ) as progress:
+        with progress_bar(total=mine_documents, desc=label, enabled=show_progress and rank == 0) as progress:
             everyone(
                 lambda: self._build_shards(model, documents, ids, batch_size, work, expected, mine, progress),
                 "computing",

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .deltas import check_documents, tokenize_document
+from .deltas import check_documents, tokenize_documents
 from .errors import ReGradValueError
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
@@ -212,7 +212,7 @@ class TaskCollator:
     def encode(self, task: Task) -> dict[str, torch.Tensor]:
         documents = list(task.documents) + self._distractors(task)
         tokenizer = self.tokenizer
-        encoded_documents = [tokenize_document(tokenizer, d, self.max_document_tokens) for d in documents]
+        encoded_documents = tokenize_documents(tokenizer, documents, self.max_document_tokens)
         length = max(len(ids) for ids in encoded_documents)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         document_ids = torch.full((len(encoded_documents), length), pad, dtype=torch.long)

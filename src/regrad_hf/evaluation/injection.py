@@ -22,9 +22,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import Task, TaskCollator
+from ..log import progress_bar
 from .metrics import exact_match, f1_score
 
 CASES = ("no_adaptation", "regrad", "raw", "rag", "regrad_icl")
@@ -102,7 +102,7 @@ def evaluate_injection(
     was_training = model.training
     model.eval()
     try:
-        for task in tqdm(tasks, desc="Evaluating", disable=not show_progress):
+        for task in progress_bar(tasks, desc="Evaluating", enabled=show_progress):
             for case in cases:
                 blind = case not in ("rag", "regrad_icl")
                 encoded = collators[blind].encode(task)

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..bank import GradientBank
 from ..errors import ReGradValueError
+from ..log import progress_bar
 from .datasets import EvalQuestion, EvalSet
 from .drift import Probe, WeightSnapshot, cpt_drift, regrad_drift
 from .methods import (
@@ -198,7 +198,9 @@ def run_evaluation(
         runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma)
         records = []
         questions = eval_set.questions
-        for index, question in enumerate(tqdm(questions, desc=f"Questions ({len(methods)} methods)", disable=not show)):
+        for index, question in enumerate(
+            progress_bar(questions, desc=f"Questions ({len(methods)} methods)", enabled=show)
+        ):
             retrieved_ids, retrieval_seconds = retrieved[index]
             retrieved_texts = [eval_set.documents[doc_id] for doc_id in retrieved_ids]
             task = question.task
