@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import deltas, multi_lora, objective
@@ -26,10 +26,12 @@ from .errors import ReGradError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, locate, push_folder, render_model_card
 from .learner import StepSizes, fingerprint_of, inject_lora, learner_identity, lora_parameters
+from .peft_conventions import PeftConventionsMixin
 from .query import prompt_to_query
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
 STEP_SIZES_KEY = "regrad.step_sizes"
 BANK_SUBFOLDER = "bank"
 # Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
@@ -39,7 +41,7 @@ _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download"
 _IGNORED_KWARGS = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "trust_remote_code", "proxies")
 
 
-class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
+class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
     """A causal LM that answers with knowledge injected as retrieved gradients.
 
     It wraps any `AutoModelForCausalLM` (the *language model*), adds LoRA tensors (peft) and learned step sizes
@@ -47,7 +49,10 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     to the prompt, applies `theta' = theta - gamma * alpha_t * sum_i g_i` to the LoRA tensors, generates, and
     restores the LoRA tensors bit for bit. The base weights are never written.
 
-    Create one with [`~ReGradForCausalLM.from_base`] or [`~ReGradForCausalLM.from_pretrained`].
+    Create one with [`~ReGradForCausalLM.from_base`] or [`~ReGradForCausalLM.from_pretrained`]. peft's conventions
+    hold too (see [`PeftConventionsMixin`]): `disable_adapter()` for the plain base model,
+    `print_trainable_parameters()`, and `export_adapter()` to write the learner, or the learner with documents baked
+    in, as a standard peft adapter.
 
     Applying one delta to a whole batch writes the shared LoRA tensors, so it is serialised: the `knowledge`/
     `retrieved` contexts, and `generate` when all rows retrieve the same documents, hold a per-model re-entrant lock,
@@ -66,6 +71,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.bank: GradientBank | None = None
+        # Per thread, whether `generate` searches the bank by default inside `knowledge` blocks (innermost last).
+        self._bank_default_in_block: dict[int, list[bool]] = {}
         self._adaptation_lock = threading.RLock()
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
@@ -120,8 +127,11 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
                 except (OSError, ValueError):
                     tokenizer = None  # retrieval then needs `query=`; document gradients need a tokenizer
+        was_training = model.training
         inject_lora(model, config)
-        return cls(config, model, tokenizer)
+        # Like transformers: a model loaded by name is in eval mode; a given model keeps its mode. Either way the whole
+        # tree (the new LoRA layers and the wrapper included) is in that one mode.
+        return cls(config, model, tokenizer).train(was_training)
 
     @classmethod
     def from_pretrained(
@@ -171,7 +181,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         for key in _IGNORED_KWARGS:
             model_kwargs.pop(key, None)
         options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
-        files = [CONFIG_FILE, LEARNER_FILE]
+        files = [CONFIG_FILE, LEARNER_FILE, GENERATION_CONFIG_FILE]
         if bank is None or bank is True:
             files += [f"{BANK_SUBFOLDER}/{name}" for name in BANK_EAGER_FILES]
         location = locate(pretrained_model_name_or_path, files, subfolder=subfolder, options=options)
@@ -196,6 +206,10 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             model = cls.from_base(base_model, config, tokenizer)
         model.load_learner(directory / LEARNER_FILE)
+        if (directory / GENERATION_CONFIG_FILE).is_file():  # learners saved before it was written have none
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+            model.language_model.generation_config = model.generation_config
+        model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
 
         if isinstance(bank, GradientBank):
             model.attach_bank(bank)
@@ -259,8 +273,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                 self.load_learner_state(saved)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes) and the tokenizer's files (so
-        that `AutoTokenizer` and `pipeline` find them), never the base weights.
+        """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes), `generation_config.json` and the
+        tokenizer's files (so that `AutoTokenizer` and `pipeline` find them), never the base weights.
 
         Each file is written atomically (temporary file, then rename). Other files in the directory are kept.
         """
@@ -275,6 +289,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
         if self.tokenizer is not None:
             _save_tokenizer(self.tokenizer, directory)
+        atomic_write_text(directory / GENERATION_CONFIG_FILE, self.generation_config.to_json_string())
         atomic_write_text(directory / CONFIG_FILE, config.to_json_string())
 
     def model_card(
@@ -416,8 +431,21 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         self._adaptation_lock = threading.RLock()
 
     @contextmanager
-    def knowledge(self, documents: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
+    def knowledge(
+        self, documents: Sequence[str], gamma: float | None = None, use_bank: bool = False
+    ) -> Iterator[ReGradForCausalLM]:
         """Injects documents for the duration of the block, with gradients computed now (no bank needed).
+
+        Inside the block, `generate` applies these documents' step alone: an attached bank is not searched, so that
+        the answer comes from the documents given. Ask for both with `use_bank=True` here (every `generate` in the
+        block then also retrieves, and the two steps add up), or per call with `generate(..., use_bank=True)` or
+        `query=`. [`retrieved`] and [`injected`] nested inside add their documents' step too.
+
+        Args:
+            documents (`Sequence[str]`): the texts to inject.
+            gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
+            use_bank (`bool`, defaults to `False`): whether `generate` inside the block also retrieves from the
+                attached bank.
 
         Example:
             ```python
@@ -425,8 +453,30 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                 model.generate(**inputs)
             ```
         """
-        with self._applied(self.document_gradients(documents), gamma):
+        if use_bank and self.bank is None:
+            raise ReGradError("knowledge(use_bank=True) needs a bank: call model.attach_bank(bank) first")
+        with self._applied(self.document_gradients(documents), gamma), self._bank_default(use_bank):
             yield self
+
+    @contextmanager
+    def _bank_default(self, use_bank: bool) -> Iterator[None]:
+        """Makes `use_bank` the default of `generate` calls made by this thread inside the block."""
+        stack = self._bank_default_in_block.setdefault(threading.get_ident(), [])
+        stack.append(use_bank)
+        try:
+            yield
+        finally:
+            stack.pop()
+            if not stack:
+                self._bank_default_in_block.pop(threading.get_ident(), None)
+
+    def _default_use_bank(self) -> bool | None:
+        """`generate`'s `use_bank` when none is given: off for the plain base model (adapters disabled) and inside a
+        `knowledge` block (unless it asked for the bank); else `None`, meaning "when a bank is attached"."""
+        stack = self._bank_default_in_block.get(threading.get_ident())
+        if stack:
+            return stack[-1]
+        return None if self.adapters_enabled() else False
 
     @contextmanager
     def retrieved(self, query: str, top_k: int | None = None, gamma: float | None = None) -> Iterator[list[Hit]]:
@@ -475,12 +525,14 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`.
             gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
             use_bank (`bool`, *optional*): `False` generates with the learner as it is; `None` (default) uses the
-                bank when one is attached.
+                bank when one is attached, except inside [`knowledge`] (see there) and [`disable_adapter`].
 
         Returns:
             What the wrapped model's `generate` returns.
         """
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
+            if use_bank is None and query is None:
+                use_bank = self._default_use_bank()
             if use_bank is False or (use_bank is None and self.bank is None and query is None):
                 return self.language_model.generate(inputs, *args, **kwargs)
             retrievals = self._retrieve_rows(self._queries(inputs, kwargs, query), top_k_docs)
