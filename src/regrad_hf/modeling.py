@@ -380,6 +380,8 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         """Per-document gradients of the mean token NLL w.r.t. the LoRA tensors, stacked on a first axis."""
         if self.tokenizer is None:
             raise ReGradError("document gradients need a tokenizer: pass tokenizer= to from_base/from_pretrained")
+        if not self.adapters_enabled():
+            raise ReGradError("document gradients need the LoRA layers: compute them outside disable_adapter()")
         return deltas.document_gradients(
             self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens
         )

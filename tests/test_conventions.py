@@ -1,0 +1,389 @@
+"""transformers/peft conventions on ReGradForCausalLM, and logging, progress bars and warnings like the HF stack's."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.utils import logging as hf_logging
+
+from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
+from regrad_hf.data import Task, TaskCollator
+from regrad_hf.log import get_logger, progress_bar
+
+from .conftest import DOCUMENTS, IDS, make_tiny_base, parameter_bytes
+from .hub_server import FakeHub
+from .test_hub import _point_client_at
+
+GREEDY = {"max_new_tokens": 6, "do_sample": False}
+PROMPT = "What is the capital of Zorbia?"
+LONG = " ".join(["The harbour of Quentville is busy every morning."] * 20)  # > 64 tokens (the tiny model's cap)
+
+
+def prompt(tokenizer):
+    return tokenizer(PROMPT, return_tensors="pt")
+
+
+def lora_requires_grad(model) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.lora_parameters().items()}
+
+
+@pytest.fixture
+def uneven_steps(tiny_model):
+    """Step sizes that differ per tensor, so that an export that ignored alpha_t or gamma would differ."""
+    with torch.no_grad():
+        tiny_model.step_sizes.raw.uniform_(0.2, 1.5)
+    return tiny_model
+
+
+# ---------------------------------------------------------------------- transformers conventions
+
+
+def test_from_pretrained_returns_the_whole_model_in_eval_mode(tiny_model, tokenizer, tmp_path):
+    tiny_model.train()
+    tiny_model.save_pretrained(tmp_path)
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer).train())
+    assert not any(module.training for module in loaded.modules())
+
+
+def test_from_base_keeps_a_given_models_mode_and_loads_by_name_in_eval_mode(tokenizer, tmp_path):
+    for mode in (True, False):
+        model = ReGradForCausalLM.from_base(make_tiny_base(tokenizer).train(mode), tokenizer=tokenizer)
+        assert {module.training for module in model.modules()} == {mode}  # the new LoRA layers too
+    make_tiny_base(tokenizer).save_pretrained(tmp_path)
+    by_name = ReGradForCausalLM.from_base(str(tmp_path), tokenizer=tokenizer)
+    assert not any(module.training for module in by_name.modules())
+
+
+def test_generation_config_is_saved_and_loaded(tiny_model, tokenizer, tmp_path):
+    tiny_model.generation_config.max_new_tokens = 7
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "generation_config.json").is_file()
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+    assert loaded.generation_config.max_new_tokens == 7
+    assert loaded.language_model.generation_config is loaded.generation_config  # one config, seen by both
+    inputs = prompt(tokenizer)
+    output = loaded.generate(**inputs, do_sample=False, use_bank=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 7  # generate uses it
+
+
+def test_generation_config_comes_through_the_hub(tiny_model, tokenizer, tmp_path, monkeypatch):
+    hub = FakeHub().start()
+    try:
+        _point_client_at(monkeypatch, hub, tmp_path / "cache")
+        HfApi().create_repo("user/gen")
+        tiny_model.generation_config.max_new_tokens = 7
+        tiny_model.push_to_hub("user/gen")
+        assert "generation_config.json" in hub.files("user/gen")
+        loaded = ReGradForCausalLM.from_pretrained("user/gen", base_model=make_tiny_base(tokenizer))
+        assert loaded.generation_config.max_new_tokens == 7
+    finally:
+        hub.stop()
+
+
+# ---------------------------------------------------------------------- the plain base model
+
+
+def test_disable_adapter_generates_exactly_as_the_bare_base(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    inputs = prompt(tokenizer)
+    bare = make_tiny_base(tokenizer).generate(**inputs, **GREEDY)  # the same seed: the same base weights
+    adapted = tiny_model.generate(**inputs, **GREEDY)
+    assert not torch.equal(adapted, bare)  # the learner and the bank change the answer, or this proves nothing
+    before, grads = parameter_bytes(tiny_model), lora_requires_grad(tiny_model)
+    searched = []
+    search = tiny_bank.search
+    tiny_bank.search = lambda *args, **kwargs: searched.append(args) or search(*args, **kwargs)
+    with tiny_model.disable_adapter():
+        assert not tiny_model.adapters_enabled()
+        assert torch.equal(tiny_model.generate(**inputs, **GREEDY), bare)
+        with tiny_model.injected(["zorbia"]):  # no step reaches a bypassed layer
+            assert torch.equal(tiny_model.generate(**inputs, **GREEDY), bare)
+        with pytest.raises(ReGradError, match="outside disable_adapter"):
+            tiny_model.document_gradients([DOCUMENTS[0]])
+    assert searched == []  # the plain base model does not retrieve
+    assert tiny_model.adapters_enabled() and lora_requires_grad(tiny_model) == grads
+    assert parameter_bytes(tiny_model) == before
+    assert torch.equal(tiny_model.generate(**inputs, **GREEDY), adapted)
+
+
+def test_disable_adapter_restores_the_layers_on_error(tiny_model, tokenizer):
+    with pytest.raises(KeyboardInterrupt), tiny_model.disable_adapter():
+        raise KeyboardInterrupt
+    assert tiny_model.adapters_enabled()
+    inputs = prompt(tokenizer)
+    assert not torch.equal(
+        tiny_model.generate(**inputs, **GREEDY), make_tiny_base(tokenizer).generate(**inputs, **GREEDY)
+    )
+
+
+def test_transformers_adapter_methods_work_or_say_what_to_do(tiny_model, tokenizer):
+    # transformers' PeftAdapterMixin versions raise "use PEFT >= 0.22.0" under peft 0.21, which pyproject allows.
+    inputs = prompt(tokenizer)
+    bare = make_tiny_base(tokenizer).generate(**inputs, **GREEDY)
+    tiny_model.disable_adapters()
+    assert torch.equal(tiny_model.generate(**inputs, **GREEDY), bare)
+    tiny_model.enable_adapters()
+    assert not torch.equal(tiny_model.generate(**inputs, **GREEDY), bare)
+    assert tiny_model.active_adapters() == ["default"]
+    tiny_model.set_adapter("default")
+    state = tiny_model.get_adapter_state_dict()
+    assert len(state) == len(tiny_model.lora_parameters()) and all(".default." not in name for name in state)
+    lora = tiny_model.lora_parameters()
+    assert torch.equal(
+        state["model.layers.3.mlp.up_proj.lora_B.weight"], lora["model.layers.3.mlp.up_proj.lora_B.default.weight"]
+    )
+    for call in (
+        lambda: tiny_model.set_adapter("other"),
+        lambda: tiny_model.add_adapter(LoraConfig(r=2), "other"),
+        lambda: tiny_model.load_adapter("some/adapter"),
+        lambda: tiny_model.delete_adapter("default"),
+    ):
+        with pytest.raises(ReGradError, match="exactly one adapter, its learner"):
+            call()
+
+
+def test_print_trainable_parameters_counts_like_peft(tiny_model, tokenizer, capsys):
+    trainable, total = tiny_model.get_nb_trainable_parameters()
+    lora = sum(p.numel() for p in tiny_model.lora_parameters().values())
+    steps = tiny_model.step_sizes.raw.numel()
+    assert trainable == lora + steps and total == sum(p.numel() for p in tiny_model.parameters())
+    # peft's own count of the same LoRA layout on the same base: the LoRA tensors alone, ReGrad adds the step sizes
+    config = tiny_model.language_model.peft_config["default"]
+    peft_model = get_peft_model(make_tiny_base(tokenizer), LoraConfig(r=config.r, target_modules=config.target_modules))
+    assert peft_model.get_nb_trainable_parameters() == (lora, total - steps)
+    tiny_model.print_trainable_parameters()
+    printed = capsys.readouterr().out.strip()
+    assert (
+        printed
+        == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+# ---------------------------------------------------------------------- export_adapter
+
+
+def peft_greedy(tokenizer, directory) -> torch.Tensor:
+    served = PeftModel.from_pretrained(make_tiny_base(tokenizer), directory)
+    return served.generate(**prompt(tokenizer), **GREEDY)
+
+
+def test_exported_learner_loads_in_peft_and_generates_the_same(tiny_model, tokenizer, tmp_path):
+    before = parameter_bytes(tiny_model)
+    directory = tiny_model.export_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    expected = tiny_model.generate(**prompt(tokenizer), **GREEDY, use_bank=False)
+    assert torch.equal(peft_greedy(tokenizer, directory), expected)
+    assert parameter_bytes(tiny_model) == before
+    first = (directory / "adapter_config.json").read_bytes(), (directory / "adapter_model.safetensors").read_bytes()
+    tiny_model.export_adapter(directory)
+    assert (
+        (directory / "adapter_config.json").read_bytes(),
+        (directory / "adapter_model.safetensors").read_bytes(),
+    ) == first
+
+
+def test_exported_bank_documents_generate_as_inside_injected(uneven_steps, tiny_bank, tokenizer, tmp_path):
+    model = uneven_steps
+    model.attach_bank(tiny_bank, force=True)
+    before = parameter_bytes(model)
+    ids = ["zorbia", "velomar"]
+    for gamma in (None, 0.5):
+        directory = model.export_adapter(tmp_path / f"adapter-{gamma}", ids=ids, gamma=gamma)
+        assert parameter_bytes(model) == before
+        with model.injected(ids, gamma=gamma):
+            expected = model.language_model.generate(**prompt(tokenizer), **GREEDY)
+        assert torch.equal(peft_greedy(tokenizer, directory), expected)
+    assert not torch.equal(expected, model.generate(**prompt(tokenizer), **GREEDY, use_bank=False))
+
+
+def test_exported_documents_generate_as_inside_knowledge(uneven_steps, tokenizer, tmp_path):
+    model = uneven_steps
+    before = parameter_bytes(model)
+    directory = model.export_adapter(tmp_path / "adapter", documents=DOCUMENTS[:2])
+    assert parameter_bytes(model) == before
+    with model.knowledge(DOCUMENTS[:2]):
+        expected = model.generate(**prompt(tokenizer), **GREEDY)
+    assert torch.equal(peft_greedy(tokenizer, directory), expected)
+
+
+def test_a_failed_export_leaves_the_model_as_it_was(tiny_model, tiny_bank, tokenizer, tmp_path, monkeypatch):
+    tiny_model.attach_bank(tiny_bank)
+    before = parameter_bytes(tiny_model)
+    seen_inside = []
+
+    class FailsWhileAdapted(dict):
+        def items(self):
+            seen_inside.append(parameter_bytes(tiny_model))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny_model, "_lora", FailsWhileAdapted(tiny_model._lora))
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model.export_adapter(tmp_path / "adapter", ids=["zorbia"])
+    assert seen_inside and seen_inside[0] != before  # it failed while the step was applied
+    assert parameter_bytes(tiny_model) == before
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(ReGradValueError, match="not both"):
+        tiny_model.export_adapter(tmp_path / "adapter", ids=["zorbia"], documents=[DOCUMENTS[0]])
+
+
+# ---------------------------------------------------------------------- knowledge() with a bank attached
+
+
+def test_knowledge_does_not_search_an_attached_bank_unless_asked(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    inputs = prompt(tokenizer)
+    document = [DOCUMENTS[2]]
+    with tiny_model.knowledge(document):
+        alone = tiny_model.language_model.generate(**inputs, **GREEDY)  # the documents' step, nothing else
+        with tiny_model.retrieved(PROMPT):
+            stacked = tiny_model.language_model.generate(**inputs, **GREEDY)
+    assert not torch.equal(alone, stacked)  # retrieval would change the answer, or this test proves nothing
+
+    searched = []
+    search = tiny_bank.search
+    tiny_bank.search = lambda *args, **kwargs: searched.append(args) or search(*args, **kwargs)
+    with tiny_model.knowledge(document):
+        assert torch.equal(tiny_model.generate(**inputs, **GREEDY), alone)
+        assert searched == []
+        assert torch.equal(tiny_model.generate(**inputs, **GREEDY, use_bank=True), stacked)
+        assert torch.equal(tiny_model.generate(**inputs, **GREEDY, query=PROMPT), stacked)
+    with tiny_model.knowledge(document, use_bank=True):
+        assert torch.equal(tiny_model.generate(**inputs, **GREEDY), stacked)
+        with tiny_model.knowledge([DOCUMENTS[3]]):  # an inner block has its own default, which ends with it
+            tiny_model.generate(**inputs, **GREEDY)
+            assert len(searched) == 3
+        assert torch.equal(tiny_model.generate(**inputs, **GREEDY), stacked)
+    assert len(searched) == 4
+    assert torch.equal(tiny_model.generate(**inputs, **GREEDY), tiny_model.generate(**inputs, **GREEDY, use_bank=True))
+
+
+def test_knowledge_use_bank_without_a_bank_says_so(tiny_model):
+    with pytest.raises(ReGradError, match="attach_bank"), tiny_model.knowledge([DOCUMENTS[0]], use_bank=True):
+        pass
+
+
+# ---------------------------------------------------------------------- logging, progress bars, warnings
+
+
+@pytest.fixture
+def verbosity():
+    """Restores transformers' verbosity and regrad_hf's own level after the test."""
+    saved, library = hf_logging.get_verbosity(), logging.getLogger("regrad_hf")
+    own = library.__dict__.get("_own_level", logging.NOTSET)
+    yield
+    hf_logging.set_verbosity(saved)
+    library.setLevel(own)
+
+
+@contextmanager
+def records_of(name: str):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_the_logger_follows_transformers_verbosity_until_given_a_level(verbosity):
+    logger = get_logger("regrad_hf.bank")
+    hf_logging.set_verbosity_info()
+    assert logger.isEnabledFor(logging.INFO)
+    hf_logging.set_verbosity_error()
+    assert not logger.isEnabledFor(logging.WARNING)
+    logging.getLogger("regrad_hf").setLevel(logging.DEBUG)  # regrad-hf's own level wins
+    assert logger.isEnabledFor(logging.DEBUG)
+    logging.getLogger("regrad_hf").setLevel(logging.NOTSET)  # and NOTSET follows transformers again
+    assert not logger.isEnabledFor(logging.WARNING)
+
+
+def test_a_bank_builds_info_message_shows_at_info_verbosity_only(tiny_model, embedder, tmp_path, verbosity):
+    for level, shown in ((hf_logging.INFO, True), (hf_logging.WARNING, False)):
+        hf_logging.set_verbosity(level)
+        with records_of("regrad_hf") as records:
+            GradientBank.build(
+                tiny_model,
+                DOCUMENTS,
+                ids=IDS,
+                embedder_model=embedder,
+                output_dir=tmp_path / str(level),
+                show_progress=False,
+            )
+        assert any("shards" in record.getMessage() for record in records) == shown
+
+
+def test_progress_bars_follow_transformers_switch(tiny_model, embedder, capsys):
+    hf_logging.disable_progress_bar()
+    try:
+        GradientBank.build(tiny_model, DOCUMENTS[:2], embedder_model=embedder, show_progress=True)
+        assert "Document gradients" not in capsys.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
+    GradientBank.build(tiny_model, DOCUMENTS[:2], embedder_model=embedder, show_progress=True)
+    assert "Document gradients" in capsys.readouterr().err
+
+
+def test_progress_bars_follow_huggingface_hub_switches(capsys):
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    disable_progress_bars("regrad_hf")  # regrad-hf's group alone
+    try:
+        list(progress_bar(range(3), desc="counting"))
+        assert "counting" not in capsys.readouterr().err
+    finally:
+        enable_progress_bars("regrad_hf")
+    list(progress_bar(range(3), desc="counting"))
+    assert "counting" in capsys.readouterr().err
+    # The variable is read when huggingface_hub is imported: a fresh interpreter, loading log.py alone (fast).
+    code = (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('log', {str(Path(progress_bar.__code__.co_filename))!r})\n"
+        "log = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(log)\n"
+        "for _ in log.progress_bar(range(3), desc='counting'): pass\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout == "done\n" and "counting" not in run.stderr
+
+
+def caught(action) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        action()
+    return [w for w in found if "truncated" in str(w.message)]
+
+
+def test_truncation_is_reported_once_per_call_at_the_callers_line(tiny_model, tokenizer):
+    documents = [LONG, DOCUMENTS[0], LONG + " And more.", DOCUMENTS[1]]
+    longest = len(tokenizer(LONG + " And more.")["input_ids"])
+    expected = f"2 of 4 documents truncated to max_document_tokens=64 (the longest had {longest} tokens)"
+
+    def inside_knowledge():
+        with tiny_model.knowledge(documents):
+            pass
+
+    collator = TaskCollator(tokenizer, max_document_tokens=64)
+    for action in (
+        lambda: tiny_model.document_gradients(documents),
+        inside_knowledge,
+        lambda: collator([Task(documents=tuple(documents), question="Where?", answer="Quentville")]),
+    ):
+        found = caught(action)
+        assert [str(w.message) for w in found] == [expected]
+        assert found[0].filename == __file__  # this file's line, not the library's
+    assert caught(lambda: tiny_model.document_gradients(DOCUMENTS)) == []
