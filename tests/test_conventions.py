@@ -387,3 +387,5 @@ def test_truncation_is_reported_once_per_call_at_the_callers_line(tiny_model, to
         assert [str(w.message) for w in found] == [expected]
         assert found[0].filename == __file__  # this file's line, not the library's
     assert caught(lambda: tiny_model.document_gradients(DOCUMENTS)) == []
+    twice = caught(lambda: tiny_model.document_gradients([LONG, LONG, DOCUMENTS[0]]))  # a document counts once
+    assert [str(w.message).split(" (")[0] for w in twice] == ["1 of 2 documents truncated to max_document_tokens=64"]

@@ -50,20 +50,20 @@ def truncation_report() -> Iterator[None]:
     """Collects the truncations of every document tokenized inside the block (in this thread) and reports them in one
     warning when the block ends, attributed to the caller's line: `"3 of 10 documents truncated to
     max_document_tokens=512 (the longest had 900 tokens)"`. Nested blocks report with the outermost one, so that a
-    public call (a bank build, `model.knowledge`) warns once however many batches it tokenizes. Nothing is reported
-    when the block raises.
+    public call (a bank build, `model.knowledge`, an evaluation) warns once however many batches it tokenizes; a
+    document tokenized several times counts once. Nothing is reported when the block raises. Usable as a decorator.
     """
     if _truncations.report is not None:
         yield
         return
-    report = _truncations.report = {"documents": 0, "truncated": 0, "longest": 0, "max_tokens": 0}
+    report = _truncations.report = {"documents": set(), "truncated": set(), "longest": 0, "max_tokens": 0}
     try:
         yield
     finally:
         _truncations.report = None
     if report["truncated"]:
         warn_at_caller(
-            f"{report['truncated']} of {report['documents']} documents truncated to "
+            f"{len(report['truncated'])} of {len(report['documents'])} documents truncated to "
             f"max_document_tokens={report['max_tokens']} (the longest had {report['longest']} tokens)"
         )
 
@@ -77,9 +77,10 @@ def tokenize_document(tokenizer, document: str, max_tokens: int) -> list[int]:
     with truncation_report():
         ids = tokenizer(document, truncation=False)["input_ids"]
         report = _truncations.report
-        report["documents"] += 1
+        key = hash(document)  # documents are counted once however often they are tokenized
+        report["documents"].add(key)
         if len(ids) > max_tokens:
-            report["truncated"] += 1
+            report["truncated"].add(key)
             report["longest"] = max(report["longest"], len(ids))
             report["max_tokens"] = max_tokens
             ids = ids[:max_tokens]

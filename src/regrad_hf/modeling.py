@@ -105,7 +105,8 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when loading by name.
 
         Returns:
-            [`ReGradForCausalLM`]
+            [`ReGradForCausalLM`]: in eval mode when loaded by name (as transformers loads models), else in the given
+            model's mode; the whole model, LoRA layers included, is in that one mode.
         """
         config = copy.deepcopy(config) if config is not None else ReGradConfig()
         if isinstance(model_or_name, (str, os.PathLike)):
@@ -172,7 +173,7 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model (e.g. `dtype`).
 
         Returns:
-            [`ReGradForCausalLM`]
+            [`ReGradForCausalLM`]: in eval mode, with the saved `generation_config.json` when there is one.
 
         Raises:
             [`ReGradValueError`]: not a learner (missing files), or a bad argument.

@@ -191,7 +191,8 @@ class PeftConventionsMixin:
         holds `theta' = theta - gamma * alpha_t * sum_i g_i`, computed exactly as inside
         [`~ReGradForCausalLM.injected`] / [`~ReGradForCausalLM.knowledge`]: `PeftModel.from_pretrained(base, dir)`
         then generates what this model generates inside that context. The model itself is left as it was, bit for
-        bit, also on error.
+        bit, also on error. The config records the base model's name and revision for `AutoPeftModelForCausalLM`;
+        the embedded default base is not on the Hub under its name, so load that base yourself.
 
         Args:
             save_directory (`str` or `os.PathLike`): where to write (created if needed).

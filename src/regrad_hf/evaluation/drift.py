@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..data import question_prompt
-from ..deltas import tokenize_document
+from ..deltas import tokenize_document, truncation_report
 from ..errors import ReGradValueError
 from ..log import progress_bar
 from .methods import ContinualPretraining
@@ -166,6 +166,7 @@ def _bytes(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8).reshape(-1, width)
 
 
+@truncation_report()  # one warning for all the documents it truncates
 def regrad_drift(
     model,
     stream: Sequence[str],
@@ -213,6 +214,7 @@ def regrad_drift(
     return record
 
 
+@truncation_report()
 def cpt_drift(
     cpt: ContinualPretraining,
     stream: Sequence[str],

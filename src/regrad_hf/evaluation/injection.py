@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Task, TaskCollator
+from ..deltas import truncation_report
 from ..log import progress_bar
 from .metrics import exact_match, f1_score
 
@@ -61,6 +62,7 @@ def _generate(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -
     return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+@truncation_report()  # one warning for all the documents it truncates
 def evaluate_injection(
     model,
     tasks: Sequence[Task],

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..bank import GradientBank
+from ..deltas import truncation_report
 from ..errors import ReGradValueError
 from ..log import progress_bar
 from .datasets import EvalQuestion, EvalSet
@@ -91,6 +92,7 @@ def _summary(values: Sequence[float], resamples: int, seed: int) -> dict:
     return {"mean": mean, "ci95": [low, high], "n": len(clean)}
 
 
+@truncation_report()  # one warning for all the documents it truncates
 def run_evaluation(
     model,
     eval_set: EvalSet,
