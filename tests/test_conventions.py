@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.utils import logging as hf_logging
 
 from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
 from regrad_hf.data import Task, TaskCollator
-from regrad_hf.log import get_logger, progress_bar
+from regrad_hf.log import progress_bar
 
 from .conftest import DOCUMENTS, IDS, make_tiny_base, parameter_bytes
 from .hub_server import FakeHub
@@ -299,7 +300,7 @@ def records_of(name: str):
 
 
 def test_the_logger_follows_transformers_verbosity_until_given_a_level(verbosity):
-    logger = get_logger("regrad_hf.bank")
+    logger = logging.getLogger("regrad_hf.bank")  # a module's logger, as the library gets it
     hf_logging.set_verbosity_info()
     assert logger.isEnabledFor(logging.INFO)
     hf_logging.set_verbosity_error()
@@ -325,7 +326,13 @@ def test_a_bank_builds_info_message_shows_at_info_verbosity_only(tiny_model, emb
         assert any("shards" in record.getMessage() for record in records) == shown
 
 
-def test_progress_bars_follow_transformers_switch(tiny_model, embedder, capsys):
+@pytest.fixture
+def bars_on():
+    if are_progress_bars_disabled():
+        pytest.skip("progress bars are disabled in this environment (HF_HUB_DISABLE_PROGRESS_BARS)")
+
+
+def test_progress_bars_follow_transformers_switch(tiny_model, embedder, capsys, bars_on):
     hf_logging.disable_progress_bar()
     try:
         GradientBank.build(tiny_model, DOCUMENTS[:2], embedder_model=embedder, show_progress=True)
@@ -336,9 +343,7 @@ def test_progress_bars_follow_transformers_switch(tiny_model, embedder, capsys):
     assert "Document gradients" in capsys.readouterr().err
 
 
-def test_progress_bars_follow_huggingface_hub_switches(capsys):
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
+def test_progress_bars_follow_huggingface_hub_switches(capsys, bars_on):
     disable_progress_bars("regrad_hf")  # regrad-hf's group alone
     try:
         list(progress_bar(range(3), desc="counting"))

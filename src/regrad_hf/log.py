@@ -1,8 +1,8 @@
 """Logging, progress bars and warnings that behave like the rest of the Hugging Face stack.
 
-- [`get_logger`]: loggers under `regrad_hf` whose level follows `transformers.logging` verbosity
-  (`transformers.logging.set_verbosity_*`, `TRANSFORMERS_VERBOSITY`) until a level is set on the `regrad_hf` logger
-  itself, printed to stderr by the library's own handler (as transformers does for its loggers).
+- The `regrad_hf` logger (and so every `logging.getLogger("regrad_hf.*")`) follows `transformers.logging` verbosity
+  (`transformers.logging.set_verbosity_*`, `TRANSFORMERS_VERBOSITY`) until a level is set on `regrad_hf` itself
+  (`NOTSET` follows again); it prints to stderr through its own handler, as transformers' loggers do.
 - [`progress_bar`]: tqdm bars that honour `transformers.utils.logging.disable_progress_bar()`,
   `huggingface_hub.utils.disable_progress_bars()` (also for the group `"regrad_hf"` alone) and
   `HF_HUB_DISABLE_PROGRESS_BARS=1`.
@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 import warnings
 
 from huggingface_hub.utils import are_progress_bars_disabled
@@ -29,7 +28,6 @@ _SKIPPED_FILES = tuple(
     {os.path.dirname(path) + os.sep for path in (__file__, os.path.realpath(__file__))}
     | {contextlib.__file__, os.path.realpath(contextlib.__file__)}
 )
-_setup_lock = threading.Lock()
 
 
 class _FollowsTransformersVerbosity(logging.Logger):
@@ -52,34 +50,21 @@ class _FollowsTransformersVerbosity(logging.Logger):
         self.__dict__["_own_level"] = value
 
 
-def _library_logger() -> logging.Logger:
+def _configure_library_logger() -> None:
     logger = logging.getLogger(LIBRARY_LOGGER)
-    if isinstance(logger, _FollowsTransformersVerbosity):
-        return logger
-    with _setup_lock:
-        if type(logger) is logging.Logger:  # a custom logger class set by the application is left as it is
-            # Configure transformers' root logger first (it reads TRANSFORMERS_VERBOSITY), so that reading its level
-            # later never takes transformers' lock while `logging` holds its own.
-            _FollowsTransformersVerbosity._transformers = hf_logging.get_logger()
-            own = logger.__dict__.pop("level", logging.NOTSET)  # a level set before regrad_hf was imported is kept
-            logger.__class__ = _FollowsTransformersVerbosity
-            logger.level = own
-            handler = logging.StreamHandler()  # stderr, as transformers' own handler
-            handler.setFormatter(logging.Formatter(f"[{LIBRARY_LOGGER}] %(message)s"))
-            logger.addHandler(handler)
-            logger.propagate = False  # as transformers: records are printed once, by this handler
-            logging.Logger.manager._clear_cache()
-    return logger
-
-
-def get_logger(name: str) -> logging.Logger:
-    """The logger of a regrad-hf module (`get_logger(__name__)`); its level follows transformers' verbosity.
-
-    Set a level of regrad-hf's own with `logging.getLogger("regrad_hf").setLevel(...)`; `NOTSET` follows
-    transformers again.
-    """
-    _library_logger()
-    return logging.getLogger(name)
+    if type(logger) is not logging.Logger:  # already done, or a logger class of the application's: left as it is
+        return
+    # Configure transformers' root logger first (it reads TRANSFORMERS_VERBOSITY), so that reading its level later
+    # never takes transformers' lock while `logging` holds its own.
+    _FollowsTransformersVerbosity._transformers = hf_logging.get_logger()
+    own = logger.__dict__.pop("level", logging.NOTSET)  # a level set before regrad_hf was imported is kept
+    logger.__class__ = _FollowsTransformersVerbosity
+    logger.level = own
+    handler = logging.StreamHandler()  # stderr, as transformers' own handler
+    handler.setFormatter(logging.Formatter(f"[{LIBRARY_LOGGER}] %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False  # as transformers: records are printed once, by this handler
+    logging.Logger.manager._clear_cache()
 
 
 def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
@@ -113,4 +98,4 @@ def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=caller_stacklevel())
 
 
-_library_logger()  # every module of the package imports this one, so `regrad_hf.*` loggers follow from the start
+_configure_library_logger()  # on import: every module of the package imports this one (through deltas)
