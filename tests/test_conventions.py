@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers.utils import logging as hf_logging
 
 from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
@@ -191,6 +191,20 @@ def test_exported_learner_loads_in_peft_and_generates_the_same(tiny_model, token
         (directory / "adapter_config.json").read_bytes(),
         (directory / "adapter_model.safetensors").read_bytes(),
     ) == first
+
+
+def test_an_adapter_of_a_named_base_loads_with_auto_peft(tokenizer, tmp_path):
+    make_tiny_base(tokenizer).save_pretrained(tmp_path / "base")
+    model = ReGradForCausalLM.from_base(str(tmp_path / "base"), tokenizer=tokenizer)
+    with torch.no_grad():
+        for name, parameter in model.lora_parameters().items():
+            if ".lora_B." in name:  # else the adapter changes nothing and the test proves nothing
+                parameter.normal_(0.0, 0.05)
+    directory = model.export_adapter(tmp_path / "adapter", documents=[DOCUMENTS[0]])
+    served = AutoPeftModelForCausalLM.from_pretrained(directory)  # the base found by the name the config records
+    with model.knowledge([DOCUMENTS[0]]):
+        expected = model.generate(**prompt(tokenizer), **GREEDY)
+    assert torch.equal(served.generate(**prompt(tokenizer), **GREEDY), expected)
 
 
 def test_exported_bank_documents_generate_as_inside_injected(uneven_steps, tiny_bank, tokenizer, tmp_path):
