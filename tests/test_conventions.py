@@ -282,6 +282,21 @@ def test_knowledge_does_not_search_an_attached_bank_unless_asked(tiny_model, tin
     assert torch.equal(tiny_model.generate(**inputs, **GREEDY), tiny_model.generate(**inputs, **GREEDY, use_bank=True))
 
 
+def test_generate_inside_retrieved_or_injected_applies_that_step_once(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    inputs = prompt(tokenizer)
+    with tiny_model.retrieved(PROMPT):
+        once = tiny_model.language_model.generate(**inputs, **GREEDY)
+        assert torch.equal(tiny_model.generate(**inputs, **GREEDY), once)
+        twice = tiny_model.generate(**inputs, **GREEDY, use_bank=True)  # asked for: a second step on top
+    assert not torch.equal(once, twice)  # a second step would show, or this test proves nothing
+    with tiny_model.injected(["zorbia"]):
+        assert torch.equal(
+            tiny_model.generate(**inputs, **GREEDY), tiny_model.language_model.generate(**inputs, **GREEDY)
+        )
+    assert torch.equal(tiny_model.generate(**inputs, **GREEDY), once)  # outside, generate retrieves by itself again
+
+
 def test_knowledge_use_bank_without_a_bank_says_so(tiny_model):
     with pytest.raises(ReGradError, match="attach_bank"), tiny_model.knowledge([DOCUMENTS[0]], use_bank=True):
         pass

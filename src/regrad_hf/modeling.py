@@ -483,15 +483,23 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
 
     @contextmanager
     def retrieved(self, query: str, top_k: int | None = None, gamma: float | None = None) -> Iterator[list[Hit]]:
-        """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits."""
+        """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits.
+
+        As in [`knowledge`], `generate` inside the block applies this step alone and does not search the bank again
+        (unless called with `use_bank=True` or `query=`, which adds a second step).
+        """
         hits = self._require_bank().search(query, self.config.top_k_docs if top_k is None else top_k)
         with self.injected([hit.id for hit in hits], gamma):
             yield hits
 
     @contextmanager
     def injected(self, ids: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
-        """Injects the bank documents with these ids for the duration of the block (retrieval done elsewhere)."""
-        with self._applied(self._require_bank().gather(list(ids)), gamma):
+        """Injects the bank documents with these ids for the duration of the block (retrieval done elsewhere).
+
+        As in [`knowledge`], `generate` inside the block applies this step alone and does not search the bank
+        (unless called with `use_bank=True` or `query=`, which adds a second step).
+        """
+        with self._applied(self._require_bank().gather(list(ids)), gamma), self._bank_default(False):
             yield self
 
     def _require_bank(self) -> GradientBank:
@@ -528,7 +536,8 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
             top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`.
             gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
             use_bank (`bool`, *optional*): `False` generates with the learner as it is; `None` (default) uses the
-                bank when one is attached, except inside [`knowledge`] (see there) and [`disable_adapter`].
+                bank when one is attached, except inside [`knowledge`], [`retrieved`], [`injected`] (they inject
+                their own documents) and [`disable_adapter`].
 
         Returns:
             What the wrapped model's `generate` returns.
