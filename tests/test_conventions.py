@@ -15,6 +15,7 @@ import torch
 from huggingface_hub import HfApi
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
@@ -207,6 +208,16 @@ def test_an_adapter_of_a_named_base_loads_with_auto_peft(tokenizer, tmp_path):
     assert torch.equal(served.generate(**prompt(tokenizer), **GREEDY), expected)
 
 
+def exported_tensors(directory) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, by the ReGrad model's parameter names."""
+    tensors = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    renamed = {}
+    for name, tensor in tensors.items():
+        stem, _, kind = name.removeprefix("base_model.model.").rpartition(".lora_")
+        renamed[f"{stem}.lora_{kind.split('.')[0]}.default.weight"] = tensor
+    return renamed
+
+
 def test_exported_bank_documents_generate_as_inside_injected(uneven_steps, tiny_bank, tokenizer, tmp_path):
     model = uneven_steps
     model.attach_bank(tiny_bank, force=True)
@@ -217,6 +228,10 @@ def test_exported_bank_documents_generate_as_inside_injected(uneven_steps, tiny_
         assert parameter_bytes(model) == before
         with model.injected(ids, gamma=gamma):
             expected = model.language_model.generate(**prompt(tokenizer), **GREEDY)
+            inside = {name: p.detach().clone() for name, p in model.lora_parameters().items()}
+        exported = exported_tensors(directory)
+        assert exported.keys() == inside.keys()
+        assert all(torch.equal(exported[name], inside[name]) for name in inside)  # bit for bit the same step
         assert torch.equal(peft_greedy(tokenizer, directory), expected)
     assert not torch.equal(expected, model.generate(**prompt(tokenizer), **GREEDY, use_bank=False))
 
@@ -231,22 +246,22 @@ def test_exported_documents_generate_as_inside_knowledge(uneven_steps, tokenizer
     assert torch.equal(peft_greedy(tokenizer, directory), expected)
 
 
-def test_a_failed_export_leaves_the_model_as_it_was(tiny_model, tiny_bank, tokenizer, tmp_path, monkeypatch):
+def test_export_never_writes_the_model_even_when_it_fails(tiny_model, tiny_bank, tmp_path, monkeypatch):
     tiny_model.attach_bank(tiny_bank)
     before = parameter_bytes(tiny_model)
-    seen_inside = []
+    versions = {name: p._version for name, p in tiny_model.named_parameters()}  # bumped by any in-place write
+    tiny_model.export_adapter(tmp_path / "ok", ids=["zorbia"])
+    tiny_model.export_adapter(tmp_path / "ok", documents=[DOCUMENTS[0]])
 
-    class FailsWhileAdapted(dict):
-        def items(self):
-            seen_inside.append(parameter_bytes(tiny_model))
-            raise KeyboardInterrupt
+    def fails(*args, **kwargs):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny_model, "_lora", FailsWhileAdapted(tiny_model._lora))
+    monkeypatch.setattr("regrad_hf.files.save_file", fails)  # the adapter's weights cannot be written
     with pytest.raises(KeyboardInterrupt):
         tiny_model.export_adapter(tmp_path / "adapter", ids=["zorbia"])
-    assert seen_inside and seen_inside[0] != before  # it failed while the step was applied
-    assert parameter_bytes(tiny_model) == before
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert parameter_bytes(tiny_model) == before
+    assert {name: p._version for name, p in tiny_model.named_parameters()} == versions
     with pytest.raises(ReGradValueError, match="not both"):
         tiny_model.export_adapter(tmp_path / "adapter", ids=["zorbia"], documents=[DOCUMENTS[0]])
 

@@ -18,6 +18,7 @@ from peft import PeftModel, TaskType, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import deltas
 from .errors import ReGradError, ReGradValueError
 from .files import atomic_save_safetensors, atomic_write_text
 from .learner import ADAPTER_NAME
@@ -76,8 +77,8 @@ class PeftConventionsMixin:
     `get_nb_trainable_parameters()`, `export_adapter()`, and transformers' `PeftAdapterMixin` methods made to work on
     the one adapter a ReGrad model has (the others raise a [`ReGradError`] that says what to do instead).
 
-    The host class provides `language_model`, `_lora`, `_adaptation_lock`, `_applied`, `_require_bank`,
-    `document_gradients` and `config`.
+    The host class provides `language_model`, `_lora`, `_adaptation_lock`, `learner_state_dict`, `step_sizes`,
+    `_require_bank`, `document_gradients` and `config`.
     """
 
     # ------------------------------------------------------------------ the plain base model
@@ -190,9 +191,10 @@ class PeftConventionsMixin:
         With `ids` (documents of the attached bank) or `documents` (texts, their gradients computed now), the adapter
         holds `theta' = theta - gamma * alpha_t * sum_i g_i`, computed exactly as inside
         [`~ReGradForCausalLM.injected`] / [`~ReGradForCausalLM.knowledge`]: `PeftModel.from_pretrained(base, dir)`
-        then generates what this model generates inside that context. The model itself is left as it was, bit for
-        bit, also on error. The config records the base model's name and revision for `AutoPeftModelForCausalLM`;
-        the embedded default base is not on the Hub under its name, so load that base yourself.
+        then generates what this model generates inside that context (the tensors are bit for bit those inside it).
+        The model's tensors are never written. The config records the base model's name and revision for
+        `AutoPeftModelForCausalLM`; the embedded default base is not on the Hub under its name, so load that base
+        yourself.
 
         Args:
             save_directory (`str` or `os.PathLike`): where to write (created if needed).
@@ -211,15 +213,27 @@ class PeftConventionsMixin:
         """
         if ids is not None and documents is not None:
             raise ReGradValueError("export_adapter takes ids (from the attached bank) or documents, not both")
-        if ids is None and documents is None:
-            with self._adaptation_lock:
-                tensors = {name: parameter.detach().clone() for name, parameter in self._lora.items()}
-        else:
-            if isinstance(ids, str):
-                raise ReGradValueError("ids must be a list of document ids, not a single string")
-            stacked = self._require_bank().gather(list(ids)) if ids is not None else self.document_gradients(documents)
-            with self._applied(stacked, gamma):
-                tensors = {name: parameter.detach().clone() for name, parameter in self._lora.items()}
+        if isinstance(ids, str):
+            raise ReGradValueError("ids must be a list of document ids, not a single string")
+        with self._adaptation_lock:
+            # The un-adapted learner; the step is added out of place, so the model is never written. Adding the same
+            # float32 step, cast to each tensor's dtype, is the same operation as the in-place add of an adaptation,
+            # so the tensors are bit for bit those inside `injected(ids)` / `knowledge(documents)`.
+            state = {name: tensor for name, tensor in self.learner_state_dict().items() if name in self._lora}
+            if ids is None and documents is None:
+                tensors = {name: tensor.clone() for name, tensor in state.items()}
+            else:
+                stacked = (
+                    self._require_bank().gather(list(ids)) if ids is not None else self.document_gradients(documents)
+                )
+                gamma = self.config.gamma if gamma is None else gamma
+                delta = deltas.combine(stacked, self.step_sizes(), gamma)
+                tensors = {
+                    name: tensor + delta[name].to(device=tensor.device, dtype=tensor.dtype)
+                    if name in delta
+                    else tensor.clone()
+                    for name, tensor in state.items()
+                }
         config = self.config
         return write_peft_adapter(
             self.language_model,
