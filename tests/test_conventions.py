@@ -6,6 +6,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,7 +100,8 @@ def test_generation_config_comes_through_the_hub(tiny_model, tokenizer, tmp_path
 def test_disable_adapter_generates_exactly_as_the_bare_base(tiny_model, tiny_bank, tokenizer):
     tiny_model.attach_bank(tiny_bank)
     inputs = prompt(tokenizer)
-    bare = make_tiny_base(tokenizer).generate(**inputs, **GREEDY)  # the same seed: the same base weights
+    bare_model = make_tiny_base(tokenizer)  # the same seed: the same base weights
+    bare = bare_model.generate(**inputs, **GREEDY)
     adapted = tiny_model.generate(**inputs, **GREEDY)
     assert not torch.equal(adapted, bare)  # the learner and the bank change the answer, or this proves nothing
     before, grads = parameter_bytes(tiny_model), lora_requires_grad(tiny_model)
@@ -106,26 +109,60 @@ def test_disable_adapter_generates_exactly_as_the_bare_base(tiny_model, tiny_ban
     search = tiny_bank.search
     tiny_bank.search = lambda *args, **kwargs: searched.append(args) or search(*args, **kwargs)
     with tiny_model.disable_adapter():
-        assert not tiny_model.adapters_enabled()
         assert torch.equal(tiny_model.generate(**inputs, **GREEDY), bare)
-        with tiny_model.injected(["zorbia"]):  # no step reaches a bypassed layer
-            assert torch.equal(tiny_model.generate(**inputs, **GREEDY), bare)
-        with pytest.raises(ReGradError, match="outside disable_adapter"):
-            tiny_model.document_gradients([DOCUMENTS[0]])
+        assert torch.equal(tiny_model(**inputs).logits, bare_model(**inputs).logits)
+        for inject in (
+            lambda: tiny_model.injected(["zorbia"]).__enter__(),
+            lambda: tiny_model.knowledge([DOCUMENTS[0]]).__enter__(),
+            lambda: tiny_model.generate(**inputs, **GREEDY, use_bank=True),
+            lambda: tiny_model.generate(**inputs, **GREEDY, query=["Zorbia"]),
+        ):
+            with pytest.raises(ReGradError, match="inside disable_adapter"):
+                inject()
     assert searched == []  # the plain base model does not retrieve
-    assert tiny_model.adapters_enabled() and lora_requires_grad(tiny_model) == grads
+    assert lora_requires_grad(tiny_model) == grads
     assert parameter_bytes(tiny_model) == before
     assert torch.equal(tiny_model.generate(**inputs, **GREEDY), adapted)
 
 
-def test_disable_adapter_restores_the_layers_on_error(tiny_model, tokenizer):
+def test_disable_adapter_restores_the_learner_on_error(tiny_model, tokenizer):
+    before = parameter_bytes(tiny_model)
     with pytest.raises(KeyboardInterrupt), tiny_model.disable_adapter():
         raise KeyboardInterrupt
-    assert tiny_model.adapters_enabled()
-    inputs = prompt(tokenizer)
-    assert not torch.equal(
-        tiny_model.generate(**inputs, **GREEDY), make_tiny_base(tokenizer).generate(**inputs, **GREEDY)
-    )
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_disable_adapter_leaves_another_threads_batch_alone(tiny_model, tiny_bank, tokenizer):
+    # A batch whose rows retrieve different documents generates with its own copies, outside the lock. If the plain
+    # base model were peft's switch (LoRA layers bypassed for every thread), such a batch would lose its adaptation.
+    tiny_model.attach_bank(tiny_bank)
+    tokenizer.padding_side = "left"
+    batch = tokenizer([PROMPT, "Tell me about the Velomar bicycle frame"], return_tensors="pt", padding=True)
+    settings = {"max_new_tokens": 8, "do_sample": False}
+    alone = tiny_model.generate(**batch, **settings)
+    inside, resume = threading.Event(), threading.Event()
+    steps = []
+
+    def pause_after_the_first_step(module, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2 and threading.current_thread() is not threading.main_thread():
+            inside.wait(10)  # the other thread is inside disable_adapter now
+            resume.set()
+
+    handle = tiny_model.language_model.register_forward_pre_hook(pause_after_the_first_step, with_kwargs=True)
+    outputs = []
+    worker = threading.Thread(target=lambda: outputs.append(tiny_model.generate(**batch, **settings)))
+    try:
+        worker.start()
+        while len(steps) < 2 and worker.is_alive():
+            time.sleep(0.01)
+        with tiny_model.disable_adapter():
+            inside.set()
+            resume.wait(10)
+            worker.join(30)  # the batch finishes while the plain base model is in use
+    finally:
+        handle.remove()
+    assert len(steps) > 2 and torch.equal(outputs[0], alone)
 
 
 def test_transformers_adapter_methods_work_or_say_what_to_do(tiny_model, tokenizer):

@@ -73,6 +73,7 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         self.bank: GradientBank | None = None
         # Per thread, whether `generate` searches the bank by default inside `knowledge` blocks (innermost last).
         self._bank_default_in_block: dict[int, list[bool]] = {}
+        self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
@@ -382,7 +383,7 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         if self.tokenizer is None:
             raise ReGradError("document gradients need a tokenizer: pass tokenizer= to from_base/from_pretrained")
         if not self.adapters_enabled():
-            raise ReGradError("document gradients need the LoRA layers: compute them outside disable_adapter()")
+            raise ReGradError("document gradients need the LoRA layers: call enable_adapters() first")
         return deltas.document_gradients(
             self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens
         )
@@ -419,8 +420,10 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
     def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> Iterator[None]:
         gamma = self.config.gamma if gamma is None else gamma
         delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
-        with self._adaptation_lock, self._restore.applied(delta):
-            yield
+        with self._adaptation_lock:
+            self._refuse_inside_plain_base()
+            with self._restore.applied(delta):
+                yield
 
     def __getstate__(self):
         # Locks cannot be copied or pickled; a copy gets its own (copy.deepcopy, multiprocessing).
@@ -474,8 +477,9 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
                 self._bank_default_in_block.pop(threading.get_ident(), None)
 
     def _default_use_bank(self) -> bool | None:
-        """`generate`'s `use_bank` when none is given: off for the plain base model (adapters disabled) and inside a
-        `knowledge` block (unless it asked for the bank); else `None`, meaning "when a bank is attached"."""
+        """`generate`'s `use_bank` when none is given: off for the plain base model (`disable_adapter`, or adapters
+        disabled) and inside an injecting block (unless `knowledge` asked for the bank); else `None`, meaning "when a
+        bank is attached"."""
         stack = self._bank_default_in_block.get(threading.get_ident())
         if stack:
             return stack[-1]
@@ -545,6 +549,8 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
             if use_bank is None and query is None:
                 use_bank = self._default_use_bank()
+            if use_bank is not False:
+                self._refuse_inside_plain_base()
             if use_bank is False or (use_bank is None and self.bank is None and query is None):
                 return self.language_model.generate(inputs, *args, **kwargs)
             retrievals = self._retrieve_rows(self._queries(inputs, kwargs, query), top_k_docs)

@@ -77,8 +77,8 @@ class PeftConventionsMixin:
     `get_nb_trainable_parameters()`, `export_adapter()`, and transformers' `PeftAdapterMixin` methods made to work on
     the one adapter a ReGrad model has (the others raise a [`ReGradError`] that says what to do instead).
 
-    The host class provides `language_model`, `_lora`, `_adaptation_lock`, `learner_state_dict`, `step_sizes`,
-    `_require_bank`, `document_gradients` and `config`.
+    The host class provides `language_model`, `_lora`, `_restore`, `_adaptation_lock`, `_bank_default`,
+    `_plain_base_depth`, `learner_state_dict`, `step_sizes`, `_require_bank`, `document_gradients` and `config`.
     """
 
     # ------------------------------------------------------------------ the plain base model
@@ -87,7 +87,7 @@ class PeftConventionsMixin:
         return [module for module in self.language_model.modules() if isinstance(module, BaseTunerLayer)]
 
     def adapters_enabled(self) -> bool:
-        """Whether the LoRA layers are in use (`False` inside [`disable_adapter`] or after [`disable_adapters`])."""
+        """Whether the LoRA layers are in use: `False` after [`disable_adapters`], until [`enable_adapters`]."""
         return not any(layer.disable_adapters for layer in self._tuner_layers())
 
     def _enable_lora_layers(self, enabled: bool) -> None:
@@ -100,9 +100,15 @@ class PeftConventionsMixin:
 
     @contextmanager
     def disable_adapter(self) -> Iterator[PeftConventionsMixin]:
-        """The plain base model for the duration of the block, as peft's `PeftModel.disable_adapter()`: the LoRA
-        layers are bypassed, so the learner and any injected step have no effect, and `generate` does not retrieve
-        (unless called with `use_bank=True` or `query=`). The layers are restored as they were, also on error.
+        """The plain base model for the duration of the block, as peft's `PeftModel.disable_adapter()`: `generate`,
+        `forward` and pipelines give exactly the base model's outputs, and `generate` does not retrieve.
+
+        It is one more adaptation, under the model's lock: every LoRA B tensor is set to zero (so each LoRA layer
+        adds exactly 0) and restored bit for bit after, also on error. So it follows the thread contract of the other
+        contexts (other threads wait; a heterogeneous batch already generating elsewhere, which reads its own copies,
+        is unaffected), where peft's switch would bypass the LoRA layers for every thread. Injecting documents inside
+        the block (`knowledge`, `injected`, `retrieved`, `generate` with `use_bank=True` or `query=`) raises: the
+        result would not be the base model.
 
         Example:
             ```python
@@ -111,12 +117,21 @@ class PeftConventionsMixin:
             ```
         """
         with self._adaptation_lock:
-            was_enabled = self.adapters_enabled()
-            self._enable_lora_layers(False)
-            try:
-                yield self
-            finally:
-                self._enable_lora_layers(was_enabled)
+            # B + (-B) is exactly zero in every float format, and a zero B makes the LoRA term exactly zero.
+            zero_b = {name: -parameter.detach().float() for name, parameter in self._lora.items() if ".lora_B." in name}
+            with self._restore.applied(zero_b), self._bank_default(False):
+                self._plain_base_depth += 1
+                try:
+                    yield self
+                finally:
+                    self._plain_base_depth -= 1
+
+    def _refuse_inside_plain_base(self) -> None:
+        """Raises inside [`disable_adapter`] (call it holding the model's lock: only its owner can be inside)."""
+        if self._plain_base_depth:
+            raise ReGradError(
+                "cannot inject documents inside disable_adapter(): the block is the plain base model; inject outside it"
+            )
 
     def disable_adapters(self) -> None:
         """Bypasses the LoRA layers until [`enable_adapters`] (transformers' `PeftAdapterMixin` name); prefer the
