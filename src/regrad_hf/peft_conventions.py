@@ -134,8 +134,9 @@ class PeftConventionsMixin:
             )
 
     def disable_adapters(self) -> None:
-        """Bypasses the LoRA layers until [`enable_adapters`] (transformers' `PeftAdapterMixin` name); prefer the
-        [`disable_adapter`] context, which cannot leave them off."""
+        """Bypasses the LoRA layers until [`enable_adapters`] (transformers' `PeftAdapterMixin` name), with peft's
+        switch: for every thread, a heterogeneous batch already generating included. Prefer the [`disable_adapter`]
+        context, which cannot leave them off and follows the thread contract."""
         with self._adaptation_lock:
             self._enable_lora_layers(False)
 
