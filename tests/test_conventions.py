@@ -475,3 +475,26 @@ def test_truncation_is_reported_once_per_call_at_the_callers_line(tiny_model, to
     assert caught(lambda: tiny_model.document_gradients(DOCUMENTS)) == []
     twice = caught(lambda: tiny_model.document_gradients([LONG, LONG, DOCUMENTS[0]]))  # a document counts once
     assert [str(w.message).split(" (")[0] for w in twice] == ["1 of 2 documents truncated to max_document_tokens=64"]
+
+
+@pytest.mark.slow
+def test_an_exported_adapter_of_the_embedded_model_serves_its_documents_in_peft(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from regrad_hf.defaults import embedded_model_path
+
+    torch.manual_seed(0)
+    model = ReGradForCausalLM.from_base()
+    document = "Quillon is a board game in which two players move wooden swans across a hexagonal board."
+    directory = model.export_adapter(tmp_path / "quillon", documents=[document])
+    baked = exported_tensors(directory)
+    assert any(not torch.equal(baked[name], p) for name, p in model.lora_parameters().items())  # a real step
+    messages = [{"role": "user", "content": "What do players move in Quillon?"}]
+    inputs = model.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    settings = {"max_new_tokens": 12, "do_sample": False}
+    with model.knowledge([document]):
+        expected = model.generate(**inputs, **settings)
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_model_path()), directory)
+    assert torch.equal(served.generate(**inputs, **settings), expected)
