@@ -186,6 +186,7 @@ def test_transformers_adapter_methods_work_or_say_what_to_do(tiny_model, tokeniz
         lambda: tiny_model.add_adapter(LoraConfig(r=2), "other"),
         lambda: tiny_model.load_adapter("some/adapter"),
         lambda: tiny_model.delete_adapter("default"),
+        lambda: tiny_model.enable_peft_hotswap(),
     ):
         with pytest.raises(ReGradError, match="exactly one adapter, its learner"):
             call()
