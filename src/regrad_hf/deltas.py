@@ -50,8 +50,8 @@ def truncation_report() -> Iterator[None]:
     """Collects the truncations of every document tokenized inside the block (in this thread) and reports them in one
     warning when the block ends, attributed to the caller's line: `"3 of 10 documents truncated to
     max_document_tokens=512 (the longest had 900 tokens)"`. Nested blocks report with the outermost one, so that a
-    public call (a bank build, `model.knowledge`, an evaluation) warns once however many batches it tokenizes; a
-    document tokenized several times counts once. Nothing is reported when the block raises. Usable as a decorator.
+    public call wrapped in one (`model.knowledge`, an evaluation; usable as a decorator) warns once however many
+    batches it tokenizes; a document tokenized several times counts once. Nothing is reported when the block raises.
     """
     if _truncations.report is not None:
         yield
