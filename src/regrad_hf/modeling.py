@@ -489,10 +489,12 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
     def retrieved(self, query: str, top_k: int | None = None, gamma: float | None = None) -> Iterator[list[Hit]]:
         """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits.
 
-        As in [`knowledge`], `generate` inside the block applies this step alone and does not search the bank again
-        (unless called with `use_bank=True` or `query=`, which adds a second step).
+        `top_k` defaults to `config.top_k_docs`, or the whole bank when it holds fewer documents. As in [`knowledge`],
+        `generate` inside the block applies this step alone and does not search the bank again (unless called with
+        `use_bank=True` or `query=`, which adds a second step).
         """
-        hits = self._require_bank().search(query, self.config.top_k_docs if top_k is None else top_k)
+        bank = self._require_bank()
+        hits = bank.search(query, min(self.config.top_k_docs, len(bank)) if top_k is None else top_k)
         with self.injected([hit.id for hit in hits], gamma):
             yield hits
 
@@ -537,7 +539,8 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
             query (`str` or `Sequence[str | None]`, *optional*): what to retrieve for: one query for the batch, or one
                 per row, `None` for a row that runs without retrieval. By default, each row's prompt decoded without
                 special tokens, or only its last user turn when the prompt follows the tokenizer's chat template.
-            top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`.
+            top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`, or every document
+                of a bank smaller than that.
             gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
             use_bank (`bool`, *optional*): `False` generates with the learner as it is; `None` (default) uses the
                 bank when one is attached, except inside [`knowledge`], [`retrieved`], [`injected`] (they inject
@@ -591,8 +594,9 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         distinct = list(dict.fromkeys(q for q in queries if q is not None))
         if not distinct:
             return [None] * len(queries)
-        k = self.config.top_k_docs if top_k is None else top_k
         bank = self._require_bank()
+        # The configured depth is served with the whole bank when the bank is smaller; an explicit k is not clamped.
+        k = min(self.config.top_k_docs, len(bank)) if top_k is None else top_k
         # One query is searched as a string, exactly as `retrieved` does; several are embedded in one batch.
         hits = [bank.search(distinct[0], k)] if len(distinct) == 1 else bank.search(distinct, k)
         ids = {q: tuple(hit.id for hit in row_hits) for q, row_hits in zip(distinct, hits, strict=True)}
