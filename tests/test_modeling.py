@@ -137,7 +137,7 @@ def test_save_and_load_write_only_the_learner_and_tokenizer(tiny_model, tokenize
     tiny_model.save_pretrained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
     tokenizer_files = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
-    assert files == sorted(["config.json", "learner.safetensors", *tokenizer_files])
+    assert files == sorted(["config.json", "learner.safetensors", "generation_config.json", *tokenizer_files])
     assert type(AutoTokenizer.from_pretrained(tmp_path)) is type(tokenizer)  # what `pipeline(model=dir)` loads
     assert all((p.stat().st_mode & 0o777) == FILE_MODE for p in tmp_path.iterdir())
     assert (tmp_path / "learner.safetensors").stat().st_size < 100_000  # LoRA + step sizes, no base weights

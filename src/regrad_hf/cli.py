@@ -89,12 +89,8 @@ def log_to_stderr() -> None:
     """Shows regrad-hf's own INFO messages (not other libraries') on stderr."""
     import logging
 
-    logger = logging.getLogger("regrad_hf")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    logger = logging.getLogger("regrad_hf")  # has regrad_hf's own stderr handler (regrad_hf.log)
+    logger.setLevel(logging.INFO)
 
 
 def load_learner(learner: str | None, seed: int):

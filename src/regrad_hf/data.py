@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .deltas import check_documents, tokenize_document
+from .deltas import check_documents, tokenize_documents
 from .errors import ReGradValueError
 from .prompting import PromptTemplate
 from .sources import DATASET_SUFFIXES, Rows, is_dataset, is_dataset_dict, read_rows
@@ -373,7 +373,7 @@ class TaskCollator:
     def encode(self, task: Task) -> dict[str, torch.Tensor]:
         documents = list(task.documents) + self._distractors(task)
         tokenizer = self.tokenizer
-        encoded_documents = [tokenize_document(tokenizer, d, self.max_document_tokens) for d in documents]
+        encoded_documents = tokenize_documents(tokenizer, documents, self.max_document_tokens)
         length = max(len(ids) for ids in encoded_documents)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         document_ids = torch.full((len(encoded_documents), length), pad, dtype=torch.long)

@@ -5,7 +5,7 @@ Nothing here knows about banks, files or generation: tensors in, tensors out.
 
 from __future__ import annotations
 
-import warnings
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ReGradKeyError, ReGradValueError
+from .log import warn_at_caller
 from .per_sample import LinearWeightGradients
 
 GradientDict = dict[str, torch.Tensor]
@@ -35,21 +36,63 @@ def check_documents(documents: Sequence[str]) -> None:
             raise ReGradValueError(f"document {index} is not valid Unicode text: {error}") from error
 
 
+class _Truncations(threading.local):
+    """The documents tokenized so far in the current thread's outermost [`truncation_report`] block."""
+
+    report: dict | None = None
+
+
+_truncations = _Truncations()
+
+
+@contextmanager
+def truncation_report() -> Iterator[None]:
+    """Collects the truncations of every document tokenized inside the block (in this thread) and reports them in one
+    warning when the block ends, attributed to the caller's line: `"3 of 10 documents truncated to
+    max_document_tokens=512 (the longest had 900 tokens)"`. Nested blocks report with the outermost one, so that a
+    public call wrapped in one (`model.knowledge`, an evaluation; usable as a decorator) warns once however many
+    batches it tokenizes; a document tokenized several times counts once. Nothing is reported when the block raises.
+    """
+    if _truncations.report is not None:
+        yield
+        return
+    report = _truncations.report = {"documents": set(), "truncated": set(), "longest": 0, "max_tokens": 0}
+    try:
+        yield
+    finally:
+        _truncations.report = None
+    if report["truncated"]:
+        warn_at_caller(
+            f"{len(report['truncated'])} of {len(report['documents'])} documents truncated to "
+            f"max_document_tokens={report['max_tokens']} (the longest had {report['longest']} tokens)"
+        )
+
+
 def tokenize_document(tokenizer, document: str, max_tokens: int) -> list[int]:
-    """Token ids of a document for its LM loss, truncated to `max_tokens` with a warning.
+    """Token ids of a document for its LM loss, truncated to `max_tokens` (reported by [`truncation_report`]).
 
     Raises:
         [`ReGradValueError`]: when fewer than 2 tokens remain (there is nothing to predict).
     """
-    ids = tokenizer(document, truncation=False)["input_ids"]
-    if len(ids) > max_tokens:
-        warnings.warn(
-            f"document of {len(ids)} tokens truncated to max_document_tokens={max_tokens}", UserWarning, stacklevel=3
-        )
-        ids = ids[:max_tokens]
+    with truncation_report():
+        ids = tokenizer(document, truncation=False)["input_ids"]
+        report = _truncations.report
+        key = hash(document)  # documents are counted once however often they are tokenized
+        report["documents"].add(key)
+        if len(ids) > max_tokens:
+            report["truncated"].add(key)
+            report["longest"] = max(report["longest"], len(ids))
+            report["max_tokens"] = max_tokens
+            ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ReGradValueError(f"document {document!r} has fewer than 2 tokens: there is nothing to predict")
     return ids
+
+
+def tokenize_documents(tokenizer, documents: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """[`tokenize_document`] of each document, with one truncation warning for them all."""
+    with truncation_report():
+        return [tokenize_document(tokenizer, document, max_tokens) for document in documents]
 
 
 def document_gradient(
@@ -76,7 +119,12 @@ def document_gradient(
     Returns:
         `dict[str, torch.Tensor]`: one gradient per parameter name, same shape and dtype as the parameter.
     """
-    ids = tokenize_document(tokenizer, document, max_tokens)
+    return _gradient_of_tokens(model, parameters, tokenize_document(tokenizer, document, max_tokens), create_graph)
+
+
+def _gradient_of_tokens(
+    model: nn.Module, parameters: Mapping[str, torch.Tensor], ids: Sequence[int], create_graph: bool = False
+) -> GradientDict:
     input_ids = torch.tensor([ids], device=next(iter(parameters.values())).device)
     # The same loss the meta-learning inner step differentiates, so banks and training agree by construction.
     loss = documents_lm_loss(model, input_ids, torch.ones_like(input_ids))
@@ -113,13 +161,13 @@ def document_gradients(
         raise ReGradValueError(
             f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}"
         )
-    token_ids = [tokenize_document(tokenizer, document, max_tokens) for document in documents]
+    token_ids = tokenize_documents(tokenizer, documents, max_tokens)
     weight_modules = _linear_modules_of(model, parameters)
     was_training = model.training
     model.eval()
     try:
         if weight_modules is None:
-            per_document = [document_gradient(model, tokenizer, parameters, text, max_tokens) for text in documents]
+            per_document = [_gradient_of_tokens(model, parameters, ids) for ids in token_ids]
             return {name: torch.stack([gradients[name] for gradients in per_document]) for name in parameters}
         stacked = {
             name: torch.empty((len(documents), *p.shape), dtype=p.dtype, device=p.device)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import deltas, multi_lora, objective
@@ -26,11 +26,13 @@ from .errors import ReGradError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, locate, push_folder, render_model_card
 from .learner import StepSizes, fingerprint_of, inject_lora, learner_identity, lora_parameters
+from .peft_conventions import PeftConventionsMixin
 from .prompting import PromptTemplate
 from .query import prompt_to_query
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
 STEP_SIZES_KEY = "regrad.step_sizes"
 BANK_SUBFOLDER = "bank"
 # Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
@@ -40,7 +42,7 @@ _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download"
 _IGNORED_KWARGS = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "trust_remote_code", "proxies")
 
 
-class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
+class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
     """A causal LM that answers with knowledge injected as retrieved gradients.
 
     It wraps any `AutoModelForCausalLM` (the *language model*), adds LoRA tensors (peft) and learned step sizes
@@ -48,7 +50,10 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     to the prompt, applies `theta' = theta - gamma * alpha_t * sum_i g_i` to the LoRA tensors, generates, and
     restores the LoRA tensors bit for bit. The base weights are never written.
 
-    Create one with [`~ReGradForCausalLM.from_base`] or [`~ReGradForCausalLM.from_pretrained`].
+    Create one with [`~ReGradForCausalLM.from_base`] or [`~ReGradForCausalLM.from_pretrained`]. peft's conventions
+    hold too (see [`PeftConventionsMixin`]): `disable_adapter()` for the plain base model,
+    `print_trainable_parameters()`, and `export_adapter()` to write the learner, or the learner with documents baked
+    in, as a standard peft adapter.
 
     Applying one delta to a whole batch writes the shared LoRA tensors, so it is serialised: the `knowledge`/
     `retrieved` contexts, and `generate` when all rows retrieve the same documents, hold a per-model re-entrant lock,
@@ -67,6 +72,9 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.bank: GradientBank | None = None
+        # Per thread, whether `generate` searches the bank by default inside `knowledge` blocks (innermost last).
+        self._bank_default_in_block: dict[int, list[bool]] = {}
+        self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
@@ -99,7 +107,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when loading by name.
 
         Returns:
-            [`ReGradForCausalLM`]
+            [`ReGradForCausalLM`]: in eval mode when loaded by name (as transformers loads models), else in the given
+            model's mode; the whole model, LoRA layers included, is in that one mode.
         """
         config = copy.deepcopy(config) if config is not None else ReGradConfig()
         if isinstance(model_or_name, (str, os.PathLike)):
@@ -121,8 +130,11 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
                 except (OSError, ValueError):
                     tokenizer = None  # retrieval then needs `query=`; document gradients need a tokenizer
+        was_training = model.training
         inject_lora(model, config)
-        return cls(config, model, tokenizer)
+        # Like transformers: a model loaded by name is in eval mode; a given model keeps its mode. Either way the whole
+        # tree (the new LoRA layers and the wrapper included) is in that one mode.
+        return cls(config, model, tokenizer).train(was_training)
 
     @classmethod
     def from_pretrained(
@@ -163,7 +175,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model (e.g. `dtype`).
 
         Returns:
-            [`ReGradForCausalLM`]
+            [`ReGradForCausalLM`]: in eval mode, with the saved `generation_config.json` when there is one.
 
         Raises:
             [`ReGradValueError`]: not a learner (missing files), or a bad argument.
@@ -172,7 +184,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         for key in _IGNORED_KWARGS:
             model_kwargs.pop(key, None)
         options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
-        files = [CONFIG_FILE, LEARNER_FILE]
+        files = [CONFIG_FILE, LEARNER_FILE, GENERATION_CONFIG_FILE]
         if bank is None or bank is True:
             files += [f"{BANK_SUBFOLDER}/{name}" for name in BANK_EAGER_FILES]
         location = locate(pretrained_model_name_or_path, files, subfolder=subfolder, options=options)
@@ -197,6 +209,10 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             model = cls.from_base(base_model, config, tokenizer)
         model.load_learner(directory / LEARNER_FILE)
+        if (directory / GENERATION_CONFIG_FILE).is_file():  # learners saved before it was written have none
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+            model.language_model.generation_config = model.generation_config
+        model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
 
         if isinstance(bank, GradientBank):
             model.attach_bank(bank)
@@ -260,8 +276,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                 self.load_learner_state(saved)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes) and the tokenizer's files (so
-        that `AutoTokenizer` and `pipeline` find them), never the base weights.
+        """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes), `generation_config.json` and the
+        tokenizer's files (so that `AutoTokenizer` and `pipeline` find them), never the base weights.
 
         Each file is written atomically (temporary file, then rename). Other files in the directory are kept.
         """
@@ -276,6 +292,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
         if self.tokenizer is not None:
             _save_tokenizer(self.tokenizer, directory)
+        atomic_write_text(directory / GENERATION_CONFIG_FILE, self.generation_config.to_json_string())
         atomic_write_text(directory / CONFIG_FILE, config.to_json_string())
 
     def model_card(
@@ -366,6 +383,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         """Per-document gradients of the mean token NLL w.r.t. the LoRA tensors, stacked on a first axis."""
         if self.tokenizer is None:
             raise ReGradError("document gradients need a tokenizer: pass tokenizer= to from_base/from_pretrained")
+        if not self.adapters_enabled():
+            raise ReGradError("document gradients need the LoRA layers: call enable_adapters() first")
         return deltas.document_gradients(
             self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens
         )
@@ -402,8 +421,10 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> Iterator[None]:
         gamma = self.config.gamma if gamma is None else gamma
         delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
-        with self._adaptation_lock, self._restore.applied(delta):
-            yield
+        with self._adaptation_lock:
+            self._refuse_inside_plain_base()
+            with self._restore.applied(delta):
+                yield
 
     def __getstate__(self):
         # Locks cannot be copied or pickled; a copy gets its own (copy.deepcopy, multiprocessing).
@@ -417,8 +438,21 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         self._adaptation_lock = threading.RLock()
 
     @contextmanager
-    def knowledge(self, documents: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
+    def knowledge(
+        self, documents: Sequence[str], gamma: float | None = None, use_bank: bool = False
+    ) -> Iterator[ReGradForCausalLM]:
         """Injects documents for the duration of the block, with gradients computed now (no bank needed).
+
+        Inside the block, `generate` applies these documents' step alone: an attached bank is not searched, so that
+        the answer comes from the documents given. Ask for both with `use_bank=True` here (every `generate` in the
+        block then also retrieves, and the two steps add up), or per call with `generate(..., use_bank=True)` or
+        `query=`. [`retrieved`] and [`injected`] nested inside add their documents' step too.
+
+        Args:
+            documents (`Sequence[str]`): the texts to inject.
+            gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
+            use_bank (`bool`, defaults to `False`): whether `generate` inside the block also retrieves from the
+                attached bank.
 
         Example:
             ```python
@@ -426,13 +460,40 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                 model.generate(**inputs)
             ```
         """
-        with self._applied(self.document_gradients(documents), gamma):
+        if use_bank and self.bank is None:
+            raise ReGradError("knowledge(use_bank=True) needs a bank: call model.attach_bank(bank) first")
+        with self._applied(self.document_gradients(documents), gamma), self._bank_default(use_bank):
             yield self
+
+    @contextmanager
+    def _bank_default(self, use_bank: bool) -> Iterator[None]:
+        """Makes `use_bank` the default of `generate` calls made by this thread inside the block."""
+        stack = self._bank_default_in_block.setdefault(threading.get_ident(), [])
+        stack.append(use_bank)
+        try:
+            yield
+        finally:
+            stack.pop()
+            if not stack:
+                self._bank_default_in_block.pop(threading.get_ident(), None)
+
+    def _default_use_bank(self) -> bool | None:
+        """`generate`'s `use_bank` when none is given: off for the plain base model (`disable_adapter`, or adapters
+        disabled) and inside an injecting block (unless `knowledge` asked for the bank); else `None`, meaning "when a
+        bank is attached"."""
+        stack = self._bank_default_in_block.get(threading.get_ident())
+        if stack:
+            return stack[-1]
+        return None if self.adapters_enabled() else False
 
     @contextmanager
     def retrieved(self, query: str, top_k: int | None = None, gamma: float | None = None) -> Iterator[list[Hit]]:
         """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits.
-        `top_k` defaults to `config.top_k_docs`, or the whole bank when it holds fewer documents."""
+
+        `top_k` defaults to `config.top_k_docs`, or the whole bank when it holds fewer documents. As in [`knowledge`],
+        `generate` inside the block applies this step alone and does not search the bank again (unless called with
+        `use_bank=True` or `query=`, which adds a second step).
+        """
         bank = self._require_bank()
         hits = bank.search(query, min(self.config.top_k_docs, len(bank)) if top_k is None else top_k)
         with self.injected([hit.id for hit in hits], gamma):
@@ -440,8 +501,12 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextmanager
     def injected(self, ids: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
-        """Injects the bank documents with these ids for the duration of the block (retrieval done elsewhere)."""
-        with self._applied(self._require_bank().gather(list(ids)), gamma):
+        """Injects the bank documents with these ids for the duration of the block (retrieval done elsewhere).
+
+        As in [`knowledge`], `generate` inside the block applies this step alone and does not search the bank
+        (unless called with `use_bank=True` or `query=`, which adds a second step).
+        """
+        with self._applied(self._require_bank().gather(list(ids)), gamma), self._bank_default(False):
             yield self
 
     def _require_bank(self) -> GradientBank:
@@ -479,12 +544,17 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
                 of a bank smaller than that.
             gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
             use_bank (`bool`, *optional*): `False` generates with the learner as it is; `None` (default) uses the
-                bank when one is attached.
+                bank when one is attached, except inside [`knowledge`], [`retrieved`], [`injected`] (they inject
+                their own documents) and [`disable_adapter`].
 
         Returns:
             What the wrapped model's `generate` returns.
         """
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
+            if use_bank is None and query is None:
+                use_bank = self._default_use_bank()
+            if use_bank is not False:
+                self._refuse_inside_plain_base()
             if use_bank is False or (use_bank is None and self.bank is None and query is None):
                 return self.language_model.generate(inputs, *args, **kwargs)
             retrievals = self._retrieve_rows(self._queries(inputs, kwargs, query), top_k_docs)

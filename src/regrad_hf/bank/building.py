@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from ..deltas import check_documents
 from ..distributed import broadcast_flags, everyone, process_rank
 from ..errors import ReGradError, ReGradFileError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
+from ..log import progress_bar
 from . import checkpoint
 from .catalogue import Document
 from .directory import GRADIENTS_DIR, publish, writer_lock
@@ -114,7 +114,7 @@ def _build_locked(
         mine_documents,
     )
     label = "Document gradients" + (f" (process {rank} of {world})" if world > 1 else "")
-    with tqdm(total=mine_documents, desc=label, disable=not show_progress or rank != 0) as progress:
+    with progress_bar(total=mine_documents, desc=label, enabled=show_progress and rank == 0) as progress:
         everyone(
             lambda: _build_shards(bank, model, documents, ids, batch_size, work, expected, mine, progress),
             "computing",
@@ -134,7 +134,7 @@ def add_documents(
     """[`GradientBank.add`]: checks and computes everything, then changes the bank (so a failure adds nothing)."""
     ids, metadata = check_new(bank, model, documents, ids, metadata, batch_size)
     embeddings = bank.index.embed(list(documents))
-    with tqdm(total=len(documents), desc="Document gradients", disable=not show_progress) as progress:
+    with progress_bar(total=len(documents), desc="Document gradients", enabled=show_progress) as progress:
         stored = compute(bank, model, documents, ids, batch_size, progress)
     rows = [{key: tensor[i] for key, tensor in stored.items()} for i in range(len(documents))]
 

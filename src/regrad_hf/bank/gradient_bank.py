@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..data import dataset_documents
-from ..deltas import check_documents
+from ..deltas import check_documents, truncation_report
 from ..errors import BankMismatchError, ReGradTypeError, ReGradValueError
 from ..hub import HubOptions, locate, push_folder, render_bank_card
 from ..learner import fingerprint_of
@@ -106,6 +106,7 @@ class GradientBank:
     # ------------------------------------------------------------------ building
 
     @classmethod
+    @truncation_report()  # one warning per build, however many batches it tokenizes
     def build(
         cls,
         model: GradientSource,
@@ -170,6 +171,7 @@ class GradientBank:
         bank.add(model, documents, ids=ids, metadata=metadata, batch_size=batch_size, show_progress=show_progress)
         return bank
 
+    @truncation_report()
     def add(
         self,
         model: GradientSource,

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ..deltas import tokenize_document
+from ..deltas import tokenize_document, truncation_report
 from ..errors import ReGradValueError
+from ..log import progress_bar
 from ..prompting import PromptTemplate
 from .methods import ContinualPretraining
 
@@ -84,7 +84,7 @@ def option_scores(model, question: str, options: Sequence[str]) -> list[float]:
 def probe_accuracy(model, probes: Sequence[Probe], show_progress: bool = False, desc: str = "Probes") -> dict:
     """Accuracy on multiple-choice probes, and the mean length-normalised log-probability of the right options."""
     correct, gold = [], []
-    for probe in tqdm(probes, desc=desc, disable=not show_progress, leave=False):
+    for probe in progress_bar(probes, desc=desc, enabled=show_progress, leave=False):
         scores = option_scores(model, probe.question, probe.options)
         correct.append(float(max(range(len(scores)), key=scores.__getitem__) == probe.answer))
         gold.append(scores[probe.answer])
@@ -171,6 +171,7 @@ def _bytes(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8).reshape(-1, width)
 
 
+@truncation_report()  # one warning for all the documents it truncates
 def regrad_drift(
     model,
     stream: Sequence[str],
@@ -207,7 +208,7 @@ def regrad_drift(
     tokens = {doc_id: model.tokenizer(text)["input_ids"][:_INJECTION_FORWARD_TOKENS] for doc_id, text in texts.items()}
     done = 0
     for n in ns:
-        for index in tqdm(range(done, n), desc=f"ReGrad drift to N={n}", disable=not show_progress):
+        for index in progress_bar(range(done, n), desc=f"ReGrad drift to N={n}", enabled=show_progress):
             doc_id = stream[index % len(stream)]
             with model.injected([doc_id]), torch.no_grad():
                 model(input_ids=torch.tensor([tokens[doc_id]], device=model.device))
@@ -218,6 +219,7 @@ def regrad_drift(
     return record
 
 
+@truncation_report()
 def cpt_drift(
     cpt: ContinualPretraining,
     stream: Sequence[str],

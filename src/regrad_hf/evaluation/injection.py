@@ -22,9 +22,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import Task, TaskCollator
+from ..deltas import truncation_report
+from ..log import progress_bar
 from ..prompting import PromptTemplate
 from .metrics import answer_contained, exact_match, f1_score
 
@@ -64,6 +65,7 @@ def _generate(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, p
     return prompt.cut(tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True))
 
 
+@truncation_report()  # one warning for all the documents it truncates
 def evaluate_injection(
     model,
     tasks: Sequence[Task],
@@ -107,7 +109,7 @@ def evaluate_injection(
     was_training = model.training
     model.eval()
     try:
-        for task in tqdm(tasks, desc="Evaluating", disable=not show_progress):
+        for task in progress_bar(tasks, desc="Evaluating", enabled=show_progress):
             for case in cases:
                 blind = case not in ("rag", "regrad_icl")
                 encoded = collators[blind].encode(task)

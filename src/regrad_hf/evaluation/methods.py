@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tqdm.auto import tqdm
 
 from ..data import answer_suffix
 from ..deltas import tokenize_document
 from ..errors import ReGradValueError
 from ..learner import StepSizes
+from ..log import progress_bar
 from ..modeling import STEP_SIZES_KEY
 from ..prompting import PromptTemplate
 
@@ -181,7 +181,7 @@ class ContinualPretraining:
         start = time.perf_counter()
         model.train()
         try:
-            for text in tqdm(documents, desc=f"CPT ({self.config.mode})", disable=not show_progress):
+            for text in progress_bar(documents, desc=f"CPT ({self.config.mode})", enabled=show_progress):
                 # One count in the results instead of a truncation warning per optimiser step.
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..bank import GradientBank
 from ..defaults import load_embedder
+from ..deltas import truncation_report
 from ..errors import ReGradValueError
+from ..log import progress_bar
 from ..prompting import PromptTemplate
 from .datasets import EvalQuestion, EvalSet
 from .drift import Probe, WeightSnapshot, cpt_drift, regrad_drift
@@ -132,6 +133,7 @@ def _summary(values: Sequence[float], resamples: int, seed: int) -> dict:
     return {"mean": mean, "ci95": [low, high], "n": len(clean)}
 
 
+@truncation_report()  # one warning for all the documents it truncates
 def run_evaluation(
     model,
     eval_set: EvalSet,
@@ -254,7 +256,9 @@ def run_evaluation(
         runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma, prompt)
         records = []
         questions = eval_set.questions
-        for index, question in enumerate(tqdm(questions, desc=f"Questions ({len(methods)} methods)", disable=not show)):
+        for index, question in enumerate(
+            progress_bar(questions, desc=f"Questions ({len(methods)} methods)", enabled=show)
+        ):
             retrieved_ids, retrieval_seconds = retrieved[index]
             retrieved_texts = [eval_set.documents[doc_id] for doc_id in retrieved_ids]
             task = question.task
