@@ -40,6 +40,7 @@ CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
 STEP_SIZES_KEY = "regrad.step_sizes"
 BANK_SUBFOLDER = "bank"
+MAX_CONFIG_BYTES = 16 << 20
 # Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
 _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
 # What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
@@ -202,7 +203,7 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             if not (directory / name).is_file():
                 raise ReGradValueError(f"{location.describe()} has no {name}: it is not a ReGrad learner")
         if config is None:
-            config = ReGradConfig.from_json_file(str(directory / CONFIG_FILE))
+            config = _read_config(directory / CONFIG_FILE)
         elif not isinstance(config, ReGradConfig):
             raise ReGradValueError(f"config must be a ReGradConfig, got {type(config).__name__}")
         if base_model is None:
@@ -293,14 +294,17 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         if not bool(torch.isfinite(values).all()):
             raise ReGradValueError(f"{source}: the step sizes {values.tolist()[:3]} are not finite")
         with self._adaptation_lock, torch.no_grad():
-            if self._restore.active:
-                raise ReGradError(
-                    "cannot load a learner state inside knowledge()/retrieved()/injected(): leaving the block "
-                    "would restore the adapted tensors over it"
-                )
+            self._refuse_inside_adaptation()
             for name, parameter in self._lora.items():
                 parameter.copy_(state[name])
             self.step_sizes.raw.copy_(state[STEP_SIZES_KEY])
+
+    def _refuse_inside_adaptation(self) -> None:
+        if self._restore.active:  # only the thread holding the lock can be inside one
+            raise ReGradError(
+                "cannot load a learner state inside knowledge()/retrieved()/injected(): leaving the block would "
+                "restore the adapted tensors over it; load it before or after"
+            )
 
     def load_learner(self, path: str | os.PathLike) -> None:
         """Loads LoRA tensors and step sizes from a `learner.safetensors` file.
@@ -331,7 +335,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     def swapped_learner(self, state: Mapping[str, torch.Tensor]) -> Iterator[ReGradForCausalLM]:
         """Uses another learner state (e.g. the untrained start) inside the block; restores this one bit for bit."""
         with self._adaptation_lock:
-            saved = {name: tensor.clone() for name, tensor in self.learner_state_dict().items()}
+            self._refuse_inside_adaptation()
+            saved = self.learner_state_dict()
             try:
                 self.load_learner_state(state)
                 yield self
@@ -641,6 +646,20 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         row_deltas = [deltas.combine(self.bank.gather(list(ids)), step_sizes, gamma) for ids in distinct]
         rows = [None if ids is None else distinct.index(ids) for ids in retrievals]
         return multi_lora.stacked_row_tensors(self._lora, row_deltas, rows)
+
+
+def _read_config(path: Path) -> ReGradConfig:
+    """`ReGradConfig.from_json_file`, with a damaged file (not JSON, not an object, bad values) a typed error."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ReGradValueError(f"{path} is {size} bytes, more than a ReGrad config may be ({MAX_CONFIG_BYTES})")
+    try:
+        config = ReGradConfig.from_json_file(str(path))
+    except ReGradError:
+        raise
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as error:
+        raise ReGradValueError(f"{path} is not a readable ReGrad config ({type(error).__name__}: {error})") from error
+    return config
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> None:
