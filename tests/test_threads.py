@@ -20,7 +20,8 @@ from regrad_hf import GradientBank
 from .conftest import DOCUMENTS, IDS, parameter_bytes
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
-ROUNDS = 6
+ROUNDS = 2
+REPEATS = 4
 THREADS = 8
 
 
@@ -98,15 +99,16 @@ def test_eight_threads_mixing_every_learner_operation_see_the_unadapted_learner(
     failures: list[str] = []
 
     def worker(thread: int, barrier: threading.Barrier, round_: int) -> None:
-        op = operations[(thread + round_) % THREADS]  # every thread runs every operation over the rounds
         barrier.wait()
-        try:
-            result = op(tmp_path / f"round{round_}-thread{thread}")
-        except Exception as error:  # noqa: BLE001 - any exception breaks the contract; report which
-            failures.append(f"round {round_} {op.__name__}: {type(error).__name__}: {error}")
-            return
-        if not same(result, sequential[op.__name__]):
-            failures.append(f"round {round_} {op.__name__}: differs from its sequential result")
+        for repeat in range(REPEATS):  # back to back, so that fast operations also meet other threads' slow ones
+            op = operations[(thread + round_ + repeat) % THREADS]  # every thread runs every operation
+            try:
+                result = op(tmp_path / f"round{round_}-thread{thread}-{repeat}")
+            except Exception as error:  # noqa: BLE001 - any exception breaks the contract; report which
+                failures.append(f"round {round_} {op.__name__}: {type(error).__name__}: {error}")
+                continue
+            if not same(result, sequential[op.__name__]):
+                failures.append(f"round {round_} {op.__name__}: differs from its sequential result")
 
     for round_ in range(ROUNDS):
         barrier = threading.Barrier(THREADS)
@@ -116,6 +118,82 @@ def test_eight_threads_mixing_every_learner_operation_see_the_unadapted_learner(
         for thread in threads:
             thread.join(timeout=120)
         assert not any(thread.is_alive() for thread in threads), "a thread hangs (deadlock?)"
-    assert not failures, f"{len(failures)} of {ROUNDS * THREADS} calls broke the contract:\n" + "\n".join(failures)
+    assert not failures, f"{len(failures)} of {ROUNDS * REPEATS * THREADS} calls broke the contract:\n" + "\n".join(
+        failures
+    )
     assert parameter_bytes(tiny_model) == before
     assert not any(module._forward_hooks for module in tiny_model.modules())
+
+
+@pytest.mark.parametrize("name", ["build", "save", "attach", "fingerprint"])
+def test_an_operation_started_during_another_threads_adaptation_sees_the_unadapted_learner(
+    tiny_model, operations, tmp_path, name
+):
+    """Deterministic: thread A holds an adaptation open while thread B runs the operation."""
+    op = next(op for op in operations if op.__name__ == name)
+    alone = op(tmp_path / "alone")
+    inside, release, outcome = threading.Event(), threading.Event(), {}
+
+    def adapt():
+        with tiny_model.knowledge([DOCUMENTS[2]], gamma=3.0):
+            inside.set()
+            release.wait(timeout=60)
+
+    def run():
+        try:
+            outcome["result"] = op(tmp_path / "during")
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    adapter = threading.Thread(target=adapt)
+    adapter.start()
+    assert inside.wait(timeout=60)
+    runner = threading.Thread(target=run)
+    runner.start()
+    runner.join(timeout=0.5)  # it waits for the adaptation to end (or, unguarded, reads the adapted tensors)
+    release.set()
+    adapter.join(timeout=60)
+    runner.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    assert same(outcome["result"], alone)
+
+
+def test_inside_its_own_adaptation_a_thread_still_reads_the_unadapted_learner(tiny_model, tiny_bank, tmp_path):
+    tiny_model.attach_bank(tiny_bank)
+    fingerprint, state = tiny_model.fingerprint(), tensor_bytes(tiny_model.learner_state_dict())
+    gradients = tensor_bytes(tiny_model.document_gradients(DOCUMENTS[:2]))
+    tiny_model.save_pretrained(tmp_path / "outside")
+    before = parameter_bytes(tiny_model)
+    with tiny_model.retrieved("capital of Zorbia"), tiny_model.knowledge([DOCUMENTS[1]]):
+        adapted = parameter_bytes(tiny_model)
+        assert adapted != before
+        assert tiny_model.fingerprint() == fingerprint
+        assert tensor_bytes(tiny_model.learner_state_dict()) == state
+        tiny_model.attach_bank(tiny_bank)  # no BankMismatchError
+        tiny_model.save_pretrained(tmp_path / "inside")
+        # taken at the un-adapted tensors, as a bank's are; the adapted ones are back afterwards
+        assert tensor_bytes(tiny_model.document_gradients(DOCUMENTS[:2])) == gradients
+        assert parameter_bytes(tiny_model) == adapted
+    assert directory_bytes(tmp_path / "inside") == directory_bytes(tmp_path / "outside")
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_a_gradient_capture_ignores_other_threads_forwards(tiny_model, tokenizer):
+    from regrad_hf.deltas import _linear_modules_of, documents_lm_loss
+    from regrad_hf.per_sample import LinearWeightGradients
+
+    lm = tiny_model.language_model
+    modules = _linear_modules_of(lm, tiny_model.lora_parameters())
+    ids = tokenizer(DOCUMENTS[:1], return_tensors="pt").input_ids
+    other = tokenizer(DOCUMENTS[1:3], return_tensors="pt", padding=True)
+
+    def captured(interleave: bool) -> dict[str, bytes]:
+        with LinearWeightGradients(modules) as capture:
+            if interleave:  # another thread's forward (another batch size) while the capture is open
+                thread = threading.Thread(target=lambda: lm(**other))
+                thread.start()
+                thread.join()
+            loss = documents_lm_loss(lm, ids, torch.ones_like(ids))
+        return tensor_bytes(capture.gradients(loss))
+
+    assert captured(interleave=True) == captured(interleave=False)
