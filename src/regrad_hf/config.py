@@ -52,7 +52,7 @@ class ReGradConfig(PreTrainedConfig):
         base_model_revision (`str`, *optional*):
             Revision of the base model, recorded so that a learner is reloaded on the weights it was built on.
         lora_rank (`int`, defaults to 16):
-            Rank `r` of the LoRA adapters.
+            Rank `r` of the LoRA adapters (1 to 4096).
         lora_alpha (`float`, defaults to 32):
             LoRA scaling numerator (the adapter output is scaled by `lora_alpha / lora_rank`).
         target_modules (`list[str]`, *optional*):
@@ -70,16 +70,20 @@ class ReGradConfig(PreTrainedConfig):
             Initial step size `alpha_t`. 0.3 (log-parametrised) is where meta-training was measured to start well
             (DESIGN.md section 1); at 1e-2 a document's own gradient changes its NLL by less than 0.01 nats.
         gamma (`float`, defaults to 1.0):
-            Test-time multiplier of the step.
+            Test-time multiplier of the step; a finite number.
         top_k_docs (`int`, defaults to 3):
-            Number of documents retrieved per query. (Not `top_k`, which generation configs read as the sampling
-            parameter.)
+            Number of documents retrieved per query (1 to 1024). (Not `top_k`, which generation configs read as the
+            sampling parameter.)
         max_document_tokens (`int`, defaults to 512):
-            Documents longer than this are truncated (with a warning) before their gradient is computed.
+            Documents longer than this (2 to 2**20) are truncated (with a warning) before their gradient is computed.
         embedder (`str`, *optional*):
             sentence-transformers model used to index documents. `None` is the embedded all-MiniLM-L6-v2.
         bank_dtype (`str`, defaults to `"bfloat16"`):
             dtype of the gradients stored in a [`GradientBank`].
+
+    Every value is checked when the config is created or loaded (types, and bounds far above sensible values, so
+    that a typo such as `lora_rank=2**26` is refused before it allocates gigabytes): a bad one raises
+    [`ReGradValueError`] naming it.
     """
 
     model_type = "regrad"
