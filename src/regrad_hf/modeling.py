@@ -494,13 +494,15 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
     def attach_bank(self, bank: GradientBank, force: bool = False) -> None:
         """Attaches a bank; `generate` then retrieves from it. Raises [`BankMismatchError`] if another learner
         built it, unless `force=True`."""
-        if not force:
-            bank.check_learner(self)
-        self.bank = bank
+        with self._adaptation_lock:  # not while another thread's generate retrieves from the current bank
+            if not force:
+                bank.check_learner(self)
+            self.bank = bank
 
     def detach_bank(self) -> GradientBank | None:
         """Detaches and returns the bank."""
-        bank, self.bank = self.bank, None
+        with self._adaptation_lock:
+            bank, self.bank = self.bank, None
         return bank
 
     @contextmanager
