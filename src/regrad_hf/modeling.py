@@ -74,8 +74,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
       adapts per row; its generation writes nothing shared and runs alongside other threads; the per-row hooks and
       a gradient capture's hooks act only on forwards of the thread that installed them.
 
-    Direct `forward` calls and `language_model` accessed from another thread are not guarded: inside another
-    thread's adaptation they see its delta. Training (`ReGradTrainer`) writes the tensors unguarded; do not serve
+    Direct `forward` calls, `language_model` accessed from another thread, and copies (`copy.deepcopy`, pickling)
+    are not guarded: inside another thread's adaptation they see its delta. Training (`ReGradTrainer`) writes the tensors unguarded; do not serve
     a model while training it.
     """
 
