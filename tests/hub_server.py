@@ -56,6 +56,12 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model") -> str:
+        """Creates a repo holding `files` on `main` (a dataset repo with `repo_type="dataset"`); returns the commit."""
+        with self.lock:
+            repo = self.repos.setdefault(_key(repo_id, repo_type), Repo())
+            return repo.commit(dict(files), "main")
+
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """The files of a repo at a revision (a copy)."""
         repo = self.repos[repo_id]
@@ -72,6 +78,11 @@ class FakeHub:
                 else:
                     updated[path] = content
             return repo.commit(updated, ref)
+
+
+def _key(repo_id: str, repo_type: str) -> str:
+    """Model repos are stored under their id, dataset repos under `datasets/<id>`."""
+    return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
 
 
 def _etag(content: bytes) -> str:
@@ -116,6 +127,17 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if parts[:2] == ["api", "models"] and len(parts) >= 4:  # /api/models/{repo}[/{action}/{revision}...]
                     repo_id, action, rest = "/".join(parts[2:4]), (parts[4:] or ["revision"])[0], "/".join(parts[5:])
                     return self._api(method, repo_id, action, rest, query)
+                if parts[:2] == ["api", "datasets"] and len(parts) >= 4:  # the same under /api/datasets/
+                    repo_id, action, rest = "/".join(parts[2:4]), (parts[4:] or ["revision"])[0], "/".join(parts[5:])
+                    return self._api(method, _key(repo_id, "dataset"), action, rest, query)
+                if (
+                    parts[:1] == ["datasets"]
+                    and len(parts) >= 6
+                    and parts[3] == "resolve"
+                    and method in ("GET", "HEAD")
+                ):
+                    key, revision, path = "/".join(parts[:3]), unquote(parts[4]), unquote("/".join(parts[5:]))
+                    return self._resolve(key, revision, path, method)
                 if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
                     return self._resolve("/".join(parts[:2]), unquote(parts[3]), unquote("/".join(parts[4:])), method)
             self._error(404, "NotFound")

@@ -138,8 +138,7 @@ def test_a_single_process_build_interrupted_resumes_with_two_processes(build_com
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            cli_main(build_command[2:] + ["--output", "bank"])
+        assert cli_main(build_command[2:] + ["--output", "bank"]) == 130  # the CLI's status for an interruption
     finally:
         torch.set_num_threads(threads)
 

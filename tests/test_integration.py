@@ -14,10 +14,12 @@ from regrad_hf.cli import main
 from regrad_hf.data import load_squad
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.evaluation import evaluate_injection
+from regrad_hf_cli import examples_dir
 
 from .conftest import parameter_bytes
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # quickstart.py
+DEMO_FILES = examples_dir()  # the demo's documents and questions, shipped inside the package
 SQUAD = Path(__file__).parent / "fixtures" / "squad_40_articles.json"  # articles 35-39 are held out
 
 
@@ -33,7 +35,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def example_bank(smol, embedder):
-    documents = read_jsonl(EXAMPLES / "documents.jsonl")
+    documents = read_jsonl(DEMO_FILES / "documents.jsonl")
     return GradientBank.build(
         smol,
         [d["text"] for d in documents],
@@ -69,7 +71,7 @@ def test_document_gradient_step_lowers_its_loss_and_restores_exactly(smol, examp
 
 
 def test_retrieval_finds_each_question_source(example_bank):
-    questions = read_jsonl(EXAMPLES / "questions.jsonl")
+    questions = read_jsonl(DEMO_FILES / "questions.jsonl")
     top = [hits[0].id for hits in example_bank.search([q["question"] for q in questions], k=1)]
     assert top == [q["doc_id"] for q in questions]
 
@@ -96,7 +98,7 @@ def test_learner_round_trip_reloads_the_embedded_base(smol, tmp_path):
 
 def test_cli_build_bank_then_ask(tmp_path, capsys):
     documents = tmp_path / "docs.jsonl"
-    documents.write_text("\n".join(json.dumps(d) for d in read_jsonl(EXAMPLES / "documents.jsonl")[:3]))
+    documents.write_text("\n".join(json.dumps(d) for d in read_jsonl(DEMO_FILES / "documents.jsonl")[:3]))
     assert main(["build-bank", "--documents", str(documents), "--output", str(tmp_path / "bank")]) == 0
     assert (tmp_path / "bank" / "learner" / "learner.safetensors").is_file()
     assert (
@@ -133,9 +135,9 @@ def test_quickstart_example_runs(capsys):
 
 def test_cli_demo(tmp_path, capsys):
     documents = tmp_path / "docs.jsonl"
-    documents.write_text("\n".join(json.dumps(d) for d in read_jsonl(EXAMPLES / "documents.jsonl")[:2]))
+    documents.write_text("\n".join(json.dumps(d) for d in read_jsonl(DEMO_FILES / "documents.jsonl")[:2]))
     questions = tmp_path / "questions.jsonl"
-    questions.write_text(json.dumps(read_jsonl(EXAMPLES / "questions.jsonl")[0]))
+    questions.write_text(json.dumps(read_jsonl(DEMO_FILES / "questions.jsonl")[0]))
     assert main(["demo", "--documents", str(documents), "--questions", str(questions), "--max-new-tokens", "6"]) == 0
     output = capsys.readouterr().out
     assert "retrieved:      zorbia" in output

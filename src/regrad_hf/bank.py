@@ -46,6 +46,7 @@ from .bank_schema import (
     validate_document,
 )
 from .config import ReGradConfig
+from .data import dataset_documents
 from .defaults import DEFAULT_EMBEDDER_ID, load_embedder
 from .deltas import check_documents
 from .distributed import broadcast_flags, everyone, process_rank
@@ -181,12 +182,15 @@ class GradientBank:
         dtype: str | None = None,
         output_dir: str | os.PathLike | None = None,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        text_column: str = "text",
+        id_column: str | None = None,
     ) -> GradientBank:
         """Builds a bank from documents: embeds them and computes their gradients with `model`.
 
         Args:
             model ([`ReGradForCausalLM`]): the learner; its config gives the embedder and the bank dtype.
-            documents (`Sequence[str]`): the texts.
+            documents (`Sequence[str]` or `datasets.Dataset`): the texts, or a dataset whose `text_column` holds
+                them (and whose `id_column`, if given, their ids).
             ids (`Sequence[str]`, *optional*): unique ids; defaults to `"0"`, `"1"`, ...
             metadata (`Sequence[dict]`, *optional*): JSON-serialisable metadata per document.
             batch_size (`int`, defaults to 16): documents per gradient batch, padded together (and progress-bar step).
@@ -202,6 +206,7 @@ class GradientBank:
                 another learner raises [`BankMismatchError`], with other documents or settings [`ReGradValueError`].
             max_shard_bytes (`int`, defaults to 1 GiB): with `output_dir`, the shard (and checkpoint) size, and the
                 unit of work of a multi-process build.
+            text_column (`str`, defaults to `"text"`), id_column (`str`, *optional*): for a `datasets.Dataset`.
 
         With `output_dir` and an initialised `torch.distributed` process group (`torchrun`, `accelerate launch`),
         every process must call `build` with the same arguments: each computes a share of the shards into the
@@ -211,6 +216,7 @@ class GradientBank:
         Returns:
             [`GradientBank`]
         """
+        documents, ids = dataset_documents(documents, ids, text_column, id_column)
         check_documents(documents)
         embedder_model = embedder_model or load_embedder(model.config.embedder)
         bank = cls(

@@ -9,36 +9,80 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+# The options live in regrad_hf_cli (imported without torch); METHOD_NAMES is re-exported for callers of this module.
+from regrad_hf_cli import FRESH, METHOD_NAMES  # noqa: F401
+
 from .defaults import shipped_learner_path
-from .quantization import BANK_DTYPES
+from .errors import ReGradValueError
+from .sources import looks_like_hub_id, missing_path_message
 
-# The method names of `regrad eval` (kept here so that `regrad --help` imports no torch).
-METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# The project's shared real data, next to a source checkout (see its README); absent from installed wheels.
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-DEFAULT_DATA = {
-    "squad": "squad_dev_articles_00-39.json",
-    "hotpotqa": "hotpotqa_dev_distractor_500.jsonl",
-    "tofu": "tofu_qa_authors_000-179.jsonl",
-}
-DEFAULT_PROBES = ("world_facts.json", "real_authors.json")
 LEARNER_SUBDIR = "learner"
-FRESH = "fresh"
+# `regrad eval`'s default drift probes: the multiple-choice sets of TOFU on the Hub (configuration names).
+HUB_PROBES = ("world_facts", "real_authors")
+HUB_PROBES_REPO = "locuslab/TOFU"
 
 
 def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] | None]:
     """Reads documents from JSONL (`{"text": ..., "id": ..., "metadata": {...}}` per line) or plain text (one per
     non-empty line)."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     if path.suffix != ".jsonl":
-        return lines, None, None
-    records = [json.loads(line) for line in lines]
+        return [line for _, line in lines], None, None
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ReGradValueError(f"{path} line {number} is not valid JSON: {error.msg}") from error
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ReGradValueError(f'{path} line {number} has no "text" string: write {{"text": "...", "id": "..."}}')
+        if not isinstance(record.get("metadata", {}), dict):
+            raise ReGradValueError(f'{path} line {number}: "metadata" must be an object')
+        records.append(record)
+    if not records:
+        raise ReGradValueError(f"{path} holds no documents")
     texts = [record["text"] for record in records]
     ids = [str(record["id"]) for record in records] if all("id" in r for r in records) else None
     metadata = [record.get("metadata", {}) for record in records]
     return texts, ids, metadata
+
+
+def load_documents(
+    source: str, text_column: str = "text", id_column: str | None = None, split: str | None = None
+) -> tuple[list[str], list[str] | None, list[dict] | None]:
+    """`build-bank --documents`: our JSONL or a text file (see [`read_documents`]); a Parquet/CSV file, a dataset
+    folder or a Hub dataset name through `datasets` (its `text_column` and `id_column`)."""
+    from .data import documents_from
+    from .sources import DATASET_SUFFIXES, read_rows
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() not in DATASET_SUFFIXES:
+        return read_documents(path)
+    rows = read_rows(source, split=split, default_split="train")
+    return documents_from(rows, text_column, id_column)
+
+
+def read_questions(path: Path) -> list[dict]:
+    """`regrad demo`'s questions: JSONL of `{"question": ..., "answer"?: ..., "doc_id"?: ...}`."""
+    questions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ReGradValueError(f"{path} line {number} is not valid JSON: {error.msg}") from error
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"]:
+            raise ReGradValueError(f'{path} line {number} has no "question" string')
+        questions.append(record)
+    return questions
+
+
+def check_location(name: str, what: str) -> None:
+    """A learner or bank given on the command line: a local directory, or a name that can be a Hub repo id (then
+    the Hub is asked, and its answer names both). A path-like name that does not exist is a typo: say so."""
+    if name != FRESH and not Path(name).expanduser().exists() and not looks_like_hub_id(name):
+        raise ReGradValueError(missing_path_message(name, f"{what} directory"))
 
 
 def log_to_stderr() -> None:
@@ -60,15 +104,10 @@ def load_learner(learner: str | None, seed: int):
     from .modeling import ReGradForCausalLM
 
     if learner != FRESH:
+        check_location(learner, "learner")
         return ReGradForCausalLM.from_pretrained(learner)
     torch.manual_seed(seed)
     return ReGradForCausalLM.from_base()
-
-
-def default_learner() -> str:
-    """The meta-trained learner shipped with the package, when this install has it; else a fresh one."""
-    path = shipped_learner_path()
-    return str(path) if (path / "learner.safetensors").is_file() else FRESH
 
 
 def chat_prompt(tokenizer, question: str) -> str:
@@ -102,9 +141,8 @@ def build_bank(args: argparse.Namespace) -> int:
 
     from .bank import GradientBank
     from .bank_checkpoint import resume_message
-    from .errors import ReGradError
 
-    texts, ids, metadata = read_documents(Path(args.documents))
+    texts, ids, metadata = load_documents(args.documents, args.text_column, args.id_column, args.split)
     model = load_learner(args.learner, args.seed)
     log_to_stderr()
     rank = 0
@@ -119,20 +157,16 @@ def build_bank(args: argparse.Namespace) -> int:
     message = resume_message(output) if rank == 0 else None
     if message:
         print(message)
-    try:
-        bank = GradientBank.build(
-            model,
-            texts,
-            ids=ids,
-            metadata=metadata,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            output_dir=output,
-            max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
-        )
-    except ReGradError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    bank = GradientBank.build(
+        model,
+        texts,
+        ids=ids,
+        metadata=metadata,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        output_dir=output,
+        max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
+    )
     if rank == 0:
         model.save_pretrained(output / LEARNER_SUBDIR)  # `ask` needs the very learner the bank was built with
         print(f"saved {bank} to {output}")
@@ -142,18 +176,23 @@ def build_bank(args: argparse.Namespace) -> int:
 def ask(args: argparse.Namespace) -> int:
     from .bank import GradientBank
 
+    check_location(args.bank, "bank")
     bank_dir = Path(args.bank)
     learner = args.learner or str(bank_dir / LEARNER_SUBDIR)
-    if not Path(learner).is_dir() and args.learner is None:
-        print(f"error: {bank_dir} has no {LEARNER_SUBDIR}/ folder; pass --learner", file=sys.stderr)
-        return 2
+    if args.learner is None and not Path(learner).is_dir():
+        where = f"{bank_dir} has no {LEARNER_SUBDIR}/ folder" if bank_dir.is_dir() else f"{bank_dir} is not local"
+        raise ReGradValueError(f"{where}: pass --learner (the learner the bank was built with)")
+    bank = GradientBank.from_pretrained(args.bank)
+    if args.top_k is not None and args.top_k > len(bank):
+        raise ReGradValueError(f"--top-k {args.top_k} is larger than the bank, which holds {len(bank)} documents")
     model = load_learner(learner, args.seed)
-    model.attach_bank(GradientBank.from_pretrained(bank_dir))
+    model.attach_bank(bank)
+    top_k = min(model.config.top_k_docs, len(bank)) if args.top_k is None else args.top_k
     for question in args.question:
-        hits = model.bank.search(question, args.top_k or model.config.top_k_docs)
+        hits = model.bank.search(question, top_k)
         print(f"Q: {question}")
         print("   retrieved: " + ", ".join(f"{hit.id} ({hit.score:.2f})" for hit in hits))
-        print(f"   ReGrad:    {answer(model, question, args.max_new_tokens, top_k_docs=args.top_k, gamma=args.gamma)}")
+        print(f"   ReGrad:    {answer(model, question, args.max_new_tokens, top_k_docs=top_k, gamma=args.gamma)}")
         if args.compare:
             print(f"   no bank:   {answer(model, question, args.max_new_tokens, use_bank=False)}")
     return 0
@@ -164,7 +203,9 @@ def demo(args: argparse.Namespace) -> int:
     from .bank import GradientBank
 
     texts, ids, metadata = read_documents(Path(args.documents))
-    questions = [json.loads(line) for line in Path(args.questions).read_text(encoding="utf-8").splitlines() if line]
+    questions = read_questions(Path(args.questions))
+    if args.top_k > len(texts):
+        raise ReGradValueError(f"--top-k {args.top_k} is larger than the bank, which holds {len(texts)} documents")
     model = load_learner(args.learner, args.seed)
     print(f"base model: {model.config.base_model_name_or_path} ({model.config.base_model_revision})")
     print(
@@ -174,7 +215,7 @@ def demo(args: argparse.Namespace) -> int:
     )
     bank = GradientBank.build(model, texts, ids=ids, metadata=metadata)
     model.attach_bank(bank)
-    if Path(args.learner) == shipped_learner_path():
+    if args.learner != FRESH and Path(args.learner).resolve() == shipped_learner_path().resolve():
         print("meta-trained by `regrad train --preset smollm2-squad` (seed 0, SQuAD articles 0-29): see TRAINING.md")
     print(f"bank: {bank}\n")
 
@@ -220,14 +261,17 @@ def push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
     folder = Path(args.path)
-    found = folder_card(folder, args.repo_id, args.subfolder) if folder.is_dir() else None
+    if not folder.is_dir():
+        raise ReGradValueError(missing_path_message(folder, "directory"))
+    try:
+        found = folder_card(folder, args.repo_id, args.subfolder)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:  # hand-edited or truncated config
+        detail = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise ReGradValueError(f"{folder} has a damaged config ({detail}): rebuild or re-save it") from error
     if found is None:
-        print(
-            f"error: {folder} is neither a saved learner (config.json + learner.safetensors) nor a bank "
-            "(bank_config.json)",
-            file=sys.stderr,
+        raise ReGradValueError(
+            f"{folder} is neither a saved learner (config.json + learner.safetensors) nor a bank (bank_config.json)"
         )
-        return 2
     card, replaced = found
     commit = push_folder(
         folder,
@@ -274,21 +318,19 @@ def evaluate(args: argparse.Namespace) -> int:
     from .evaluation.datasets import parse_range
     from .evaluation.methods import check_methods
 
-    data = args.data or (str(SHARED_DATA / DEFAULT_DATA[args.dataset]) if args.dataset in DEFAULT_DATA else None)
-    if data is None or not Path(data).is_file():
-        print(
-            f"error: no data file for --dataset {args.dataset} ({data or 'none given'}); pass --data", file=sys.stderr
-        )
-        return 2
-    probe_paths = args.probes if args.probes is not None else [str(SHARED_DATA / name) for name in DEFAULT_PROBES]
+    if args.dataset == "jsonl" and args.data is None:
+        raise ReGradValueError("--dataset jsonl needs --data PATH (a JSONL file of tasks)")
     drift_ns = [] if args.drift_n in ("", "none") else parse_range(args.drift_n)
-    missing = [path for path in probe_paths if not Path(path).is_file()]
-    if drift_ns and missing:
-        print(f"error: probe files not found: {missing}; pass --probes or --drift-n none", file=sys.stderr)
-        return 2
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
-    eval_set = load_eval_set(args.dataset, data, args.split, args.limit, args.seed)
-    probes = {Path(path).stem: load_probes(path)[: args.probe_limit] for path in probe_paths} if drift_ns else {}
+    eval_set = offline_hint(load_eval_set, "--data PATH")(args.dataset, args.data, args.split, args.limit, args.seed)
+    probes = {}
+    if drift_ns and args.probes is not None:
+        probes = {Path(path).stem: load_probes(path)[: args.probe_limit] for path in args.probes}
+    elif drift_ns:
+        from .sources import read_rows
+
+        read = offline_hint(read_rows, "--probes FILE ... or --drift-n none")
+        probes = {name: load_probes(read(HUB_PROBES_REPO, config=name))[: args.probe_limit] for name in HUB_PROBES}
     config = EvalConfig(
         methods=methods,
         top_k=args.top_k,
@@ -317,130 +359,24 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0 if results["integrity"]["identical"] else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def offline_hint(load, option: str):
+    """`load`, whose Hub errors (offline, no such dataset) also say which option reads local data instead."""
+    from .errors import ReGradHubError
 
-    def common(sub: argparse.ArgumentParser, default: str | None) -> None:
-        sub.add_argument(
-            "--learner",
-            default=default,
-            help="a saved learner (directory or Hub id), or 'fresh' for an untrained one on the embedded "
-            f"SmolLM2-135M-Instruct (default: {default or 'the one saved with the bank'})",
-        )
-        sub.add_argument("--seed", type=int, default=0, help="seed of a fresh learner's LoRA init (default 0)")
+    def wrapped(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except ReGradHubError as error:
+            raise ReGradHubError(f"{error}; pass {option} to use local data") from error
 
-    sub = commands.add_parser(
-        "demo",
-        help="build a bank from example documents and answer questions with and "
-        "without ReGrad (embedded models, offline)",
-    )
-    sub.add_argument("--documents", default=str(EXAMPLES / "documents.jsonl"), help="JSONL or text documents")
-    sub.add_argument("--questions", default=str(EXAMPLES / "questions.jsonl"), help='JSONL of {"question", "answer"}')
-    sub.add_argument("--top-k", type=int, default=1, help="documents retrieved per question (default 1)")
-    sub.add_argument("--gamma", type=float, default=1.0, help="step multiplier (default 1.0)")
-    sub.add_argument("--max-new-tokens", type=int, default=24)
-    common(sub, default_learner())
-    sub.set_defaults(run=demo)
-
-    commands.add_parser(
-        "train", help="meta-train a learner (ReGradTrainer); `regrad train --help` lists its options", add_help=False
-    )
-
-    sub = commands.add_parser("build-bank", help="compute and save the gradient bank of a set of documents")
-    sub.add_argument("--documents", required=True, help="JSONL ({text, id?, metadata?} per line) or text, one per line")
-    sub.add_argument(
-        "--output",
-        required=True,
-        help="directory to write the bank to; finished shards are checkpointed, so rerunning an interrupted "
-        "command resumes it",
-    )
-    sub.add_argument("--batch-size", type=int, default=16, help="documents per gradient batch")
-    sub.add_argument(
-        "--dtype", choices=BANK_DTYPES, default=None, help="how to store gradients (default: the learner's bank_dtype)"
-    )
-    sub.add_argument(
-        "--max-shard-mb",
-        type=float,
-        default=1024,
-        help="shard (and checkpoint) size in MiB (default 1024); the unit of work of each process in a multi-process "
-        "build",
-    )
-    common(sub, default_learner())
-    sub.set_defaults(run=build_bank)
-
-    sub = commands.add_parser("ask", help="answer questions with gradients retrieved from a saved bank")
-    sub.add_argument("question", nargs="+", help="one or more questions")
-    sub.add_argument("--bank", required=True, help="a bank directory (written by build-bank)")
-    sub.add_argument("--top-k", type=int, default=None, help="documents per question (default: the learner's)")
-    sub.add_argument("--gamma", type=float, default=None, help="step multiplier (default: the learner's)")
-    sub.add_argument("--max-new-tokens", type=int, default=32)
-    sub.add_argument("--compare", action="store_true", help="also answer without the bank")
-    common(sub, None)
-    sub.set_defaults(run=ask)
-
-    sub = commands.add_parser(
-        "push", help="upload a saved learner or bank directory to a Hub repo, with its model card"
-    )
-    sub.add_argument("path", help="a directory written by save_pretrained or build-bank")
-    sub.add_argument("repo_id", help="the repo, e.g. user/my-learner (created if needed)")
-    sub.add_argument("--subfolder", default=None, help="folder of the repo to write to, e.g. bank")
-    sub.add_argument("--revision", default=None, help="branch to push to (created from main if needed)")
-    sub.add_argument("--private", action="store_true", help="create the repo as private")
-    sub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    sub.add_argument("--commit-message", default=None)
-    sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
-    sub.set_defaults(run=push)
-
-    sub = commands.add_parser("pull", help="download a learner or bank repo (data files only) to a directory")
-    sub.add_argument("repo_id", help="the repo, e.g. user/my-learner")
-    sub.add_argument("directory", help="where to put its files")
-    sub.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
-    sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
-    sub.set_defaults(run=pull)
-
-    sub = commands.add_parser(
-        "eval",
-        help="compare ReGrad with closed-book, no-adaptation, RAG, CPT, raw gradients and ReGrad+ICL on a dataset, "
-        "with drift; writes results.json, report.md and PNG plots",
-    )
-    sub.add_argument("--dataset", required=True, choices=["squad", "hotpotqa", "tofu", "jsonl"], help="data format")
-    sub.add_argument("--data", help="the data file (default: the project's shared/data file for the format)")
-    sub.add_argument(
-        "--split",
-        help="squad: train/dev/test or article indices like 35-39; tofu: author indices like 0-39 (default: all)",
-    )
-    sub.add_argument("--limit", type=int, help="questions to evaluate, sampled with --seed (the bank is unchanged)")
-    sub.add_argument("--top-k", type=int, help="documents retrieved per question (default: the learner's)")
-    sub.add_argument("--oracle", action="store_true", help="use each question's gold documents instead of retrieval")
-    sub.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated, of {','.join(METHOD_NAMES)}")
-    sub.add_argument("--output", required=True, help="directory for results.json, report.md and the plots")
-    sub.add_argument("--max-new-tokens", type=int, default=24)
-    sub.add_argument("--gamma", type=float, help="ReGrad step multiplier (default: the learner's)")
-    sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
-    sub.add_argument("--cpt-epochs", type=int, default=1, help="CPT passes over the bank documents (default 1)")
-    sub.add_argument("--cpt-lr", type=float, default=2e-5, help="CPT AdamW learning rate (default 2e-5)")
-    sub.add_argument("--drift-n", default="10,100", help="document counts to measure drift at, or 'none'")
-    sub.add_argument("--drift-methods", default="regrad,cpt", help="methods whose drift is measured")
-    sub.add_argument("--drift-heldout", type=int, default=20, help="bank documents held out for perplexity")
-    sub.add_argument("--probes", nargs="*", help="multiple-choice probe files (default: world_facts, real_authors)")
-    sub.add_argument("--probe-limit", type=int, help="use only the first N questions of each probe file")
-    sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
-    sub.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sub.add_argument("--command-line", help=argparse.SUPPRESS)
-    common(sub, default_learner())
-    sub.set_defaults(run=evaluate)
-    return parser
+    return wrapped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # its options come from HfArgumentParser over the training arguments
-        from .train_cli import main as train_main
+    """`regrad ...` (see [`regrad_hf_cli`], which holds the options so that `--help` imports no torch)."""
+    from regrad_hf_cli import main as cli_main
 
-        return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
       a gradient capture's hooks act only on forwards of the thread that installed them.
 
     Direct `forward` calls, `language_model` accessed from another thread, and copies (`copy.deepcopy`, pickling)
-    are not guarded: inside another thread's adaptation they see its delta. Training (`ReGradTrainer`) writes the tensors unguarded; do not serve
-    a model while training it.
+    are not guarded: inside another thread's adaptation they see its delta. Training (`ReGradTrainer`) writes the
+    tensors unguarded; do not serve a model while training it.
     """
 
     config_class = ReGradConfig
@@ -540,9 +540,11 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextmanager
     def retrieved(self, query: str, top_k: int | None = None, gamma: float | None = None) -> Iterator[list[Hit]]:
-        """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits."""
+        """Injects the `top_k` bank documents nearest to `query` for the duration of the block; yields the hits.
+        `top_k` defaults to `config.top_k_docs`, or the whole bank when it holds fewer documents."""
         gamma = None if gamma is None else check_gamma(gamma)
-        hits = self._require_bank().search(query, self.config.top_k_docs if top_k is None else top_k)
+        bank = self._require_bank()
+        hits = bank.search(query, min(self.config.top_k_docs, len(bank)) if top_k is None else top_k)
         with self.injected([hit.id for hit in hits], gamma):
             yield hits
 
@@ -583,7 +585,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             query (`str` or `Sequence[str | None]`, *optional*): what to retrieve for: one query for the batch, or one
                 per row, `None` for a row that runs without retrieval. By default, each row's prompt decoded without
                 special tokens, or only its last user turn when the prompt follows the tokenizer's chat template.
-            top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`.
+            top_k_docs (`int`, *optional*): documents per query; defaults to `config.top_k_docs`, or every document
+                of a bank smaller than that.
             gamma (`float`, *optional*): step multiplier; defaults to `config.gamma`.
             use_bank (`bool`, *optional*): `False` generates with the learner as it is; `None` (default) uses the
                 bank when one is attached.
@@ -633,8 +636,9 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
         distinct = list(dict.fromkeys(q for q in queries if q is not None))
         if not distinct:
             return [None] * len(queries)
-        k = self.config.top_k_docs if top_k is None else top_k
         bank = self._require_bank()
+        # The configured depth is served with the whole bank when the bank is smaller; an explicit k is not clamped.
+        k = min(self.config.top_k_docs, len(bank)) if top_k is None else top_k
         # One query is searched as a string, exactly as `retrieved` does; several are embedded in one batch.
         hits = [bank.search(distinct[0], k)] if len(distinct) == 1 else bank.search(distinct, k)
         ids = {q: tuple(hit.id for hit in row_hits) for q, row_hits in zip(distinct, hits, strict=True)}

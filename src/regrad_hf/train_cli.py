@@ -2,6 +2,9 @@
 
 regrad train --preset smollm2-squad --output_dir runs/smollm2-squad
 regrad train --train_format jsonl --train_file tasks.jsonl --output_dir runs/mine --max_steps 200
+
+The options of regrad train's own (`DataArguments`, `LearnerArguments`, `PRESETS`) are defined in [`regrad_hf_cli`],
+so that `regrad train --help` answers without importing transformers.
 """
 
 from __future__ import annotations
@@ -11,63 +14,24 @@ import random
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-SQUAD_FILE = str(SHARED_DATA / "squad_dev_articles_00-39.json")
+from regrad_hf_cli import PRESETS, DataArguments, LearnerArguments
 
-# The recipe of the learner shipped in regrad_hf/learners/smollm2-135m-squad (see its TRAINING.md).
-PRESETS: dict[str, dict] = {
-    "smollm2-squad": {
-        "train_format": "squad",
-        "train_file": SQUAD_FILE,
-        "train_split": "train",
-        "eval_file": SQUAD_FILE,
-        "eval_split": "dev",
-        "max_steps": 300,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 4e-4,
-        "step_size_learning_rate": 3e-2,
-        "init_step_size": 0.3,
-        "logging_steps": 10,
-        "save_steps": 50,
-        "save_total_limit": 2,
-        "eval_max_tasks": 40,
-        "seed": 0,
-        "report_to": "none",
-    }
-}
+from .errors import ReGradValueError
 
 
-@dataclass
-class DataArguments:
-    train_format: str = field(default="squad", metadata={"help": "squad, hotpotqa, tofu or jsonl"})
-    train_file: str = field(default=SQUAD_FILE, metadata={"help": "training tasks"})
-    train_split: str | None = field(default=None, metadata={"help": "SQuAD article split: train, dev or test"})
-    eval_format: str | None = field(default=None, metadata={"help": "defaults to train_format"})
-    eval_file: str | None = field(default=None, metadata={"help": "dev tasks (evaluated after training)"})
-    eval_split: str | None = field(default=None, metadata={"help": "SQuAD article split of the dev tasks"})
-
-
-@dataclass
-class LearnerArguments:
-    base_model: str | None = field(default=None, metadata={"help": "Hub id or path; default: embedded SmolLM2"})
-    resume_learner: str | None = field(default=None, metadata={"help": "start from a saved learner instead"})
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    init_step_size: float = 0.3
-    step_size_mode: str = "tie"
-    step_size_parametrization: str = "log"
-    max_document_tokens: int = 512
-
-
-def _load_tasks(format_: str, path: str, split: str | None):
+def _load_tasks(format_: str, source: str, split: str | None):
     from .data import LOADERS, load_squad
+    from .errors import ReGradHubError
 
     if format_ not in LOADERS:
-        raise SystemExit(f"unknown task format {format_!r}; choose from {sorted(LOADERS)}")
-    return load_squad(path, split) if format_ == "squad" else LOADERS[format_](path)
+        raise ReGradValueError(f"unknown task format {format_!r}; choose from {sorted(LOADERS)}")
+    try:
+        return load_squad(source, split) if format_ == "squad" else LOADERS[format_](source)
+    except ReGradHubError as error:
+        raise ReGradHubError(f"{error}; pass --data PATH (--train_file/--eval_file) to use local data") from error
 
 
 def _with_preset(argv: list[str]) -> list[str]:
@@ -77,7 +41,7 @@ def _with_preset(argv: list[str]) -> list[str]:
     position = argv.index("--preset")
     name = argv[position + 1] if position + 1 < len(argv) else None
     if name not in PRESETS:
-        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise ReGradValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     rest = argv[:position] + argv[position + 2 :]
     given = {arg.lstrip("-").split("=")[0] for arg in rest if arg.startswith("--")}
     expanded = [item for key, value in PRESETS[name].items() if key not in given for item in (f"--{key}", str(value))]
@@ -94,9 +58,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training import ReGradTrainer, ReGradTrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ReGradTrainingArguments, DataArguments, LearnerArguments), prog="regrad train")
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # one line, as every `regrad` mistake
+            self.exit(2, f"error: regrad train: {message} (see regrad train --help-all)\n")
+
+    parser = Parser((ReGradTrainingArguments, DataArguments, LearnerArguments), prog="regrad train")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a recorded recipe (options given also win)")
+    if "--help-all" in argv:
+        parser.print_help()
+        return 0
     training_args, data_args, learner_args, _ = parser.parse_args_into_dataclasses(_with_preset(argv))
+
+    # The data first: a mistake there (a missing file, no network for a Hub dataset) shows before the model loads.
+    train_tasks = _load_tasks(data_args.train_format, data_args.train_file, data_args.train_split)
+    random.Random(training_args.seed).shuffle(train_tasks)
+    eval_tasks = None
+    if data_args.eval_file:
+        eval_file = data_args.train_file if data_args.eval_file == "same" else data_args.eval_file
+        eval_tasks = _load_tasks(data_args.eval_format or data_args.train_format, eval_file, data_args.eval_split)
+        random.Random(training_args.seed).shuffle(eval_tasks)
 
     torch.manual_seed(training_args.seed)
     if learner_args.resume_learner:
@@ -111,15 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_document_tokens=learner_args.max_document_tokens,
         )
         model = ReGradForCausalLM.from_base(learner_args.base_model or EMBEDDED_MODEL_ID, config)
-
-    train_tasks = _load_tasks(data_args.train_format, data_args.train_file, data_args.train_split)
-    random.Random(training_args.seed).shuffle(train_tasks)
-    eval_tasks = None
-    if data_args.eval_file:
-        eval_tasks = _load_tasks(
-            data_args.eval_format or data_args.train_format, data_args.eval_file, data_args.eval_split
-        )
-        random.Random(training_args.seed).shuffle(eval_tasks)
 
     trainer = ReGradTrainer(model, training_args, train_dataset=train_tasks, eval_dataset=eval_tasks)
     before = trainer.evaluate(metric_key_prefix="before") if eval_tasks else {}

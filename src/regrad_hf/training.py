@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .data import Task, TaskCollator
+from .data import TaskCollator, as_tasks
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
 
@@ -53,7 +53,8 @@ class ReGradTrainer(Trainer):
     Args:
         model ([`ReGradForCausalLM`]): the learner to train (its LoRA tensors and step sizes).
         args ([`ReGradTrainingArguments`]): training arguments.
-        train_dataset / eval_dataset (`Sequence[Task]`): meta-training and dev tasks.
+        train_dataset / eval_dataset (`Sequence[Task]` or `datasets.Dataset`): meta-training and dev tasks; a
+            `Dataset` has `documents` (list of strings), `question` and `answer` columns (see [`data.as_tasks`]).
         data_collator (*optional*): defaults to a [`TaskCollator`] built from `args`.
         kwargs: passed to `Trainer`.
     """
@@ -69,6 +70,9 @@ class ReGradTrainer(Trainer):
     ):
         if not isinstance(model, ReGradForCausalLM):
             raise TypeError(f"ReGradTrainer trains a ReGradForCausalLM, got {type(model).__name__}")
+        # A datasets.Dataset (documents/question/answer columns) or mappings become Tasks, checked once here.
+        train_dataset = None if train_dataset is None else as_tasks(train_dataset)
+        eval_dataset = None if eval_dataset is None else as_tasks(eval_dataset)
         if data_collator is None:
             pool = sorted({d for task in (train_dataset or []) for d in task.documents})
             data_collator = TaskCollator(
@@ -122,8 +126,7 @@ class ReGradTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Answer loss, EM and F1 on dev tasks for `no_adaptation`, `regrad` and `raw` side by side, plus the
         injection signal `no_adaptation` answer loss minus `regrad` answer loss (positive = the documents help)."""
-        tasks = list(eval_dataset if eval_dataset is not None else self.eval_dataset)[: self.args.eval_max_tasks]
-        tasks = [task if isinstance(task, Task) else Task(**task) for task in tasks]
+        tasks = as_tasks(eval_dataset if eval_dataset is not None else self.eval_dataset)[: self.args.eval_max_tasks]
         learner = self.accelerator.unwrap_model(self.model)
         results = evaluate_injection(
             learner,

@@ -7,6 +7,9 @@ documents.
 | `hotpotqa` | the 10 paragraphs (2 supporting + 8 distractors) of each question | top-k over the question's own 10   |
 | `tofu`     | one document per selected author: that author's answers joined | top-k over the whole bank             |
 | `jsonl`    | every task's documents (deduplicated)                       | top-k over the whole bank                |
+
+The data is a local file, a dataset folder, a Hub dataset name or a `datasets.Dataset`; by default the format's Hub
+dataset (`rajpurkar/squad` validation, `hotpotqa/hotpot_qa` distractor validation, `locuslab/TOFU` full).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from ..data import SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad, load_tofu
+from ..data import HUB_DATASETS, SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad, load_tofu
 from ..errors import ReGradValueError
 
 FORMATS = ("squad", "hotpotqa", "tofu", "jsonl")
@@ -88,13 +92,14 @@ def _whole_bank_set(name: str, tasks: list[Task], prefix: str, limit, seed, note
 
 
 def load_eval_set(
-    format: str, path: str | os.PathLike, split: str | None = None, limit: int | None = None, seed: int = 0
+    format: str, path: Any = None, split: str | None = None, limit: int | None = None, seed: int = 0
 ) -> EvalSet:
     """Loads an evaluation set.
 
     Args:
         format (`str`): one of [`FORMATS`].
-        path (`str` or `os.PathLike`): the data file.
+        path: the data: a local file, a dataset folder, a Hub dataset name or a `datasets.Dataset` (see
+            [`regrad_hf.sources.read_rows`]); by default the format's Hub dataset ([`HUB_DATASETS`]; not for `jsonl`).
         split (`str`, *optional*): SQuAD: a name of `SQUAD_SPLITS` (`train`, `dev`, `test`) or article indices
             (`"35-39"`); TOFU: author indices (`"0-39"`); HotpotQA, JSONL: unused. `None` keeps everything.
         limit (`int`, *optional*): evaluate this many questions, sampled with `seed` (the bank is unchanged).
@@ -105,6 +110,10 @@ def load_eval_set(
     """
     if format not in FORMATS:
         raise ReGradValueError(f"unknown dataset format {format!r}; choose from {FORMATS}")
+    if path is None:
+        if format not in HUB_DATASETS:
+            raise ReGradValueError(f"the {format} format has no default dataset: give the data")
+        path = HUB_DATASETS[format].repo_id
     if format == "squad":
         articles = split if split in SQUAD_SPLITS or split is None else parse_range(split)
         tasks = load_squad(path, articles)
@@ -120,7 +129,8 @@ def load_eval_set(
         return _whole_bank_set(f"tofu:{split or 'all'}", tasks, "author", limit, seed, note)
     if format == "jsonl":
         note = "user JSONL; the bank holds every task's documents"
-        return _whole_bank_set(f"jsonl:{os.path.basename(path)}", load_jsonl(path), "doc", limit, seed, note)
+        label = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else "dataset"
+        return _whole_bank_set(f"jsonl:{label}", load_jsonl(path), "doc", limit, seed, note)
     return _hotpotqa_set(path, limit, seed)
 
 

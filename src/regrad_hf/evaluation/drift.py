@@ -40,14 +40,17 @@ class Probe:
     answer: int
 
 
-def load_probes(path: str | os.PathLike) -> list[Probe]:
+def load_probes(path: str | os.PathLike | Sequence[Mapping]) -> list[Probe]:
     """Reads TOFU-style probes: a JSON list of `{"question", "option1".., "answer"}` (answer = the right option's
-    text)."""
+    text), from a file or already loaded (e.g. a `datasets.Dataset` of TOFU's `world_facts`)."""
     probes = []
-    for number, record in enumerate(json.loads(Path(path).read_text(encoding="utf-8"))):
+    is_file = isinstance(path, (str, os.PathLike))
+    records = json.loads(Path(path).read_text(encoding="utf-8")) if is_file else path
+    name = path if is_file else "probe set"
+    for number, record in enumerate(records):
         options = tuple(str(record[key]) for key in sorted(k for k in record if k.startswith("option")))
         if record["answer"] not in options:
-            raise ReGradValueError(f"{path} probe {number}: answer {record['answer']!r} is not one of {options}")
+            raise ReGradValueError(f"{name} probe {number}: answer {record['answer']!r} is not one of {options}")
         probes.append(Probe(record["question"], options, options.index(record["answer"])))
     return probes
 

@@ -1,0 +1,369 @@
+"""The `regrad` command line: every verb's options, and the boundary where user mistakes become one `error:` line.
+
+This module lives beside the `regrad_hf` package, not in it, because importing `regrad_hf` registers its model
+with transformers (which imports torch, seconds): `regrad --help` and `regrad VERB --help` import nothing but the
+standard library. A verb imports what it needs when it runs (the verbs are in `regrad_hf.cli` and
+`regrad_hf.train_cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The method names of `regrad eval` (`regrad_hf.evaluation.methods.METHODS`; a test keeps the two equal).
+METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
+# Gradient storage formats (`regrad_hf.quantization.BANK_DTYPES`; a test keeps the two equal).
+BANK_DTYPES = ("bfloat16", "float16", "float32", "int8", "int4", "int3", "int2")
+# The Hub datasets `regrad eval` and `regrad train` read by default (`regrad_hf.data.HUB_DATASETS`).
+HUB_DATA = {"squad": "rajpurkar/squad", "hotpotqa": "hotpotqa/hotpot_qa", "tofu": "locuslab/TOFU"}
+FRESH = "fresh"
+
+
+def package_dir() -> Path:
+    """The installed `regrad_hf` package folder, found without importing it."""
+    spec = importlib.util.find_spec("regrad_hf")
+    return Path(spec.submodule_search_locations[0])
+
+
+def examples_dir() -> Path:
+    """The example documents and questions shipped inside the package (`regrad demo`'s defaults)."""
+    return package_dir() / "examples"
+
+
+def default_learner() -> str:
+    """The meta-trained learner shipped with the package, when this install has it; else a fresh one."""
+    path = package_dir() / "learners" / "smollm2-135m-squad"
+    return str(path) if (path / "learner.safetensors").is_file() else FRESH
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+def integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return integer(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return integer(text, 0)
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose mistakes are one line on stderr: `error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------- verbs
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser, default: str | None) -> None:
+        sub.add_argument(
+            "--learner",
+            default=default,
+            help="a saved learner (directory or Hub id), or 'fresh' for an untrained one on the embedded "
+            f"SmolLM2-135M-Instruct (default: {default or 'the one saved with the bank'})",
+        )
+        sub.add_argument("--seed", type=int, default=0, help="seed of a fresh learner's LoRA init (default 0)")
+
+    examples = examples_dir()
+    sub = commands.add_parser(
+        "demo",
+        help="build a bank from example documents and answer questions with and without ReGrad (embedded models, "
+        "offline)",
+    )
+    sub.add_argument("--documents", type=existing_file, default=str(examples / "documents.jsonl"), help="JSONL or text")
+    sub.add_argument(
+        "--questions", type=existing_file, default=str(examples / "questions.jsonl"), help='JSONL of {"question", ...}'
+    )
+    sub.add_argument("--top-k", type=positive_int, default=1, help="documents retrieved per question (default 1)")
+    sub.add_argument("--gamma", type=finite_float, default=1.0, help="step multiplier (default 1.0)")
+    sub.add_argument("--max-new-tokens", type=positive_int, default=24)
+    common(sub, default_learner())
+    sub.set_defaults(verb="demo")
+
+    commands.add_parser(
+        "train", help="meta-train a learner (ReGradTrainer); `regrad train --help` lists its options", add_help=False
+    )
+
+    sub = commands.add_parser("build-bank", help="compute and save the gradient bank of a set of documents")
+    sub.add_argument(
+        "--documents",
+        required=True,
+        help="JSONL ({text, id?, metadata?} per line), text (one document per line), or through `datasets`: a "
+        "Parquet/CSV file, a dataset folder or a Hub dataset name",
+    )
+    sub.add_argument("--text-column", default="text", help="for a dataset: the column of the texts (default text)")
+    sub.add_argument("--id-column", default=None, help="for a dataset: the column of unique ids (default: row numbers)")
+    sub.add_argument("--split", default=None, help="for a dataset with several splits (default: train)")
+    sub.add_argument(
+        "--output",
+        required=True,
+        help="directory to write the bank to; finished shards are checkpointed, so rerunning an interrupted "
+        "command resumes it",
+    )
+    sub.add_argument("--batch-size", type=positive_int, default=16, help="documents per gradient batch")
+    sub.add_argument(
+        "--dtype", choices=BANK_DTYPES, default=None, help="how to store gradients (default: the learner's bank_dtype)"
+    )
+    sub.add_argument(
+        "--max-shard-mb",
+        type=nonnegative_float,
+        default=1024,
+        help="shard (and checkpoint) size in MiB (default 1024; 0: one document per shard); the unit of work of "
+        "each process in a multi-process build",
+    )
+    common(sub, default_learner())
+    sub.set_defaults(verb="build_bank")
+
+    sub = commands.add_parser("ask", help="answer questions with gradients retrieved from a saved bank")
+    sub.add_argument("question", nargs="+", help="one or more questions")
+    sub.add_argument("--bank", required=True, help="a bank directory (written by build-bank) or a Hub bank repo")
+    sub.add_argument("--top-k", type=positive_int, default=None, help="documents per question (default: the learner's)")
+    sub.add_argument("--gamma", type=finite_float, default=None, help="step multiplier (default: the learner's)")
+    sub.add_argument("--max-new-tokens", type=positive_int, default=32)
+    sub.add_argument("--compare", action="store_true", help="also answer without the bank")
+    common(sub, None)
+    sub.set_defaults(verb="ask")
+
+    sub = commands.add_parser("push", help="upload a saved learner or bank directory to a Hub repo, with its card")
+    sub.add_argument("path", help="a directory written by save_pretrained or build-bank")
+    sub.add_argument("repo_id", help="the repo, e.g. user/my-learner (created if needed)")
+    sub.add_argument("--subfolder", default=None, help="folder of the repo to write to, e.g. bank")
+    sub.add_argument("--revision", default=None, help="branch to push to (created from main if needed)")
+    sub.add_argument("--private", action="store_true", help="create the repo as private")
+    sub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    sub.add_argument("--commit-message", default=None)
+    sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
+    sub.set_defaults(verb="push")
+
+    sub = commands.add_parser("pull", help="download a learner or bank repo (data files only) to a directory")
+    sub.add_argument("repo_id", help="the repo, e.g. user/my-learner")
+    sub.add_argument("directory", help="where to put its files")
+    sub.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
+    sub.set_defaults(verb="pull")
+
+    sub = commands.add_parser(
+        "eval",
+        help="compare ReGrad with closed-book, no-adaptation, RAG, CPT, raw gradients and ReGrad+ICL on a dataset, "
+        "with drift; writes results.json, report.md and PNG plots",
+    )
+    sub.add_argument("--dataset", required=True, choices=["squad", "hotpotqa", "tofu", "jsonl"], help="data format")
+    sub.add_argument(
+        "--data",
+        help="a local file or dataset folder, or a Hub dataset name (default: "
+        + ", ".join(f"{name}: {repo}" for name, repo in HUB_DATA.items())
+        + "; jsonl needs --data)",
+    )
+    sub.add_argument(
+        "--split",
+        help="squad: train/dev/test or article indices like 35-39; tofu: author indices like 0-39 (default: all)",
+    )
+    sub.add_argument("--limit", type=positive_int, help="questions to evaluate, sampled with --seed (bank unchanged)")
+    sub.add_argument("--top-k", type=positive_int, help="documents retrieved per question (default: the learner's)")
+    sub.add_argument("--oracle", action="store_true", help="use each question's gold documents instead of retrieval")
+    sub.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated, of {','.join(METHOD_NAMES)}")
+    sub.add_argument("--output", required=True, help="directory for results.json, report.md and the plots")
+    sub.add_argument("--max-new-tokens", type=positive_int, default=24)
+    sub.add_argument("--gamma", type=finite_float, help="ReGrad step multiplier (default: the learner's)")
+    sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
+    sub.add_argument("--cpt-epochs", type=positive_int, default=1, help="CPT passes over the bank (default 1)")
+    sub.add_argument("--cpt-lr", type=positive_float, default=2e-5, help="CPT AdamW learning rate (default 2e-5)")
+    sub.add_argument("--drift-n", default="10,100", help="document counts to measure drift at, or 'none'")
+    sub.add_argument("--drift-methods", default="regrad,cpt", help="methods whose drift is measured")
+    sub.add_argument("--drift-heldout", type=positive_int, default=20, help="bank documents held out for perplexity")
+    sub.add_argument(
+        "--probes",
+        nargs="*",
+        type=existing_file,
+        help="multiple-choice probe files (default: the world_facts and real_authors sets of locuslab/TOFU)",
+    )
+    sub.add_argument("--probe-limit", type=positive_int, help="use only the first N questions of each probe set")
+    sub.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the 95%% CIs")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub.add_argument("--command-line", help=argparse.SUPPRESS)
+    common(sub, default_learner())
+    sub.set_defaults(verb="evaluate")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- regrad train
+
+
+@dataclass
+class DataArguments:
+    train_format: str = field(default="squad", metadata={"help": "squad, hotpotqa, tofu or jsonl"})
+    train_file: str = field(
+        default=HUB_DATA["squad"],
+        metadata={"aliases": ["--data"], "help": "training tasks: a local file, dataset folder or Hub dataset name"},
+    )
+    train_split: str | None = field(default=None, metadata={"help": "SQuAD article split: train, dev or test"})
+    eval_format: str | None = field(default=None, metadata={"help": "defaults to train_format"})
+    eval_file: str | None = field(
+        default=None, metadata={"help": "dev tasks (evaluated after training); 'same' reads them from train_file"}
+    )
+    eval_split: str | None = field(default=None, metadata={"help": "SQuAD article split of the dev tasks"})
+
+
+@dataclass
+class LearnerArguments:
+    base_model: str | None = field(default=None, metadata={"help": "Hub id or path; default: embedded SmolLM2"})
+    resume_learner: str | None = field(default=None, metadata={"help": "start from a saved learner instead"})
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    init_step_size: float = 0.3
+    step_size_mode: str = "tie"
+    step_size_parametrization: str = "log"
+    max_document_tokens: int = 512
+
+
+# The recipe of the learner shipped in regrad_hf/learners/smollm2-135m-squad (see its TRAINING.md): SQuAD v1.1
+# validation articles 0-29 for training and 30-34 for dev (the Hub's rajpurkar/squad, or its JSON through --data).
+PRESETS: dict[str, dict] = {
+    "smollm2-squad": {
+        "train_format": "squad",
+        "train_file": HUB_DATA["squad"],
+        "train_split": "train",
+        "eval_file": "same",
+        "eval_split": "dev",
+        "max_steps": 300,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 4e-4,
+        "step_size_learning_rate": 3e-2,
+        "init_step_size": 0.3,
+        "logging_steps": 10,
+        "save_steps": 50,
+        "save_total_limit": 2,
+        "eval_max_tasks": 40,
+        "seed": 0,
+        "report_to": "none",
+    }
+}
+
+
+def train_help() -> str:
+    """`regrad train --help` without importing transformers: regrad's own options; `--help-all` lists the rest."""
+    parser = Parser(
+        prog="regrad train",
+        description="Meta-train a learner with ReGradTrainer (a transformers.Trainer).",
+        epilog="Every option of ReGradTrainingArguments is accepted too: transformers.TrainingArguments "
+        "(--output_dir, --max_steps, --learning_rate, --per_device_train_batch_size, --seed, --report_to, ...) "
+        "and the meta-learning ones (--first_order, --blind, --step_size_learning_rate, --documents_per_task, ...). "
+        "`regrad train --help-all` lists them all (it imports transformers, a few seconds).",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a recorded recipe (options given also win)")
+    for group_class in (DataArguments, LearnerArguments):
+        group = parser.add_argument_group(group_class.__name__)
+        for item in dataclasses.fields(group_class):
+            names = [f"--{item.name}", *item.metadata.get("aliases", [])]
+            default = item.default
+            metavar = type(default).__name__.upper() if default is not None else "STR"
+            suffix = f" (default: {default})" if default is not None else ""
+            group.add_argument(*names, metavar=metavar, help=f"{item.metadata.get('help', '')}{suffix}".strip())
+    return parser.format_help()
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        if any(arg in ("-h", "--help") for arg in argv[1:]):
+            print(train_help())
+            return 0
+        from regrad_hf import train_cli
+
+        return run(train_cli.main, argv[1:])
+    args = build_parser().parse_args(argv)
+    from regrad_hf import cli
+
+    return run(getattr(cli, args.verb), args)
+
+
+def run(verb, *arguments) -> int:
+    """Runs a verb; a user mistake (a `ReGradError`, a missing or unreadable file, no network for the Hub) prints one
+    `error:` line and returns 2, an interruption returns 130. Anything else is a bug and keeps its traceback."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from regrad_hf.errors import ReGradError
+
+    # The HTTP library's base error (httpx's HTTPError: connection failures, timeouts), whichever huggingface_hub uses.
+    network_errors = tuple(base for base in HfHubHTTPError.__bases__ if issubclass(base, Exception))
+    try:
+        return verb(*arguments)
+    except ReGradError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+    except OSError as error:  # files the user named: missing, unreadable, a directory instead of a file ...
+        message = f"{error.strerror}: {error.filename}" if error.filename and error.strerror else one_line(error)
+        print(f"error: {message}", file=sys.stderr)
+    except network_errors as error:
+        print(f"error: cannot reach the Hub: {one_line(error)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (some libraries' messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
