@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from regrad_hf import GradientBank, ReGradForCausalLM, deltas
+from regrad_hf.bank.quantization import gradient_format
 from regrad_hf.defaults import shipped_learner_path
-from regrad_hf.quantization import gradient_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bank_build import gradient_flops, heldout_paragraphs  # noqa: E402

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from usearch.index import Index, search
 
-from regrad_hf.bank import EXACT_SEARCH_MAX_DOCUMENTS, INDEX_DTYPE
+from regrad_hf.bank.index import EXACT_SEARCH_MAX_DOCUMENTS, INDEX_DTYPE
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMENSION = 384  # all-MiniLM-L6-v2, the default embedder

@@ -19,7 +19,7 @@ from pathlib import Path
 
 # The method names of `regrad eval` (`regrad_hf.evaluation.methods.METHODS`; a test keeps the two equal).
 METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
-# Gradient storage formats (`regrad_hf.quantization.BANK_DTYPES`; a test keeps the two equal).
+# Gradient storage formats (`regrad_hf.bank.quantization.BANK_DTYPES`; a test keeps the two equal).
 BANK_DTYPES = ("bfloat16", "float16", "float32", "int8", "int4", "int3", "int2")
 # The Hub datasets `regrad eval` and `regrad train` read by default (`regrad_hf.data.HUB_DATASETS`).
 HUB_DATA = {"squad": "rajpurkar/squad", "hotpotqa": "hotpotqa/hotpot_qa", "tofu": "locuslab/TOFU"}

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from regrad_hf import BankMismatchError, GradientBank, ReGradKeyError, ReGradValueError
+from regrad_hf.errors import BankNotFoundError
 from regrad_hf.files import DIRECTORY_MODE, FILE_MODE
 
 from .conftest import DOCUMENTS, IDS, assert_equal_up_to_rounding, make_tiny_model
@@ -36,10 +38,10 @@ def test_search_is_exact_up_to_the_limit_and_approximate_above(tiny_model, embed
     true_top = [[str(i) for i in (-(vectors @ q)).argsort(kind="stable")[:10]] for q in asked]
     assert [[hit.id for hit in hits] for hits in bank.search(queries, k=10)] == true_top
     calls = []
-    search = bank._index.search
-    monkeypatch.setattr(bank._index, "search", lambda *a, **kw: calls.append(kw["exact"]) or search(*a, **kw))
+    search = bank.index._index.search
+    monkeypatch.setattr(bank.index._index, "search", lambda *a, **kw: calls.append(kw["exact"]) or search(*a, **kw))
     bank.search(queries[0], k=3)
-    monkeypatch.setattr("regrad_hf.bank.EXACT_SEARCH_MAX_DOCUMENTS", len(bank) - 1)
+    monkeypatch.setattr("regrad_hf.bank.index.EXACT_SEARCH_MAX_DOCUMENTS", len(bank) - 1)
     bank.search(queries[0], k=3)
     bank.search(queries[0], k=3, exact=True)
     assert calls == [True, False, True]
@@ -184,20 +186,27 @@ def test_another_learner_is_refused(tokenizer, tiny_bank):
     assert other.bank is tiny_bank
 
 
+def _rewrite(directory, name, text):
+    """Replaces a catalogue file and fixes its checksum, so that the check behind the checksum has to catch it."""
+    (directory / name).write_text(text)
+    config = json.loads((directory / "bank_config.json").read_text())
+    key = {"documents.jsonl": "documents_sha256", "index.usearch": "index_sha256"}[name]
+    config[key] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    (directory / "bank_config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
         (lambda d: (d / "bank_config.json").unlink(), "bank_config.json is missing"),
         (lambda d: (d / "bank_config.json").write_text("{not json"), "bank_config.json is not valid JSON"),
-        (lambda d: (d / "documents.jsonl").write_text('{"id": 1}\n'), "documents.jsonl line 1: field 'id'"),
+        (lambda d: _rewrite(d, "documents.jsonl", '{"id": 1}\n'), "documents.jsonl line 1: field 'id'"),
         (lambda d: (d / "gradients" / "shard-00000.safetensors").unlink(), "shard-00000.safetensors is missing"),
         (lambda d: (d / "index.usearch").write_bytes(b"garbage"), "index.usearch"),
         (lambda d: _truncate(d / "gradients" / "shard-00000.safetensors"), "not a readable safetensors file"),
         (lambda d: _flip_header_byte(d / "gradients" / "shard-00000.safetensors"), "shard-00000.safetensors"),
         (
-            lambda d: (d / "documents.jsonl").write_text(
-                "\n".join((d / "documents.jsonl").read_text().splitlines()[:2])
-            ),
+            lambda d: _rewrite(d, "documents.jsonl", "\n".join((d / "documents.jsonl").read_text().splitlines()[:2])),
             "holds 2 documents",
         ),
     ],
@@ -289,13 +298,44 @@ def test_edited_fingerprint_is_refused(tiny_bank, tmp_path):
         GradientBank.from_pretrained(tmp_path)
 
 
-def test_a_save_killed_between_the_two_renames_is_recovered(tiny_bank, tmp_path):
+def _killed_between_the_two_renames(target):
+    """What a save killed after "move the old bank aside" and before "move the new bank in" leaves behind."""
+    backup = target.with_name(f".{target.name}.old-1234abcd")
+    (target.parent / f".{target.name}.swap").write_text(json.dumps({"backup": backup.name}))
+    target.rename(backup)
+    return backup
+
+
+def _listing(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_a_save_killed_between_the_two_renames_is_read_by_readers_and_repaired_by_the_next_writer(tiny_bank, tmp_path):
     tiny_bank.save_pretrained(tmp_path / "bank")
-    # what a kill after "move the old bank aside" and before "move the new bank in" leaves behind
-    (tmp_path / "bank").rename(tmp_path / ".bank.old-1234abcd")
-    with pytest.warns(UserWarning, match="restored the previous bank"):
+    backup = _killed_between_the_two_renames(tmp_path / "bank")
+    before = _listing(tmp_path)
+    with pytest.warns(UserWarning, match="a save into it was interrupted; read the previous bank from"):
         bank = GradientBank.from_pretrained(tmp_path / "bank")
-    assert bank.ids == IDS
+    assert bank.ids == IDS and _listing(tmp_path) == before  # the reader renamed nothing
+    bank.remove("quillon")
+    bank.save_pretrained(tmp_path / "bank")  # a writer: puts the backup back, then saves over it
+    assert not backup.exists() and not (tmp_path / ".bank.swap").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bank.")] == [".bank.lock"]
+    assert GradientBank.from_pretrained(tmp_path / "bank").ids == IDS[:3]
+
+
+def test_a_deleted_bank_is_never_recreated_from_a_backup(tiny_model, tiny_bank, embedder, tmp_path):
+    tiny_bank.save_pretrained(tmp_path / "bank")
+    shutil.copytree(tmp_path / "bank", tmp_path / ".bank.old-00000000")  # an old backup, without a journal
+    shutil.copytree(tmp_path / "bank", tmp_path / ".bank.staging-x1")  # and a killed save's staging
+    shutil.rmtree(tmp_path / "bank")  # deleted on purpose
+    with pytest.raises(BankNotFoundError, match="there is no bank at"):
+        GradientBank.from_pretrained(tmp_path / "bank")
+    assert not (tmp_path / "bank").exists()
+    other = GradientBank.build(tiny_model, DOCUMENTS[:1], ids=["only"], embedder_model=embedder, show_progress=False)
+    other.save_pretrained(tmp_path / "bank")  # a new bank, not the old one back; the leftovers are gone
+    assert GradientBank.from_pretrained(tmp_path / "bank").ids == ["only"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bank.lock", "bank"]
 
 
 def _truncate(path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from regrad_hf import BankMismatchError, GradientBank, ReGradValueError
-from regrad_hf.bank_checkpoint import BUILD_STATE_FILE, finished_shards, resume_message, work_directory
+from regrad_hf.bank.checkpoint import BUILD_STATE_FILE, finished_shards, resume_message, work_directory
 from regrad_hf.cli import main as cli_main
 
 from .conftest import assert_equal_up_to_rounding, make_tiny_model
@@ -141,7 +141,7 @@ def test_a_build_killed_after_publishing_is_tidied_up(model, embedder, tmp_path,
     metadata = METADATA
     # what a kill between "swap the work directory in" and "remove the build files" leaves
     with monkeypatch_context() as monkeypatch:
-        monkeypatch.setattr("regrad_hf.bank_checkpoint.remove_build_files", lambda directory: None)
+        monkeypatch.setattr("regrad_hf.bank.checkpoint.remove_build_files", lambda directory: None)
         build(model, embedder, output, metadata=metadata)
     assert (output / BUILD_STATE_FILE).is_file() and resume_message(output).endswith("6 of 6 documents already done")
     with monkeypatch_context() as monkeypatch:
@@ -155,7 +155,7 @@ def test_build_bank_command_resumes_with_a_message(model, embedder, tmp_path, mo
     documents = tmp_path / "docs.jsonl"
     documents.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(IDS, DOCS, strict=True)))
     monkeypatch.setattr("regrad_hf.cli.load_learner", lambda learner, seed: model)
-    monkeypatch.setattr("regrad_hf.bank.load_embedder", lambda name=None: embedder)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
     monkeypatch.setattr(type(model), "save_pretrained", lambda self, path: Path(path).mkdir())
     command = ["build-bank", "--documents", str(documents), "--output", str(tmp_path / "out"), "--max-shard-mb", "0"]
     counter = failing_after(model, monkeypatch, calls=4)

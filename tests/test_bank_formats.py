@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regrad_hf import GradientBank, ReGradConfig, ReGradValueError
-from regrad_hf.quantization import QUANTIZED_FORMATS, QuantizedFormat, gradient_format
+from regrad_hf.bank.quantization import QUANTIZED_FORMATS, QuantizedFormat, gradient_format
 
 from .conftest import DOCUMENTS, IDS
 
@@ -96,7 +96,7 @@ def test_saved_codes_are_bit_identical_to_the_encoded_gradients(tiny_model, embe
             assert stored[name + suffix].dtype == tensor.dtype
             assert torch.equal(stored[name + suffix], tensor)
     config = json.loads((tmp_path / "bank_config.json").read_text())
-    assert config["format_version"] == 2 and config["dtype"] == dtype
+    assert config["format_version"] == 3 and config["dtype"] == dtype
     assert config["quantization"] == {
         "method": "absmax",
         "bits": fmt.bits,

@@ -17,12 +17,8 @@ import pytest
 
 import regrad_hf_cli
 from regrad_hf import GradientBank, ReGradValueError
+from regrad_hf.bank.quantization import BANK_DTYPES
 from regrad_hf.cli import main, read_documents
-
-try:  # the bank package (regrad_hf/bank/) keeps its formats inside it
-    from regrad_hf.bank.quantization import BANK_DTYPES
-except ImportError:
-    from regrad_hf.quantization import BANK_DTYPES
 
 from .conftest import DOCUMENTS, IDS
 
@@ -235,7 +231,7 @@ def test_build_bank_from_a_parquet_file(tiny_model, embedder, tmp_path, monkeypa
     path = tmp_path / "docs.parquet"
     datasets.Dataset.from_dict({"body": DOCUMENTS, "key": IDS}).to_parquet(path)
     monkeypatch.setattr("regrad_hf.cli.load_learner", lambda learner, seed: tiny_model)
-    monkeypatch.setattr("regrad_hf.bank.load_embedder", lambda name=None: embedder)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
     argv = ["build-bank", "--documents", str(path), "--text-column", "body", "--id-column", "key"]
     assert main([*argv, "--output", str(tmp_path / "bank")]) == 0
     bank = GradientBank.from_pretrained(tmp_path / "bank")

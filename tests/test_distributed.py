@@ -65,9 +65,9 @@ def learner_dir(tokenizer, tmp_path_factory) -> Path:
 
 
 def bank_files(directory: Path) -> dict[str, bytes]:
-    """Every file's bytes but the index's: usearch inserts in parallel threads, so the bytes of its graph depend on
-    their timing (its keys and vectors do not: see `index_contents`)."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "index.usearch")
+    """Every file's bytes, the index's included (the bank inserts its vectors on one thread, so equal banks have
+    equal index graphs; bank_config.json records the index's checksum)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
     return {str(p.relative_to(directory)): p.read_bytes() for p in files}
 
 

@@ -288,7 +288,7 @@ def test_oracle_injects_the_gold_documents(tokenizer, embedder):
 def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, capsys):
     model = make_tiny_model(tokenizer)
     monkeypatch.setattr(cli, "load_learner", lambda learner, seed: model)
-    monkeypatch.setattr("regrad_hf.bank.load_embedder", lambda name=None: embedder)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
     argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--methods", "closed_book,regrad", "--top-k", "1"]
     argv += ["--limit", "2", "--max-new-tokens", "2", "--drift-n", "none", "--output", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 0

@@ -13,7 +13,8 @@ from huggingface_hub import HfApi, constants
 from safetensors.torch import load, load_file
 from transformers import AutoModelForCausalLM, pipeline
 
-import regrad_hf.bank
+import regrad_hf
+import regrad_hf.bank.index
 from regrad_hf import GradientBank, ReGradConfig, ReGradForCausalLM, ReGradHubError, ReGradValueError
 from regrad_hf.cli import main as regrad
 from regrad_hf.hub import TEMPLATE_PATH, merge_card
@@ -81,7 +82,7 @@ def published(tokenizer, embedder, tmp_path_factory) -> Published:
 def hub(published, tmp_path, monkeypatch, embedder) -> FakeHub:
     """The module's Hub, seen by a client with an empty cache (tmp_path/cache)."""
     _point_client_at(monkeypatch, published.hub, tmp_path / "cache")
-    monkeypatch.setattr(regrad_hf.bank, "load_embedder", lambda name=None: embedder)  # the loaded one, not again
+    monkeypatch.setattr(regrad_hf.bank.index, "load_embedder", lambda name=None: embedder)  # the loaded one, not again
     return published.hub
 
 
@@ -215,7 +216,7 @@ def test_loading_never_fetches_or_runs_code_or_pickles(published, hub, tmp_path)
     [
         ({"bank/documents.jsonl": None}, r"documents\.jsonl is missing"),
         ({"bank/bank_config.json": b"{not json"}, r"bank_config\.json is not valid JSON"),
-        ({"bank/index.usearch": b"garbage"}, r"index\.usearch is not a readable usearch index"),
+        ({"bank/index.usearch": b"garbage"}, r"index\.usearch does not match its checksum"),
     ],
 )
 def test_missing_or_malformed_bank_files_in_a_repo_are_named(published, hub, damage, match):
@@ -266,7 +267,7 @@ def test_merge_card_keeps_text_and_metadata_outside_its_section():
 
 def test_the_card_template_ships_in_the_package():
     root_template = Path(__file__).resolve().parents[1] / "MODEL_CARD_TEMPLATE.md"
-    assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.parent.parent == Path(regrad_hf.bank.__file__).parent
+    assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.parent.parent == Path(regrad_hf.__file__).parent
     assert root_template.resolve() == TEMPLATE_PATH  # the repo root's copy is a link to the packaged one
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"templates/*"' in pyproject

@@ -140,7 +140,7 @@ def build_bank(args: argparse.Namespace) -> int:
     import os
 
     from .bank import GradientBank
-    from .bank_checkpoint import resume_message
+    from .bank.checkpoint import resume_message
 
     texts, ids, metadata = load_documents(args.documents, args.text_column, args.id_column, args.split)
     model = load_learner(args.learner, args.seed)

@@ -9,8 +9,8 @@ from typing import Literal
 
 from transformers import PreTrainedConfig
 
+from .bank.quantization import BANK_DTYPES
 from .errors import ReGradValueError
-from .quantization import BANK_DTYPES
 
 STEP_SIZE_MODES = ("tie", "same", "fix")
 # Bounds of the integer settings: far above any sensible value, low enough that a typo (an extra digit, 2**26) is

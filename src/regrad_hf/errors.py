@@ -27,3 +27,15 @@ class BankMismatchError(ReGradValueError):
 
 class ReGradHubError(ReGradError, OSError):
     """A repo, revision or file cannot be found on the Hub or in the local cache (e.g. offline with an empty cache)."""
+
+
+class ReGradTypeError(ReGradError, TypeError):
+    """An argument has a type regrad-hf cannot use."""
+
+
+class ReGradFileError(ReGradError, OSError):
+    """A file cannot be read or written safely: the disk is full, a path is a symlink, the file is not readable."""
+
+
+class BankNotFoundError(ReGradFileError, FileNotFoundError):
+    """There is no bank where one was asked for (e.g. a bank directory that was deleted)."""

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import ReGradValueError
+from ..errors import ReGradValueError
 
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # name -> (bits, values per scale; None = one scale per matrix row)

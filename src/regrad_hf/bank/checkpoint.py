@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .bank_schema import SHA256, SHARD_FILE, read_json_file
-from .errors import BankMismatchError, ReGradValueError
-from .files import atomic_write_text
+from ..errors import BankMismatchError, ReGradValueError
+from ..files import atomic_write_text
+from .schema import SHA256, SHARD_FILE, read_json_file
 
 BUILD_STATE_FILE = "build_state.json"
 EMBEDDINGS_DIR = "embeddings"

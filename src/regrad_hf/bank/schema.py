@@ -8,17 +8,19 @@ sizes that would otherwise exhaust memory (a 100 GB header, a billion-element "L
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ReGradValueError
+from ..errors import ReGradFileError, ReGradValueError
 from .quantization import BANK_DTYPES, FLOAT_DTYPES, gradient_format
 
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 MAX_CONFIG_BYTES = 64 << 20
 MAX_SAFETENSORS_HEADER_BYTES = 16 << 20
 MAX_DOCUMENT_RECORD_BYTES = 64 << 20  # one line of documents.jsonl
@@ -31,6 +33,9 @@ MAX_TENSOR_ELEMENTS = 1 << 28  # per document and tensor: 1 GiB in float32
 MAX_TENSOR_RANK = 4
 MAX_EMBEDDING_DIM = 1 << 16
 MAX_STRING_CHARS = 4096  # names, hashes, identities
+MAX_JSON_DEPTH = 64  # nesting of objects and lists, in any JSON a bank reads or writes
+MAX_INT_DIGITS = 64  # digits of an integer in that JSON (Python refuses > 4300; a bank refuses long before)
+_INT_LIMIT = 10**MAX_INT_DIGITS
 
 SHARD_FILE = re.compile(r"gradients/shard-[0-9]{5,9}\.safetensors")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -72,17 +77,97 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def read_json_file(path: Path) -> Any:
-    """Reads a JSON file of at most [`MAX_CONFIG_BYTES`]."""
-    if not path.is_file():
-        raise ReGradValueError(f"bank file {path} is missing")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ReGradValueError(f"bank file {path} is {size} bytes, more than the limit of {MAX_CONFIG_BYTES}")
+def read_bytes(path: Path, limit: int, follow: bool = False) -> bytes:
+    """The bytes of a bank file, opened without following a symlink (unless `follow`: a Hub cache's snapshot links
+    to its blobs); files over `limit` bytes are refused."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ReGradValueError(f"bank file {path} is not valid JSON: {error}") from error
+        descriptor = os.open(path, os.O_RDONLY | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
+    except FileNotFoundError:
+        raise ReGradValueError(f"bank file {path} is missing") from None
+    except OSError as error:
+        raise file_error(error, path, "read") from error
+    with os.fdopen(descriptor, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > limit:
+            raise ReGradValueError(f"bank file {path} is {size} bytes, more than the limit of {limit}")
+        try:
+            return handle.read()
+        except OSError as error:
+            raise file_error(error, path, "read") from error
+
+
+def file_error(error: OSError, path: Path, action: str) -> ReGradFileError:
+    """An `OSError` of the operating system as a [`ReGradFileError`] that says what to do."""
+    if error.errno == errno.ELOOP:
+        return ReGradFileError(f"{path} is a symlink; a bank never follows symlinks: replace it by the file itself")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ReGradFileError(f"cannot {action} {path}: the disk is full; free space and try again ({error})")
+    return ReGradFileError(f"cannot {action} {path}: {error.strerror or error}")
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ReGradValueError(f"holds an integer of {len(digits)} digits, more than the limit of {MAX_INT_DIGITS}")
+    return int(digits)
+
+
+def parse_json(data: bytes | str, where: Path | str) -> Any:
+    """Parses JSON text (UTF-8 bytes or a string) with the bank's caps on nesting, integers and Unicode.
+
+    Raises:
+        [`ReGradValueError`]: naming `where`, for invalid UTF-8 or JSON, or anything over the caps.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text, parse_int=_parse_int)
+    except UnicodeDecodeError as error:
+        raise ReGradValueError(f"{where} is not valid UTF-8: {error}") from None
+    except json.JSONDecodeError as error:
+        raise ReGradValueError(f"{where} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ReGradValueError(f"{where} nests JSON deeper than the limit of {MAX_JSON_DEPTH}") from None
+    except ReGradValueError as error:
+        raise ReGradValueError(f"{where} {error}") from None
+    check_json_value(value, where)
+    return value
+
+
+def check_json_value(value: Any, where: Path | str) -> None:
+    """Refuses what a bank could not write as UTF-8 JSON and read back: other types than JSON's, non-string keys,
+    lone surrogates, nesting deeper than [`MAX_JSON_DEPTH`], integers longer than [`MAX_INT_DIGITS`] digits."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ReGradValueError(f"{where} nests JSON deeper than the limit of {MAX_JSON_DEPTH}")
+            if isinstance(item, dict):
+                for key in item:
+                    if not isinstance(key, str):
+                        raise ReGradValueError(f"{where} has a key {_short(key)} that is not a string")
+                    _check_unicode(key, where)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            _check_unicode(item, where)
+        elif _is_int(item):
+            if abs(item) >= _INT_LIMIT:
+                raise ReGradValueError(f"{where} holds an integer of more than {MAX_INT_DIGITS} digits")
+        elif not isinstance(item, (float, bool, type(None))):
+            raise ReGradValueError(f"{where} holds a {type(item).__name__}, which is not JSON")
+
+
+def _check_unicode(text: str, where: Path | str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReGradValueError(f"{where} holds a string that is not valid Unicode (lone surrogates)") from None
+
+
+def read_json_file(path: Path, follow: bool = False) -> Any:
+    """Reads a JSON file of at most [`MAX_CONFIG_BYTES`], not through a symlink unless `follow`."""
+    return parse_json(read_bytes(path, MAX_CONFIG_BYTES, follow), f"bank file {path}")
 
 
 def validate_config(config: Any, path: Path) -> dict[str, Any]:
@@ -110,6 +195,11 @@ def validate_config(config: Any, path: Path) -> dict[str, Any]:
             raise _fail(path, f"learner.{key}", f"must be a JSON scalar of at most {MAX_STRING_CHARS} characters")
     _str(config, "embedder", path)
     _int(config, "embedding_dim", path, 1, MAX_EMBEDDING_DIM)
+    if version >= 3:  # checksums of the catalogue and the index, and the embedder's identity (null: not known)
+        _str(config, "documents_sha256", path, SHA256)
+        _str(config, "index_sha256", path, SHA256)
+        if config.get("embedder_sha256") is not None:
+            _str(config, "embedder_sha256", path, SHA256)
     for key, expected in (("index_metric", "cos"), ("index_dtype", "f32")):
         if config.get(key) != expected:
             raise _fail(path, key, f"must be {expected!r}, got {_short(config.get(key))}")

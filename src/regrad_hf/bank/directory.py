@@ -1,0 +1,186 @@
+"""A bank directory on disk: its layout, the writers' lock, publishing a finished bank into it whole, and reading
+its files without following symlinks.
+
+    bank_config.json                    format version, learner identity, embedder, dtype, shapes, checksums
+    documents.jsonl                     one line per document: id, text, metadata, index key, shard, row
+    index.usearch                       cosine index of the document embeddings, keyed by the index key
+    gradients/shard-NNNNN.safetensors   per LoRA tensor name, the gradients of the shard's documents stacked
+
+Next to a directory `D` live its lock `.D.lock` (never deleted: deleting a lock file races with its next user) and,
+while a save swaps a new bank in, the journal `.D.swap` naming the backup `.D.old-*` of the previous bank.
+
+Processes: writers (save, build, resume) hold an exclusive `flock` on the lock for their whole run, so they exclude
+each other; a writer that takes the lock first repairs what a killed writer left (puts the backup back when the
+journal says a swap was cut between its two renames, deletes staging and backup directories). Readers never rename
+or delete anything: they read the directory as it is, and load again if a swap replaced it while they read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import ReGradFileError
+from ..files import FILE_MODE, atomic_write_text
+from .checkpoint import BUILD_FILES
+from .schema import file_error
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; writers then do not exclude each other
+    fcntl = None
+
+CONFIG_FILE = "bank_config.json"
+DOCUMENTS_FILE = "documents.jsonl"
+INDEX_FILE = "index.usearch"
+GRADIENTS_DIR = "gradients"
+BANK_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE, GRADIENTS_DIR)
+EAGER_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE)  # downloaded when a bank is loaded from a repo; shards later
+
+
+def sha256_of(handle) -> str:
+    """SHA-256 (hex) of an open binary file, read from where it is to its end."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(1 << 22), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def journal_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.swap"
+
+
+@contextlib.contextmanager
+def writer_lock(target: Path) -> Iterator[None]:
+    """Holds the exclusive lock of the bank directory `target` (waiting for other writers), and repairs what an
+    interrupted writer left before yielding."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(target)
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    except OSError as error:
+        raise file_error(error, path, "lock") from error
+    try:
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        repair(target)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def writer_active(target: Path) -> bool:
+    """Whether a writer holds the lock of `target` now (a reader's probe: it takes nothing and creates nothing)."""
+    if fcntl is None:
+        return False
+    try:
+        descriptor = os.open(lock_path(target), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+
+
+def was_a_bank(target: Path) -> bool:
+    """Whether a writer has been at `target` (its lock, journal or backups are next to it): a missing `target` is
+    then a bank that was deleted or is being swapped, not a Hub repo id."""
+    parent = target.parent
+    return lock_path(target).exists() or journal_path(target).exists() or any(parent.glob(f".{target.name}.old-*"))
+
+
+def interrupted_backup(target: Path) -> Path | None:
+    """The previous bank that a swap into `target` cut between its two renames left, if the journal names one."""
+    try:
+        journal = json.loads(journal_path(target).read_text(encoding="utf-8"))
+        backup = target.parent / journal["backup"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if backup.name.startswith(f".{target.name}.old-") and (backup / CONFIG_FILE).is_file():
+        return backup
+    return None
+
+
+def repair(target: Path) -> None:
+    """With the lock held: puts back the previous bank if a swap was cut between its renames, then deletes what
+    killed writers left (staging and backup directories, the journal). A bank deleted on purpose stays deleted:
+    without a journal, no backup is ever moved back."""
+    backup = interrupted_backup(target)
+    if backup is not None and not target.exists():
+        backup.rename(target)
+    journal_path(target).unlink(missing_ok=True)
+    for leftover in [*target.parent.glob(f".{target.name}.old-*"), *target.parent.glob(f".{target.name}.staging-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """With the lock held: puts `staging` in the place of `target`, keeping the files of `target` that are not part
+    of a bank (copied, never through a symlink). The previous bank is moved aside under a journal first, so a kill
+    between the two renames leaves it for the next writer to put back."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    for entry in target.iterdir():
+        if entry.name not in BANK_FILES + BUILD_FILES and not (staging / entry.name).exists():
+            refuse_symlinks(entry)
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            partial = staging / f".{entry.name}.copying"  # renamed when complete: a kill never leaves half a copy
+            copy(entry, partial)
+            partial.rename(staging / entry.name)
+    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    atomic_write_text(journal_path(target), json.dumps({"backup": backup.name}) + "\n")
+    target.rename(backup)
+    try:
+        staging.rename(target)
+    except BaseException:
+        backup.rename(target)
+        raise
+    finally:
+        journal_path(target).unlink(missing_ok=True)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def refuse_symlinks(path: Path) -> None:
+    """Raises [`ReGradFileError`] naming the first symlink at or under `path` (a bank never follows one)."""
+    if path.is_symlink():
+        raise ReGradFileError(f"{path} is a symlink; a bank never follows symlinks: replace it by the file itself")
+    if path.is_dir():
+        for root, directories, files in os.walk(path):
+            for name in directories + files:
+                if Path(root, name).is_symlink():
+                    refuse_symlinks(Path(root, name))
+
+
+def regular_file(path: Path, bank: Path) -> Path:
+    """`path`, checked to be a regular file reached from `bank` without a symlink (components included)."""
+    current = bank
+    for part in path.relative_to(bank).parts:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            return path  # the caller reports it missing
+        except OSError as error:
+            raise file_error(error, current, "read") from error
+        if stat.S_ISLNK(mode):
+            raise ReGradFileError(
+                f"bank file {current} is a symlink; a bank never follows symlinks: replace it by the file itself"
+            )
+    if path.exists() and not path.is_file():
+        raise ReGradFileError(f"bank file {path} is not a regular file")
+    return path

@@ -1,0 +1,173 @@
+"""The bank's search index: the embedder (sentence-transformers, loaded on first use) and a usearch cosine index
+of the document embeddings, keyed by the catalogue's index keys."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from usearch.index import Index, Matches, MetricKind, ScalarKind
+
+from ..defaults import DEFAULT_EMBEDDER_ID, load_embedder
+from ..errors import BankMismatchError, ReGradFileError, ReGradValueError
+
+INDEX_METRIC = "cos"
+# usearch keeps vectors in this scalar type; pinned so an index reads back the same everywhere.
+INDEX_DTYPE = "f32"
+# Up to this size `search` scans every vector: recall 1 and results independent of how the HNSW graph was built
+# (usearch inserts in parallel threads), for ~30 ms a query at the limit on 2 cores (benchmarks/bench_search.py).
+EXACT_SEARCH_MAX_DOCUMENTS = 100_000
+_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def embedder_identity(model) -> str | None:
+    """SHA-256 of an embedder's class, parameter names, shapes and dtypes, and the first and last 256 values of each
+    parameter: another model of the same dimension differs in it. Computed once per model; `None` for an embedder
+    without torch parameters (nothing to identify it by)."""
+    if not hasattr(model, "named_parameters"):
+        return None
+    try:
+        return _IDENTITIES[model]
+    except (KeyError, TypeError):
+        pass
+    digest = hashlib.sha256(type(model).__name__.encode())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            sample = torch.cat([flat[:256], flat[-256:]]).to(device="cpu", dtype=torch.float32).contiguous()
+            digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+    identity = digest.hexdigest()
+    with contextlib.suppress(TypeError):  # not weak-referenceable: computed again next time
+        _IDENTITIES[model] = identity
+    return identity
+
+
+class EmbeddingIndex:
+    """Embeds texts and finds the nearest stored embeddings.
+
+    Args:
+        embedder (`str`, *optional*): sentence-transformers model name or path; `None` is the embedded default.
+        dimension (`int`): dimension of the embedder's vectors.
+        embedder_model (*optional*): an already loaded `SentenceTransformer` for `embedder`.
+        identity (`str`, *optional*): the [`embedder_identity`] the embedder must have (`None`: not checked).
+    """
+
+    def __init__(self, embedder: str | None, dimension: int, embedder_model=None, identity: str | None = None):
+        self.embedder_name = embedder or DEFAULT_EMBEDDER_ID
+        self.dimension = dimension
+        self.identity = identity
+        self._embedder = None
+        self._index = Index(ndim=dimension, metric=INDEX_METRIC, dtype=INDEX_DTYPE)
+        if embedder_model is not None:
+            self._use(embedder_model)
+
+    def _use(self, model) -> None:
+        """Takes `model` as the embedder after checking it is the one the index was built with."""
+        identity = embedder_identity(model)
+        if self.identity is not None and identity is not None and identity != self.identity:
+            raise BankMismatchError(
+                f"this embedder is not the one the bank's index was built with ({self.embedder_name}, identity "
+                f"{self.identity[:12]}; this one is {identity[:12]}): its vectors would retrieve the wrong documents. "
+                "Pass the bank's embedder, or rebuild the bank with this one."
+            )
+        dimension = getattr(model, "get_embedding_dimension", lambda: None)()
+        if dimension is not None and dimension != self.dimension:
+            raise BankMismatchError(
+                f"this embedder gives {dimension}-dim vectors, the bank's index is {self.dimension}-dim "
+                f"({self.embedder_name}): pass the bank's embedder, or rebuild the bank with this one."
+            )
+        self._embedder = model
+        self.identity = self.identity or identity  # a new bank (or an older one without it) records its embedder's
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def embedder(self):
+        """The sentence-transformers model, loaded on first use."""
+        if self._embedder is None:
+            self._use(load_embedder(self.embedder_name))
+        return self._embedder
+
+    @property
+    def loaded_embedder(self):
+        """The embedder if it is loaded, else `None`."""
+        return self._embedder
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Normalised float32 embeddings, one row per text."""
+        vectors = self.embedder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape[1] != self.dimension:
+            raise ReGradValueError(
+                f"the embedder gives {vectors.shape[1]}-dim vectors, the bank index is {self.dimension}-dim"
+            )
+        return vectors
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        # One thread: usearch's parallel inserts make the graph (and the file's bytes, whose checksum the config
+        # records) depend on thread timing; inserted one by one, equal banks have equal index files.
+        self._index.add(keys, vectors, threads=1)
+
+    def remove(self, key: int) -> None:
+        self._index.remove(key)
+
+    def search(self, vectors: np.ndarray, k: int, exact: bool | None = None) -> list[list[tuple[int, float]]]:
+        """The `k` nearest keys of each query vector, with their cosine similarity, best first.
+
+        `exact=None` scans every vector for up to `EXACT_SEARCH_MAX_DOCUMENTS` documents, else walks the HNSW graph.
+        """
+        exact = len(self) <= EXACT_SEARCH_MAX_DOCUMENTS if exact is None else exact
+        matches = self._index.search(vectors, k, exact=exact)
+        # usearch answers one query with `Matches` and several with `BatchMatches` (indexable into `Matches`).
+        per_query = [matches] if isinstance(matches, Matches) else [matches[row] for row in range(len(vectors))]
+        return [
+            [
+                (key, 1.0 - float(distance))
+                for key, distance in zip(found.keys.tolist(), found.distances.tolist(), strict=True)
+            ]
+            for found in per_query
+        ]
+
+    def save(self) -> bytes:
+        """The index file's bytes."""
+        try:
+            return bytes(self._index.save())
+        except RuntimeError as error:  # usearch reports allocation failures as RuntimeError
+            raise ReGradFileError(f"cannot serialise the bank's index: {error}") from error
+
+    def load(self, data: bytes, path: Path, keys: Sequence[int]) -> None:
+        """Loads an index file's bytes and checks its metric, scalar type, dimension and keys against the bank."""
+        try:
+            header = Index.metadata(data)
+        except Exception as error:  # usearch raises plain RuntimeError/ValueError on corrupt files
+            raise ReGradValueError(f"bank file {path} is not a readable usearch index: {error}") from error
+        if header is None:
+            raise ReGradValueError(f"bank file {path} is not a readable usearch index")
+        expected = {
+            "kind_metric": MetricKind.Cos,
+            "kind_scalar": ScalarKind.F32,
+            "kind_key": ScalarKind.U64,
+            "dimensions": self.dimension,
+        }
+        for field, value in expected.items():
+            if header.get(field) != value:
+                raise ReGradValueError(
+                    f"bank file {path}: {field} is {header.get(field)}, the bank's config says {value} (an index of "
+                    "another bank or format); rebuild the bank"
+                )
+        try:
+            self._index.load(data)
+        except Exception as error:
+            raise ReGradValueError(f"bank file {path} is not a readable usearch index: {error}") from error
+        keys = np.fromiter(keys, dtype=np.uint64, count=len(keys))
+        if len(self._index) != len(keys) or (len(keys) and not np.all(self._index.contains(keys))):
+            raise ReGradValueError(
+                f"{path} holds {len(self._index)} vectors that do not match the {len(keys)} documents of the bank"
+            )
