@@ -221,6 +221,15 @@ def build_parser() -> Parser:
     sub.add_argument("--output", required=True, help="directory for results.json, report.md and the plots")
     sub.add_argument("--max-new-tokens", type=positive_int, default=24)
     sub.add_argument("--gamma", type=finite_float, help="ReGrad step multiplier (default: the learner's)")
+    sub.add_argument(
+        "--system-prompt", help="system turn of every method's prompt, or 'none' (default: the learner's template)"
+    )
+    sub.add_argument("--user-template", help="user turn with {question} and {context} (default: the learner's)")
+    sub.add_argument("--document-template", help="each document in {context}: {document}, {index} (default: learner's)")
+    sub.add_argument("--answer-stop", choices=["line", "turn"], help="where answers end (default: the learner's)")
+    sub.add_argument(
+        "--bank-cache", help="directory keeping the learner's document gradients between runs (reused, extended)"
+    )
     sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
     sub.add_argument("--cpt-epochs", type=positive_int, default=1, help="CPT passes over the bank (default 1)")
     sub.add_argument("--cpt-lr", type=positive_float, default=2e-5, help="CPT AdamW learning rate (default 2e-5)")

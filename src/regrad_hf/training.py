@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments
 from .data import TaskCollator, as_tasks
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
+from .prompting import PromptTemplate
 
 
 @dataclass
@@ -83,6 +84,7 @@ class ReGradTrainer(Trainer):
                 documents_per_task=args.documents_per_task,
                 distractor_pool=pool,
                 seed=args.seed,
+                prompt=PromptTemplate.from_config(model.config),
             )
         super().__init__(
             model=model,
