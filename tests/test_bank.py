@@ -176,7 +176,9 @@ def test_errors_share_a_base_class_and_builtin_types():
 
 def test_another_learner_is_refused(tokenizer, tiny_bank):
     other = make_tiny_model(tokenizer, seed=1)
-    with pytest.raises(BankMismatchError, match=r"differ in lora_values \(bank [0-9a-f]+, model [0-9a-f]+\)"):
+    with pytest.raises(
+        BankMismatchError, match=r"differ in base_weights .*, lora_values \(bank [0-9a-f]+, model [0-9a-f]+\)"
+    ):
         other.attach_bank(tiny_bank)
     with pytest.raises(BankMismatchError):
         tiny_bank.add(other, ["Some new text here."], show_progress=False)

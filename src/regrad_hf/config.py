@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from numbers import Real
 from typing import Literal
 
 from transformers import PreTrainedConfig
@@ -13,6 +15,16 @@ from .prompting import CONCISE_SYSTEM_PROMPT, DEFAULT_DOCUMENT_TEMPLATE, DEFAULT
 from .prompting import check_template as check_prompt_template
 
 STEP_SIZE_MODES = ("tie", "same", "fix")
+# Bounds of the integer settings: far above any sensible value, low enough that a typo (an extra digit, 2**26) is
+# refused before it allocates gigabytes.
+INT_BOUNDS = {
+    "lora_rank": (1, 4096),
+    "top_k_docs": (1, 1024),
+    "max_document_tokens": (2, 1 << 20),
+}
+MAX_TARGET_LAYER = 100_000
+MAX_STEP_SIZE = 1e6
+MAX_NAME_CHARS = 4096
 STEP_SIZE_PARAMETRIZATIONS = ("log", "linear")
 PROMPT_FIELDS = ("system_prompt", "user_template", "document_template", "answer_stop")
 
@@ -43,7 +55,7 @@ class ReGradConfig(PreTrainedConfig):
         base_model_revision (`str`, *optional*):
             Revision of the base model, recorded so that a learner is reloaded on the weights it was built on.
         lora_rank (`int`, defaults to 16):
-            Rank `r` of the LoRA adapters.
+            Rank `r` of the LoRA adapters (1 to 4096).
         lora_alpha (`float`, defaults to 32):
             LoRA scaling numerator (the adapter output is scaled by `lora_alpha / lora_rank`).
         target_modules (`list[str]`, *optional*):
@@ -61,12 +73,12 @@ class ReGradConfig(PreTrainedConfig):
             Initial step size `alpha_t`. 0.3 (log-parametrised) is where meta-training was measured to start well
             (DESIGN.md section 1); at 1e-2 a document's own gradient changes its NLL by less than 0.01 nats.
         gamma (`float`, defaults to 1.0):
-            Test-time multiplier of the step.
+            Test-time multiplier of the step; a finite number.
         top_k_docs (`int`, defaults to 3):
-            Number of documents retrieved per query. (Not `top_k`, which generation configs read as the sampling
-            parameter.)
+            Number of documents retrieved per query (1 to 1024). (Not `top_k`, which generation configs read as the
+            sampling parameter.)
         max_document_tokens (`int`, defaults to 512):
-            Documents longer than this are truncated (with a warning) before their gradient is computed.
+            Documents longer than this (2 to 2**20) are truncated (with a warning) before their gradient is computed.
         embedder (`str`, *optional*):
             sentence-transformers model used to index documents. `None` is the embedded all-MiniLM-L6-v2.
         bank_dtype (`str`, defaults to `"bfloat16"`):
@@ -81,6 +93,10 @@ class ReGradConfig(PreTrainedConfig):
             `"line"`: an answer ends at the end of its first line or of the turn; `"turn"`: at the end of the turn.
             (The four prompt fields make a [`~regrad_hf.prompting.PromptTemplate`]; a config.json saved without them
             loads with [`~regrad_hf.prompting.LEGACY_PROMPT`], the prompt such learners were trained with.)
+
+    Every value is checked when the config is created or loaded (types, and bounds far above sensible values, so
+    that a typo such as `lora_rank=2**26` is refused before it allocates gigabytes): a bad one raises
+    [`ReGradValueError`] naming it.
     """
 
     model_type = "regrad"
@@ -141,18 +157,61 @@ class ReGradConfig(PreTrainedConfig):
                 f"bank_dtype must be one of {list(BANK_DTYPES)}, got {self.bank_dtype!r} (bfloat16 is the default; "
                 "int8, int4, int3 and int2 are quantised formats with per-group scales)"
             )
-        for name in ("lora_rank", "top_k_docs", "max_document_tokens"):
+        for name, (low, high) in INT_BOUNDS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ReGradValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_document_tokens < 2:
-            raise ReGradValueError("max_document_tokens must be at least 2 (a language-modelling loss needs a target)")
-        if not self.init_step_size > 0:
-            raise ReGradValueError(f"init_step_size must be positive, got {self.init_step_size!r}")
-        if self.target_modules is not None and not self.target_modules:
-            raise ReGradValueError("target_modules must be None (automatic) or a non-empty list of module names")
+            if not _is_int(value) or not low <= value <= high:
+                raise ReGradValueError(f"{name} must be an integer from {low} to {high}, got {_short(value)}")
+        if not _is_real(self.lora_alpha) or not 0 < self.lora_alpha <= 1e6:
+            raise ReGradValueError(f"lora_alpha must be a number in (0, 1e6], got {_short(self.lora_alpha)}")
+        if not _is_real(self.init_step_size) or not 0 < self.init_step_size <= MAX_STEP_SIZE:
+            raise ReGradValueError(
+                f"init_step_size must be a positive number of at most {MAX_STEP_SIZE:g}, "
+                f"got {_short(self.init_step_size)}"
+            )
+        check_gamma(self.gamma)
+        if self.target_modules is not None:
+            names = self.target_modules
+            if not isinstance(names, (list, tuple)) or not names:
+                raise ReGradValueError("target_modules must be None (automatic) or a non-empty list of module names")
+            bad = [n for n in names if not isinstance(n, str) or not n.strip() or len(n) > MAX_NAME_CHARS]
+            if bad:
+                raise ReGradValueError(f"target_modules must be non-empty module-name strings, got {_short(bad[0])}")
+        if self.target_layers is not None:
+            layers = self.target_layers
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ReGradValueError("target_layers must be None (upper half) or a non-empty list of layer indices")
+            bad = [i for i in layers if not _is_int(i) or not 0 <= i <= MAX_TARGET_LAYER]
+            if bad:
+                raise ReGradValueError(f"target_layers must be layer indices from 0, got {_short(bad[0])}")
+            if len(set(layers)) != len(layers):
+                raise ReGradValueError(f"target_layers lists a layer twice: {list(layers)}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ReGradValueError(f"system_prompt must be a string or None, got {self.system_prompt!r}")
         check_prompt_template(self.user_template, self.document_template, self.answer_stop)
-        if self.target_layers is not None and not self.target_layers:
-            raise ReGradValueError("target_layers must be None (upper half) or a non-empty list of layer indices")
+        for name in ("base_model_name_or_path", "base_model_revision", "embedder"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS):
+                raise ReGradValueError(f"{name} must be None or a non-empty string, got {_short(value)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_gamma(gamma) -> float:
+    """Returns `gamma` as a float; raises [`ReGradValueError`] unless it is a finite real number (not a bool).
+
+    `gamma` multiplies the whole step: a NaN or an infinity would put NaN in every adapted tensor.
+    """
+    if not _is_real(gamma):
+        raise ReGradValueError(f"gamma must be a finite number, got {_short(gamma)}")
+    return float(gamma)

@@ -294,6 +294,9 @@ class ExactRestore:
     once and reused (one set per level of nesting), and saving, adding and restoring are fused `torch._foreach_*`
     calls over all tensors, so an apply/undo cycle allocates nothing but the step itself.
 
+    While a delta is applied, [`unadapted_values`] and [`unadapted`] give the values from before the outermost one.
+    Nothing here is locked: a caller shared by several threads serialises the calls.
+
     Args:
         parameters (`Mapping[str, torch.Tensor]`): the tensors deltas are applied to, by name.
     """
@@ -301,6 +304,41 @@ class ExactRestore:
     def __init__(self, parameters: Mapping[str, torch.Tensor]):
         self.parameters = dict(parameters)
         self._spare_backups: list[dict[str, torch.Tensor]] = []
+        # The applied levels, outermost first: the names each one changed, and the buffers holding their old values.
+        self._active: list[tuple[list[str], dict[str, torch.Tensor]]] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether a delta is applied now."""
+        return bool(self._active)
+
+    def unadapted_values(self) -> dict[str, torch.Tensor]:
+        """Copies of the tensors as they were before the outermost applied delta (their current values when none is
+        applied), detached."""
+        values: dict[str, torch.Tensor] = {}
+        for names, backup in self._active:
+            for name in names:
+                values.setdefault(name, backup[name])
+        return {name: values.get(name, tensor).detach().clone() for name, tensor in self.parameters.items()}
+
+    @contextmanager
+    def unadapted(self) -> Iterator[None]:
+        """Puts the values from before the outermost applied delta back for the duration of the block, then the
+        adapted ones again, bit for bit (also when the block raises). A no-op when no delta is applied."""
+        if not self._active:
+            yield
+            return
+        original = self.unadapted_values()
+        names = [name for name in original if any(name in level for level, _ in self._active)]
+        targets = [self.parameters[name] for name in names]
+        with torch.no_grad():
+            adapted = [target.detach().clone() for target in targets]
+            torch._foreach_copy_(targets, [original[name] for name in names])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, adapted)
 
     @contextmanager
     def applied(self, delta: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -322,6 +360,7 @@ class ExactRestore:
         try:
             with torch.no_grad():
                 torch._foreach_copy_(saved, targets)
+            self._active.append((names, backup))
             try:
                 steps = [delta[name].to(device=t.device, dtype=t.dtype) for name, t in zip(names, targets, strict=True)]
                 with torch.no_grad():
@@ -330,6 +369,7 @@ class ExactRestore:
             finally:
                 with torch.no_grad():
                     torch._foreach_copy_(targets, saved)
+                self._active.pop()
         finally:
             self._spare_backups.append(backup)
 

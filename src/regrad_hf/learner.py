@@ -163,13 +163,69 @@ class StepSizes(nn.Module):
 # Bumped when the way gradients are computed changes, so banks of an older computation are not mixed in.
 GRADIENT_FORMAT_VERSION = "1"
 
+# Base config keys that say how a model was loaded or is run, not what it computes: left out of its identity, so a
+# model loaded from another path, with another attention kernel, or with `use_cache` off (Trainer) is the same base.
+# The dtype is left out here because the weights' hash covers it.
+_RUNTIME_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures", "auto_map",
+        "dtype", "torch_dtype", "quantization_config", "use_cache", "return_dict", "output_attentions",
+        "output_hidden_states", "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+        "experts_implementation", "_experts_implementation", "id2label", "label2id", "problem_type",
+        "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+        "task_specific_params", "finetuning_task", "prefix", "custom_pipelines",
+    }
+)  # fmt: skip
+# Values read from each base tensor for its hash, at evenly spaced positions (all of them in smaller tensors).
+BASE_SAMPLE_VALUES = 1024
+
+
+def _without_runtime_keys(value):
+    if isinstance(value, dict):
+        return {key: _without_runtime_keys(item) for key, item in value.items() if key not in _RUNTIME_CONFIG_KEYS}
+    return value
+
+
+def base_identity(model: nn.Module) -> dict[str, str]:
+    """What identifies a base model's weights, hashed: its config without loading/runtime keys (`base_config`), and
+    the names, shapes, dtypes and a fixed sample of the values of its non-LoRA parameters (`base_weights`).
+
+    The sample takes [`BASE_SAMPLE_VALUES`] values at evenly spaced positions of every tensor, so it costs
+    milliseconds whatever the model's size, is the same in every process, and changes when the base is another
+    checkpoint, a fine-tuned copy, or cast to another dtype. It is not a checksum of every weight: a base edited
+    in a few values may keep its hash.
+    """
+    config = getattr(model, "config", None)
+    described = _without_runtime_keys(config.to_dict()) if config is not None else {}
+    config_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+    weights = hashlib.sha256()
+    named = {
+        name.replace(".base_layer.", "."): parameter  # the same base with LoRA on other modules names them alike
+        for name, parameter in model.named_parameters()
+        if not is_lora_parameter_name(name)
+    }
+    for name in sorted(named):
+        tensor = named[name].detach()
+        weights.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.reshape(-1)
+        if flat.numel() > BASE_SAMPLE_VALUES:
+            positions = torch.arange(BASE_SAMPLE_VALUES, device=flat.device) * (flat.numel() - 1)
+            flat = flat[positions // (BASE_SAMPLE_VALUES - 1)]
+        weights.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {"base_config": config_hash, "base_weights": weights.hexdigest()}
+
 
 def learner_identity(
-    base_model: str | None, base_revision: str | None, parameters: Mapping[str, torch.Tensor]
+    base_model: str | None,
+    base_revision: str | None,
+    parameters: Mapping[str, torch.Tensor],
+    base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """What a document gradient depends on, field by field: base model name and revision, LoRA layout (names and
-    shapes), LoRA values, and the gradient format version. Step sizes are left out on purpose: they scale
-    gradients at use time and do not change them.
+    shapes), LoRA values, the gradient format version, and the base model's config and weights (`base`, from
+    [`base_identity`]). Step sizes are left out on purpose: they scale gradients at use time and do not change them.
     """
     layout, values = hashlib.sha256(), hashlib.sha256()
     for name in sorted(parameters):
@@ -182,6 +238,7 @@ def learner_identity(
         "lora_layout": layout.hexdigest(),
         "lora_values": values.hexdigest(),
         "gradient_format": GRADIENT_FORMAT_VERSION,
+        **(base or {}),
     }
 
 

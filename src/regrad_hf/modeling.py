@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -20,12 +20,20 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import deltas, multi_lora, objective
 from .bank import EAGER_FILES as BANK_EAGER_FILES
 from .bank import GradientBank, Hit
-from .config import ReGradConfig
+from .config import ReGradConfig, check_gamma
 from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, resolve_model_path
 from .errors import ReGradError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, locate, push_folder, render_model_card
-from .learner import StepSizes, fingerprint_of, inject_lora, learner_identity, lora_parameters
+from .learner import (
+    StepSizes,
+    base_identity,
+    fingerprint_of,
+    inject_lora,
+    is_lora_parameter_name,
+    learner_identity,
+    lora_parameters,
+)
 from .peft_conventions import PeftConventionsMixin
 from .prompting import PromptTemplate
 from .query import prompt_to_query
@@ -35,6 +43,7 @@ LEARNER_FILE = "learner.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
 STEP_SIZES_KEY = "regrad.step_sizes"
 BANK_SUBFOLDER = "bank"
+MAX_CONFIG_BYTES = 16 << 20
 # Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
 _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
 # What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
@@ -55,12 +64,25 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
     `print_trainable_parameters()`, and `export_adapter()` to write the learner, or the learner with documents baked
     in, as a standard peft adapter.
 
-    Applying one delta to a whole batch writes the shared LoRA tensors, so it is serialised: the `knowledge`/
-    `retrieved` contexts, and `generate` when all rows retrieve the same documents, hold a per-model re-entrant lock,
-    and concurrent calls from several threads each see only their own delta (they run one after the other). A batch
-    whose rows retrieve different documents holds the lock only to retrieve and copy the LoRA tensors it adapts
-    per row; its generation writes nothing shared and runs alongside other threads. Direct `forward` calls from
-    another thread are not guarded.
+    Threads: one model may serve many threads. Every operation that reads or writes the learner's tensors holds the
+    model's re-entrant lock and sees the *un-adapted* learner, whatever other threads are doing:
+
+    - adaptations: the `knowledge`/`retrieved`/`injected` contexts, and `generate` when all rows retrieve the same
+      documents, write one delta into the shared LoRA tensors and hold the lock until they are restored, so threads
+      adapting the model run one after the other, each seeing only its own delta;
+    - reads: [`save_pretrained`], [`learner_state_dict`], [`learner_identity`]/[`fingerprint`] (so [`attach_bank`]
+      and a bank's checks) and [`document_gradients`] (a [`GradientBank`] build, `knowledge`) wait for other threads'
+      adaptations to end. Inside the calling thread's own adaptation they still see the un-adapted learner: saves
+      and fingerprints read the values kept by the swap, and document gradients are taken at the un-adapted
+      tensors (as a bank's are), so a `knowledge` block nested in another adds its documents' step to the outer one;
+    - writes: [`load_learner_state`] and [`swapped_learner`] hold the lock; they refuse to run inside an adaptation;
+    - a batch whose rows retrieve different documents holds the lock only to retrieve and copy the LoRA tensors it
+      adapts per row; its generation writes nothing shared and runs alongside other threads; the per-row hooks and
+      a gradient capture's hooks act only on forwards of the thread that installed them.
+
+    Direct `forward` calls, `language_model` accessed from another thread, and copies (`copy.deepcopy`, pickling)
+    are not guarded: inside another thread's adaptation they see its delta. Training (`ReGradTrainer`) writes the
+    tensors unguarded; do not serve a model while training it.
     """
 
     config_class = ReGradConfig
@@ -76,6 +98,7 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         self._bank_default_in_block: dict[int, list[bool]] = {}
         self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
+        self._base_identity: tuple[tuple, dict[str, str]] | None = None  # (what it was computed for, value)
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
         self._lora = lora_parameters(language_model)
@@ -193,7 +216,7 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
             if not (directory / name).is_file():
                 raise ReGradValueError(f"{location.describe()} has no {name}: it is not a ReGrad learner")
         if config is None:
-            config = ReGradConfig.from_json_file(str(directory / CONFIG_FILE))
+            config = _read_config(directory / CONFIG_FILE)
         elif not isinstance(config, ReGradConfig):
             raise ReGradValueError(f"config must be a ReGradConfig, got {type(config).__name__}")
         if base_model is None:
@@ -238,16 +261,24 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         return model
 
     def learner_state_dict(self) -> dict[str, torch.Tensor]:
-        """The learner's tensors: the LoRA tensors by name, and the raw step sizes under `regrad.step_sizes`."""
-        state = {name: p.detach() for name, p in self._lora.items()}
-        state[STEP_SIZES_KEY] = self.step_sizes.raw.detach()
+        """The learner's tensors: the LoRA tensors by name, and the raw step sizes under `regrad.step_sizes`.
+
+        Copies of the un-adapted values (also inside an adaptation, and whatever other threads do; see the class
+        docstring), detached.
+        """
+        with self._adaptation_lock:
+            state = self._restore.unadapted_values()
+            state[STEP_SIZES_KEY] = self.step_sizes.raw.detach().clone()
         return state
 
-    def load_learner_state(self, state: Mapping[str, torch.Tensor], source: str = "the state dict") -> None:
-        """Copies a learner state (as from [`learner_state_dict`]) into the model; names and shapes must match."""
-        expected = {name: tuple(t.shape) for name, t in self.learner_state_dict().items()}
-        found = {name: tuple(t.shape) for name, t in state.items()}
-        if found != expected:
+    def _learner_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
+        shapes[STEP_SIZES_KEY] = tuple(self.step_sizes.raw.shape)
+        return shapes
+
+    def _check_layout(self, found: Mapping[str, tuple[int, ...]], source: str) -> None:
+        expected = self._learner_shapes()
+        if dict(found) != expected:
             missing = sorted(set(expected) - set(found))[:3]
             unexpected = sorted(set(found) - set(expected))[:3]
             mismatched = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])[:3]
@@ -255,20 +286,74 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
                 f"{source} does not fit this model's learner (missing {missing}, unexpected {unexpected}, "
                 f"shape mismatch {mismatched}); was it saved with another config or base model?"
             )
-        with torch.no_grad():
+
+    def load_learner_state(self, state: Mapping[str, torch.Tensor], source: str = "the state dict") -> None:
+        """Copies a learner state (as from [`learner_state_dict`]) into the model.
+
+        Names and shapes must match, every tensor must be floating point and finite, and so must the step sizes it
+        gives. Nothing is written when a check fails.
+
+        Raises:
+            [`ReGradValueError`]: the state does not fit or holds non-finite values.
+            [`ReGradError`]: called inside an adaptation (`knowledge`, `retrieved`, `injected`), whose restore would
+                overwrite it.
+        """
+        if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ReGradValueError(f"{source} must map tensor names to tensors")
+        self._check_layout({name: tuple(t.shape) for name, t in state.items()}, source)
+        for name, tensor in state.items():
+            if not tensor.dtype.is_floating_point:
+                raise ReGradValueError(f"{source}: {name} is {tensor.dtype}, a learner's tensors are floating point")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ReGradValueError(f"{source}: {name} holds NaN or infinite values; the learner is damaged")
+        raw = state[STEP_SIZES_KEY].detach().float()
+        values = raw.exp() if self.step_sizes.parametrization == "log" else raw
+        if not bool(torch.isfinite(values).all()):
+            raise ReGradValueError(f"{source}: the step sizes {values.tolist()[:3]} are not finite")
+        with self._adaptation_lock, torch.no_grad():
+            self._refuse_inside_adaptation()
             for name, parameter in self._lora.items():
                 parameter.copy_(state[name])
             self.step_sizes.raw.copy_(state[STEP_SIZES_KEY])
 
+    def _refuse_inside_adaptation(self) -> None:
+        if self._restore.active:  # only the thread holding the lock can be inside one
+            raise ReGradError(
+                "cannot load a learner state inside knowledge()/retrieved()/injected(): leaving the block would "
+                "restore the adapted tensors over it; load it before or after"
+            )
+
     def load_learner(self, path: str | os.PathLike) -> None:
-        """Loads LoRA tensors and step sizes from a `learner.safetensors` file (names and shapes must match)."""
-        self.load_learner_state(load_file(str(path)), source=str(path))
+        """Loads LoRA tensors and step sizes from a `learner.safetensors` file.
+
+        Names and shapes are checked from the file's header before any tensor is read; then the checks of
+        [`load_learner_state`].
+
+        Raises:
+            [`ReGradValueError`]: the file does not fit this model, holds non-finite values, or is not a readable
+                safetensors file (truncated, damaged).
+        """
+        source = str(path)
+        try:
+            with safe_open(source, framework="pt") as file:
+                names = file.keys()  # a safe_open handle is not iterable
+                found = {name: tuple(file.get_slice(name).get_shape()) for name in names}
+                self._check_layout(found, source)
+                state = {name: file.get_tensor(name) for name in found}
+        except ReGradError:
+            raise
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise ReGradValueError(
+                f"{source} is not a readable learner file ({type(error).__name__}: {error}); save or download it again"
+            ) from error
+        self.load_learner_state(state, source=source)
 
     @contextmanager
     def swapped_learner(self, state: Mapping[str, torch.Tensor]) -> Iterator[ReGradForCausalLM]:
         """Uses another learner state (e.g. the untrained start) inside the block; restores this one bit for bit."""
         with self._adaptation_lock:
-            saved = {name: tensor.clone() for name, tensor in self.learner_state_dict().items()}
+            self._refuse_inside_adaptation()
+            saved = self.learner_state_dict()
             try:
                 self.load_learner_state(state)
                 yield self
@@ -285,10 +370,11 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         directory.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
         config.architectures = [type(self).__name__]
-        tensors = {name: tensor.cpu() for name, tensor in self.learner_state_dict().items()}
-        # one metadata key: safetensors writes several in a per-process random order, and a learner saved twice
-        # should be the same file (bank builds by one process or several compare byte for byte)
-        metadata = {"fingerprint": self.fingerprint()}
+        with self._adaptation_lock:  # the tensors and their fingerprint, un-adapted (see the class docstring)
+            tensors = {name: tensor.cpu() for name, tensor in self.learner_state_dict().items()}
+            # one metadata key: safetensors writes several in a per-process random order, and a learner saved twice
+            # should be the same file (bank builds by one process or several compare byte for byte)
+            metadata = {"fingerprint": self.fingerprint()}
         atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
         if self.tokenizer is not None:
             _save_tokenizer(self.tokenizer, directory)
@@ -371,23 +457,43 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         return dict(self._lora)
 
     def learner_identity(self) -> dict[str, str]:
-        """What this learner's document gradients depend on, field by field (see [`learner_identity`])."""
+        """What this learner's document gradients depend on, field by field (see [`learner_identity`]), for the
+        un-adapted learner: base model name and revision, base config and weights, LoRA layout and values."""
         config = self.config
-        return learner_identity(config.base_model_name_or_path, config.base_model_revision, self._lora)
+        with self._adaptation_lock:
+            return learner_identity(
+                config.base_model_name_or_path,
+                config.base_model_revision,
+                self._restore.unadapted_values() if self._restore.active else self._lora,
+                self._base_weights_identity(),
+            )
+
+    def _base_weights_identity(self) -> dict[str, str]:
+        """[`base_identity`] of the language model, computed once and again only when a base tensor was replaced,
+        cast, moved or written in place since (its storage, dtype or version counter changed)."""
+        base = [p for name, p in self.language_model.named_parameters() if not is_lora_parameter_name(name)]
+        key = (self.language_model.config.to_json_string(), *((p.data_ptr(), p.dtype, p._version) for p in base))
+        if self._base_identity is None or self._base_identity[0] != key:
+            self._base_identity = (key, base_identity(self.language_model))
+        return self._base_identity[1]
 
     def fingerprint(self) -> str:
         """Identifies the learner a bank's gradients belong to: a hash of [`learner_identity`]."""
         return fingerprint_of(self.learner_identity())
 
     def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Per-document gradients of the mean token NLL w.r.t. the LoRA tensors, stacked on a first axis."""
+        """Per-document gradients of the mean token NLL w.r.t. the LoRA tensors, stacked on a first axis.
+
+        Taken at the un-adapted LoRA tensors, under the model's lock (see the class docstring).
+        """
         if self.tokenizer is None:
             raise ReGradError("document gradients need a tokenizer: pass tokenizer= to from_base/from_pretrained")
         if not self.adapters_enabled():
             raise ReGradError("document gradients need the LoRA layers: call enable_adapters() first")
-        return deltas.document_gradients(
-            self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens
-        )
+        with self._adaptation_lock, self._restore.unadapted():
+            return deltas.document_gradients(
+                self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens
+            )
 
     def forward(self, *args, meta_tasks: Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
         """The wrapped language model's forward, with the LoRA tensors as they currently are.
@@ -408,18 +514,20 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
     def attach_bank(self, bank: GradientBank, force: bool = False) -> None:
         """Attaches a bank; `generate` then retrieves from it. Raises [`BankMismatchError`] if another learner
         built it, unless `force=True`."""
-        if not force:
-            bank.check_learner(self)
-        self.bank = bank
+        with self._adaptation_lock:  # not while another thread's generate retrieves from the current bank
+            if not force:
+                bank.check_learner(self)
+            self.bank = bank
 
     def detach_bank(self) -> GradientBank | None:
         """Detaches and returns the bank."""
-        bank, self.bank = self.bank, None
+        with self._adaptation_lock:
+            bank, self.bank = self.bank, None
         return bank
 
     @contextmanager
     def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> Iterator[None]:
-        gamma = self.config.gamma if gamma is None else gamma
+        gamma = self.config.gamma if gamma is None else check_gamma(gamma)
         delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
         with self._adaptation_lock:
             self._refuse_inside_plain_base()
@@ -460,9 +568,15 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
                 model.generate(**inputs)
             ```
         """
+        gamma = None if gamma is None else check_gamma(gamma)
         if use_bank and self.bank is None:
             raise ReGradError("knowledge(use_bank=True) needs a bank: call model.attach_bank(bank) first")
-        with self._applied(self.document_gradients(documents), gamma), self._bank_default(use_bank):
+        # One lock from the gradients to the restore: no other thread's adaptation between them.
+        with (
+            self._adaptation_lock,
+            self._applied(self.document_gradients(documents), gamma),
+            self._bank_default(use_bank),
+        ):
             yield self
 
     @contextmanager
@@ -494,6 +608,7 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         `generate` inside the block applies this step alone and does not search the bank again (unless called with
         `use_bank=True` or `query=`, which adds a second step).
         """
+        gamma = None if gamma is None else check_gamma(gamma)
         bank = self._require_bank()
         hits = bank.search(query, min(self.config.top_k_docs, len(bank)) if top_k is None else top_k)
         with self.injected([hit.id for hit in hits], gamma):
@@ -550,6 +665,7 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         Returns:
             What the wrapped model's `generate` returns.
         """
+        gamma = None if gamma is None else check_gamma(gamma)
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
             if use_bank is None and query is None:
                 use_bank = self._default_use_bank()
@@ -612,6 +728,20 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         row_deltas = [deltas.combine(self.bank.gather(list(ids)), step_sizes, gamma) for ids in distinct]
         rows = [None if ids is None else distinct.index(ids) for ids in retrievals]
         return multi_lora.stacked_row_tensors(self._lora, row_deltas, rows)
+
+
+def _read_config(path: Path) -> ReGradConfig:
+    """`ReGradConfig.from_json_file`, with a damaged file (not JSON, not an object, bad values) a typed error."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ReGradValueError(f"{path} is {size} bytes, more than a ReGrad config may be ({MAX_CONFIG_BYTES})")
+    try:
+        config = ReGradConfig.from_json_file(str(path))
+    except ReGradError:
+        raise
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as error:
+        raise ReGradValueError(f"{path} is not a readable ReGrad config ({type(error).__name__}: {error})") from error
+    return config
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> None:

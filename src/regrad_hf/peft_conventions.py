@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from . import deltas
+from .config import check_gamma
 from .errors import ReGradError, ReGradValueError
 from .files import atomic_save_safetensors, atomic_write_text
 from .learner import ADAPTER_NAME
@@ -242,7 +243,7 @@ class PeftConventionsMixin:
                 stacked = (
                     self._require_bank().gather(list(ids)) if ids is not None else self.document_gradients(documents)
                 )
-                gamma = self.config.gamma if gamma is None else gamma
+                gamma = self.config.gamma if gamma is None else check_gamma(gamma)
                 delta = deltas.combine(stacked, self.step_sizes(), gamma)
                 tensors = {
                     name: tensor + delta[name].to(device=tensor.device, dtype=tensor.dtype)

@@ -9,6 +9,7 @@ the model (which many transformers models do not support).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -17,6 +18,9 @@ from torch import nn
 
 class LinearWeightGradients:
     """Collects per-row gradients of the `weight` of chosen `nn.Linear` modules for one forward/backward.
+
+    Only forwards run by the thread that entered the block are recorded, so other threads may use the modules
+    meanwhile (their forwards are neither captured nor changed).
 
     Args:
         modules (`Mapping[str, nn.Linear]`): the linear modules, by the name their weight's gradient is wanted under.
@@ -37,8 +41,12 @@ class LinearWeightGradients:
         self.modules = dict(modules)
         self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in self.modules}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._thread: int | None = None
 
     def __enter__(self) -> LinearWeightGradients:
+        # The modules may be shared with other threads (a model serving generate calls): only the forwards of the
+        # thread that entered the block are this capture's.
+        self._thread = threading.get_ident()
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._recorder(name)))
         return self
@@ -50,6 +58,8 @@ class LinearWeightGradients:
 
     def _recorder(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if threading.get_ident() != self._thread:
+                return
             # A module called several times in one forward (shared weights) contributes once per call.
             self._calls[name].append((args[0], output))
 

@@ -1,0 +1,291 @@
+"""The model's boundary: the learner's identity covers the base, and bad values (gamma, config bounds, damaged learner
+files) raise typed errors that leave every parameter byte as it was."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from regrad_hf import BankMismatchError, ReGradConfig, ReGradError, ReGradForCausalLM, ReGradValueError
+from regrad_hf import modeling as modeling_module
+
+from .conftest import DOCUMENTS, make_tiny_base, parameter_bytes
+
+GREEDY = {"max_new_tokens": 4, "do_sample": False}
+STEP_SIZES = "regrad.step_sizes"
+
+
+def same_learner_on(base, model: ReGradForCausalLM, tokenizer) -> ReGradForCausalLM:
+    """`model`'s learner (LoRA values and step sizes) on another base."""
+    other = ReGradForCausalLM.from_base(base, model.config, tokenizer=tokenizer)
+    other.load_learner_state(model.learner_state_dict())
+    return other
+
+
+def differing_fields(a: ReGradForCausalLM, b: ReGradForCausalLM) -> set[str]:
+    x, y = a.learner_identity(), b.learner_identity()
+    return {key for key in x.keys() | y.keys() if x.get(key) != y.get(key)}
+
+
+# ---------------------------------------------------------------------------------------------------- identity
+
+
+def test_a_bank_does_not_attach_to_the_same_learner_on_another_base(tiny_model, tiny_bank, tokenizer):
+    other = same_learner_on(make_tiny_base(tokenizer, seed=1), tiny_model, tokenizer)
+    assert other.config.base_model_name_or_path is None  # no name tells the bases apart: only the weights do
+    assert differing_fields(tiny_model, other) == {"base_weights"}
+    before = parameter_bytes(other)
+    with pytest.raises(BankMismatchError, match=r"differ in base_weights \(bank [0-9a-f]+, model [0-9a-f]+\)\."):
+        other.attach_bank(tiny_bank)
+    assert other.bank is None and parameter_bytes(other) == before
+    other.attach_bank(tiny_bank, force=True)
+    assert other.bank is tiny_bank
+
+
+def test_the_base_config_is_part_of_the_identity(tiny_model, tiny_bank, tokenizer):
+    other = same_learner_on(make_tiny_base(tokenizer), tiny_model, tokenizer)
+    assert other.fingerprint() == tiny_model.fingerprint()
+    other.language_model.config.rms_norm_eps = 1e-3  # same weights, another computation
+    assert differing_fields(tiny_model, other) == {"base_config"}
+    with pytest.raises(BankMismatchError, match="differ in base_config"):
+        other.attach_bank(tiny_bank)
+
+
+def test_how_the_base_is_loaded_or_run_is_not_part_of_the_identity(tiny_model, tokenizer):
+    fingerprint = tiny_model.fingerprint()
+    config = tiny_model.language_model.config
+    config.use_cache = False  # what Trainer sets
+    config._name_or_path = "/somewhere/else"
+    config.pad_token_id = config.eos_token_id
+    assert tiny_model.fingerprint() == fingerprint
+
+
+def test_casting_the_base_changes_the_identity(tiny_model, tokenizer):
+    fingerprint = tiny_model.fingerprint()
+    other = same_learner_on(make_tiny_base(tokenizer).to(torch.bfloat16), tiny_model, tokenizer)
+    assert "base_weights" in differing_fields(tiny_model, other)
+    assert other.fingerprint() != fingerprint
+
+
+def test_the_base_hash_is_computed_once_until_a_base_tensor_changes(tiny_model, monkeypatch):
+    calls = []
+    original = modeling_module.base_identity
+    monkeypatch.setattr(modeling_module, "base_identity", lambda model: calls.append(1) or original(model))
+    tiny_model._base_identity = None
+    first = tiny_model.fingerprint()
+    for _ in range(3):
+        assert tiny_model.fingerprint() == first
+        with tiny_model.knowledge([DOCUMENTS[0]]):  # adaptations write only LoRA tensors: the cache stays valid
+            pass
+    assert len(calls) == 1
+    embedding = tiny_model.language_model.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[0, 0] += 1.0  # a sampled position (the first of every tensor)
+    assert tiny_model.fingerprint() != first and len(calls) == 2
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
+def test_another_process_computes_the_same_identity(tiny_model):
+    script = (
+        "import json; from transformers import AutoTokenizer; from regrad_hf.defaults import embedded_model_path; "
+        "from tests.conftest import make_tiny_model; "
+        "m = make_tiny_model(AutoTokenizer.from_pretrained(embedded_model_path())); "
+        "print(json.dumps(m.learner_identity()))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{root / 'src'}:{root}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env={**os.environ, **env}, check=True
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == tiny_model.learner_identity()
+
+
+# ---------------------------------------------------------------------------------------------------- gamma
+
+BAD_GAMMAS = [math.nan, math.inf, -math.inf, "1.0", True, [1.0]]
+
+
+@pytest.mark.parametrize("where", ["generate", "knowledge", "retrieved", "injected", "config"])
+def test_gamma_must_be_a_finite_number(tiny_model, tiny_bank, tokenizer, where):
+    tiny_model.attach_bank(tiny_bank)
+    inputs = tokenizer("What is the capital of Zorbia?", return_tensors="pt")
+    calls = {
+        "generate": lambda gamma: tiny_model.generate(**inputs, **GREEDY, gamma=gamma),
+        "knowledge": lambda gamma: tiny_model.knowledge([DOCUMENTS[0]], gamma=gamma).__enter__(),
+        "retrieved": lambda gamma: tiny_model.retrieved("capital of Zorbia", gamma=gamma).__enter__(),
+        "injected": lambda gamma: tiny_model.injected(["zorbia"], gamma=gamma).__enter__(),
+        "config": lambda gamma: ReGradConfig(gamma=gamma),
+    }
+    before = parameter_bytes(tiny_model)
+    for gamma in BAD_GAMMAS:
+        with pytest.raises(ReGradValueError, match="gamma must be a finite number"):
+            calls[where](gamma)
+        assert parameter_bytes(tiny_model) == before, gamma
+    # an int is a number: accepted, as the float it equals
+    assert torch.equal(
+        tiny_model.generate(**inputs, **GREEDY, gamma=2), tiny_model.generate(**inputs, **GREEDY, gamma=2.0)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- config bounds
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lora_rank": 2**26}, "lora_rank must be an integer from 1 to 4096"),
+        ({"lora_rank": True}, "lora_rank must be an integer"),
+        ({"lora_rank": 4.0}, "lora_rank must be an integer"),
+        ({"lora_alpha": math.nan}, "lora_alpha"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"init_step_size": math.inf}, "init_step_size"),
+        ({"init_step_size": "0.3"}, "init_step_size"),
+        ({"init_step_size": -1.0}, "init_step_size"),
+        ({"top_k_docs": 10**6}, "top_k_docs must be an integer from 1 to 1024"),
+        ({"max_document_tokens": 1}, "max_document_tokens must be an integer from 2"),
+        ({"max_document_tokens": 2**40}, "max_document_tokens"),
+        ({"target_layers": [-1]}, "target_layers must be layer indices"),
+        ({"target_layers": [1, 1]}, "lists a layer twice"),
+        ({"target_layers": ["2"]}, "target_layers must be layer indices"),
+        ({"target_layers": 3}, "target_layers must be None"),
+        ({"target_modules": [""]}, "target_modules must be non-empty"),
+        ({"target_modules": [3]}, "target_modules must be non-empty"),
+        ({"embedder": ""}, "embedder must be None or a non-empty string"),
+        ({"base_model_revision": 5}, "base_model_revision"),
+    ],
+    ids=lambda value: str(value)[:40] if isinstance(value, dict) else "",
+)
+def test_config_values_have_bounds(kwargs, match):
+    with pytest.raises(ReGradValueError, match=match):
+        ReGradConfig(**kwargs)
+
+
+def test_a_saved_config_out_of_bounds_is_refused_before_the_base_is_touched(tiny_model, tokenizer, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    base = make_tiny_base(tokenizer)
+    before = parameter_bytes(base)
+    for text in [json.dumps({**config, "lora_rank": 2**26}), "{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000]:
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ReGradValueError, match="lora_rank|not a readable ReGrad config"):
+            ReGradForCausalLM.from_pretrained(tmp_path, base_model=base, tokenizer=tokenizer)
+        assert parameter_bytes(base) == before
+        assert not any(".lora_" in name for name, _ in base.named_parameters())  # nothing injected
+
+
+# ---------------------------------------------------------------------------------------------------- learner files
+
+
+def _damage_tensor(tensors, edit):
+    name = next(n for n in tensors if ".lora_B." in n)
+    tensors[name] = edit(tensors[name].clone())
+    return tensors
+
+
+def _with_nan(tensors):
+    return _damage_tensor(tensors, lambda t: t.index_fill_(0, torch.tensor([0]), math.nan))
+
+
+def _with_inf_step_size(tensors):
+    tensors[STEP_SIZES] = torch.full_like(tensors[STEP_SIZES], math.inf)
+    return tensors
+
+
+def _with_overflowing_step_size(tensors):
+    tensors[STEP_SIZES] = torch.full_like(tensors[STEP_SIZES], 1000.0)  # log-parametrised: exp(1000) = inf
+    return tensors
+
+
+def _with_int_tensor(tensors):
+    return _damage_tensor(tensors, lambda t: t.to(torch.int32))
+
+
+def _with_wrong_shape(tensors):
+    return _damage_tensor(tensors, lambda t: t[:-1])
+
+
+def _with_extra_tensor(tensors):
+    return {**tensors, "huge": torch.zeros(1000, 1000)}
+
+
+def _without_step_sizes(tensors):
+    return {name: t for name, t in tensors.items() if name != STEP_SIZES}
+
+
+TENSOR_DAMAGE = [
+    (_with_nan, "NaN or infinite"),
+    (_with_inf_step_size, "NaN or infinite"),
+    (_with_overflowing_step_size, "step sizes .* are not finite"),
+    (_with_int_tensor, "floating point"),
+    (_with_wrong_shape, "shape mismatch"),
+    (_with_extra_tensor, r"unexpected \['huge'\]"),
+    (_without_step_sizes, r"missing \['regrad.step_sizes'\]"),
+]
+BYTE_DAMAGE = [
+    (lambda data: data[: len(data) // 2], "truncated"),
+    (lambda data: b"", "empty"),
+    (lambda data: b"\xff" * 64 + data[64:], "header"),
+    (lambda data: data[:8] + b"{" * (len(data) - 8), "garbage"),
+]
+
+
+@pytest.fixture
+def saved_learner(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "learner")
+    return tmp_path / "learner"
+
+
+@pytest.mark.parametrize("damage, match", TENSOR_DAMAGE, ids=[d.__name__ for d, _ in TENSOR_DAMAGE])
+def test_a_learner_file_with_bad_tensors_is_refused(saved_learner, tiny_model, tokenizer, damage, match):
+    path = saved_learner / "learner.safetensors"
+    save_file(damage(load_file(path)), path)
+    before = parameter_bytes(tiny_model)
+    with pytest.raises(ReGradValueError, match=match):
+        tiny_model.load_learner(path)
+    assert parameter_bytes(tiny_model) == before
+    with pytest.raises(ReGradValueError, match=match):
+        ReGradForCausalLM.from_pretrained(saved_learner, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("damage, case", BYTE_DAMAGE, ids=[case for _, case in BYTE_DAMAGE])
+def test_a_damaged_learner_file_raises_a_typed_error(saved_learner, tiny_model, damage, case):
+    path = saved_learner / "learner.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    before = parameter_bytes(tiny_model)
+    with pytest.raises(ReGradValueError, match="not a readable learner file|does not fit"):
+        tiny_model.load_learner(path)
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_a_bad_learner_state_changes_nothing(tiny_model):
+    state = tiny_model.learner_state_dict()
+    before = parameter_bytes(tiny_model)
+    for bad in (_with_nan(dict(state)), _with_int_tensor(dict(state)), {**state, STEP_SIZES: "0.3"}, [1, 2]):
+        with pytest.raises(ReGradValueError):
+            tiny_model.load_learner_state(bad)
+        assert parameter_bytes(tiny_model) == before
+
+
+def test_loading_a_learner_inside_an_adaptation_is_refused(tiny_model):
+    state = make_tiny_model_state(tiny_model)
+    before = parameter_bytes(tiny_model)
+    with tiny_model.knowledge([DOCUMENTS[0]]):
+        inside = parameter_bytes(tiny_model)
+        with pytest.raises(ReGradError, match="inside knowledge"):
+            tiny_model.load_learner_state(state)
+        with pytest.raises(ReGradError, match="inside knowledge"), tiny_model.swapped_learner(state):
+            pass
+        assert parameter_bytes(tiny_model) == inside
+    assert parameter_bytes(tiny_model) == before
+
+
+def make_tiny_model_state(model: ReGradForCausalLM) -> dict[str, torch.Tensor]:
+    return {name: tensor + 0.5 for name, tensor in model.learner_state_dict().items()}
