@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import Task, TaskCollator
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
+from .training_state import export_compact_checkpoint, is_compact_checkpoint, load_compact_optimizer
 
 
 @dataclass
@@ -38,6 +40,13 @@ class ReGradTrainingArguments(TrainingArguments):
     documents_per_task: int = field(
         default=1, metadata={"help": "Pad each task with distractor documents from other tasks up to this count."}
     )
+    compact_checkpoint_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "After each checkpoint, also write its compact form (< 8 MB for SmolLM2, see "
+            "regrad_hf.training_state) to this folder; train(resume_from_checkpoint=...) loads either form."
+        },
+    )
     eval_max_tasks: int = field(default=32, metadata={"help": "Dev tasks used by evaluate()."})
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length for EM/F1 in evaluate()."})
     eval_generate: bool = field(default=True, metadata={"help": "Generate answers for EM/F1 in evaluate()."})
@@ -45,6 +54,16 @@ class ReGradTrainingArguments(TrainingArguments):
     warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps, or a fraction of the training steps."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient-norm clipping."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Tasks are not tensors; keep them whole."})
+
+
+class CompactCheckpointCallback(TrainerCallback):
+    """Exports each new checkpoint to `args.compact_checkpoint_dir` (process 0 only)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.compact_checkpoint_dir and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            export_compact_checkpoint(checkpoint, args.compact_checkpoint_dir)
+        return control
 
 
 class ReGradTrainer(Trainer):
@@ -88,6 +107,7 @@ class ReGradTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
+        self.add_callback(CompactCheckpointCallback())
         # compute_loss averages over tasks itself; Trainer must still divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         # The untrained start, for the `raw` case of evaluate().
@@ -156,6 +176,14 @@ class ReGradTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         learner = self.accelerator.unwrap_model(model or self.model)
         learner.load_learner(Path(resume_from_checkpoint) / LEARNER_FILE)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Loads a full checkpoint as `Trainer` does, or a compact one (see [`regrad_hf.training_state`])."""
+        if checkpoint is None or not is_compact_checkpoint(checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_compact_optimizer(self.optimizer, checkpoint)
+        scheduler = torch.load(Path(checkpoint) / "scheduler.pt", map_location="cpu", weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(os.fspath(self.state.best_model_checkpoint))
