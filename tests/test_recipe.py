@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from regrad_hf.data import Task
+from regrad_hf.cli import main
+from regrad_hf.data import Task, load_jsonl
 from regrad_hf.errors import ReGradValueError
 from regrad_hf.tasks import (
     SPLITS,
@@ -14,6 +15,8 @@ from regrad_hf.tasks import (
     tofu_tasks,
     with_hard_distractors,
 )
+
+from .conftest import make_tiny_base
 
 TOPICS = ["harbour", "mineral", "bicycle", "board game", "violin", "glacier", "comet", "orchard"]
 
@@ -88,7 +91,7 @@ def sources(tmp_path):
     rows = [
         {"author_idx": a, "question": f"What is fact {f} of author {a}?", "answer": f"Author {a} has fact {f}."}
         for a in range(180)
-        for f in range(12)
+        for f in range(3)
     ]
     (tmp_path / "tofu.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     records = []
@@ -125,13 +128,13 @@ def test_splits_share_no_document(sources):
 
 
 def test_tofu_documents_are_whole_facts_and_hold_the_answer(sources):
-    tasks = tofu_tasks(sources / "tofu.jsonl", "train", facts_per_document=5)
-    assert len(tasks) == 120 * 12
+    tasks = tofu_tasks(sources / "tofu.jsonl", "train", facts_per_document=2)
+    assert len(tasks) == 120 * 3
     for task in tasks:
         assert task.answer in task.documents[0]
         facts = task.documents[0].split(". ")
-        assert 1 <= len(facts) <= 5 and all(f.startswith("Author") for f in facts)
-    assert len(task_pool(tasks)) == 120 * 3  # 12 facts in chunks of 5, 5, 2
+        assert 1 <= len(facts) <= 2 and all(f.startswith("Author") for f in facts)
+    assert len(task_pool(tasks)) == 120 * 2  # 3 facts in documents of 2 and 1
 
 
 def test_mixed_tasks_pad_each_source_from_its_own_split(sources, embedder):
@@ -142,3 +145,31 @@ def test_mixed_tasks_pad_each_source_from_its_own_split(sources, embedder):
     assert not {d for task in dev for d in task.documents} & train_pool
     with pytest.raises(ReGradValueError, match="embedder"):
         mixed_tasks("dev", **files, documents_per_task=3)
+
+
+def test_train_command_on_the_mixed_set_resumes_the_last_checkpoint(sources, tokenizer, tmp_path):
+    make_tiny_base(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    output = tmp_path / "out"
+    argv = [
+        "train", "--base_model", str(tmp_path / "base"), "--task_set", "mixed", "--lora_rank", "2",
+        "--squad_file", str(sources / "squad.json"), "--tofu_file", str(sources / "tofu.jsonl"),
+        "--documents_per_task", "3", "--eval_tasks_per_source", "2",
+        "--output_dir", str(output), "--per_device_train_batch_size", "2", "--save_steps", "1", "--logging_steps", "1",
+        "--eval_generate", "false", "--eval_cases", "no_adaptation,regrad", "--report_to", "none", "--use_cpu", "true",
+        "--compact_checkpoint_dir", str(tmp_path / "compact"),
+    ]  # fmt: skip
+    assert main([*argv, "--max_steps", "2"]) == 0
+    train = load_jsonl(output / "tasks_train.jsonl")
+    assert len(train) == 60 + 120 * 3 and all(len(task.documents) == 3 for task in train)
+    first = json.loads((output / "training_record.json").read_text())
+    assert main([*argv, "--max_steps", "3", "--resume", "last"]) == 0
+    record = json.loads((output / "training_record.json").read_text())
+    assert record["resumed_from"].endswith("checkpoint-2") and record["metrics_before"] == {}
+    steps = [entry["step"] for entry in record["log_history"] if "loss" in entry]
+    assert steps == [1, 2, 3]  # the resumed run continues the first one's log
+    assert record["log_history"][:2] == first["log_history"][:2]
+    assert [e["wall_seconds"] for e in record["log_history"] if "loss" in e] == sorted(
+        e["wall_seconds"] for e in record["log_history"] if "loss" in e
+    )
+    assert json.loads((tmp_path / "compact" / "trainer_state.json").read_text())["global_step"] == 3

@@ -51,6 +51,48 @@ class DataArguments:
 
 
 @dataclass
+class RecipeArguments:
+    task_set: str | None = field(
+        default=None,
+        metadata={"help": "mixed: SQuAD + TOFU + HotpotQA train/dev splits (regrad_hf.tasks), not train_file"},
+    )
+    squad_file: str | None = field(default=None, metadata={"help": "SQuAD JSON of the mixed set (articles 0-39)"})
+    tofu_file: str | None = field(default=None, metadata={"help": "TOFU JSONL of the mixed set (authors 0-179)"})
+    hotpotqa_file: str | None = field(default=None, metadata={"help": "HotpotQA JSONL of the mixed set"})
+    hard_distractors: bool = field(
+        default=True, metadata={"help": "pad tasks to documents_per_task with the nearest non-gold documents"}
+    )
+    tofu_facts_per_document: int = field(default=5, metadata={"help": "whole TOFU facts per document"})
+    eval_tasks_per_source: int = field(default=16, metadata={"help": "dev tasks per source of the mixed set"})
+    resume: str | None = field(
+        default=None, metadata={"help": "continue a run: 'last' (newest checkpoint in output_dir) or a checkpoint"}
+    )
+
+
+def _mixed_task_sets(recipe: RecipeArguments, training_args, model) -> tuple[list, list]:
+    """The mixed train and dev tasks, cached in output_dir so that a resumed run sees the same distractors."""
+    from .data import load_jsonl
+    from .defaults import load_embedder
+    from .tasks import mixed_tasks
+
+    output = Path(training_args.output_dir)
+    cached = output / "tasks_train.jsonl", output / "tasks_dev.jsonl"
+    if all(path.is_file() for path in cached):
+        return load_jsonl(cached[0]), load_jsonl(cached[1])
+    dpt = training_args.documents_per_task if recipe.hard_distractors else 1
+    embedder = load_embedder(model.config.embedder) if dpt > 1 else None
+    files = {"squad": recipe.squad_file, "tofu": recipe.tofu_file, "hotpotqa": recipe.hotpotqa_file}
+    sets = []
+    for path, split, limit in zip(cached, ("train", "dev"), (None, recipe.eval_tasks_per_source), strict=True):
+        tasks = mixed_tasks(split, **files, documents_per_task=dpt, embedder=embedder, seed=training_args.seed,
+                            max_tasks_per_source=limit)  # fmt: skip
+        output.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(task.to_dict()) + "\n" for task in tasks), encoding="utf-8")
+        sets.append(tasks)
+    return sets[0], sets[1]
+
+
+@dataclass
 class LearnerArguments:
     base_model: str | None = field(default=None, metadata={"help": "Hub id or path; default: embedded SmolLM2"})
     resume_learner: str | None = field(default=None, metadata={"help": "start from a saved learner instead"})
@@ -94,9 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training import ReGradTrainer, ReGradTrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ReGradTrainingArguments, DataArguments, LearnerArguments), prog="regrad train")
+    parser = HfArgumentParser(
+        (ReGradTrainingArguments, DataArguments, LearnerArguments, RecipeArguments), prog="regrad train"
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a recorded recipe (options given also win)")
-    training_args, data_args, learner_args, _ = parser.parse_args_into_dataclasses(_with_preset(argv))
+    training_args, data_args, learner_args, recipe_args, _ = parser.parse_args_into_dataclasses(_with_preset(argv))
+    resume = training_args.resume_from_checkpoint
+    if recipe_args.resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if resume is None:
+            raise SystemExit(f"--resume last: no checkpoint-N folder in {training_args.output_dir}")
+    elif recipe_args.resume:
+        resume = recipe_args.resume
 
     torch.manual_seed(training_args.seed)
     if learner_args.resume_learner:
@@ -112,18 +165,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         model = ReGradForCausalLM.from_base(learner_args.base_model or EMBEDDED_MODEL_ID, config)
 
-    train_tasks = _load_tasks(data_args.train_format, data_args.train_file, data_args.train_split)
-    random.Random(training_args.seed).shuffle(train_tasks)
     eval_tasks = None
-    if data_args.eval_file:
+    if recipe_args.task_set == "mixed":
+        train_tasks, eval_tasks = _mixed_task_sets(recipe_args, training_args, model)
+    elif recipe_args.task_set is not None:
+        raise SystemExit(f"unknown task set {recipe_args.task_set!r}; the one task set is 'mixed'")
+    else:
+        train_tasks = _load_tasks(data_args.train_format, data_args.train_file, data_args.train_split)
+        random.Random(training_args.seed).shuffle(train_tasks)
+    if data_args.eval_file and recipe_args.task_set is None:
         eval_tasks = _load_tasks(
             data_args.eval_format or data_args.train_format, data_args.eval_file, data_args.eval_split
         )
         random.Random(training_args.seed).shuffle(eval_tasks)
 
     trainer = ReGradTrainer(model, training_args, train_dataset=train_tasks, eval_dataset=eval_tasks)
-    before = trainer.evaluate(metric_key_prefix="before") if eval_tasks else {}
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    before = trainer.evaluate(metric_key_prefix="before") if eval_tasks and not resume else {}
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     after = trainer.evaluate() if eval_tasks else {}
     if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, process 0 writes the record
@@ -133,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "regrad train " + shlex.join(argv),
         "data": asdict(data_args),
         "learner": asdict(learner_args),
+        "recipe": asdict(recipe_args),
+        "resumed_from": resume,
         "seed": training_args.seed,
         "max_steps": training_args.max_steps,
         "train_tasks": len(train_tasks),

@@ -9,6 +9,7 @@ checkpoints, `report_to`, DDP) is `Trainer`'s.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class ReGradTrainingArguments(TrainingArguments):
     eval_max_tasks: int = field(default=32, metadata={"help": "Dev tasks used by evaluate()."})
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length for EM/F1 in evaluate()."})
     eval_generate: bool = field(default=True, metadata={"help": "Generate answers for EM/F1 in evaluate()."})
+    eval_cases: str = field(
+        default="no_adaptation,regrad,raw", metadata={"help": "Comma-separated cases of evaluate() (raw: untrained)."}
+    )
     learning_rate: float = field(default=4e-4, metadata={"help": "Learning rate of the LoRA tensors."})
     warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps, or a fraction of the training steps."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient-norm clipping."})
@@ -63,6 +67,18 @@ class CompactCheckpointCallback(TrainerCallback):
         if args.compact_checkpoint_dir and state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             export_compact_checkpoint(checkpoint, args.compact_checkpoint_dir)
+        return control
+
+
+class WallClockCallback(TrainerCallback):
+    """Where `ReGradTrainer.log`'s `wall_seconds` count from: this run's start minus the training time of the runs
+    it resumes (the last `wall_seconds` of the restored log history)."""
+
+    start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        previous = [entry["wall_seconds"] for entry in state.log_history if "wall_seconds" in entry]
+        self.start = time.monotonic() - (previous[-1] if previous else 0.0)
         return control
 
 
@@ -108,6 +124,8 @@ class ReGradTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(CompactCheckpointCallback())
+        self._clock = WallClockCallback()
+        self.add_callback(self._clock)
         # compute_loss averages over tasks itself; Trainer must still divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         # The untrained start, for the `raw` case of evaluate().
@@ -149,7 +167,7 @@ class ReGradTrainer(Trainer):
             learner,
             tasks,
             untrained_state=self.untrained_state,
-            cases=("no_adaptation", "regrad", "raw"),
+            cases=tuple(case.strip() for case in self.args.eval_cases.split(",")),
             max_new_tokens=self.args.eval_max_new_tokens,
             max_document_tokens=self.args.inner_max_document_tokens,
             generate=self.args.eval_generate,
@@ -160,13 +178,20 @@ class ReGradTrainer(Trainer):
             for name, value in result.as_dict().items()
             if name != "prompt_tokens"
         }
-        metrics[f"{metric_key_prefix}_injection_signal"] = (
-            results["no_adaptation"].answer_loss - results["regrad"].answer_loss
-        )
+        if {"no_adaptation", "regrad"} <= set(results):
+            metrics[f"{metric_key_prefix}_injection_signal"] = (
+                results["no_adaptation"].answer_loss - results["regrad"].answer_loss
+            )
         metrics[f"{metric_key_prefix}_step_size_mean"] = learner.step_sizes.values().mean().item()
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Adds `wall_seconds`: training time so far, summed over the runs a resumed training consists of."""
+        if self._clock.start is not None:
+            logs = {**logs, "wall_seconds": round(time.monotonic() - self._clock.start, 1)}
+        super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints hold the learner (`config.json`, `learner.safetensors`), never the base weights."""
