@@ -2,7 +2,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from regrad_hf import ReGradConfig, ReGradForCausalLM
 from regrad_hf.cli import main
 from regrad_hf.data import Task, load_jsonl
 from regrad_hf.errors import ReGradValueError
@@ -173,3 +175,26 @@ def test_train_command_on_the_mixed_set_resumes_the_last_checkpoint(sources, tok
         e["wall_seconds"] for e in record["log_history"] if "loss" in e
     )
     assert json.loads((tmp_path / "compact" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_train_command_starts_from_init_learner_under_the_given_config(tokenizer, tmp_path):
+    make_tiny_base(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    start = ReGradForCausalLM.from_base(str(tmp_path / "base"), ReGradConfig(lora_rank=2))
+    with torch.no_grad():
+        for parameter in start.lora_parameters().values():
+            parameter.uniform_(-0.1, 0.1)
+    start.save_pretrained(tmp_path / "init")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(json.dumps(t.to_dict()) for t in topic_tasks()[:4]))
+    argv = [
+        "train", "--base_model", str(tmp_path / "base"), "--train_format", "jsonl", "--train_file", str(tasks),
+        "--init_learner", str(tmp_path / "init"), "--lora_rank", "2", "--gamma", "0.5", "--output_dir",
+        str(tmp_path / "out"), "--max_steps", "1", "--learning_rate", "0", "--step_size_learning_rate", "0",
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true", "--warmup_steps", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    trained = ReGradForCausalLM.from_pretrained(tmp_path / "out")
+    assert trained.config.gamma == 0.5  # the config given here, not the init learner's
+    for name, tensor in start.learner_state_dict().items():
+        assert torch.equal(trained.learner_state_dict()[name], tensor)  # lr 0: still the init learner's tensors

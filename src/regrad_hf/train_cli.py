@@ -67,6 +67,13 @@ class RecipeArguments:
     resume: str | None = field(
         default=None, metadata={"help": "continue a run: 'last' (newest checkpoint in output_dir) or a checkpoint"}
     )
+    init_learner: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from this learner folder's LoRA tensors and step sizes (same layout; 'shipped' = the "
+            "shipped learner) under the config given here (prompt, gamma, ...), unlike resume_learner"
+        },
+    )
 
 
 def _mixed_task_sets(recipe: RecipeArguments, training_args, model) -> tuple[list, list]:
@@ -102,6 +109,7 @@ class LearnerArguments:
     step_size_mode: str = "tie"
     step_size_parametrization: str = "log"
     max_document_tokens: int = 512
+    gamma: float = field(default=1.0, metadata={"help": "test-time step multiplier (also used in training)"})
 
 
 def _load_tasks(format_: str, path: str, split: str | None):
@@ -162,8 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             step_size_mode=learner_args.step_size_mode,
             step_size_parametrization=learner_args.step_size_parametrization,
             max_document_tokens=learner_args.max_document_tokens,
+            gamma=learner_args.gamma,
         )
         model = ReGradForCausalLM.from_base(learner_args.base_model or EMBEDDED_MODEL_ID, config)
+        if recipe_args.init_learner:
+            from .defaults import shipped_learner_path
+            from .modeling import LEARNER_FILE
+
+            folder = shipped_learner_path() if recipe_args.init_learner == "shipped" else Path(recipe_args.init_learner)
+            model.load_learner(Path(folder) / LEARNER_FILE)
 
     eval_tasks = None
     if recipe_args.task_set == "mixed":
