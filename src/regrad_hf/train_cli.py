@@ -80,6 +80,7 @@ def _mixed_task_sets(recipe: RecipeArguments, training_args, model) -> tuple[lis
     """The mixed train and dev tasks, cached in output_dir so that a resumed run sees the same distractors."""
     from .data import load_jsonl
     from .defaults import load_embedder
+    from .files import atomic_write_text
     from .tasks import mixed_tasks
 
     output = Path(training_args.output_dir)
@@ -93,8 +94,7 @@ def _mixed_task_sets(recipe: RecipeArguments, training_args, model) -> tuple[lis
     for path, split, limit in zip(cached, ("train", "dev"), (None, recipe.eval_tasks_per_source), strict=True):
         tasks = mixed_tasks(split, **files, documents_per_task=dpt, embedder=embedder, seed=training_args.seed,
                             max_tasks_per_source=limit)  # fmt: skip
-        output.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(task.to_dict()) + "\n" for task in tasks), encoding="utf-8")
+        atomic_write_text(path, "".join(json.dumps(task.to_dict()) + "\n" for task in tasks))
         sets.append(tasks)
     return sets[0], sets[1]
 
@@ -182,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     eval_tasks = None
     if recipe_args.task_set == "mixed":
-        train_tasks, eval_tasks = _mixed_task_sets(recipe_args, training_args, model)
+        with training_args.main_process_first(desc="mixed task sets"):  # process 0 builds them, the others read
+            train_tasks, eval_tasks = _mixed_task_sets(recipe_args, training_args, model)
     elif recipe_args.task_set is not None:
         raise SystemExit(f"unknown task set {recipe_args.task_set!r}; the one task set is 'mixed'")
     else:
