@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from regrad_hf import cli
+from regrad_hf import BankMismatchError, GradientBank, ReGradForCausalLM, cli
 from regrad_hf.evaluation import (
     METHODS,
     CPTConfig,
     EvalConfig,
+    EvalSet,
     WeightSnapshot,
+    answer_contained,
     base_only,
     bootstrap_ci,
     cpt_drift,
     exact_match,
     f1_score,
+    has_repetition,
     load_eval_set,
     load_probes,
     normalize_answer,
@@ -32,6 +36,8 @@ from regrad_hf.evaluation import (
 from regrad_hf.evaluation.datasets import parse_range
 from regrad_hf.evaluation.drift import option_scores
 from regrad_hf.evaluation.methods import ContinualPretraining
+from regrad_hf.evaluation.report import render_report
+from regrad_hf.prompting import PromptTemplate
 
 from .conftest import make_tiny_base, make_tiny_model
 
@@ -60,6 +66,25 @@ def test_squad_normalisation_em_and_f1_on_hand_computed_cases():
     assert f1_score("dog", ["cat"]) == 0.0
     # repeated tokens count once per occurrence (Counter intersection): "a a b" -> [b]... articles are dropped
     assert f1_score("x x y", ["x y y"]) == pytest.approx(2 / 3)
+
+
+def test_answer_contained_on_hand_computed_cases():
+    assert answer_contained("It flows into Lake Merrow.", ["Lake Merrow"]) == 1.0
+    assert answer_contained("The answer is the Nile", ["the Nile"]) == 1.0  # normalised: articles, case
+    assert answer_contained("Merrow", ["Lake Merrow"]) == 0.0  # a part of the answer is not the answer
+    assert answer_contained("in 19870 or so", ["1987"]) == 0.0  # whole words only
+    assert answer_contained("in 1987, near Tromsø", ["1988", "1987"]) == 1.0  # best over gold answers
+    assert answer_contained("anything", ["the"]) == 0.0  # an answer that normalises to nothing is never contained
+    assert answer_contained("", ["Nile"]) == 0.0
+
+
+def test_repetition_on_hand_computed_cases():
+    assert has_repetition("Lake Merrow River River River River") == 1.0  # "river river river" twice
+    assert has_repetition("Bay village village village") == 0.0  # only one "village village village"
+    assert has_repetition("Bay village village village village") == 1.0
+    assert has_repetition("x b c x b c") == 1.0 and has_repetition("the b c the b c") == 0.0  # articles dropped
+    assert has_repetition("one two three one two four") == 0.0
+    assert has_repetition("") == 0.0 and has_repetition("x x") == 0.0
 
 
 def test_recall_at_k():
@@ -210,7 +235,7 @@ def test_option_scores_prefer_what_the_model_was_trained_to_say(tokenizer, probe
     model = make_tiny_model(tokenizer)
     question, options = "Which city?", ("Quentville", "Berlin")
     cpt = ContinualPretraining(model, CPTConfig(mode="full", learning_rate=3e-3), untrained_learner_state(model, 0))
-    prompt = cli.chat_prompt(tokenizer, question)
+    prompt = PromptTemplate.from_config(model.config).build(tokenizer, question)
     before = option_scores(cpt.model, question, options)
     cpt.train([prompt + "Quentville"] * 10)
     after = option_scores(cpt.model, question, options)
@@ -276,6 +301,39 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
     assert json.loads(written["results"].read_text())["summary"]["regrad"]["f1"]["n"] == 3
 
 
+def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tmp_path, monkeypatch):
+    model = make_tiny_model(tokenizer)
+    template = PromptTemplate(system_prompt="Reply with only the answer, a few words.")
+    assert PromptTemplate.from_config(model.config) != template  # the run's template, not the learner's
+    prompts = []
+    generate = ReGradForCausalLM.generate
+
+    def spy(self, *args, **kwargs):  # the CPT copy is another ReGradForCausalLM: a class-level spy sees it too
+        prompts.append((tokenizer.decode(kwargs["input_ids"][0]), kwargs["stopping_criteria"]))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReGradForCausalLM, "generate", spy)
+    eval_set = load_eval_set("squad", SQUAD, limit=2)
+    config = EvalConfig(top_k=1, max_new_tokens=2, drift_ns=[], show_progress=False, prompt=template)
+    results = run_evaluation(model, eval_set, config, embedder_model=embedder)
+    assert len(prompts) == 2 * len(METHODS)
+    per_method = iter(prompts)
+    for record in results["questions"]:
+        asked = {method: next(per_method) for method in METHODS}
+        texts = [eval_set.documents[i] for i in record["retrieved_ids"]]
+        for method, (prompt, stop) in asked.items():
+            documents = texts if method in ("rag", "regrad_icl") else None
+            assert prompt == template.build(tokenizer, record["question"], documents)
+            assert "<|im_start|>system\nReply with only the answer, a few words.<|im_end|>" in prompt
+            assert len(stop) == 1  # the end-of-line rule for everyone
+        assert len({asked[m][0] for m in ("closed_book", "no_adaptation", "cpt", "raw", "regrad")}) == 1
+        assert asked["rag"][0] == asked["regrad_icl"][0]
+    assert results["prompt"]["system_prompt"] == template.system_prompt
+    assert all({"contained", "repetition"} <= set(results["summary"][m]) for m in METHODS)
+    report = write_report(results, tmp_path)["report"].read_text()
+    assert "Reply with only the answer, a few words." in report and "| contained [95% CI] |" in report
+
+
 def test_oracle_injects_the_gold_documents(tokenizer, embedder):
     model = make_tiny_model(tokenizer)
     config = EvalConfig(methods=["regrad"], oracle=True, max_new_tokens=2, drift_ns=[], show_progress=False)
@@ -283,6 +341,36 @@ def test_oracle_injects_the_gold_documents(tokenizer, embedder):
     assert all(r["retrieved_ids"] == r["gold_ids"] for r in results["questions"])
     assert results["retrieval"]["recall_at_k"]["mean"] == 1.0
     assert "drift" not in results
+
+
+def test_gradients_only_for_retrieved_documents_and_the_cache_adds_what_it_lacks(tokenizer, embedder, tmp_path):
+    model = make_tiny_model(tokenizer)
+    eval_set = load_eval_set("squad", SQUAD, limit=1)
+    config = EvalConfig(methods=["regrad"], top_k=1, max_new_tokens=2, drift_ns=[], show_progress=False)
+    config.bank_cache = str(tmp_path / "bank")
+    first = run_evaluation(model, eval_set, config, embedder_model=embedder)
+    assert first["timings"]["bank_gradient_documents"] == first["timings"]["bank_computed_documents"] == 1
+    assert GradientBank.from_pretrained(tmp_path / "bank", embedder).ids == first["questions"][0]["retrieved_ids"]
+    # Retrieval is over the whole bank: the same hits as a bank of every document searched exactly.
+    full = GradientBank.build(model, list(eval_set.documents.values()), ids=list(eval_set.documents),
+                              embedder_model=embedder, show_progress=False)  # fmt: skip
+    assert first["questions"][0]["retrieved_ids"] == [full.search(eval_set.questions[0].task.question, 1)[0].id]
+    config.top_k = 3
+    second = run_evaluation(model, eval_set, config, embedder_model=embedder)
+    assert second["timings"]["bank_gradient_documents"] == 3 and second["timings"]["bank_computed_documents"] == 2
+    assert set(GradientBank.from_pretrained(tmp_path / "bank", embedder).ids) == set(eval_set.documents)
+    again = run_evaluation(model, eval_set, config, embedder_model=embedder)
+    assert again["timings"]["bank_computed_documents"] == 0
+    assert again["questions"][0]["methods"]["regrad"]["prediction"] == second["questions"][0]["methods"]["regrad"][
+        "prediction"]  # fmt: skip
+    assert "0 computed in this run, 3 loaded from the --bank-cache" in render_report(again)
+    with pytest.raises(BankMismatchError):
+        run_evaluation(make_tiny_model(tokenizer, seed=1), eval_set, config, embedder_model=embedder)
+    doc_id = next(iter(eval_set.documents))
+    changed = EvalSet("changed", {doc_id: "Another text under the same id."}, [eval_set.questions[0]])
+    config.top_k = 1
+    with pytest.raises(ValueError, match="other documents"):
+        run_evaluation(model, changed, config, embedder_model=embedder)
 
 
 def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, capsys):
@@ -297,6 +385,14 @@ def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, 
     assert results["methods"] == ["closed_book", "regrad"] and len(results["questions"]) == 2
     assert results["run"]["command"].startswith("regrad ")
     assert (tmp_path / "report.md").is_file()
+    assert results["prompt"] == asdict(PromptTemplate.from_config(model.config))  # the learner's by default
+    argv += ["--system-prompt", "Be brief.", "--user-template", "{question}\\n\\n{context}", "--answer-stop", "turn"]
+    assert cli.main(argv) == 0
+    prompt = json.loads((tmp_path / "results.json").read_text())["prompt"]
+    assert prompt["system_prompt"] == "Be brief." and prompt["user_template"] == "{question}\n\n{context}"
+    assert prompt["answer_stop"] == "turn"
+    assert cli.main([*argv, "--system-prompt", "none"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["prompt"]["system_prompt"] is None
 
 
 def test_cli_eval_refuses_unknown_methods(tmp_path):

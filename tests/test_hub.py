@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, pipeline
 import regrad_hf.bank
 from regrad_hf import GradientBank, ReGradConfig, ReGradForCausalLM, ReGradHubError, ReGradValueError
 from regrad_hf.cli import main as regrad
+from regrad_hf.config import PROMPT_FIELDS
 from regrad_hf.hub import TEMPLATE_PATH, merge_card
+from regrad_hf.prompting import LEGACY_PROMPT, PromptTemplate
 
 from .conftest import DOCUMENTS, IDS, make_tiny_base, parameter_bytes
 from .hub_server import FakeHub
@@ -143,6 +145,24 @@ def test_auto_model_and_pipeline_load_a_regrad_repo(published, hub, tokenizer):
     text = generator(PROMPT, **GREEDY)[0]["generated_text"]
     expected = tokenizer.decode(generate(published.model, tokenizer)[0], skip_special_tokens=True)
     assert text == expected
+
+
+def test_the_prompt_template_travels_through_the_hub(published, hub, tokenizer):
+    learner = make_learner(tokenizer, seed=4)
+    learner.config.system_prompt = "Reply with only the answer."
+    learner.config.user_template = "Question: {question}\n\n{context}"
+    learner.config.answer_stop = "turn"
+    repo = "user/prompted"
+    learner.push_to_hub(repo)
+    loaded = ReGradForCausalLM.from_pretrained("user/prompted")
+    assert PromptTemplate.from_config(loaded.config) == PromptTemplate.from_config(learner.config)
+    assert PromptTemplate.from_config(loaded.config).system_prompt == "Reply with only the answer."
+    # A repo whose config.json predates the prompt fields loads with the prompt such learners were trained with.
+    config = {k: v for k, v in json.loads(hub.files("user/prompted")["config.json"]).items() if k not in PROMPT_FIELDS}
+    HfApi().upload_file(
+        path_or_fileobj=json.dumps(config).encode(), path_in_repo="config.json", repo_id="user/prompted"
+    )
+    assert PromptTemplate.from_config(ReGradForCausalLM.from_pretrained("user/prompted").config) == LEGACY_PROMPT
 
 
 def test_revision_pinning_and_pull_requests(published, hub, tokenizer):

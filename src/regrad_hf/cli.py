@@ -71,18 +71,18 @@ def default_learner() -> str:
     return str(path) if (path / "learner.safetensors").is_file() else FRESH
 
 
-def chat_prompt(tokenizer, question: str) -> str:
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return question
-
-
 def answer(model, question: str, max_new_tokens: int, **retrieval) -> str:
-    tokenizer = model.tokenizer
-    inputs = tokenizer(chat_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **retrieval)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    """Greedy answer to `question`, asked with the learner's prompt template and cut by its stop rule."""
+    from .prompting import PromptTemplate
+
+    tokenizer, template = model.tokenizer, PromptTemplate.from_config(model.config)
+    inputs = tokenizer(template.build(tokenizer, question), return_tensors="pt", add_special_tokens=False)
+    length = inputs["input_ids"].shape[1]
+    stop = template.stopping_criteria(tokenizer, length)
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop, **retrieval
+    )
+    return template.cut(tokenizer.decode(output[0, length:], skip_special_tokens=True))
 
 
 def document_nll(model, text: str) -> float:
@@ -266,6 +266,22 @@ def learner_note(learner: str) -> str:
     return "a saved learner; whether it was trained blind or with documents in the prompt is not in its config"
 
 
+def eval_prompt(config, args: argparse.Namespace):
+    """The prompt of every method: the learner's template, with the fields given on the command line replaced (`\\n`
+    in them is a newline; `--system-prompt none` sends no system turn)."""
+    from .prompting import PromptTemplate
+
+    fields = {}
+    for name in ("system_prompt", "user_template", "document_template"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = None if name == "system_prompt" and value == "none" else value.replace("\\n", "\n")
+    if args.answer_stop is not None:
+        fields["answer_stop"] = args.answer_stop
+    learner = PromptTemplate.from_config(config)
+    return PromptTemplate(**{**vars(learner), **fields})
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Runs every method on a dataset and writes results.json, report.md and the plots to --output."""
     import shlex
@@ -302,8 +318,10 @@ def evaluate(args: argparse.Namespace) -> int:
         drift_heldout=args.drift_heldout,
         bootstrap_resamples=args.bootstrap,
         show_progress=not args.no_progress,
+        bank_cache=args.bank_cache,
     )
     model = load_learner(args.learner, args.seed)
+    config.prompt = eval_prompt(model.config, args)
     command = (
         "regrad " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
     )
@@ -417,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--output", required=True, help="directory for results.json, report.md and the plots")
     sub.add_argument("--max-new-tokens", type=int, default=24)
     sub.add_argument("--gamma", type=float, help="ReGrad step multiplier (default: the learner's)")
+    sub.add_argument(
+        "--system-prompt", help="system turn of every method's prompt, or 'none' (default: the learner's template)"
+    )
+    sub.add_argument("--user-template", help="user turn with {question} and {context} (default: the learner's)")
+    sub.add_argument("--document-template", help="each document in {context}: {document}, {index} (default: learner's)")
+    sub.add_argument(
+        "--bank-cache", help="directory to build the learner's bank into, reused by later runs on the same documents"
+    )
+    sub.add_argument("--answer-stop", choices=["line", "turn"], help="where answers end (default: the learner's)")
     sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
     sub.add_argument("--cpt-epochs", type=int, default=1, help="CPT passes over the bank documents (default 1)")
     sub.add_argument("--cpt-lr", type=float, default=2e-5, help="CPT AdamW learning rate (default 2e-5)")

@@ -8,10 +8,13 @@ from typing import Literal
 from transformers import PreTrainedConfig
 
 from .errors import ReGradValueError
+from .prompting import CONCISE_SYSTEM_PROMPT, DEFAULT_DOCUMENT_TEMPLATE, DEFAULT_USER_TEMPLATE, LEGACY_PROMPT
+from .prompting import check_template as check_prompt_template
 from .quantization import BANK_DTYPES
 
 STEP_SIZE_MODES = ("tie", "same", "fix")
 STEP_SIZE_PARAMETRIZATIONS = ("log", "linear")
+PROMPT_FIELDS = ("system_prompt", "user_template", "document_template", "answer_stop")
 
 # Keys that `PreTrainedConfig.__post_init__` consumes itself; anything else we do not know is reported.
 _BASE_CONFIG_KEYS = frozenset(
@@ -68,6 +71,16 @@ class ReGradConfig(PreTrainedConfig):
             sentence-transformers model used to index documents. `None` is the embedded all-MiniLM-L6-v2.
         bank_dtype (`str`, defaults to `"bfloat16"`):
             dtype of the gradients stored in a [`GradientBank`].
+        system_prompt (`str`, *optional*, defaults to a concise-answer instruction):
+            The system turn of the question prompt the learner is trained and served with; `None` sends none.
+        user_template (`str`, defaults to `"{context}Question: {question}\nAnswer:"`):
+            The user turn: `{question}`, and `{context}` for the documents when the prompt carries them.
+        document_template (`str`, defaults to `"{document}\n\n"`):
+            How each document is written into `{context}` (`{document}`, `{index}` from 1).
+        answer_stop (`str`, defaults to `"line"`):
+            `"line"`: an answer ends at the end of its first line or of the turn; `"turn"`: at the end of the turn.
+            (The four prompt fields make a [`~regrad_hf.prompting.PromptTemplate`]; a config.json saved without them
+            loads with [`~regrad_hf.prompting.LEGACY_PROMPT`], the prompt such learners were trained with.)
     """
 
     model_type = "regrad"
@@ -86,6 +99,25 @@ class ReGradConfig(PreTrainedConfig):
     max_document_tokens: int = 512
     embedder: str | None = None
     bank_dtype: Literal["bfloat16", "float16", "float32", "int8", "int4", "int3", "int2"] = "bfloat16"
+    system_prompt: str | None = CONCISE_SYSTEM_PROMPT
+    user_template: str = DEFAULT_USER_TEMPLATE
+    document_template: str = DEFAULT_DOCUMENT_TEMPLATE
+    answer_stop: Literal["line", "turn"] = "line"
+
+    @staticmethod
+    def _with_legacy_prompt(config_dict: dict) -> dict:
+        # A config.json written before the prompt fields existed: its learner was trained with the legacy prompt.
+        if "transformers_version" in config_dict and not set(PROMPT_FIELDS) & set(config_dict):
+            return {**config_dict, **{name: getattr(LEGACY_PROMPT, name) for name in PROMPT_FIELDS}}
+        return config_dict
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        return super().from_dict(cls._with_legacy_prompt(config_dict), **kwargs)
+
+    @classmethod
+    def from_json_file(cls, json_file):
+        return cls(**cls._with_legacy_prompt(cls._dict_from_json_file(json_file)))
 
     def __post_init__(self, **kwargs):
         unknown = sorted(set(kwargs) - _BASE_CONFIG_KEYS)
@@ -119,5 +151,8 @@ class ReGradConfig(PreTrainedConfig):
             raise ReGradValueError(f"init_step_size must be positive, got {self.init_step_size!r}")
         if self.target_modules is not None and not self.target_modules:
             raise ReGradValueError("target_modules must be None (automatic) or a non-empty list of module names")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ReGradValueError(f"system_prompt must be a string or None, got {self.system_prompt!r}")
+        check_prompt_template(self.user_template, self.document_template, self.answer_stop)
         if self.target_layers is not None and not self.target_layers:
             raise ReGradValueError("target_layers must be None (upper half) or a non-empty list of layer indices")

@@ -11,7 +11,7 @@ import os
 import random
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 
 from .deltas import check_documents, tokenize_document
 from .errors import ReGradValueError
+from .prompting import PromptTemplate
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
 SQUAD_SPLITS: dict[str, range] = {"train": range(0, 30), "dev": range(30, 35), "test": range(35, 40)}
@@ -157,16 +158,13 @@ def load_jsonl(path: str | os.PathLike) -> list[Task]:
 LOADERS = {"squad": load_squad, "hotpotqa": load_hotpotqa, "tofu": load_tofu, "jsonl": load_jsonl}
 
 
-def question_prompt(tokenizer, question: str, documents: Sequence[str] | None = None) -> str:
-    """The prompt a question is asked with: the question alone (blind), or preceded by the documents (ICL).
-
-    Uses the tokenizer's chat template when it has one.
-    """
-    content = question if not documents else "\n\n".join(documents) + "\n\n" + question
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{content}\nAnswer:"
+def question_prompt(
+    tokenizer, question: str, documents: Sequence[str] | None = None, prompt: PromptTemplate | None = None
+) -> str:
+    """The prompt a question is asked with: the question alone (blind), or with the documents (ICL), written with
+    `prompt` (defaults to [`PromptTemplate`]'s defaults, those of a new [`ReGradConfig`]) through the tokenizer's
+    chat template when it has one."""
+    return (prompt or PromptTemplate()).build(tokenizer, question, documents)
 
 
 def answer_suffix(tokenizer) -> str:
@@ -191,6 +189,8 @@ class TaskCollator:
         distractor_pool (`Sequence[str]`): documents to sample distractors from.
         seed (`int`): seed of the distractor sampling. A task's distractors depend only on the seed and the task
             (not on what was collated before), so a resumed run sees the same batches as an uninterrupted one.
+        prompt ([`PromptTemplate`]): the question prompt; pass the learner's (`PromptTemplate.from_config(config)`,
+            as [`ReGradTrainer`] does) so that it is trained the way it is served. Defaults to a new config's.
     """
 
     tokenizer: Any
@@ -200,6 +200,7 @@ class TaskCollator:
     documents_per_task: int = 1
     distractor_pool: Sequence[str] = ()
     seed: int = 0
+    prompt: PromptTemplate = field(default_factory=PromptTemplate)
 
     def __post_init__(self):
         if self.documents_per_task < 1:
@@ -220,7 +221,7 @@ class TaskCollator:
             document_ids[row, : len(ids)] = torch.tensor(ids)
             document_mask[row, : len(ids)] = 1
 
-        prompt = question_prompt(tokenizer, task.question, None if self.blind else task.documents)
+        prompt = self.prompt.build(tokenizer, task.question, None if self.blind else task.documents)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(task.answer.strip() + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
         if len(answer_ids) > self.max_answer_tokens:

@@ -26,6 +26,7 @@ from .errors import ReGradError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, locate, push_folder, render_model_card
 from .learner import StepSizes, fingerprint_of, inject_lora, learner_identity, lora_parameters
+from .prompting import PromptTemplate
 from .query import prompt_to_query
 
 CONFIG_FILE = "config.json"
@@ -514,7 +515,8 @@ class ReGradForCausalLM(PreTrainedModel, GenerationMixin):
             raise ReGradError("the model has no tokenizer to decode the prompt with: pass query= or a tokenizer")
         mask = kwargs.get("attention_mask")
         rows = [ids if mask is None else ids[mask[i].bool()] for i, ids in enumerate(input_ids)]
-        return [prompt_to_query(self.tokenizer, ids.tolist()) for ids in rows]
+        template = PromptTemplate.from_config(self.config)  # retrieve on the question, not the instruction
+        return [prompt_to_query(self.tokenizer, ids.tolist(), template) for ids in rows]
 
     def _retrieve_rows(self, queries: list[str | None], top_k: int | None) -> list[tuple[str, ...] | None]:
         """The ids of the documents each row retrieves, best first (`None` for a row without a query)."""

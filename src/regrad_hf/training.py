@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .data import Task, TaskCollator
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
+from .prompting import PromptTemplate
 from .training_state import export_compact_checkpoint, is_compact_checkpoint, load_compact_optimizer
 
 
@@ -114,6 +115,7 @@ class ReGradTrainer(Trainer):
                 documents_per_task=args.documents_per_task,
                 distractor_pool=pool,
                 seed=args.seed,
+                prompt=PromptTemplate.from_config(model.config),
             )
         super().__init__(
             model=model,

@@ -1,16 +1,25 @@
 """Evaluation: answer metrics, the trainer's injection evaluation, and `regrad eval` (every method side by side
 on real data, with drift, a report and plots).
 
-Modules: `metrics` (EM/F1, recall@k, bootstrap CIs), `injection` (the trainer's per-task evaluation), `datasets`
-(evaluation sets: questions, bank documents, gold ids), `methods` (the seven methods), `drift` (probes,
-perplexity, byte-for-byte weight comparison), `report` (results.json, report.md, plots), `runner` (the whole run).
+Modules: `metrics` (EM/F1, answer contained, repetition, recall@k, bootstrap CIs), `injection` (the trainer's
+per-task evaluation), `datasets` (evaluation sets: questions, bank documents, gold ids), `methods` (the seven
+methods, one shared prompt), `drift` (probes, perplexity, byte-for-byte weight comparison), `report` (results.json,
+report.md, plots), `runner` (the whole run).
 """
 
 from .datasets import EvalQuestion, EvalSet, load_eval_set
 from .drift import Probe, WeightSnapshot, cpt_drift, load_probes, probe_accuracy, regrad_drift
 from .injection import CASES, CaseResult, evaluate_injection
 from .methods import METHODS, ContinualPretraining, CPTConfig, MethodRunner, base_only, untrained_learner_state
-from .metrics import bootstrap_ci, exact_match, f1_score, normalize_answer, recall_at_k
+from .metrics import (
+    answer_contained,
+    bootstrap_ci,
+    exact_match,
+    f1_score,
+    has_repetition,
+    normalize_answer,
+    recall_at_k,
+)
 from .report import write_report
 from .runner import EvalConfig, run_evaluation
 
@@ -35,10 +44,12 @@ __all__ = [
     "run_evaluation",
     "untrained_learner_state",
     "write_report",
+    "answer_contained",
     "bootstrap_ci",
     "evaluate_injection",
     "exact_match",
     "f1_score",
+    "has_repetition",
     "normalize_answer",
     "recall_at_k",
 ]

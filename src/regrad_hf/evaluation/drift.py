@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import question_prompt
 from ..deltas import tokenize_document
 from ..errors import ReGradValueError
+from ..prompting import PromptTemplate
 from .methods import ContinualPretraining
 
 # Tokens of each injected document run through the adapted model during a ReGrad drift run.
@@ -53,9 +53,11 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
 
 
 def option_scores(model, question: str, options: Sequence[str]) -> list[float]:
-    """Mean log-probability per token of each option after the question's prompt (one padded forward pass)."""
+    """Mean log-probability per token of each option after the question's prompt (the learner's template; one padded
+    forward pass)."""
     tokenizer = model.tokenizer
-    prompt = tokenizer(question_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    text = PromptTemplate.from_config(model.config).build(tokenizer, question)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     encoded = [tokenizer(option.strip(), add_special_tokens=False)["input_ids"] for option in options]
     length = len(prompt) + max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import Task, TaskCollator
-from .metrics import exact_match, f1_score
+from ..prompting import PromptTemplate
+from .metrics import answer_contained, exact_match, f1_score
 
 CASES = ("no_adaptation", "regrad", "raw", "rag", "regrad_icl")
 
@@ -38,6 +39,7 @@ class CaseResult:
     exact_match: float
     f1: float
     prompt_tokens: float
+    contained: float = float("nan")
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
@@ -49,7 +51,7 @@ def _answer_loss(model, encoded: Mapping[str, torch.Tensor]) -> float:
         return model(input_ids=encoded["input_ids"].to(device), labels=encoded["labels"].to(device)).loss.item()
 
 
-def _generate(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -> str:
+def _generate(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, prompt: PromptTemplate) -> str:
     prompt_ids = prompt_ids.unsqueeze(0).to(model.device)
     output = model.generate(
         input_ids=prompt_ids,
@@ -57,8 +59,9 @@ def _generate(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -
         max_new_tokens=max_new_tokens,
         do_sample=False,
         use_bank=False,
+        stopping_criteria=prompt.stopping_criteria(tokenizer, prompt_ids.shape[1]),
     )
-    return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True).strip()
+    return prompt.cut(tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True))
 
 
 def evaluate_injection(
@@ -71,7 +74,8 @@ def evaluate_injection(
     generate: bool = True,
     show_progress: bool = False,
 ) -> dict[str, CaseResult]:
-    """Answer loss, EM and F1 of `model` on `tasks` for each case of [`CASES`] (table in the module docstring).
+    """Answer loss, EM, F1 and answer-contained accuracy of `model` on `tasks` for each case of [`CASES`] (table in
+    the module docstring), asked with the learner's prompt template.
 
     Args:
         model ([`ReGradForCausalLM`]): the learner (left exactly as it was).
@@ -94,8 +98,9 @@ def evaluate_injection(
         raise ValueError("the raw and rag cases need the untrained learner state (untrained_state=)")
     tokenizer = model.tokenizer
     max_document_tokens = max_document_tokens or model.config.max_document_tokens
+    prompt = PromptTemplate.from_config(model.config)  # the learner's own prompt, as in training
     collators = {
-        blind: TaskCollator(tokenizer, max_document_tokens, max_answer_tokens=1 << 30, blind=blind)
+        blind: TaskCollator(tokenizer, max_document_tokens, max_answer_tokens=1 << 30, blind=blind, prompt=prompt)
         for blind in (True, False)
     }
     totals = {case: collections.defaultdict(float) for case in cases}
@@ -115,8 +120,9 @@ def evaluate_injection(
                         stack.enter_context(model.knowledge(list(task.documents)))
                     totals[case]["answer_loss"] += _answer_loss(model, encoded)
                     if generate:
-                        prediction = _generate(model, tokenizer, prompt_ids, max_new_tokens)
+                        prediction = _generate(model, tokenizer, prompt_ids, max_new_tokens, prompt)
                         totals[case]["exact_match"] += exact_match(prediction, task.answers)
+                        totals[case]["contained"] += answer_contained(prediction, task.answers)
                         totals[case]["f1"] += f1_score(prediction, task.answers)
                 totals[case]["prompt_tokens"] += len(prompt_ids)
     finally:
@@ -129,6 +135,7 @@ def evaluate_injection(
             exact_match=values["exact_match"] / count if generate else nan,
             f1=values["f1"] / count if generate else nan,
             prompt_tokens=values["prompt_tokens"] / count,
+            contained=values["contained"] / count if generate else nan,
         )
         for case, values in totals.items()
     }

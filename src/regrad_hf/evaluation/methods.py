@@ -12,6 +12,9 @@
 
 Switching LoRA off gives the true base model whatever the learner holds; a fresh learner gives it too, because peft
 initialises B to zero, but a meta-trained learner does not (its B is non-zero).
+
+Every method is asked with one [`PromptTemplate`] (system instruction, layout, stop rule): the fair comparison is
+the same instruction for all, the documents in the prompt being the only difference.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
-from ..data import answer_suffix, question_prompt
+from ..data import answer_suffix
 from ..deltas import tokenize_document
 from ..errors import ReGradValueError
 from ..learner import StepSizes
 from ..modeling import STEP_SIZES_KEY
+from ..prompting import PromptTemplate
 
 METHODS = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
 LABELS = {
@@ -229,10 +233,14 @@ class MethodRunner:
         cpt_model ([`ReGradForCausalLM`], *optional*): the fine-tuned copy (`cpt`).
         max_new_tokens (`int`): greedy answer length.
         gamma (`float`, *optional*): step multiplier; defaults to the learner's.
+        prompt ([`PromptTemplate`], *optional*): the prompt every method is asked with; defaults to the learner's.
     """
 
-    def __init__(self, model, untrained_state=None, raw_bank=None, cpt_model=None, max_new_tokens=24, gamma=None):
+    def __init__(
+        self, model, untrained_state=None, raw_bank=None, cpt_model=None, max_new_tokens=24, gamma=None, prompt=None
+    ):
         self.model = model
+        self.prompt = prompt or PromptTemplate.from_config(model.config)
         self.untrained_state = untrained_state
         self.raw_bank = raw_bank
         self.cpt_model = cpt_model
@@ -260,16 +268,21 @@ class MethodRunner:
                 stack.enter_context(model.injected(ids, self.gamma))
             yield model
 
+    def prompt_text(self, method: str, question: str, texts: Sequence[str]) -> str:
+        """The prompt `method` is asked with: the shared template, with the documents for RAG and ReGrad+ICL."""
+        documents = list(texts) if method in WITH_DOCUMENTS_IN_PROMPT else None
+        return self.prompt.build(self.model.tokenizer, question, documents)
+
     def answer(self, method: str, question: str, answer: str, ids: Sequence[str], texts: Sequence[str]) -> Answer:
         """Answers `question` with `method`; `ids`/`texts` are the retrieved documents (ignored where unused).
 
         Returns:
-            [`Answer`]: greedy prediction, teacher-forced NLL of `answer` (mean over its tokens, end-of-turn
-            included), prompt length and wall-clock seconds (gradient step and restore included).
+            [`Answer`]: greedy prediction (cut by the template's stop rule), teacher-forced NLL of `answer` (mean
+            over its tokens, end-of-turn included), prompt length and wall-clock seconds (gradient step and restore
+            included).
         """
         tokenizer = self.model.tokenizer
-        documents = list(texts) if method in WITH_DOCUMENTS_IN_PROMPT else None
-        prompt_ids = tokenizer(question_prompt(tokenizer, question, documents), add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(self.prompt_text(method, question, texts), add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer.strip() + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
         start = time.perf_counter()
         with self.state(method, ids) as model:
@@ -286,7 +299,8 @@ class MethodRunner:
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
                     use_bank=False,
+                    stopping_criteria=self.prompt.stopping_criteria(tokenizer, len(prompt_ids)),
                 )
-        prediction = tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True).strip()
+        prediction = self.prompt.cut(tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True))
         nll = nll if math.isfinite(nll) else float("nan")
         return Answer(prediction, nll, len(prompt_ids), time.perf_counter() - start)

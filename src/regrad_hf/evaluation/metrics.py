@@ -1,4 +1,5 @@
-"""Answer metrics (SQuAD v1.1 EM/F1), retrieval recall@k and bootstrap confidence intervals."""
+"""Answer metrics (SQuAD v1.1 EM/F1, answer-contained accuracy, repetition), retrieval recall@k and bootstrap
+confidence intervals."""
 
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
 
     predicted = normalize_answer(prediction).split()
     return max(f1(predicted, normalize_answer(answer).split()) for answer in answers)
+
+
+def answer_contained(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if some normalised answer appears in the normalised prediction as a whole-word span.
+
+    The fair metric when a method answers in sentences: "It flows into Lake Merrow." contains "Lake Merrow", which
+    EM misses and F1 scores low. Whole words, so that "1987" is not found in "19870".
+    """
+    predicted = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(a) and f" {normalize_answer(a)} " in predicted for a in answers))
+
+
+def has_repetition(prediction: str, n: int = 3) -> float:
+    """1.0 if some word `n`-gram occurs twice in the prediction (normalised words), e.g. "River River River"."""
+    words = normalize_answer(prediction).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return float(len(grams) != len(set(grams)))
 
 
 def recall_at_k(retrieved: Sequence[str], gold: Collection[str], k: int | None = None) -> float:

@@ -44,16 +44,18 @@ def _errors(summary: Mapping, methods, metric: str) -> tuple[list[float], list[l
 
 
 def plot_f1(results: Mapping, path: Path) -> None:
-    """Bar chart: F1 of each method with its 95 % bootstrap interval."""
+    """Bar chart: F1 and answer-contained accuracy of each method with their 95 % bootstrap intervals."""
     methods = results["methods"]
-    means, errors = _errors(results["summary"], methods, "f1")
     figure = _figure(7.5, 4.0)
     axes = figure.add_subplot()
-    colors = ["tab:red" if m in ("regrad", "regrad_icl") else "tab:gray" for m in methods]
-    axes.bar(range(len(methods)), means, yerr=errors, capsize=4, color=colors)
-    axes.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=25, ha="right", fontsize=8)
-    axes.set_ylabel("F1 (SQuAD token overlap)")
-    axes.set_title(f"F1 per method, 95 % bootstrap CI ({len(results['questions'])} questions)")
+    positions = list(range(len(methods)))
+    for offset, metric, label, color in ((-0.2, "f1", "F1", "tab:gray"), (0.2, "contained", "contained", "tab:red")):
+        means, errors = _errors(results["summary"], methods, metric)
+        axes.bar([p + offset for p in positions], means, width=0.4, yerr=errors, capsize=3, color=color, label=label)
+    axes.set_xticks(positions, [LABELS[m] for m in methods], rotation=25, ha="right", fontsize=8)
+    axes.set_ylabel("score")
+    axes.legend(fontsize=8)
+    axes.set_title(f"F1 and answer contained per method, 95 % bootstrap CI ({len(results['questions'])} questions)")
     _save(figure, path)
 
 
@@ -100,16 +102,27 @@ def _interval(entry: Mapping, digits: int = 3) -> str:
     return f"{entry['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _prompt(prompt: Mapping) -> str:
+    system = "no system turn" if prompt["system_prompt"] is None else f"system turn {prompt['system_prompt']!r}"
+    stop = "the end of the first line or of the turn" if prompt["answer_stop"] == "line" else "the end of the turn"
+    return (
+        f"{system}; user turn {prompt['user_template']!r}, each document written as "
+        f"{prompt['document_template']!r}; answers end at {stop}."
+    )
+
+
 def results_table(results: Mapping) -> str:
     """The main table of the report, in markdown."""
     lines = [
-        "| method | EM [95% CI] | F1 [95% CI] | answer NLL [95% CI] | prompt tokens | s / question |",
-        "|---|---|---|---|---|---|",
+        "| method | EM [95% CI] | F1 [95% CI] | contained [95% CI] | repetition | answer NLL [95% CI] | prompt tokens "
+        "| s / question |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in results["methods"]:
         s = results["summary"][method]
         lines.append(
             f"| {LABELS[method]} | {_interval(s['exact_match'])} | {_interval(s['f1'])} | "
+            f"{_interval(s['contained'])} | {s['repetition']['mean']:.3f} | "
             f"{_interval(s['answer_nll'])} | {s['prompt_tokens']:.1f} | {s['seconds_per_question']:.2f} |"
         )
     return "\n".join(lines)
@@ -168,6 +181,7 @@ def render_report(results: Mapping) -> str:
         f"- Seed {run['seed']} (question sample, untrained LoRA start, CPT document order, drift stream, bootstrap); "
         f"greedy answers of at most {run['max_new_tokens']} tokens; gamma {run['gamma']}; torch threads "
         f"{run['torch_threads']}; {run['seconds']:.0f} s in all.",
+        f"- Prompt, the same for every method (documents only for RAG and ReGrad+ICL): {_prompt(results['prompt'])}",
         "- Closed-book and RAG use the base model (LoRA layers switched off); raw gradients start from an untrained "
         "LoRA (B = 0, so without a step it is the base model) with step size `init_step_size`.",
     ]
@@ -185,22 +199,29 @@ def render_report(results: Mapping) -> str:
             f"{change['relative_l2']:.2e}) and they stay changed."
         )
     timings = results["timings"]
+    build, used = timings["bank_build_seconds"], timings.get("bank_gradient_documents", run["bank_documents"])
+    computed = timings.get("bank_computed_documents", used)
     parts.append(
-        f"- Offline: the ReGrad bank took {timings['bank_build_seconds']:.0f} s "
-        f"({timings['bank_build_seconds'] / max(1, run['bank_documents']):.2f} s per document); seconds per question "
-        "below are online (retrieval, gradient step and restore, NLL and generation)."
+        f"- Offline: retrieval searches all {run['bank_documents']} documents by their embeddings; the ReGrad bank "
+        f"holds the gradients of the {used} that some question retrieves (the others are never stepped on): "
+        f"{computed} computed in this run"
+        + (f" ({build:.0f} s, {build / computed:.2f} s per document)" if computed else "")
+        + (f", {used - computed} loaded from the --bank-cache of an earlier run" if computed < used else "")
+        + ". Seconds per question below are online (retrieval, gradient step and restore, NLL and generation)."
     )
     parts += [
         "",
         "## Answers",
         "",
-        "EM and F1 with SQuAD v1.1 normalisation; answer NLL is the teacher-forced mean NLL of the reference answer "
-        "(and end of turn) after each method's prompt; 95 % percentile bootstrap intervals "
+        "EM and F1 with SQuAD v1.1 normalisation; contained: the normalised gold answer appears (whole words) in the "
+        "normalised prediction (best over the gold answers), fair to a method that answers in sentences; repetition: "
+        "the share of answers with a repeated word 3-gram; answer NLL is the teacher-forced mean NLL of the reference "
+        "answer (and end of turn) after each method's prompt; 95 % percentile bootstrap intervals "
         f"({run['bootstrap_resamples']} resamples, seed {run['seed']}).",
         "",
         results_table(results),
         "",
-        f"![F1 per method]({PLOTS['f1']})",
+        f"![F1 and contained per method]({PLOTS['f1']})",
         "",
         f"![F1 against prompt tokens]({PLOTS['tokens']})",
     ]

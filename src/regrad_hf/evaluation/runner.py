@@ -7,13 +7,16 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..bank import GradientBank
+from ..defaults import load_embedder
 from ..errors import ReGradValueError
+from ..prompting import PromptTemplate
 from .datasets import EvalQuestion, EvalSet
 from .drift import Probe, WeightSnapshot, cpt_drift, regrad_drift
 from .methods import (
@@ -25,9 +28,11 @@ from .methods import (
     check_methods,
     untrained_learner_state,
 )
-from .metrics import bootstrap_ci, exact_match, f1_score, recall_at_k
+from .metrics import answer_contained, bootstrap_ci, exact_match, f1_score, has_repetition, recall_at_k
 
 GRADIENT_METHODS = ("regrad", "regrad_icl")
+# Per-question scores of each answer, summarised with bootstrap intervals.
+ANSWER_METRICS = ("exact_match", "f1", "contained", "repetition", "answer_nll")
 
 
 @dataclass
@@ -41,6 +46,8 @@ class EvalConfig:
         seed (`int`): seed of everything random (untrained LoRA start, CPT order, bootstrap, drift stream).
         max_new_tokens (`int`): greedy answer length.
         gamma (`float`, *optional*): ReGrad step multiplier; defaults to the learner's.
+        prompt ([`PromptTemplate`], *optional*): the prompt every method is asked with (instruction, layout, stop
+            rule); defaults to the learner's own template.
         cpt ([`CPTConfig`]): the CPT baseline's settings.
         drift_ns (`Sequence[int]`): document counts N to measure drift at; empty skips drift. ReGrad cycles through
             the gold documents when N exceeds them; CPT is measured at the N below its training length and at it.
@@ -49,6 +56,8 @@ class EvalConfig:
             whose perplexity is measured.
         bootstrap_resamples (`int`): resamples of the confidence intervals (95 %, percentile).
         batch_size (`int`): documents per gradient batch when building banks.
+        bank_cache (`str`, *optional*): a directory that keeps the learner's gradients of the evaluation set's
+            documents between runs (a bank; each run adds the documents it needs and lacks).
         show_progress (`bool`): progress bars.
     """
 
@@ -58,13 +67,53 @@ class EvalConfig:
     seed: int = 0
     max_new_tokens: int = 24
     gamma: float | None = None
+    prompt: PromptTemplate | None = None
     cpt: CPTConfig = field(default_factory=CPTConfig)
     drift_ns: Sequence[int] = (10, 100)
     drift_methods: Sequence[str] = ("regrad", "cpt")
     drift_heldout: int = 20
     bootstrap_resamples: int = 1000
     batch_size: int = 8
+    bank_cache: str | None = None
     show_progress: bool = True
+
+
+def _learner_bank(directory, model, ids: Sequence[str], texts: Mapping[str, str], embedder, show: bool):
+    """The learner's bank of the documents `ids`: loaded from the cache `directory` when it has one for this learner,
+    the documents it lacks computed and added (and the cache saved again); built in memory without a cache.
+
+    Returns:
+        `tuple[GradientBank, int]`: the bank (it may hold more documents than `ids`) and how many were computed now.
+    """
+    if directory is None or not (Path(directory) / "bank_config.json").is_file():
+        bank = GradientBank.build(model, [texts[i] for i in ids], ids=list(ids), embedder_model=embedder,
+                                  show_progress=show)  # fmt: skip
+        if directory is not None:
+            bank.save_pretrained(directory)
+        return bank, len(ids)
+    bank = GradientBank.from_pretrained(directory, embedder_model=embedder)
+    bank.check_learner(model)
+    if any(bank.document(i).text != texts[i] for i in ids if i in bank):
+        raise ReGradValueError(f"the bank cache {directory} holds other documents; use another --bank-cache directory")
+    missing = [i for i in ids if i not in bank]
+    if missing:
+        bank.add(model, [texts[i] for i in missing], ids=missing, show_progress=show)
+        bank.save_pretrained(directory)
+    return bank, len(missing)
+
+
+def _whole_bank_ranking(embedder, questions: Sequence[EvalQuestion], texts: Mapping[str, str], k: int):
+    """Exact cosine top-`k` over every document for each question (what the bank's exact search returns), timed per
+    question. Retrieval needs only the embeddings: gradients are then computed for the retrieved documents alone."""
+    ids = list(texts)
+    vectors = np.asarray(embedder.encode([texts[i] for i in ids], normalize_embeddings=True, show_progress_bar=False))
+    found = []
+    for question in questions:
+        start = time.perf_counter()
+        query = np.asarray(embedder.encode(question.task.question, normalize_embeddings=True, show_progress_bar=False))
+        order = np.argsort(-(vectors @ query), kind="stable")[:k]
+        found.append(([ids[i] for i in order], time.perf_counter() - start))
+    return found
 
 
 def _rank(embedder, question: str, candidates: Sequence[str], texts: Mapping[str, str], k: int) -> list[str]:
@@ -74,14 +123,6 @@ def _rank(embedder, question: str, candidates: Sequence[str], texts: Mapping[str
     )
     scores = np.asarray(vectors[1:]) @ np.asarray(vectors[0])
     return [candidates[i] for i in np.argsort(-scores, kind="stable")[:k]]
-
-
-def _retrieve(bank: GradientBank, question: EvalQuestion, texts: Mapping[str, str], k: int, oracle: bool) -> list[str]:
-    if oracle:
-        return list(question.gold_ids)
-    if question.candidate_ids is not None:
-        return _rank(bank.embedder, question.task.question, question.candidate_ids, texts, k)
-    return [hit.id for hit in bank.search(question.task.question, k)]
 
 
 def _summary(values: Sequence[float], resamples: int, seed: int) -> dict:
@@ -117,6 +158,7 @@ def run_evaluation(
     if not eval_set.questions:
         raise ReGradValueError(f"{eval_set.name} has no questions to evaluate")
     top_k = config.top_k or model.config.top_k_docs
+    prompt = config.prompt or PromptTemplate.from_config(model.config)
     if not config.oracle and top_k > len(eval_set.documents):
         raise ReGradValueError(f"top_k={top_k} is larger than the bank ({len(eval_set.documents)} documents)")
     random.seed(config.seed)
@@ -127,7 +169,7 @@ def run_evaluation(
     started = time.perf_counter()
     previous_bank = model.detach_bank()
     integrity = WeightSnapshot(model)
-    results: dict = {"methods": methods, "top_k": top_k, "timings": {}}
+    results: dict = {"methods": methods, "top_k": top_k, "prompt": asdict(prompt), "timings": {}}
     try:
         needs_untrained = "raw" in methods or "cpt" in methods or "cpt" in drift_methods
         untrained = untrained_learner_state(model, config.seed) if needs_untrained else None
@@ -168,16 +210,30 @@ def run_evaluation(
             cpt_model = cpt.model
             del cpt  # the optimiser state is no longer needed
 
-        ids, texts = list(eval_set.documents), list(eval_set.documents.values())
-        start = time.perf_counter()
-        bank = GradientBank.build(model, texts, ids=ids, embedder_model=embedder_model, show_progress=show)
-        results["timings"]["bank_build_seconds"] = time.perf_counter() - start
-        model.attach_bank(bank)
+        embedder = embedder_model or load_embedder(model.config.embedder)
+        questions = eval_set.questions
         retrieved: dict[int, tuple[list[str], float]] = {}
-        for index, question in enumerate(eval_set.questions):
-            start = time.perf_counter()
-            ids_found = _retrieve(bank, question, eval_set.documents, top_k, config.oracle)
-            retrieved[index] = (ids_found, time.perf_counter() - start)
+        whole = [] if config.oracle else [i for i, q in enumerate(questions) if q.candidate_ids is None]
+        ranked = _whole_bank_ranking(embedder, [questions[i] for i in whole], eval_set.documents, top_k)
+        retrieved.update(zip(whole, ranked, strict=True))
+        for index, question in enumerate(questions):
+            if index not in retrieved:
+                start = time.perf_counter()
+                ids_found = (
+                    list(question.gold_ids)
+                    if config.oracle
+                    else _rank(embedder, question.task.question, question.candidate_ids, eval_set.documents, top_k)
+                )
+                retrieved[index] = (ids_found, time.perf_counter() - start)
+        # Gradients only where a step uses them: the retrieved documents (and drift's stream of gold documents).
+        needed = [doc_id for ids_found, _ in retrieved.values() for doc_id in ids_found]
+        needed = list(dict.fromkeys(needed + (stream if "regrad" in drift_methods else [])))
+        start = time.perf_counter()
+        bank, computed = _learner_bank(config.bank_cache, model, needed, eval_set.documents, embedder, show)
+        results["timings"]["bank_build_seconds"] = time.perf_counter() - start
+        results["timings"]["bank_gradient_documents"] = len(needed)
+        results["timings"]["bank_computed_documents"] = computed
+        model.attach_bank(bank)
 
         raw_bank = None
         if "raw" in methods:
@@ -195,7 +251,7 @@ def run_evaluation(
             results["timings"]["raw_bank_build_seconds"] = time.perf_counter() - start
             results["timings"]["raw_bank_documents"] = len(needed)
 
-        runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma)
+        runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma, prompt)
         records = []
         questions = eval_set.questions
         for index, question in enumerate(tqdm(questions, desc=f"Questions ({len(methods)} methods)", disable=not show)):
@@ -218,6 +274,8 @@ def run_evaluation(
                     "prediction": answer.prediction,
                     "exact_match": exact_match(answer.prediction, task.answers),
                     "f1": f1_score(answer.prediction, task.answers),
+                    "contained": answer_contained(answer.prediction, task.answers),
+                    "repetition": has_repetition(answer.prediction),
                     "answer_nll": answer.answer_nll,
                     "prompt_tokens": answer.prompt_tokens,
                     "seconds": answer.seconds + (retrieval_seconds if method in RETRIEVING else 0.0),
@@ -235,7 +293,7 @@ def run_evaluation(
                     metric: _summary(
                         [r["methods"][method][metric] for r in records], config.bootstrap_resamples, config.seed
                     )
-                    for metric in ("exact_match", "f1", "answer_nll")
+                    for metric in ANSWER_METRICS
                 },
                 "prompt_tokens": float(np.mean([r["methods"][method]["prompt_tokens"] for r in records])),
                 "seconds_per_question": float(np.mean([r["methods"][method]["seconds"] for r in records])),

@@ -1,0 +1,161 @@
+"""The prompt a learner is asked with: system instruction, user turn layout and where an answer stops.
+
+A learner is meta-trained on answers that follow one prompt, so it must be served with that prompt. The template
+lives in [`ReGradConfig`] (`system_prompt`, `user_template`, `document_template`, `answer_stop`) and travels with
+the learner (config.json, the Hub). [`PromptTemplate`] builds the prompt of a (question, documents) pair through
+the tokenizer's chat template, and exposes the stop rule for `generate` and the answer cut that goes with it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .errors import ReGradValueError
+
+# The spirit of the paper's instruction; a 135M model still answers in sentences at times, hence the stop rule.
+CONCISE_SYSTEM_PROMPT = "Answer the question concisely: a short phrase or a single word; sentences are not allowed."
+DEFAULT_USER_TEMPLATE = "{context}Question: {question}\nAnswer:"
+DEFAULT_DOCUMENT_TEMPLATE = "{document}\n\n"
+ANSWER_STOPS = ("line", "turn")
+
+_QUESTION_SENTINEL = "\x00regrad-question\x00"
+_PLACEHOLDER = re.compile(r"(\{context\}|\{question\})")
+
+
+def check_template(user_template: str, document_template: str, answer_stop: str) -> None:
+    """Raises [`ReGradValueError`] unless the templates have the placeholders they need and only those."""
+    if answer_stop not in ANSWER_STOPS:
+        raise ReGradValueError(f"answer_stop must be one of {ANSWER_STOPS}, got {answer_stop!r}")
+    for name, template, needed, allowed in (
+        ("user_template", user_template, {"question"}, {"question", "context"}),
+        ("document_template", document_template, {"document"}, {"document", "index"}),
+    ):
+        if not isinstance(template, str):
+            raise ReGradValueError(f"{name} must be a string, got {template!r}")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as error:
+            raise ReGradValueError(
+                f"{name} {template!r} is not a format string ({error}); write {{{{ for a brace"
+            ) from error
+        if not needed <= fields or not fields <= allowed:
+            raise ReGradValueError(
+                f"{name} {template!r} must contain {{{', '.join(sorted(needed))}}} and no placeholder other than "
+                f"{', '.join('{' + f + '}' for f in sorted(allowed))}"
+            )
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a question (and, for RAG / ReGrad+ICL, its documents) is put to the model.
+
+    Args:
+        system_prompt (`str`, *optional*): the system turn; `None` sends none (the chat template's own default,
+            if it has one, then applies).
+        user_template (`str`): the user turn; `{question}` is the question, `{context}` the documents (empty when
+            the prompt carries none). Whitespace the template leaves at either end is stripped.
+        document_template (`str`): how each document is written into `{context}`; `{document}` is its text,
+            `{index}` its 1-based rank.
+        answer_stop (`str`): `"line"` ends an answer at the end of its first non-empty line or at the end of
+            the turn; `"turn"` only at the end of the turn (the eos token).
+    """
+
+    system_prompt: str | None = CONCISE_SYSTEM_PROMPT
+    user_template: str = DEFAULT_USER_TEMPLATE
+    document_template: str = DEFAULT_DOCUMENT_TEMPLATE
+    answer_stop: str = "line"
+
+    def __post_init__(self):
+        check_template(self.user_template, self.document_template, self.answer_stop)
+
+    @classmethod
+    def from_config(cls, config) -> PromptTemplate:
+        """The template stored in a [`ReGradConfig`]."""
+        return cls(config.system_prompt, config.user_template, config.document_template, config.answer_stop)
+
+    def user_content(self, question: str, documents: Sequence[str] | None = None) -> str:
+        """The text of the user turn."""
+        context = "".join(
+            self.document_template.format(document=document, index=index)
+            for index, document in enumerate(documents or (), start=1)
+        )
+        # Format with a sentinel first, so the template's own edge whitespace is stripped but the question's is not.
+        rendered = self.user_template.format(context=context, question=_QUESTION_SENTINEL).strip()
+        return rendered.replace(_QUESTION_SENTINEL, question)
+
+    def build(self, tokenizer, question: str, documents: Sequence[str] | None = None) -> str:
+        """The whole prompt as text, through the tokenizer's chat template when it has one.
+
+        Without a chat template: the system prompt, a blank line, the user turn and `"\\nAnswer:"` (unless the user
+        turn already ends with `Answer:`).
+
+        Args:
+            tokenizer: the model's tokenizer.
+            question (`str`): the question.
+            documents (`Sequence[str]`, *optional*): documents to put in the prompt (RAG, ReGrad+ICL).
+
+        Returns:
+            `str`: the prompt, ending where the answer starts.
+        """
+        content = self.user_content(question, documents)
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": content}]
+            if self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = content if content.rstrip().endswith("Answer:") else f"{content}\nAnswer:"
+        return text if self.system_prompt is None else f"{self.system_prompt}\n\n{text}"
+
+    def question_from_user_turn(self, text: str) -> str:
+        """The question inside a user turn written with this template (the whole turn when it does not match), so
+        that retrieval searches for the question and not for the template's words or the documents."""
+        pattern = "".join(
+            r"(?P<question>.*?)" if part == "{question}" else r".*?" if part == "{context}" else
+            (r"\s*" + re.escape(part.strip()) + r"\s*" if part.strip() else r"\s*")
+            for part in _PLACEHOLDER.split(self.user_template)
+        )  # fmt: skip
+        match = re.fullmatch(r"\s*" + pattern + r"\s*", text, flags=re.DOTALL)
+        return (match["question"] if match and match["question"].strip() else text).strip()
+
+    def stopping_criteria(self, tokenizer, prompt_length: int) -> StoppingCriteriaList:
+        """The stop rule for `generate(..., stopping_criteria=...)` (the end of the turn is the eos token, which
+        `generate` stops at anyway). `prompt_length` is the padded prompt length of the batch."""
+        if self.answer_stop == "turn":
+            return StoppingCriteriaList()
+        return StoppingCriteriaList([EndOfLine(tokenizer, prompt_length)])
+
+    def cut(self, prediction: str) -> str:
+        """A decoded answer cut by the stop rule (generation may overshoot it within the token that ends the line)."""
+        text = prediction.strip()
+        if self.answer_stop == "line":
+            text = text.split("\n", 1)[0].strip()
+        return text
+
+
+LEGACY_PROMPT = PromptTemplate(system_prompt=None, user_template="{context}{question}", answer_stop="turn")
+"""The prompt of learners saved before the template existed (the shipped `smollm2-135m-squad` was meta-trained with
+it): the question alone in the user turn, the documents before it separated by blank lines, no system prompt, the
+answer ending at the end of the turn."""
+
+
+class EndOfLine(StoppingCriteria):
+    """Stops a row once its answer holds a newline after some non-blank text (a leading blank line is allowed).
+
+    Args:
+        tokenizer: decodes the generated tokens.
+        prompt_length (`int`): where the generated tokens start.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([bool(text.lstrip()) and "\n" in text.lstrip() for text in texts], device=input_ids.device)

@@ -1,0 +1,192 @@
+"""The learner's prompt template: building, stopping, retrieval-query extraction, config round trip, training use."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError
+from regrad_hf.cli import shipped_learner_path
+from regrad_hf.config import PROMPT_FIELDS
+from regrad_hf.data import Task, TaskCollator
+from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, EndOfLine, PromptTemplate
+from regrad_hf.query import prompt_to_query
+from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
+
+from .conftest import make_tiny_base
+
+CUSTOM = PromptTemplate(
+    system_prompt="Reply with only the answer.",
+    user_template="Question: {question}\n\nContext:\n{context}\nAnswer:",
+    document_template="Passage {index}: {document}\n",
+    answer_stop="line",
+)
+
+
+def old_question_prompt(tokenizer, question, documents=None):
+    """What data.question_prompt built before the template existed (the shipped learner's training prompt)."""
+    content = question if not documents else "\n\n".join(documents) + "\n\n" + question
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_default_prompt_has_the_concise_instruction_and_the_question(tokenizer):
+    text = PromptTemplate().build(tokenizer, "Who founded Quentville?", ["Doc one.", "Doc two."])
+    assert text == (
+        f"<|im_start|>system\n{CONCISE_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+        "Doc one.\n\nDoc two.\n\nQuestion: Who founded Quentville?\nAnswer:<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "Doc one" not in PromptTemplate().build(tokenizer, "Who founded Quentville?")
+
+
+def test_custom_layouts_number_documents_and_keep_the_questions_own_whitespace():
+    documents = "Passage 1: A.\nPassage 2: B.\n"
+    assert CUSTOM.user_content("Q? ", ["A.", "B."]) == f"Question: Q? \n\nContext:\n{documents}\nAnswer:"
+    assert CUSTOM.user_content("Q?") == "Question: Q?\n\nContext:\n\nAnswer:"
+    assert PromptTemplate(user_template="{question}\n\n{context}").user_content("Q?") == "Q?"  # edges stripped
+
+
+@pytest.mark.parametrize("documents", [None, ["The capital of Zorbia is Quentville.", "Second document."]])
+def test_legacy_prompt_reproduces_how_the_shipped_learner_was_trained(tokenizer, documents):
+    question = "What is the capital of Zorbia?"
+    assert LEGACY_PROMPT.build(tokenizer, question, documents) == old_question_prompt(tokenizer, question, documents)
+    config = ReGradConfig.from_pretrained(shipped_learner_path())  # its config.json has no prompt fields
+    assert PromptTemplate.from_config(config) == LEGACY_PROMPT
+
+
+def test_plain_text_tokenizers_get_the_instruction_and_answer_cue(tokenizer):
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None
+    assert PromptTemplate().build(plain, "Q?") == f"{CONCISE_SYSTEM_PROMPT}\n\nQuestion: Q?\nAnswer:"
+    assert LEGACY_PROMPT.build(plain, "Q?", ["D."]) == "D.\n\nQ?\nAnswer:"  # the old plain-text layout
+    for template in (PromptTemplate(), LEGACY_PROMPT, CUSTOM):
+        text = template.build(plain, "Where was halvorite found?", ["Some document."])
+        assert prompt_to_query(plain, ids(plain, text), template) == "Where was halvorite found?" or (
+            template is LEGACY_PROMPT  # legacy has no separator between documents and question
+        )
+
+
+@pytest.mark.parametrize("template", [PromptTemplate(), CUSTOM, LEGACY_PROMPT])
+def test_query_is_the_question_not_the_instruction_or_the_documents(tokenizer, template):
+    question = "Where was halvorite found?"
+    blind = template.build(tokenizer, question)
+    assert prompt_to_query(tokenizer, ids(tokenizer, blind), template) == question
+    with_documents = template.build(tokenizer, question, ["Ingrid Halvorsen discovered halvorite.", "Other."])
+    query = prompt_to_query(tokenizer, ids(tokenizer, with_documents), template)
+    assert query == question if template is not LEGACY_PROMPT else query.endswith(question)
+    # Text written by hand that does not follow the template is retrieved on as it is.
+    assert PromptTemplate().question_from_user_turn("just some words") == "just some words"
+
+
+def test_generate_retrieves_on_the_question_of_the_learners_template(tiny_model, tiny_bank, tokenizer, monkeypatch):
+    tiny_model.attach_bank(tiny_bank)
+    queries = []
+    search = tiny_bank.search
+    monkeypatch.setattr(tiny_bank, "search", lambda query, k: queries.append(query) or search(query, k))
+    prompt = PromptTemplate.from_config(tiny_model.config).build(tokenizer, "What is the capital of Zorbia?")
+    assert CONCISE_SYSTEM_PROMPT in prompt and "Question:" in prompt
+    tiny_model.generate(**tokenizer(prompt, return_tensors="pt", add_special_tokens=False), max_new_tokens=2)
+    assert queries == ["What is the capital of Zorbia?"]
+
+
+@pytest.mark.parametrize(
+    ("generated", "stops"), [("Paris", False), ("Paris\nThe", True), ("\nParis", False), ("\n\n", False)]
+)
+def test_end_of_line_stops_after_the_first_non_blank_line(tokenizer, generated, stops):
+    prompt = ids(tokenizer, "Q: where?\nA:")
+    row = torch.tensor([prompt + ids(tokenizer, generated)])
+    criterion = EndOfLine(tokenizer, len(prompt))
+    assert criterion(row, torch.zeros(1, 1)).tolist() == [stops]
+    assert len(PromptTemplate().stopping_criteria(tokenizer, 3)) == 1
+    assert len(LEGACY_PROMPT.stopping_criteria(tokenizer, 3)) == 0  # end of turn only: generate's eos
+
+
+def test_generation_stops_at_the_end_of_a_line(tiny_model, tokenizer):
+    forced = ids(tokenizer, "\nParis\nThe capital of France")  # a leading blank line, an answer, more text
+    prompt = torch.tensor([ids(tokenizer, "Hello")])
+
+    def force(batch, sofar):  # the tiny random model writes exactly `forced`
+        step = len(sofar) - prompt.shape[1]
+        return [forced[step]] if step < len(forced) else [tokenizer.eos_token_id]
+
+    template = PromptTemplate()
+    output = tiny_model.generate(
+        input_ids=prompt, max_new_tokens=len(forced), do_sample=False, use_bank=False,
+        prefix_allowed_tokens_fn=force, stopping_criteria=template.stopping_criteria(tokenizer, prompt.shape[1]),
+    )  # fmt: skip
+    text = tokenizer.decode(output[0, prompt.shape[1] :])
+    assert text.startswith("\nParis\n") and "capital" not in text
+    assert template.cut(text) == "Paris"
+    free = tiny_model.generate(
+        input_ids=prompt, max_new_tokens=len(forced), do_sample=False, use_bank=False, prefix_allowed_tokens_fn=force,
+        stopping_criteria=LEGACY_PROMPT.stopping_criteria(tokenizer, prompt.shape[1]),
+    )  # fmt: skip
+    assert tokenizer.decode(free[0, prompt.shape[1] :]) == "\nParis\nThe capital of France"
+
+
+def test_cut_keeps_the_first_line_for_line_stops_only():
+    assert PromptTemplate().cut("  Paris.\nThe capital") == "Paris."
+    assert LEGACY_PROMPT.cut("  Paris.\nThe capital") == "Paris.\nThe capital"
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"user_template": "{context} only"}, "must contain {question}"),
+        ({"user_template": "{question} {extra}"}, "no placeholder other than"),
+        ({"document_template": "Passage {index}"}, "must contain {document}"),
+        ({"user_template": "{question"}, "not a format string"),
+        ({"answer_stop": "never"}, "answer_stop must be one of"),
+        ({"system_prompt": 3}, "system_prompt must be a string or None"),
+    ],
+)
+def test_bad_templates_raise(fields, match):
+    with pytest.raises(ReGradValueError, match=match):
+        ReGradConfig(**fields)
+    if "system_prompt" not in fields:
+        with pytest.raises(ReGradValueError, match=match):
+            PromptTemplate(**fields)
+
+
+def test_template_round_trips_through_save_and_load(tiny_model, tokenizer, tmp_path):
+    for name in ("system_prompt", "user_template", "document_template", "answer_stop"):
+        setattr(tiny_model.config, name, getattr(CUSTOM, name))
+    tiny_model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["user_template"] == CUSTOM.user_template and saved["system_prompt"] == CUSTOM.system_prompt
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+    assert PromptTemplate.from_config(loaded.config) == CUSTOM
+    # The same file without the prompt fields (as learners saved before them) loads with the legacy prompt.
+    legacy = {key: value for key, value in saved.items() if key not in PROMPT_FIELDS}
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+    assert PromptTemplate.from_config(loaded.config) == LEGACY_PROMPT
+    # A config saved with system_prompt None keeps None (not the default, not legacy).
+    config = ReGradConfig(system_prompt=None)
+    config.save_pretrained(tmp_path / "none")
+    assert PromptTemplate.from_config(ReGradConfig.from_pretrained(tmp_path / "none")) == PromptTemplate(None)
+    assert PromptTemplate.from_config(ReGradConfig()) == PromptTemplate()  # a new learner: the concise default
+
+
+def test_collator_encodes_the_prompt_it_is_given(tokenizer):
+    task = Task(("The secret color of box 7 is red.",), "What is the secret color of box 7?", "red")
+    for template, blind in ((CUSTOM, False), (LEGACY_PROMPT, True), (PromptTemplate(), True)):
+        encoded = TaskCollator(tokenizer, blind=blind, prompt=template)([task])["tasks"][0]
+        prompt_ids = encoded["input_ids"][0][encoded["labels"][0] == -100].tolist()
+        assert prompt_ids == ids(tokenizer, template.build(tokenizer, task.question, None if blind else task.documents))
+
+
+def test_trainer_encodes_tasks_with_the_learners_template(tiny_model, tmp_path):
+    tiny_model.config.system_prompt = "Custom instruction."
+    args = ReGradTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    trainer = ReGradTrainer(tiny_model, args)
+    assert trainer.data_collator.prompt == PromptTemplate.from_config(tiny_model.config)
+    assert trainer.data_collator.prompt.system_prompt == "Custom instruction."
