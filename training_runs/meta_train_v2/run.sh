@@ -24,7 +24,7 @@ exec "${LAUNCH[@]}" train \
   --max_steps 2000 --lr_scheduler_type constant_with_warmup --warmup_steps 10 \
   --learning_rate 4e-4 --step_size_learning_rate 3e-2 \
   --logging_steps 5 --save_strategy steps --save_steps 10 --save_total_limit 3 \
-  --eval_strategy steps --eval_steps 50 --eval_tasks_per_source 10 --eval_generate false \
+  --eval_strategy steps --eval_steps 20 --eval_tasks_per_source 10 --eval_generate false \
   --eval_cases no_adaptation,regrad --metric_for_best_model eval_regrad_answer_loss --greater_is_better false \
   --compact_checkpoint_dir "$HERE/resume" --output_dir "$HERE/run" \
   --seed 0 --report_to none --use_cpu true --disable_tqdm true \
