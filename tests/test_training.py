@@ -173,7 +173,7 @@ def test_compact_moment_encodings():
     scales = encoded["scales"][torch.arange(moment.numel()) // 4096].reshape(moment.shape)
     assert ((decode_int8(encoded, moment.shape) - moment).abs() <= scales / 2 + 1e-12).all()
     rank_one = torch.outer(torch.rand(7) + 0.1, torch.rand(5) + 0.1)
-    torch.testing.assert_close(unfactor_second_moment(factor_second_moment(rank_one)), rank_one)
+    torch.testing.assert_close(unfactor_second_moment(factor_second_moment(rank_one)), rank_one, rtol=2e-2, atol=0)
     assert torch.equal(unfactor_second_moment(factor_second_moment(torch.zeros(3, 4))), torch.zeros(3, 4))
     vector = torch.rand(12)
     assert torch.equal(unfactor_second_moment(factor_second_moment(vector)), vector)  # step sizes: kept whole

@@ -65,7 +65,11 @@ class CompactCheckpointCallback(TrainerCallback):
     """Exports each new checkpoint to `args.compact_checkpoint_dir` (process 0 only)."""
 
     def on_save(self, args, state, control, **kwargs):
-        if args.compact_checkpoint_dir and state.is_world_process_zero:
+        if not args.compact_checkpoint_dir:
+            return control
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its RNG state into the checkpoint
+        if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             export_compact_checkpoint(checkpoint, args.compact_checkpoint_dir)
         return control

@@ -4,8 +4,9 @@ A `Trainer` checkpoint of the SmolLM2 learner is ~20 MB: the learner (fp32, 6.1 
 12.2 MB), the scheduler, RNG and trainer state, and the tokenizer. [`export_compact_checkpoint`] keeps:
 
 - the learner exactly (`config.json`, `learner.safetensors`, fp32);
-- the scheduler (`scheduler.pt`), RNG (`rng_state.pth`) and trainer state (`trainer_state.json`, which holds the
-  step, hence the data order: `Trainer` skips the batches already seen), unchanged;
+- the scheduler (`scheduler.pt`), RNG (`rng_state.pth`, or one per process) and trainer state
+  (`trainer_state.json`, which holds the step, hence the data order: `Trainer` skips the batches already seen),
+  unchanged;
 - AdamW's moments in `optimizer.safetensors`: the first (`exp_avg`) in 8 bits (one scale per block of 4,096
   values), the second (`exp_avg_sq`) as the row and column means of each matrix (Adafactor's factorisation;
   AdamW then continues with that rank-one estimate, which its beta2 = 0.999 average replaces over ~1,000 steps).
@@ -31,7 +32,9 @@ from .files import atomic_save_safetensors
 
 COMPACT_OPTIMIZER_FILE = "optimizer.safetensors"
 # What a compact checkpoint copies from a Trainer checkpoint unchanged.
-KEPT_FILES = ("config.json", "learner.safetensors", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+KEPT_FILES = ("config.json", "learner.safetensors", "scheduler.pt", "trainer_state.json")
+# RNG states: `rng_state.pth`, or one `rng_state_<rank>.pth` per process of a distributed run.
+RNG_PATTERN = "rng_state*.pth"
 _BLOCK = 4096
 
 
@@ -53,18 +56,19 @@ def decode_int8(encoded: dict[str, torch.Tensor], shape: torch.Size) -> torch.Te
 
 
 def factor_second_moment(values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A matrix of non-negative values as its row and column means (Adafactor's factorisation); other shapes whole."""
+    """A matrix of non-negative values as its row and column means in bf16 (Adafactor's factorisation; bf16 keeps
+    the SmolLM2 state under 8 MB); other shapes whole."""
     values = values.detach().float()
     if values.dim() != 2:
         return {"whole": values.clone()}
-    return {"rows": values.mean(dim=1), "columns": values.mean(dim=0)}
+    return {"rows": values.mean(dim=1).bfloat16(), "columns": values.mean(dim=0).bfloat16()}
 
 
 def unfactor_second_moment(factored: dict[str, torch.Tensor]) -> torch.Tensor:
     """Inverse of [`factor_second_moment`]: exact for a rank-one matrix, the rank-one estimate otherwise."""
     if "whole" in factored:
         return factored["whole"]
-    rows, columns = factored["rows"], factored["columns"]
+    rows, columns = factored["rows"].float(), factored["columns"].float()
     total = rows.mean()
     return torch.outer(rows, columns) / total if total > 0 else torch.zeros(len(rows), len(columns))
 
@@ -81,6 +85,9 @@ def export_compact_checkpoint(checkpoint: str | os.PathLike, output_dir: str | o
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     missing = [name for name in (*KEPT_FILES, "optimizer.pt") if not (checkpoint / name).is_file()]
+    rng_files = sorted(checkpoint.glob(RNG_PATTERN))
+    if not rng_files:
+        missing.append(RNG_PATTERN)
     if missing:
         raise ReGradValueError(f"{checkpoint} is not a complete ReGradTrainer checkpoint (missing {missing})")
     optimizer = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -95,8 +102,8 @@ def export_compact_checkpoint(checkpoint: str | os.PathLike, output_dir: str | o
     staging = output_dir.with_name(f".{output_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in KEPT_FILES:
-        shutil.copyfile(checkpoint / name, staging / name)
+    for path in [*(checkpoint / name for name in KEPT_FILES), *rng_files]:
+        shutil.copyfile(path, staging / path.name)
     metadata = {"param_groups": json.dumps(optimizer["param_groups"]), "format": "regrad-compact-adamw-2"}
     atomic_save_safetensors(tensors, staging / COMPACT_OPTIMIZER_FILE, metadata=metadata)
     previous = output_dir.with_name(f".{output_dir.name}.previous")
