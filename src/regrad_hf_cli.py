@@ -279,6 +279,33 @@ class LearnerArguments:
     step_size_mode: str = "tie"
     step_size_parametrization: str = "log"
     max_document_tokens: int = 512
+    gamma: float = field(default=1.0, metadata={"help": "test-time step multiplier (also used in training)"})
+
+
+@dataclass
+class RecipeArguments:
+    task_set: str | None = field(
+        default=None,
+        metadata={"help": "mixed: SQuAD + TOFU + HotpotQA train/dev splits (regrad_hf.tasks), not train_file"},
+    )
+    squad_file: str | None = field(default=None, metadata={"help": "SQuAD JSON of the mixed set (articles 0-39)"})
+    tofu_file: str | None = field(default=None, metadata={"help": "TOFU JSONL of the mixed set (authors 0-179)"})
+    hotpotqa_file: str | None = field(default=None, metadata={"help": "HotpotQA JSONL of the mixed set"})
+    hard_distractors: bool = field(
+        default=True, metadata={"help": "pad tasks to documents_per_task with the nearest non-gold documents"}
+    )
+    tofu_facts_per_document: int = field(default=5, metadata={"help": "whole TOFU facts per document"})
+    eval_tasks_per_source: int = field(default=16, metadata={"help": "dev tasks per source of the mixed set"})
+    resume: str | None = field(
+        default=None, metadata={"help": "continue a run: 'last' (newest checkpoint in output_dir) or a checkpoint"}
+    )
+    init_learner: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from this learner folder's LoRA tensors and step sizes (same layout; 'shipped' = the "
+            "shipped learner) under the config given here (prompt, gamma, ...), unlike resume_learner"
+        },
+    )
 
 
 # The recipe of the learner shipped in regrad_hf/learners/smollm2-135m-squad (see its TRAINING.md): SQuAD v1.1
@@ -316,7 +343,7 @@ def train_help() -> str:
         "`regrad train --help-all` lists them all (it imports transformers, a few seconds).",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a recorded recipe (options given also win)")
-    for group_class in (DataArguments, LearnerArguments):
+    for group_class in (DataArguments, LearnerArguments, RecipeArguments):
         group = parser.add_argument_group(group_class.__name__)
         for item in dataclasses.fields(group_class):
             names = [f"--{item.name}", *item.metadata.get("aliases", [])]

@@ -9,6 +9,13 @@ from regrad_hf.cli import main
 from regrad_hf.data import Task
 from regrad_hf.evaluation import CASES, evaluate_injection
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
+from regrad_hf.training_state import (
+    decode_int8,
+    encode_int8,
+    export_compact_checkpoint,
+    factor_second_moment,
+    unfactor_second_moment,
+)
 
 from .conftest import make_tiny_base, make_tiny_model, parameter_bytes
 
@@ -88,27 +95,88 @@ def test_short_meta_training_raises_the_injection_signal(tiny_model, tmp_path):
     assert after > before + 0.03, (before, after)
 
 
-def test_checkpoints_hold_only_the_learner_and_resume(tokenizer, tmp_path):
-    tasks = color_tasks(16, 0, 0)
-    uninterrupted = make_tiny_model(tokenizer)
-    ReGradTrainer(uninterrupted, arguments(tmp_path / "a", max_steps=4), train_dataset=tasks).train()
+def _scrambled(model):
+    """A different learner start: whatever a resumed run ends with must come from the checkpoint."""
+    with torch.no_grad():
+        for parameter in [*model.lora_parameters().values(), model.step_sizes.raw]:
+            parameter.uniform_(-1, 1)
+    return model
 
-    first = make_tiny_model(tokenizer)
-    args = arguments(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
-    ReGradTrainer(first, args, train_dataset=tasks).train()
-    checkpoint = tmp_path / "b" / "run" / "checkpoint-2"
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_state(tokenizer, tmp_path):
+    tasks = color_tasks(16, 0, 0)
+    # random distractors and warmup: the data order, the collator's draws and the schedule must all resume
+    options = {"max_steps": 6, "documents_per_task": 2, "warmup_steps": 2}
+    uninterrupted = make_tiny_model(tokenizer)
+    ReGradTrainer(uninterrupted, arguments(tmp_path / "a", **options), train_dataset=tasks).train()
+
+    args = arguments(tmp_path / "b", save_strategy="steps", save_steps=3, **options)
+    ReGradTrainer(make_tiny_model(tokenizer), args, train_dataset=tasks).train()
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
     files = {p.name for p in checkpoint.iterdir()}
-    assert {"config.json", "learner.safetensors"} <= files
+    assert {"config.json", "learner.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= files
     assert not {"model.safetensors", "pytorch_model.bin", "training_args.bin"} & files
 
-    resumed = make_tiny_model(tokenizer)
-    with torch.no_grad():  # a different learner start: everything must come from the checkpoint
-        for parameter in [*resumed.lora_parameters().values(), resumed.step_sizes.raw]:
-            parameter.uniform_(-1, 1)
+    resumed = _scrambled(make_tiny_model(tokenizer))
     ReGradTrainer(resumed, args, train_dataset=tasks).train(resume_from_checkpoint=str(checkpoint))
-    assert parameter_bytes(resumed.step_sizes) == parameter_bytes(uninterrupted.step_sizes)
-    for name, tensor in uninterrupted.lora_parameters().items():
-        torch.testing.assert_close(resumed.lora_parameters()[name], tensor)
+    expected = learner_values(uninterrupted)
+    assert {n: parameter_bytes_of(t) for n, t in learner_values(resumed).items()} == {
+        n: parameter_bytes_of(t) for n, t in expected.items()
+    }
+
+
+def parameter_bytes_of(tensor):
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_a_compact_checkpoint_resumes_close_to_the_uninterrupted_state(tokenizer, tmp_path):
+    tasks = color_tasks(16, 0, 0)
+    options = {"max_steps": 6, "warmup_steps": 2}
+    uninterrupted = make_tiny_model(tokenizer)
+    ReGradTrainer(uninterrupted, arguments(tmp_path / "a", **options), train_dataset=tasks).train()
+
+    compact = tmp_path / "compact"
+    args = arguments(
+        tmp_path / "b", save_strategy="steps", save_steps=3, compact_checkpoint_dir=str(compact), **options
+    )
+    ReGradTrainer(make_tiny_model(tokenizer), args, train_dataset=tasks).train()
+    assert not (compact / "optimizer.pt").exists() and (compact / "optimizer.safetensors").is_file()
+    assert json.loads((compact / "trainer_state.json").read_text())["global_step"] == 6  # the latest checkpoint
+
+    # resume from the compact form of checkpoint-3: the learner is exact, the steps after it close
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
+    export_compact_checkpoint(checkpoint, compact)
+    interrupted = _scrambled(make_tiny_model(tokenizer))
+    interrupted.load_learner(compact / "learner.safetensors")  # the learner at step 3
+    assert (compact / "learner.safetensors").read_bytes() == (checkpoint / "learner.safetensors").read_bytes()
+    args = arguments(tmp_path / "d", save_strategy="no", **options)  # the runs below must not overwrite `compact`
+    resumed = _scrambled(make_tiny_model(tokenizer))
+    trainer = ReGradTrainer(resumed, args, train_dataset=tasks)
+    trainer.train(resume_from_checkpoint=str(compact))
+    assert trainer.state.global_step == 6 and trainer.lr_scheduler.get_last_lr() == [0.0, 0.0]  # the schedule went on
+    # without the optimizer state (learner and trainer state only) the steps after the restart are those of a
+    # fresh AdamW; the compact second moments must keep the run nearer the uninterrupted one
+    (compact / "optimizer.safetensors").unlink()
+    restarted = _scrambled(make_tiny_model(tokenizer))
+    ReGradTrainer(restarted, args, train_dataset=tasks).train(resume_from_checkpoint=str(compact))
+    end, got, fresh = (
+        torch.cat([t.flatten() for t in learner_values(m).values()]) for m in (uninterrupted, resumed, restarted)
+    )
+    assert (got - end).norm() < 0.5 * (fresh - end).norm()
+
+
+def test_compact_moment_encodings():
+    torch.manual_seed(0)
+    moment = torch.randn(300, 50) * torch.logspace(-8, -2, 50)
+    encoded = encode_int8(moment)
+    assert encoded["codes"].dtype == torch.int8 and encoded["codes"].numel() == moment.numel()
+    scales = encoded["scales"][torch.arange(moment.numel()) // 4096].reshape(moment.shape)
+    assert ((decode_int8(encoded, moment.shape) - moment).abs() <= scales / 2 + 1e-12).all()
+    rank_one = torch.outer(torch.rand(7) + 0.1, torch.rand(5) + 0.1)
+    torch.testing.assert_close(unfactor_second_moment(factor_second_moment(rank_one)), rank_one, rtol=2e-2, atol=0)
+    assert torch.equal(unfactor_second_moment(factor_second_moment(torch.zeros(3, 4))), torch.zeros(3, 4))
+    vector = torch.rand(12)
+    assert torch.equal(unfactor_second_moment(factor_second_moment(vector)), vector)  # step sizes: kept whole
 
 
 def test_evaluate_injection_runs_every_case_and_restores_the_model(tiny_model, tokenizer):

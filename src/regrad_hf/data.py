@@ -347,7 +347,8 @@ class TaskCollator:
         documents_per_task (`int`): when larger than a task's own documents, other tasks' documents are added
             as distractors (sampled from `distractor_pool`), as top-k retrieval would.
         distractor_pool (`Sequence[str]`): documents to sample distractors from.
-        seed (`int`): seed of the distractor sampling.
+        seed (`int`): seed of the distractor sampling. A task's distractors depend only on the seed and the task
+            (not on what was collated before), so a resumed run sees the same batches as an uninterrupted one.
         prompt ([`PromptTemplate`]): the question prompt; pass the learner's (`PromptTemplate.from_config(config)`,
             as [`ReGradTrainer`] does) so that it is trained the way it is served. Defaults to a new config's.
     """
@@ -360,10 +361,8 @@ class TaskCollator:
     distractor_pool: Sequence[str] = ()
     seed: int = 0
     prompt: PromptTemplate = field(default_factory=PromptTemplate)
-    _random: random.Random = field(init=False, repr=False)
 
     def __post_init__(self):
-        self._random = random.Random(self.seed)
         if self.documents_per_task < 1:
             raise ReGradValueError("documents_per_task must be at least 1")
 
@@ -402,4 +401,5 @@ class TaskCollator:
         candidates = [d for d in self.distractor_pool if d not in task.documents]
         if len(candidates) < missing:
             raise ReGradValueError(f"need {missing} distractor documents, the pool has {len(candidates)}")
-        return self._random.sample(candidates, missing)
+        # A str seed is hashed with SHA-512: the same draw in every process and every session.
+        return random.Random(f"{self.seed}\0{task.id}\0{task.question}").sample(candidates, missing)

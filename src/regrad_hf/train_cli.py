@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from regrad_hf_cli import PRESETS, DataArguments, LearnerArguments
+from regrad_hf_cli import PRESETS, DataArguments, LearnerArguments, RecipeArguments
 
 from .errors import ReGradValueError
 
@@ -32,6 +32,29 @@ def _load_tasks(format_: str, source: str, split: str | None):
         return load_squad(source, split) if format_ == "squad" else LOADERS[format_](source)
     except ReGradHubError as error:
         raise ReGradHubError(f"{error}; pass --data PATH (--train_file/--eval_file) to use local data") from error
+
+
+def _mixed_task_sets(recipe: RecipeArguments, training_args, model) -> tuple[list, list]:
+    """The mixed train and dev tasks, cached in output_dir so that a resumed run sees the same distractors."""
+    from .data import load_jsonl
+    from .defaults import load_embedder
+    from .files import atomic_write_text
+    from .tasks import mixed_tasks
+
+    output = Path(training_args.output_dir)
+    cached = output / "tasks_train.jsonl", output / "tasks_dev.jsonl"
+    if all(path.is_file() for path in cached):
+        return load_jsonl(cached[0]), load_jsonl(cached[1])
+    dpt = training_args.documents_per_task if recipe.hard_distractors else 1
+    embedder = load_embedder(model.config.embedder) if dpt > 1 else None
+    files = {"squad": recipe.squad_file, "tofu": recipe.tofu_file, "hotpotqa": recipe.hotpotqa_file}
+    sets = []
+    for path, split, limit in zip(cached, ("train", "dev"), (None, recipe.eval_tasks_per_source), strict=True):
+        tasks = mixed_tasks(split, **files, documents_per_task=dpt, embedder=embedder, seed=training_args.seed,
+                            max_tasks_per_source=limit)  # fmt: skip
+        atomic_write_text(path, "".join(json.dumps(task.to_dict()) + "\n" for task in tasks))
+        sets.append(tasks)
+    return sets[0], sets[1]
 
 
 def _with_preset(argv: list[str]) -> list[str]:
@@ -63,18 +86,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         def error(self, message: str):  # one line, as every `regrad` mistake
             self.exit(2, f"error: regrad train: {message} (see regrad train --help-all)\n")
 
-    parser = Parser((ReGradTrainingArguments, DataArguments, LearnerArguments), prog="regrad train")
+    parser = Parser((ReGradTrainingArguments, DataArguments, LearnerArguments, RecipeArguments), prog="regrad train")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a recorded recipe (options given also win)")
     if "--help-all" in argv:
         parser.print_help()
         return 0
-    training_args, data_args, learner_args, _ = parser.parse_args_into_dataclasses(_with_preset(argv))
+    training_args, data_args, learner_args, recipe_args, _ = parser.parse_args_into_dataclasses(_with_preset(argv))
+    resume = training_args.resume_from_checkpoint
+    if recipe_args.resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if resume is None:
+            raise ReGradValueError(f"--resume last: no checkpoint-N folder in {training_args.output_dir}")
+    elif recipe_args.resume:
+        resume = recipe_args.resume
+    if recipe_args.task_set not in (None, "mixed"):
+        raise ReGradValueError(f"unknown task set {recipe_args.task_set!r}; the one task set is 'mixed'")
 
     # The data first: a mistake there (a missing file, no network for a Hub dataset) shows before the model loads.
-    train_tasks = _load_tasks(data_args.train_format, data_args.train_file, data_args.train_split)
-    random.Random(training_args.seed).shuffle(train_tasks)
-    eval_tasks = None
-    if data_args.eval_file:
+    train_tasks, eval_tasks = None, None
+    if recipe_args.task_set is None:
+        train_tasks = _load_tasks(data_args.train_format, data_args.train_file, data_args.train_split)
+        random.Random(training_args.seed).shuffle(train_tasks)
+    if data_args.eval_file and recipe_args.task_set is None:
         eval_file = data_args.train_file if data_args.eval_file == "same" else data_args.eval_file
         eval_tasks = _load_tasks(data_args.eval_format or data_args.train_format, eval_file, data_args.eval_split)
         random.Random(training_args.seed).shuffle(eval_tasks)
@@ -90,12 +125,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             step_size_mode=learner_args.step_size_mode,
             step_size_parametrization=learner_args.step_size_parametrization,
             max_document_tokens=learner_args.max_document_tokens,
+            gamma=learner_args.gamma,
         )
         model = ReGradForCausalLM.from_base(learner_args.base_model or EMBEDDED_MODEL_ID, config)
+        if recipe_args.init_learner:
+            from .defaults import shipped_learner_path
+            from .modeling import LEARNER_FILE
+
+            folder = shipped_learner_path() if recipe_args.init_learner == "shipped" else Path(recipe_args.init_learner)
+            model.load_learner(Path(folder) / LEARNER_FILE)
+    if recipe_args.task_set == "mixed":
+        with training_args.main_process_first(desc="mixed task sets"):  # process 0 builds them, the others read
+            train_tasks, eval_tasks = _mixed_task_sets(recipe_args, training_args, model)
 
     trainer = ReGradTrainer(model, training_args, train_dataset=train_tasks, eval_dataset=eval_tasks)
-    before = trainer.evaluate(metric_key_prefix="before") if eval_tasks else {}
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    before = trainer.evaluate(metric_key_prefix="before") if eval_tasks and not resume else {}
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     after = trainer.evaluate() if eval_tasks else {}
     if not trainer.is_world_process_zero():  # under torchrun / accelerate launch, process 0 writes the record
@@ -105,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "regrad train " + shlex.join(argv),
         "data": asdict(data_args),
         "learner": asdict(learner_args),
+        "recipe": asdict(recipe_args),
+        "resumed_from": resume,
         "seed": training_args.seed,
         "max_steps": training_args.max_steps,
         "train_tasks": len(train_tasks),

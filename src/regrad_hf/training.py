@@ -9,16 +9,19 @@ checkpoints, `report_to`, DDP) is `Trainer`'s.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import TaskCollator, as_tasks
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
 from .prompting import PromptTemplate
+from .training_state import export_compact_checkpoint, is_compact_checkpoint, load_compact_optimizer
 
 
 @dataclass
@@ -39,13 +42,49 @@ class ReGradTrainingArguments(TrainingArguments):
     documents_per_task: int = field(
         default=1, metadata={"help": "Pad each task with distractor documents from other tasks up to this count."}
     )
+    compact_checkpoint_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "After each checkpoint, also write its compact form (< 8 MB for SmolLM2, see "
+            "regrad_hf.training_state) to this folder; train(resume_from_checkpoint=...) loads either form."
+        },
+    )
     eval_max_tasks: int = field(default=32, metadata={"help": "Dev tasks used by evaluate()."})
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Greedy answer length for EM/F1 in evaluate()."})
     eval_generate: bool = field(default=True, metadata={"help": "Generate answers for EM/F1 in evaluate()."})
+    eval_cases: str = field(
+        default="no_adaptation,regrad,raw", metadata={"help": "Comma-separated cases of evaluate() (raw: untrained)."}
+    )
     learning_rate: float = field(default=4e-4, metadata={"help": "Learning rate of the LoRA tensors."})
     warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps, or a fraction of the training steps."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient-norm clipping."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Tasks are not tensors; keep them whole."})
+
+
+class CompactCheckpointCallback(TrainerCallback):
+    """Exports each new checkpoint to `args.compact_checkpoint_dir` (process 0 only)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.compact_checkpoint_dir:
+            return control
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its RNG state into the checkpoint
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            export_compact_checkpoint(checkpoint, args.compact_checkpoint_dir)
+        return control
+
+
+class WallClockCallback(TrainerCallback):
+    """Where `ReGradTrainer.log`'s `wall_seconds` count from: this run's start minus the training time of the runs
+    it resumes (the last `wall_seconds` of the restored log history)."""
+
+    start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        previous = [entry["wall_seconds"] for entry in state.log_history if "wall_seconds" in entry]
+        self.start = time.monotonic() - (previous[-1] if previous else 0.0)
+        return control
 
 
 class ReGradTrainer(Trainer):
@@ -94,6 +133,9 @@ class ReGradTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
+        self.add_callback(CompactCheckpointCallback())
+        self._clock = WallClockCallback()
+        self.add_callback(self._clock)
         # compute_loss averages over tasks itself; Trainer must still divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         # The untrained start, for the `raw` case of evaluate().
@@ -134,7 +176,7 @@ class ReGradTrainer(Trainer):
             learner,
             tasks,
             untrained_state=self.untrained_state,
-            cases=("no_adaptation", "regrad", "raw"),
+            cases=tuple(case.strip() for case in self.args.eval_cases.split(",")),
             max_new_tokens=self.args.eval_max_new_tokens,
             max_document_tokens=self.args.inner_max_document_tokens,
             generate=self.args.eval_generate,
@@ -145,13 +187,20 @@ class ReGradTrainer(Trainer):
             for name, value in result.as_dict().items()
             if name != "prompt_tokens"
         }
-        metrics[f"{metric_key_prefix}_injection_signal"] = (
-            results["no_adaptation"].answer_loss - results["regrad"].answer_loss
-        )
+        if {"no_adaptation", "regrad"} <= set(results):
+            metrics[f"{metric_key_prefix}_injection_signal"] = (
+                results["no_adaptation"].answer_loss - results["regrad"].answer_loss
+            )
         metrics[f"{metric_key_prefix}_step_size_mean"] = learner.step_sizes.values().mean().item()
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Adds `wall_seconds`: training time so far, summed over the runs a resumed training consists of."""
+        if self._clock.start is not None:
+            logs = {**logs, "wall_seconds": round(time.monotonic() - self._clock.start, 1)}
+        super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints hold the learner (`config.json`, `learner.safetensors`), never the base weights."""
@@ -161,6 +210,14 @@ class ReGradTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         learner = self.accelerator.unwrap_model(model or self.model)
         learner.load_learner(Path(resume_from_checkpoint) / LEARNER_FILE)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Loads a full checkpoint as `Trainer` does, or a compact one (see [`regrad_hf.training_state`])."""
+        if checkpoint is None or not is_compact_checkpoint(checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_compact_optimizer(self.optimizer, checkpoint)
+        scheduler = torch.load(Path(checkpoint) / "scheduler.pt", map_location="cpu", weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(os.fspath(self.state.best_model_checkpoint))
