@@ -1,14 +1,21 @@
-"""Atomic file writes: write a temporary file next to the target, then rename it over the target."""
+"""Atomic file writes: write a temporary file next to the target, then rename it over the target.
+
+A write that fails (a full disk, a library's I/O error) leaves the target as it was and raises `ReGradFileError`.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from .errors import ReGradError, ReGradFileError
 
 
 def _current_umask() -> int:
@@ -33,9 +40,21 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(temporary)
         os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(temporary)
+        if isinstance(error, (OSError, SafetensorError)) and not isinstance(error, ReGradError):
+            raise _write_error(error, path) from error
         raise
+
+
+def _write_error(error: OSError | SafetensorError, path: Path) -> ReGradFileError:
+    """A failed write (full disk, permissions, a library's I/O error) as a typed error; the errno is kept."""
+    code = getattr(error, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(error).lower()
+    reason = "the disk is full; free space and try again" if full else str(error)
+    wrapped = ReGradFileError(f"cannot write {path}: {reason}")
+    wrapped.errno = errno.ENOSPC if full and code is None else code
+    return wrapped
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
