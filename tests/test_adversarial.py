@@ -439,3 +439,20 @@ def test_a_full_disk_during_a_build_is_a_typed_error_and_publishes_nothing(tiny_
         tiny_model, DOCUMENTS, ids=IDS, embedder_model=embedder, show_progress=False, output_dir=tmp_path / "b"
     )  # space again: the build resumes and publishes
     assert bank.ids == IDS
+
+
+def test_a_reader_that_sees_a_swap_finish_reads_the_new_bank(tiny_bank, embedder, tmp_path, monkeypatch):
+    # The window that made a threaded reader fail 1 time in ~8: the reader finds the target gone (a writer is between
+    # its two renames), and by the time it reads the journal the writer has finished and removed it.
+    from regrad_hf.bank import persistence
+
+    target = _saved(tiny_bank, tmp_path / "bank")
+    aside = tmp_path / ".bank.old-x"
+    target.rename(aside)
+
+    def writer_finishes_meanwhile(path):
+        aside.rename(target)
+        return None  # the journal is gone
+
+    monkeypatch.setattr(persistence, "interrupted_backup", writer_finishes_meanwhile)
+    assert GradientBank.from_pretrained(target, embedder_model=embedder).ids == tiny_bank.ids

@@ -67,8 +67,9 @@ def save(bank: GradientBank, save_directory: Path, max_shard_bytes: int) -> None
             rows = [sum(1 for s, _ in placements.values() if s == index) for index in range(len(shards))]
             bank.store.attach(Location(target), shards, rows, eager=True)
     except OSError as error:
-        if isinstance(error, ReGradError):
+        if isinstance(error, ReGradError) and error.errno is None:  # ours, already saying what to do
             raise
+        # the operating system's, or an atomic write's (files.py keeps its errno): name the bank, not a staging file
         raise file_error(error, Path(error.filename or target), "write the bank into") from error
     except SafetensorError as error:  # safetensors reports its I/O failures (ENOSPC included) this way
         raise ReGradFileError(f"cannot write the bank into {target}: {error}") from error
@@ -148,6 +149,8 @@ def read_local(cls: type[GradientBank], target: Path, embedder_model) -> Gradien
         if _stamp(target) is None:
             source = interrupted_backup(target)
             if source is None:
+                if _stamp(target) is not None:  # a writer finished its swap (and removed its journal) meanwhile
+                    continue
                 raise BankNotFoundError(
                     f"there is no bank at {target} (was it deleted?): save or build one there, or load another"
                 )
