@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -93,3 +95,13 @@ def assert_equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor) ->
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().item()
     assert ((actual - expected).abs() <= eps * expected.abs() + 1e-5 * scale).all()
+
+
+@pytest.fixture(autouse=True)
+def _library_log_level_restored():
+    """`regrad` CLI verbs set the `regrad_hf` logger's level for their process; in one test process that must not
+    leak into the next test (which may check that the logger follows transformers' verbosity)."""
+    logger = logging.getLogger("regrad_hf")
+    level = logger.__dict__.get("_own_level", logger.__dict__.get("level", logging.NOTSET))
+    yield
+    logger.setLevel(level)
