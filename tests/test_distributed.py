@@ -173,3 +173,16 @@ def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
     assert "rank 0 raised ReGradError: computing failed on process(es) [1]: see their errors" in result.stdout
     for rank in (0, 1):  # and neither hangs in the collective that follows
         assert f"rank {rank} of 2 got [True, False, True]" in result.stdout
+
+
+def test_processes_of_a_fresh_machine_convert_the_embedded_model_once_and_whole(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGRAD_HF_CACHE", str(tmp_path / "cache"))
+    result = run([str(ROOT / "tests" / "distributed" / "embedded_model_first_use.py")], tmp_path, processes=2)
+    for rank in (0, 1):
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"rank {rank} got"))
+        assert " llama " in line and "'config.json'" in line and "'model.safetensors'" in line, line
+    # one conversion, moved into place whole: no staging directory left, only the checkpoint and its lock
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        ".SmolLM2-135M-Instruct-Q4_1-0.1.2.lock",
+        "SmolLM2-135M-Instruct-Q4_1-0.1.2",
+    ]

