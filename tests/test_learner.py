@@ -3,7 +3,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError
+from regrad_hf.data import Task, TaskCollator
+from regrad_hf.deltas import combine
 from regrad_hf.learner import StepSizes, find_target_modules
+from regrad_hf.objective import meta_loss
+
+from .conftest import make_tiny_base, make_tiny_model
 
 
 def test_default_targets_are_mlp_of_upper_half(tiny_base):
@@ -47,16 +52,82 @@ def test_only_lora_tensors_are_trainable(tiny_model):
     assert len(trainable) == 12  # 2 layers x 3 modules x (A, B)
 
 
-@pytest.mark.parametrize(("mode", "count", "trainable"), [("tie", 3, True), ("same", 1, True), ("fix", 1, False)])
+SHAPES = {"a": (4, 6), "b": (6, 4), "c": (2, 3)}
+
+
+@pytest.mark.parametrize(
+    ("mode", "count", "trainable"), [("tie", 3, True), ("row", 12, True), ("same", 1, True), ("fix", 1, False)]
+)
 def test_step_size_modes(mode, count, trainable):
-    steps = StepSizes(["a", "b", "c"], mode, "log", 0.3)
+    steps = StepSizes(SHAPES, mode, "log", 0.3)
     assert steps.raw.shape == (count,)
     assert (steps.raw in list(steps.parameters())) is trainable
     values = steps()
     assert set(values) == {"a", "b", "c"}
-    assert all(torch.isclose(v, torch.tensor(0.3)) for v in values.values())
+    assert all(torch.allclose(v, torch.tensor(0.3)) for v in values.values())
+    for name, shape in SHAPES.items():  # each broadcasts against its tensor, per row in `row` mode
+        assert values[name].shape == ((shape[0], 1) if mode == "row" else ())
+
+
+def test_row_step_sizes_scale_each_row_of_the_step_by_its_own_value():
+    steps = StepSizes(SHAPES, "row", "linear", 1.0)
+    with torch.no_grad():
+        steps.raw.copy_(torch.arange(1.0, 13.0))
+    gradients = {name: torch.ones(2, *shape) for name, shape in SHAPES.items()}  # two documents
+    delta = combine(gradients, steps(), gamma=0.5)
+    assert torch.equal(delta["a"][:, 0], -0.5 * 2 * torch.arange(1.0, 5.0))  # rows of "a" are raw[0:4]
+    assert torch.equal(delta["b"][:, 3], -0.5 * 2 * torch.arange(5.0, 11.0))
+    assert torch.equal(delta["c"], -0.5 * 2 * torch.tensor([[11.0] * 3, [12.0] * 3]))
+
+
+def test_step_sizes_convert_between_layouts():
+    tie = StepSizes(SHAPES, "tie", "log", 1.0)
+    with torch.no_grad():
+        tie.raw.copy_(torch.tensor([0.5, 2.0, 4.0]).log())
+    row = StepSizes(SHAPES, "row", "log", 1.0)
+    row.copy_from(tie)  # every row starts from its tensor's step size
+    assert torch.allclose(row()["a"], torch.full((4, 1), 0.5)) and torch.allclose(row()["c"], torch.full((2, 1), 4.0))
+    with torch.no_grad():
+        row.raw[4:10] = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0]).log()
+    back = StepSizes(SHAPES, "tie", "linear", 1.0)
+    back.copy_from(row)  # a tensor gets the mean of its rows'
+    assert torch.allclose(back.raw, torch.tensor([0.5, 2.0, 4.0]))
+    with pytest.raises(ReGradValueError, match="other LoRA tensors"):
+        row.copy_from(StepSizes({"a": (4, 6)}, "tie", "log", 1.0))
+
+
+def test_row_step_sizes_train_and_round_trip_through_save_and_load(tokenizer, tmp_path):
+    model = make_tiny_model(tokenizer, step_size_mode="row")
+    rows = sum(p.shape[0] for p in model.lora_parameters().values())
+    assert model.step_sizes.raw.shape == (rows,)
+    collator = TaskCollator(tokenizer, max_document_tokens=32, max_answer_tokens=8)
+    tasks = collator([Task(("Ada keeps seven blue herons.",), "How many herons?", "seven")])["tasks"]
+    meta_loss(model, tasks).backward()
+    gradient = model.step_sizes.raw.grad
+    assert gradient is not None and gradient.shape == (rows,) and len(set(gradient.tolist())) > 1  # one per row
+    with torch.no_grad():
+        model.step_sizes.raw.add_(torch.linspace(-0.5, 0.5, rows))
+    model.save_pretrained(tmp_path / "learner")
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path / "learner", base_model=make_tiny_base(tokenizer))
+    assert loaded.config.step_size_mode == "row"
+    assert torch.equal(loaded.step_sizes.raw, model.step_sizes.raw)
 
 
 def test_linear_parametrization_stores_alpha():
-    steps = StepSizes(["a"], "tie", "linear", 0.25)
+    steps = StepSizes({"a": (2, 2)}, "tie", "linear", 0.25)
     assert steps.raw.item() == 0.25
+
+
+def test_a_run_starts_from_a_learner_of_another_step_size_layout(tokenizer, tmp_path):
+    from regrad_hf.train_cli import _init_from_learner
+
+    source = make_tiny_model(tokenizer, seed=1)
+    with torch.no_grad():
+        source.step_sizes.raw.copy_(torch.linspace(-1.0, 1.0, source.step_sizes.raw.numel()))
+    source.save_pretrained(tmp_path / "tie")
+    model = make_tiny_model(tokenizer, step_size_mode="row")
+    _init_from_learner(model, tmp_path / "tie")
+    lora = source.lora_parameters()
+    assert all(torch.equal(p, lora[name]) for name, p in model.lora_parameters().items())
+    theirs, ours = source.step_sizes(), model.step_sizes()
+    assert all(torch.allclose(ours[name], theirs[name].expand_as(ours[name])) for name in ours)

@@ -2,10 +2,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, pipeline
 
-from regrad_hf import ReGradError, ReGradForCausalLM, ReGradValueError
+from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
 from regrad_hf.files import FILE_MODE
 
-from .conftest import DOCUMENTS, make_tiny_base, make_tiny_model, parameter_bytes
+from .conftest import DOCUMENTS, IDS, make_tiny_base, make_tiny_model, parameter_bytes
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
 
@@ -243,6 +243,19 @@ def test_heterogeneous_batch_is_one_call_and_each_row_gets_what_it_gets_alone(
         alone = new_tokens_alone(tiny_model, tokenizer, question, query, **GREEDY)
         assert_rows_equal_alone(batch_new[row : row + 1], alone, tokenizer.pad_token_id)
     assert len({tuple(row.tolist()) for row in batch_new}) == 4  # the rows differ, or the test proves nothing
+
+
+def test_row_step_sizes_serve_a_heterogeneous_batch_as_each_row_alone(tokenizer, embedder):
+    model = make_tiny_model(tokenizer, step_size_mode="row")
+    with torch.no_grad():  # a different step size on every row, so a path that used one per tensor would differ
+        model.step_sizes.raw.copy_(torch.linspace(-1.0, 1.5, model.step_sizes.raw.numel()))
+    model.attach_bank(GradientBank.build(model, DOCUMENTS, ids=IDS, embedder_model=embedder, show_progress=False))
+    tokenizer.padding_side = "left"
+    batch = tokenizer(HETEROGENEOUS[:3], return_tensors="pt", padding=True)
+    output = model.generate(**batch, **GREEDY, query=HETEROGENEOUS[:3])
+    for row, question in enumerate(HETEROGENEOUS[:3]):
+        alone = new_tokens_alone(model, tokenizer, question, question, **GREEDY)
+        assert_rows_equal_alone(output[row : row + 1, batch.input_ids.shape[1] :], alone, tokenizer.pad_token_id)
 
 
 def test_heterogeneous_batch_with_beams_and_several_returned_sequences(tiny_model, tiny_bank, tokenizer):

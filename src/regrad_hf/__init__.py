@@ -6,7 +6,16 @@ from .bank import GradientBank, Hit
 from .config import ReGradConfig
 from .data import Task
 from .defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID
-from .errors import BankMismatchError, ReGradError, ReGradHubError, ReGradKeyError, ReGradValueError
+from .errors import (
+    BankMismatchError,
+    BankNotFoundError,
+    ReGradError,
+    ReGradFileError,
+    ReGradHubError,
+    ReGradKeyError,
+    ReGradTypeError,
+    ReGradValueError,
+)
 from .modeling import ReGradForCausalLM
 
 __version__ = "0.1.0"
@@ -31,15 +40,18 @@ __all__ = [
     "DEFAULT_EMBEDDER_ID",
     "EMBEDDED_MODEL_ID",
     "BankMismatchError",
+    "BankNotFoundError",
     "GradientBank",
     "Hit",
     "ReGradConfig",
     "ReGradError",
+    "ReGradFileError",
     "ReGradForCausalLM",
     "ReGradHubError",
     "ReGradKeyError",
     "ReGradTrainer",
     "ReGradTrainingArguments",
+    "ReGradTypeError",
     "ReGradValueError",
     "Task",
 ]

@@ -261,7 +261,8 @@ def combine(
 
     Args:
         stacked_gradients (`Mapping[str, torch.Tensor]`): `{name: (k, *shape)}` gradients of k documents.
-        step_sizes (`Mapping[str, torch.Tensor]`): `alpha_t` by name (scalars).
+        step_sizes (`Mapping[str, torch.Tensor]`): `alpha_t` by name: scalars, or tensors that broadcast against
+            the gradient (a column of per-row step sizes).
         gamma (`float`): test-time multiplier.
 
     Returns:

@@ -129,21 +129,36 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class StepSizes(nn.Module):
-    """Learned step sizes `alpha_t`, one per LoRA tensor (`tie`), one for all (`same`) or fixed (`fix`).
+    """Learned step sizes `alpha_t`: one per LoRA tensor (`tie`), one per row of each LoRA tensor (`row`), one for
+    all (`same`), or fixed (`fix`).
+
+    In `row` mode the step of row `j` of tensor `t` is `alpha_{t,j} * g_{t,j}`: `lora_B` (out x rank) gets a step
+    size per output feature, `lora_A` (rank x in) one per rank component.
 
     Args:
-        names (`Sequence[str]`): the LoRA tensor names, in a fixed order.
-        mode (`str`): `"tie"`, `"same"` or `"fix"`.
+        shapes (`Mapping[str, Sequence[int]]`): the LoRA tensors' shapes by name, in a fixed order.
+        mode (`str`): `"tie"`, `"row"`, `"same"` or `"fix"`.
         parametrization (`str`): `"log"` stores `log(alpha)`, `"linear"` stores `alpha`.
         init (`float`): the initial step size.
     """
 
-    def __init__(self, names: Sequence[str], mode: str, parametrization: str, init: float):
+    def __init__(self, shapes: Mapping[str, Sequence[int]], mode: str, parametrization: str, init: float):
         super().__init__()
-        self.names = list(names)
+        self.names = list(shapes)
         self.mode = mode
         self.parametrization = parametrization
-        count = len(self.names) if mode == "tie" else 1
+        # Each tensor's step sizes are the slice [start, start + count) of `raw`, viewed in `self._views[name]`'s
+        # shape so that they broadcast against the tensor.
+        self._slices: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        count = 0
+        for index, (name, shape) in enumerate(shapes.items()):
+            if mode == "row":
+                view = (shape[0], *[1] * (len(shape) - 1))
+                self._slices[name] = (count, shape[0], view)
+                count += shape[0]
+            else:
+                self._slices[name] = (index if mode == "tie" else 0, 1, ())
+        count = count if mode == "row" else len(self.names) if mode == "tie" else 1
         raw = torch.full((count,), math.log(init) if parametrization == "log" else init, dtype=torch.float32)
         if mode == "fix":
             self.register_buffer("raw", raw)
@@ -154,10 +169,32 @@ class StepSizes(nn.Module):
         """The step sizes as a vector (differentiable w.r.t. `raw`)."""
         return self.raw.exp() if self.parametrization == "log" else self.raw
 
+    @torch.no_grad()
+    def copy_from(self, other: StepSizes) -> None:
+        """Takes the step sizes of a learner with another layout of the same LoRA tensors: each row gets its
+        tensor's step size (`tie`/`same` -> `row`), a tensor the mean of its rows' (`row` -> `tie`), all the mean of
+        all (`-> same`/`fix`).
+
+        Raises:
+            [`ReGradValueError`]: when `other` is for other LoRA tensors.
+        """
+        if other.names != self.names:
+            raise ReGradValueError("the step sizes are for other LoRA tensors: the learners' layouts differ")
+        theirs = other()
+        values = torch.empty_like(self.raw)
+        if self.mode in ("same", "fix"):
+            values.fill_(torch.cat([value.reshape(-1) for value in theirs.values()]).mean())
+        for name, (start, count, _) in self._slices.items():
+            if self.mode == "row":
+                values[start : start + count] = theirs[name].reshape(-1).expand(count)
+            elif self.mode == "tie":
+                values[start] = theirs[name].mean()
+        self.raw.copy_(values.log() if self.parametrization == "log" else values)
+
     def forward(self) -> dict[str, torch.Tensor]:
-        """Returns the step size of every LoRA tensor, by name."""
+        """Returns the step sizes of every LoRA tensor, by name: a scalar, or (`row`) a `(rows, 1)` column."""
         alpha = self.values()
-        return {name: alpha[index if self.mode == "tie" else 0] for index, name in enumerate(self.names)}
+        return {name: alpha[start : start + count].reshape(view) for name, (start, count, view) in self._slices.items()}
 
 
 # Bumped when the way gradients are computed changes, so banks of an older computation are not mixed in.

@@ -103,8 +103,9 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         self.generation_config = language_model.generation_config
         self._lora = lora_parameters(language_model)
         self._restore = deltas.ExactRestore(self._lora)
+        shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
         self.step_sizes = StepSizes(
-            list(self._lora), config.step_size_mode, config.step_size_parametrization, config.init_step_size
+            shapes, config.step_size_mode, config.step_size_parametrization, config.init_step_size
         )
         self.step_sizes.to(next(iter(self._lora.values())).device)
 

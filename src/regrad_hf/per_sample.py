@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .errors import ReGradError, ReGradTypeError
+
 
 class LinearWeightGradients:
     """Collects per-row gradients of the `weight` of chosen `nn.Linear` modules for one forward/backward.
@@ -37,7 +39,7 @@ class LinearWeightGradients:
     def __init__(self, modules: Mapping[str, nn.Linear]):
         for name, module in modules.items():
             if not isinstance(module, nn.Linear):
-                raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+                raise ReGradTypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
         self.modules = dict(modules)
         self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in self.modules}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -75,7 +77,7 @@ class LinearWeightGradients:
         calls = [call for name in self.modules for call in self._calls[name]]
         missing = [name for name, recorded in self._calls.items() if not recorded]
         if missing:
-            raise RuntimeError(f"modules {missing[:3]} were not called in the forward pass")
+            raise ReGradError(f"modules {missing[:3]} were not called in the forward pass")
         output_gradients = torch.autograd.grad(loss, [output for _, output in calls], allow_unused=True)
         per_row: dict[str, torch.Tensor] = {}
         for name, (inputs, output), output_gradient in zip(names, calls, output_gradients, strict=True):

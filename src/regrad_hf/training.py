@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import TaskCollator, as_tasks
+from .errors import ReGradTypeError
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
 from .prompting import PromptTemplate
@@ -109,7 +110,7 @@ class ReGradTrainer(Trainer):
         **kwargs,
     ):
         if not isinstance(model, ReGradForCausalLM):
-            raise TypeError(f"ReGradTrainer trains a ReGradForCausalLM, got {type(model).__name__}")
+            raise ReGradTypeError(f"ReGradTrainer trains a ReGradForCausalLM, got {type(model).__name__}")
         # A datasets.Dataset (documents/question/answer columns) or mappings become Tasks, checked once here.
         train_dataset = None if train_dataset is None else as_tasks(train_dataset)
         eval_dataset = None if eval_dataset is None else as_tasks(eval_dataset)

@@ -25,6 +25,7 @@ import torch
 
 from ..data import Task, TaskCollator
 from ..deltas import truncation_report
+from ..errors import ReGradValueError
 from ..log import progress_bar
 from ..prompting import PromptTemplate
 from .metrics import answer_contained, exact_match, f1_score
@@ -95,9 +96,9 @@ def evaluate_injection(
     """
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
-        raise ValueError(f"unknown evaluation cases {unknown}; choose from {CASES}")
+        raise ReGradValueError(f"unknown evaluation cases {unknown}; choose from {CASES}")
     if untrained_state is None and {"raw", "rag"} & set(cases):
-        raise ValueError("the raw and rag cases need the untrained learner state (untrained_state=)")
+        raise ReGradValueError("the raw and rag cases need the untrained learner state (untrained_state=)")
     tokenizer = model.tokenizer
     max_document_tokens = max_document_tokens or model.config.max_document_tokens
     prompt = PromptTemplate.from_config(model.config)  # the learner's own prompt, as in training

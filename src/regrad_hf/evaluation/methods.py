@@ -93,8 +93,8 @@ def untrained_learner_state(model, seed: int) -> dict[str, torch.Tensor]:
                     module.reset_lora_parameters(adapter, True)
         state = {name: tensor.clone() for name, tensor in model.learner_state_dict().items()}
     config = model.config
-    fresh = StepSizes(list(model.lora_parameters()), config.step_size_mode, config.step_size_parametrization,
-                      config.init_step_size)  # fmt: skip
+    shapes = {name: tuple(p.shape) for name, p in model.lora_parameters().items()}
+    fresh = StepSizes(shapes, config.step_size_mode, config.step_size_parametrization, config.init_step_size)
     state[STEP_SIZES_KEY] = fresh.raw.detach().clone()
     return state
 

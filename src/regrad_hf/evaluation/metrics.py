@@ -10,6 +10,8 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from ..errors import ReGradValueError
+
 
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
@@ -61,7 +63,7 @@ def recall_at_k(retrieved: Sequence[str], gold: Collection[str], k: int | None =
     With one gold document this is the hit rate: 1.0 if it was retrieved, else 0.0.
     """
     if not gold:
-        raise ValueError("recall@k needs at least one gold document")
+        raise ReGradValueError("recall@k needs at least one gold document")
     top = set(retrieved if k is None else retrieved[:k])
     return sum(doc in top for doc in set(gold)) / len(set(gold))
 
