@@ -4,10 +4,11 @@ import random
 import pytest
 import torch
 
-from regrad_hf import ReGradForCausalLM
+from regrad_hf import ReGradForCausalLM, ReGradValueError
 from regrad_hf.cli import main
 from regrad_hf.data import Task
 from regrad_hf.evaluation import CASES, evaluate_injection
+from regrad_hf.objective import meta_loss
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
 from regrad_hf.training_state import (
     decode_int8,
@@ -80,6 +81,35 @@ def test_second_order_gradient_differs_from_first_order(tiny_model, tmp_path):
         trainer.compute_loss(tiny_model, batch).backward()
         gradients[first_order] = torch.cat([p.grad.flatten() for p in tiny_model.lora_parameters().values()])
     assert not torch.allclose(gradients[False], gradients[True])
+
+
+def test_the_locality_term_is_the_kl_of_each_adapted_model_on_the_next_tasks_text(tiny_model, tmp_path):
+    tasks = color_tasks(2, 0, 0)
+    batch = ReGradTrainer(tiny_model, arguments(tmp_path)).data_collator(tasks)["tasks"]
+    plain = meta_loss(tiny_model, batch).detach()
+    weighted = meta_loss(tiny_model, batch, locality_weight=0.5).detach()
+    # Independently: each task's documents injected through the public API, the KL measured on the other's text.
+    divergences = []
+    for index, task in enumerate(tasks):
+        text = batch[1 - index]["input_ids"]
+        with torch.no_grad():
+            unadapted = tiny_model.language_model(input_ids=text).logits.log_softmax(-1)
+        with tiny_model.knowledge(task.documents), torch.no_grad():  # knowledge() computes the gradients
+            adapted = tiny_model.language_model(input_ids=text).logits.log_softmax(-1)
+        divergences.append((unadapted.exp() * (unadapted - adapted)).sum(-1).mean())
+    expected = 0.5 * torch.stack(divergences).mean()
+    assert expected > 0
+    assert torch.allclose(weighted - plain, expected, rtol=1e-3, atol=1e-7)
+
+
+def test_the_locality_term_trains_and_needs_two_tasks_per_batch(tiny_model, tmp_path):
+    batch = ReGradTrainer(tiny_model, arguments(tmp_path)).data_collator(color_tasks(2, 0, 0))["tasks"]
+    meta_loss(tiny_model, batch, locality_weight=1.0).backward()
+    assert tiny_model.step_sizes.raw.grad is not None and bool(tiny_model.step_sizes.raw.grad.abs().sum() > 0)
+    with pytest.raises(ReGradValueError, match="at least 2 tasks"):
+        meta_loss(tiny_model, batch[:1], locality_weight=1.0)
+    with pytest.raises(ReGradValueError, match="locality_weight"):
+        ReGradTrainer(tiny_model, arguments(tmp_path, locality_weight=1.0, per_device_train_batch_size=1))
 
 
 def test_short_meta_training_raises_the_injection_signal(tiny_model, tmp_path):

@@ -499,12 +499,18 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
     def forward(self, *args, meta_tasks: Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
         """The wrapped language model's forward, with the LoRA tensors as they currently are.
 
-        With `meta_tasks` (tasks encoded by [`TaskCollator`]; `first_order=` may be passed too), the meta-learning
+        With `meta_tasks` (tasks encoded by [`TaskCollator`]; `first_order=` and `locality_weight=` may be passed
+        too), the meta-learning
         loss instead (see [`regrad_hf.objective`]), as a `CausalLMOutputWithPast` with only `loss` set:
         [`ReGradTrainer`] computes its loss through this forward so that a DDP wrapper synchronises the gradients.
         """
         if meta_tasks is not None:
-            loss = objective.meta_loss(self, meta_tasks, first_order=kwargs.pop("first_order", False))
+            loss = objective.meta_loss(
+                self,
+                meta_tasks,
+                first_order=kwargs.pop("first_order", False),
+                locality_weight=kwargs.pop("locality_weight", 0.0),
+            )
             if args or kwargs:
                 raise ReGradValueError(f"meta_tasks takes no other inputs, got {sorted(kwargs) or 'positional ones'}")
             return CausalLMOutputWithPast(loss=loss)

@@ -6,7 +6,11 @@ For each task (documents D, question q, answer a):
   `create_graph=True` (second order) or detached (first order);
 - adapt: `theta' = theta - gamma * alpha * g`;
 - outer: cross-entropy of the answer tokens of `a` given the prompt, through `torch.func.functional_call` with
-  `theta'`.
+  `theta'`;
+- locality (optional, `locality_weight > 0`): plus `locality_weight` times the KL divergence, per token, of the
+  unadapted model's next-token distribution to the adapted one's, on another task's prompt and answer: text the
+  injected documents say nothing about, which the step should leave alone (the locality term of knowledge-editing
+  work). It penalises steps that make the model degenerate everywhere ("village village village").
 
 [`ReGradForCausalLM.forward`] computes it when given `meta_tasks`, so that a wrapper around the model (DDP) sees a
 forward pass and synchronises the gradients of the backward that follows.
@@ -17,19 +21,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .deltas import adapted_parameters, documents_lm_loss
+from .errors import ReGradValueError
 
 
-def task_loss(learner, task: Mapping[str, torch.Tensor], first_order: bool = False) -> torch.Tensor:
+def task_loss(
+    learner,
+    task: Mapping[str, torch.Tensor],
+    first_order: bool = False,
+    locality: torch.Tensor | None = None,
+    locality_weight: float = 0.0,
+) -> torch.Tensor:
     """The outer (answer) loss of one encoded task after one inner step on its documents.
 
     Args:
         learner ([`ReGradForCausalLM`]): the learner (its LoRA tensors are theta, its step sizes alpha).
         task (`Mapping[str, torch.Tensor]`): `document_ids`, `document_mask`, `input_ids`, `labels`.
         first_order (`bool`, defaults to `False`): detach the inner gradient.
+        locality (`torch.Tensor`, *optional*): token ids `(1, length)` of unrelated text for the locality term.
+        locality_weight (`float`, defaults to 0): weight of the locality term (0: not computed).
 
     Returns:
         `torch.Tensor`: the scalar loss.
@@ -51,9 +65,29 @@ def task_loss(learner, task: Mapping[str, torch.Tensor], first_order: bool = Fal
             args=(),
             kwargs={"input_ids": task["input_ids"], "labels": task["labels"]},
         )
-    return outputs.loss
+        loss = outputs.loss
+        if locality is not None and locality_weight > 0:
+            with torch.no_grad():
+                reference = learner.language_model(input_ids=locality).logits.log_softmax(-1)
+            adapted_logits = functional_call(learner.language_model, adapted, args=(), kwargs={"input_ids": locality})
+            divergence = F.kl_div(adapted_logits.logits.log_softmax(-1), reference, log_target=True, reduction="none")
+            loss = loss + locality_weight * divergence.sum(-1).mean()
+    return loss
 
 
-def meta_loss(learner, tasks: Sequence[Mapping[str, torch.Tensor]], first_order: bool = False) -> torch.Tensor:
-    """Mean of [`task_loss`] over `tasks`."""
-    return torch.stack([task_loss(learner, task, first_order) for task in tasks]).mean()
+def meta_loss(
+    learner, tasks: Sequence[Mapping[str, torch.Tensor]], first_order: bool = False, locality_weight: float = 0.0
+) -> torch.Tensor:
+    """Mean of [`task_loss`] over `tasks`; with `locality_weight > 0`, each task's locality text is the next task's
+    prompt and answer (so a batch needs two tasks or more)."""
+    if locality_weight < 0:
+        raise ReGradValueError(f"locality_weight must be >= 0, got {locality_weight}")
+    if locality_weight > 0 and len(tasks) < 2:
+        raise ReGradValueError("the locality term needs at least 2 tasks per batch (per device): each task's locality "
+                               "text is another task's question and answer")  # fmt: skip
+    return torch.stack(
+        [
+            task_loss(learner, task, first_order, tasks[(index + 1) % len(tasks)]["input_ids"], locality_weight)
+            for index, task in enumerate(tasks)
+        ]
+    ).mean()

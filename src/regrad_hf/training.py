@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import TaskCollator, as_tasks
-from .errors import ReGradTypeError
+from .errors import ReGradTypeError, ReGradValueError
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
 from .prompting import PromptTemplate
@@ -34,6 +34,13 @@ class ReGradTrainingArguments(TrainingArguments):
     blind: bool = field(
         default=True,
         metadata={"help": "Ask the question alone (True) or with the documents in the prompt (ReGrad+ICL)."},
+    )
+    locality_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the KL of the adapted model to the unadapted one on another task's prompt and answer "
+            "(0: off; needs 2+ tasks per device batch)."
+        },
     )
     inner_max_document_tokens: int = field(default=512, metadata={"help": "Document truncation in the inner step."})
     max_answer_tokens: int = field(default=48, metadata={"help": "Longer answers raise an error."})
@@ -111,6 +118,11 @@ class ReGradTrainer(Trainer):
     ):
         if not isinstance(model, ReGradForCausalLM):
             raise ReGradTypeError(f"ReGradTrainer trains a ReGradForCausalLM, got {type(model).__name__}")
+        if args.locality_weight < 0 or (args.locality_weight > 0 and args.per_device_train_batch_size < 2):
+            raise ReGradValueError(
+                f"locality_weight {args.locality_weight} needs to be >= 0, and > 0 needs per_device_train_batch_size "
+                "of 2 or more (each task's locality text is another task's)"
+            )
         # A datasets.Dataset (documents/question/answer columns) or mappings become Tasks, checked once here.
         train_dataset = None if train_dataset is None else as_tasks(train_dataset)
         eval_dataset = None if eval_dataset is None else as_tasks(eval_dataset)
@@ -165,7 +177,9 @@ class ReGradTrainer(Trainer):
         """Mean over the batch's tasks of the outer (answer) loss after one inner step on the task's documents.
 
         It runs as the (possibly DDP-wrapped) model's forward, so that DDP all-reduces the gradients."""
-        outputs = model(meta_tasks=inputs["tasks"], first_order=self.args.first_order)
+        outputs = model(
+            meta_tasks=inputs["tasks"], first_order=self.args.first_order, locality_weight=self.args.locality_weight
+        )
         return (outputs.loss, {"loss": outputs.loss}) if return_outputs else outputs.loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
