@@ -10,6 +10,8 @@ PROCESSES=${PROCESSES:-2}
 if compgen -G "$HERE/run/checkpoint-*" > /dev/null; then RESUME=(--resume last)
 elif [ -f "$HERE/resume/trainer_state.json" ]; then RESUME=(--resume "$HERE/resume")
 else RESUME=(); fi
+# --ddp_timeout: process 0 builds the mixed task set (hard distractors by embedding) while the other waits at a
+# barrier; on a loaded 2-core machine that took over gloo's default 30 minutes once and killed the run.
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
 LAUNCH=(python -m torch.distributed.run --standalone --nproc_per_node="$PROCESSES" -m regrad_hf.cli)
 [ "$PROCESSES" = 1 ] && LAUNCH=(python -m regrad_hf.cli)
@@ -27,5 +29,5 @@ exec "${LAUNCH[@]}" train \
   --eval_strategy steps --eval_steps 20 --eval_tasks_per_source 10 --eval_generate false \
   --eval_cases no_adaptation,regrad --metric_for_best_model eval_regrad_answer_loss --greater_is_better false \
   --compact_checkpoint_dir "$HERE/resume" --output_dir "$HERE/run" \
-  --seed 0 --report_to none --use_cpu true --disable_tqdm true \
+  --seed 0 --report_to none --use_cpu true --disable_tqdm true --ddp_timeout 10800 \
   "${RESUME[@]}" "$@"
