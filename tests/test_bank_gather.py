@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from regrad_hf import GradientBank, ReGradValueError
 from regrad_hf.bank.mapped import MappedShard
 from regrad_hf.bank.quantization import BANK_DTYPES
+from regrad_hf.bank.shards import check_finite
 
 from .conftest import DOCUMENTS, IDS, make_tiny_model
 
@@ -140,3 +141,13 @@ def test_a_malformed_safetensors_header_is_refused(tmp_path, edit, tail, message
     path = shard_file(tmp_path / "s.safetensors", edit, tail)
     with pytest.raises(ReGradValueError, match=message):
         MappedShard(path, follow_symlinks=False)
+
+
+def test_the_finiteness_check_names_bad_documents_and_passes_large_finite_values():
+    large = {"x": torch.full((3, 4, 4), 3e38), "y": torch.ones(3, 2)}  # their sum overflows; each value is finite
+    check_finite(large, ["a", "b", "c"])
+    for bad in (float("nan"), float("-inf")):
+        tensors = {"x": torch.ones(3, 4, 4, dtype=torch.bfloat16), "y": torch.ones(3, 2)}
+        tensors["y"][1, 1] = bad
+        with pytest.raises(ReGradValueError, match=r"documents \['b'\] contain NaN or inf"):
+            check_finite(tensors, ["a", "b", "c"])

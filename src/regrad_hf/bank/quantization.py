@@ -177,7 +177,10 @@ class QuantizedFormat(GradientFormat):
         scales = parts[".scales"]
         documents = scales.shape[0]
         group, groups = self._layout(shape)
-        values = self._unpack(parts[".codes"]).float().sub_(2 ** (self.bits - 1)).view(documents, groups, group)
+        # a float32 offset makes the subtraction itself produce float32 from the integer codes: one pass, exact
+        # (small integers), so the values are those of `float(code) - offset`, times the scale
+        offset = torch.tensor(2.0 ** (self.bits - 1), dtype=torch.float32)
+        values = torch.sub(self._unpack(parts[".codes"]), offset).view(documents, groups, group)
         values.mul_(scales.float().unsqueeze(-1))
         return values.view(documents, -1)[:, : math.prod(shape)].reshape(documents, *shape)
 
@@ -193,15 +196,21 @@ class QuantizedFormat(GradientFormat):
     def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Inverse of [`_pack`]: `(documents, bytes)` -> `(documents, n)` codes in `[0, 2^bits)`."""
         documents = packed.shape[0]
-        # byte-aligned layouts decode without widening (the common formats; same result as the general path)
+        # layouts with whole words of one byte (8, 4, 2 bits) decode without widening (same codes as the general
+        # path); three-byte words (3 bits) fit in int32
         if self.bits == 8:
             return packed
-        if self.bits == 4:
-            return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(documents, -1)
-        byte_shifts = torch.arange(self.bytes_per_word, dtype=torch.int64) * 8
-        words = (packed.view(documents, -1, self.bytes_per_word).to(torch.int64) << byte_shifts).sum(dim=-1)
-        shifts = torch.arange(self.values_per_word, dtype=torch.int64) * self.bits
-        return ((words.unsqueeze(-1) >> shifts) & (2**self.bits - 1)).view(documents, -1)
+        mask = 2**self.bits - 1
+        if self.bytes_per_word == 1:
+            shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8)
+            return ((packed.unsqueeze(-1) >> shifts) & mask).view(documents, -1)
+        word_dtype = torch.int32 if self.bytes_per_word < 4 else torch.int64
+        byte_shifts = torch.arange(self.bytes_per_word, dtype=word_dtype) * 8
+        words = (packed.view(documents, -1, self.bytes_per_word).to(word_dtype) << byte_shifts).sum(
+            dim=-1, dtype=word_dtype
+        )
+        shifts = torch.arange(self.values_per_word, dtype=word_dtype) * self.bits
+        return ((words.unsqueeze(-1) >> shifts) & mask).view(documents, -1)
 
 
 def gradient_format(name: str, quantization: Mapping[str, Any] | None = None) -> GradientFormat:
