@@ -2,6 +2,7 @@
 writes benchmarks/results/gather.json.
 
     python benchmarks/bench_gather.py [--documents 48] [--formats bfloat16 int4] [--k 1 3 8] [--repeats 15]
+                                       [--threads N]
 
 The bank has the real layout of the embedded SmolLM2-135M with the shipped learner (its LoRA tensors, names and
 shapes), but synthetic gradients: a [`GradientSource`] that delegates the learner's identity and LoRA tensors to the
@@ -93,8 +94,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3, 8])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "gather.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = ReGradForCausalLM.from_pretrained(args.learner)
     source, embedder = RandomGradients(model, args.seed), load_embedder()
