@@ -8,6 +8,9 @@ modules) multiplies row `r` of its input by row `r` of a stacked factor: `lora_A
 around them is unchanged, so it still adds `scaling * B'_r A'_r x_r` to the base layer's output, and the base layer
 runs once for the whole batch. No tensor of the model is written.
 
+The stacked factors come from [`retrieval_row_tensors`] (a generate call's rows: one gather of all the rows'
+documents, each row's step computed from it directly) or from [`stacked_row_tensors`] (any deltas).
+
 Why not peft's own mixed-adapter batches (`adapter_names=` in `forward`/`generate`): they select among *named*
 adapters, so every call would first have to create one adapter per distinct row delta on every LoRA layer
 (`update_layer` builds two `nn.Linear` per layer, whose constructor draws from the global RNG), copy the adapted
