@@ -1,6 +1,7 @@
 """Gather from memory-mapped shards: one `index_select` per stored tensor and shard, equal to reading row by row."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 from regrad_hf import GradientBank, ReGradValueError
 from regrad_hf.bank.mapped import MappedShard
-from regrad_hf.bank.quantization import BANK_DTYPES
+from regrad_hf.bank.quantization import BANK_DTYPES, QuantizedFormat
 from regrad_hf.bank.shards import check_finite
 
 from .conftest import DOCUMENTS, IDS, make_tiny_model
@@ -151,3 +152,28 @@ def test_the_finiteness_check_names_bad_documents_and_passes_large_finite_values
         tensors["y"][1, 1] = bad
         with pytest.raises(ReGradValueError, match=r"documents \['b'\] contain NaN or inf"):
             check_finite(tensors, ["a", "b", "c"])
+
+
+def previous_decode(fmt: QuantizedFormat, parts, shape):
+    """The previous version's dequantisation, as reference: codes widened to int64 words and unpacked, converted to
+    float, offset, scaled."""
+    documents, packed = parts[".scales"].shape[0], parts[".codes"]
+    group, groups = fmt._layout(shape)
+    byte_shifts = torch.arange(fmt.bytes_per_word, dtype=torch.int64) * 8
+    words = (packed.view(documents, -1, fmt.bytes_per_word).to(torch.int64) << byte_shifts).sum(dim=-1)
+    shifts = torch.arange(fmt.values_per_word, dtype=torch.int64) * fmt.bits
+    codes = ((words.unsqueeze(-1) >> shifts) & (2**fmt.bits - 1)).view(documents, -1)
+    values = codes.float().sub_(2 ** (fmt.bits - 1)).view(documents, groups, group)
+    values.mul_(parts[".scales"].float().unsqueeze(-1))
+    return values.view(documents, -1)[:, : math.prod(shape)].reshape(documents, *shape)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", [(16, 96), (5, 77)])
+def test_dequantisation_equals_the_previous_one_bit_for_bit(bits, shape):
+    fmt = QuantizedFormat(f"int{bits}", bits, None if bits == 8 else 8 * 8 // math.gcd(bits, 8))
+    values = torch.randn(3, *shape, generator=torch.Generator().manual_seed(bits)) * 1e-3
+    values[0, 0, :3] = torch.tensor([1e30, -1e-30, 0.0])  # large, tiny and zero values, scales across the range
+    encoded = fmt.encode(values)
+    decoded = fmt.decode(encoded, shape)
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, previous_decode(fmt, encoded, shape))
