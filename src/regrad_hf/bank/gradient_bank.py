@@ -30,7 +30,7 @@ from .catalogue import Catalogue, Hit
 from .directory import CONFIG_FILE, DOCUMENTS_FILE, GRADIENTS_DIR, INDEX_FILE, was_a_bank
 from .index import EmbeddingIndex
 from .quantization import gradient_format
-from .shards import ShardStore, check_finite
+from .shards import ShardStore, all_finite, check_finite
 
 if TYPE_CHECKING:
     from ..config import ReGradConfig
@@ -279,10 +279,10 @@ class GradientBank:
         if not ids:
             raise ReGradValueError("gather needs at least one document id")
         self.catalogue.check_known(ids)
-        stored = self.stored_rows(ids)
-        gathered = {name: self.store.decode(stored, name) for name in self.parameter_shapes}
-        # A corrupted shard must not silently poison an answer.
-        check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
+        gathered, blocks = self.store.decode_all(self.stored_rows(ids))
+        # A corrupted shard must not silently poison an answer (one sum per decoded block; per document if needed).
+        if not all_finite(blocks):
+            check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
         return gathered
 
     def stored_rows(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:

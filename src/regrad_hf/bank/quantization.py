@@ -177,7 +177,7 @@ class QuantizedFormat(GradientFormat):
         scales = parts[".scales"]
         documents = scales.shape[0]
         group, groups = self._layout(shape)
-        values = self._unpack(parts[".codes"]).float().sub_(2 ** (self.bits - 1)).view(documents, groups, group)
+        values = self._signed(self._unpack(parts[".codes"])).float().view(documents, groups, group)
         values.mul_(scales.float().unsqueeze(-1))
         return values.view(documents, -1)[:, : math.prod(shape)].reshape(documents, *shape)
 
@@ -189,6 +189,15 @@ class QuantizedFormat(GradientFormat):
         byte_shifts = torch.arange(self.bytes_per_word, dtype=torch.int64) * 8
         packed = (words.unsqueeze(-1) >> byte_shifts) & 0xFF
         return packed.to(torch.uint8).view(unsigned.shape[0], -1)
+
+    def _signed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Unsigned codes -> `code - 2^(bits-1)`, exactly, in the narrowest integer type: subtracting before the
+        float conversion saves a pass over the float values and gives the same floats."""
+        if codes.dtype != torch.uint8:
+            return codes.sub_(2 ** (self.bits - 1))
+        if self.bits == 8:  # code - 128 is the int8 reading of code with its top bit flipped
+            return (codes ^ 0x80).view(torch.int8)
+        return codes.view(torch.int8).sub_(2 ** (self.bits - 1))  # codes < 128: the same values as int8
 
     def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Inverse of [`_pack`]: `(documents, bytes)` -> `(documents, n)` codes in `[0, 2^bits)`."""
