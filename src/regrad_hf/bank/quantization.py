@@ -13,7 +13,7 @@ Quantisation is symmetric ("absmax"): a group of values `x` is stored as `round(
 `s = max|x| / (2^(bits-1) - 1)`, so zero stays exactly zero and every value is off by at most half a step `s / 2`.
 The scale is rounded *up* to bf16, so no value is clipped and the half-step bound holds for the stored scale.
 Codes are kept unsigned (offset by `2^(bits-1)`) and packed into `uint8` little-endian words; each document's row
-of a tensor is a row of the stored arrays, so a shard still reads one document lazily with `get_slice`.
+of a tensor is a row of the stored arrays, so a gather reads only the rows it needs from a memory-mapped shard.
 
 In a shard, a float format stores the tensor under the LoRA tensor's name; a quantised one stores
 `<name>.codes` (`uint8`, one row per document) and `<name>.scales` (`bfloat16`, one row per document).
