@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from regrad_hf import ReGradError, ReGradKeyError, ReGradValueError, deltas
-from regrad_hf.multi_lora import per_row_lora, stacked_row_tensors
+from regrad_hf.multi_lora import per_row_lora, retrieval_row_tensors, stacked_row_tensors
 
 from .conftest import DOCUMENTS, parameter_bytes
 
@@ -125,3 +125,44 @@ def test_shipped_learner_serves_a_heterogeneous_batch_as_each_row_alone(embedder
         alone = model.generate(**inputs, **settings, query=query, top_k_docs=2, use_bank=query is not None)
         new = alone[0, inputs.input_ids.shape[1] :]
         assert torch.equal(output[row, batch.input_ids.shape[1] :][: len(new)], new)
+
+
+def test_row_tensors_from_the_gathered_union_are_bit_for_bit_what_the_swap_writes(tiny_model):
+    lora = tiny_model.lora_parameters()
+    gathered = tiny_model.document_gradients(DOCUMENTS)  # the union of the rows' documents, gathered once
+    step_sizes = tiny_model.step_sizes()
+    name = next(iter(lora))
+    # a per-element step size for one tensor: the step broadcasts, it is never read as a Python number
+    step_sizes[name] = step_sizes[name] * torch.linspace(0.5, 1.5, lora[name].shape[-1])
+    # retrievals of different lengths, a repeated one, a row without retrieval, documents shared between rows
+    retrievals = [[2, 0, 1], None, [3], [0, 2, 1], [2, 0, 1], [1, 3]]
+    stacked = retrieval_row_tensors(lora, gathered, retrievals, step_sizes, 0.7)
+    for row, retrieval in enumerate(retrievals):
+        for tensor_name, parameter in lora.items():
+            assert stacked[tensor_name].shape == (len(retrievals), *parameter.shape)
+            assert not stacked[tensor_name].requires_grad
+        if retrieval is None:
+            assert all(torch.equal(stacked[n][row], p.detach()) for n, p in lora.items())
+            continue
+        delta = deltas.combine({n: g[retrieval] for n, g in gathered.items()}, step_sizes, 0.7)
+        with deltas.applied_delta(lora, delta):
+            assert all(torch.equal(stacked[n][row], p.detach()) for n, p in lora.items()), row
+    # every row its own retrieval, in order (no reindexing): the same values
+    distinct = [[2, 0, 1], [3], [0, 2, 1]]
+    alone = retrieval_row_tensors(lora, gathered, distinct, step_sizes, 0.7)
+    assert all(torch.equal(alone[n], stacked[n][[0, 2, 3]]) for n in lora)
+
+
+def test_bad_retrievals_are_refused(tiny_model):
+    lora, step_sizes = tiny_model.lora_parameters(), tiny_model.step_sizes()
+    gathered = tiny_model.document_gradients(DOCUMENTS[:2])
+    with pytest.raises(ReGradValueError, match="one entry per row"):
+        retrieval_row_tensors(lora, gathered, [], step_sizes, 1.0)
+    with pytest.raises(ReGradValueError, match="one or more of the 2 gathered documents"):
+        retrieval_row_tensors(lora, gathered, [[0, 2]], step_sizes, 1.0)
+    with pytest.raises(ReGradValueError, match="one or more"):
+        retrieval_row_tensors(lora, gathered, [[]], step_sizes, 1.0)
+    with pytest.raises(ReGradKeyError, match="does not have"):
+        retrieval_row_tensors(lora, {"nope": torch.zeros(2, 1)}, [[0]], {"nope": torch.tensor(1.0)}, 1.0)
+    with pytest.raises(ReGradKeyError, match="no step size"):
+        retrieval_row_tensors(lora, gathered, [[0]], {}, 1.0)

@@ -257,7 +257,7 @@ def documents_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 def combine(
     stacked_gradients: Mapping[str, torch.Tensor], step_sizes: Mapping[str, torch.Tensor], gamma: float
 ) -> GradientDict:
-    """The step `-gamma * alpha_t * sum_i g_{i,t}` for every tensor `t` (summed in float32).
+    """The step `-gamma * alpha_t * sum_i g_{i,t}` for every tensor `t` (summed in float32, in document order).
 
     Args:
         stacked_gradients (`Mapping[str, torch.Tensor]`): `{name: (k, *shape)}` gradients of k documents.
@@ -271,10 +271,37 @@ def combine(
     missing = sorted(set(stacked_gradients) - set(step_sizes))
     if missing:
         raise ReGradKeyError(f"no step size for gradient tensors {missing[:3]}")
-    return {
-        name: (-gamma * step_sizes[name].detach().float()) * gradients.float().sum(dim=0)
-        for name, gradients in stacked_gradients.items()
-    }
+    steps = {}
+    for name, gradients in stacked_gradients.items():
+        documents = torch.arange(gradients.shape[0], device=gradients.device)[None]
+        steps[name] = scaled_steps(summed_rows(gradients, documents), step_sizes[name], gamma)[0]
+    return steps
+
+
+def summed_rows(stacked: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """For each row of `documents`, the sum of those documents' gradients, in float32, added in order.
+
+    Row `r` is `stacked[documents[r, 0]] + stacked[documents[r, 1]] + ...`: one `index_select` and one add per
+    document position for all rows at once. [`combine`] sums one set of documents with it, and per-row serving
+    ([`multi_lora.retrieval_row_tensors`]) many sets, so that every row's sum is bit for bit the swap path's.
+
+    Args:
+        stacked (`torch.Tensor`): `(documents, *shape)` gradients.
+        documents (`torch.Tensor`): `(rows, k)` indices into the first axis of `stacked` (k >= 1).
+
+    Returns:
+        `torch.Tensor`: `(rows, *shape)`, float32, a fresh tensor.
+    """
+    total = stacked.index_select(0, documents[:, 0]).to(torch.float32)  # fresh already: index_select copies
+    for position in range(1, documents.shape[1]):
+        total += stacked.index_select(0, documents[:, position])  # added in float32, as `.float()` then add
+    return total
+
+
+def scaled_steps(totals: torch.Tensor, step_size: torch.Tensor, gamma: float) -> torch.Tensor:
+    """`-gamma * step_size * totals`, in place on `totals` (float32 summed gradients, one per row on the first
+    axis); `step_size` is a scalar or broadcastable to a row's shape."""
+    return totals.mul_(-gamma * step_size.detach().to(device=totals.device, dtype=torch.float32))
 
 
 def _check_delta(parameters: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:

@@ -728,13 +728,13 @@ class ReGradForCausalLM(PeftConventionsMixin, PreTrainedModel, GenerationMixin):
         return [None if q is None else ids[q] for q in queries]
 
     def _row_tensors(self, retrievals: list[tuple[str, ...] | None], gamma: float | None) -> dict[str, torch.Tensor]:
-        """Each row's adapted LoRA tensors, stacked (one delta per distinct set of retrieved documents)."""
+        """Each row's adapted LoRA tensors, stacked, from one gather of all the rows' documents."""
         gamma = self.config.gamma if gamma is None else gamma
-        distinct = list(dict.fromkeys(ids for ids in retrievals if ids is not None))
-        step_sizes = self.step_sizes()
-        row_deltas = [deltas.combine(self.bank.gather(list(ids)), step_sizes, gamma) for ids in distinct]
-        rows = [None if ids is None else distinct.index(ids) for ids in retrievals]
-        return multi_lora.stacked_row_tensors(self._lora, row_deltas, rows)
+        union = list(dict.fromkeys(doc_id for ids in retrievals if ids is not None for doc_id in ids))
+        position = {doc_id: number for number, doc_id in enumerate(union)}
+        rows = [None if ids is None else [position[doc_id] for doc_id in ids] for ids in retrievals]
+        gathered = self.bank.gather(union)
+        return multi_lora.retrieval_row_tensors(self._lora, gathered, rows, self.step_sizes(), gamma)
 
 
 def _read_config(path: Path) -> ReGradConfig:

@@ -8,6 +8,9 @@ modules) multiplies row `r` of its input by row `r` of a stacked factor: `lora_A
 around them is unchanged, so it still adds `scaling * B'_r A'_r x_r` to the base layer's output, and the base layer
 runs once for the whole batch. No tensor of the model is written.
 
+The stacked factors come from [`retrieval_row_tensors`] (a generate call's rows: one gather of all the rows'
+documents, each row's step computed from it directly) or from [`stacked_row_tensors`] (any deltas).
+
 Why not peft's own mixed-adapter batches (`adapter_names=` in `forward`/`generate`): they select among *named*
 adapters, so every call would first have to create one adapter per distinct row delta on every LoRA layer
 (`update_layer` builds two `nn.Linear` per layer, whose constructor draws from the global RNG), copy the adapted
@@ -30,6 +33,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import deltas
 from .errors import ReGradError, ReGradKeyError, ReGradValueError
 from .learner import is_lora_parameter_name
 
@@ -75,6 +79,78 @@ def stacked_row_tensors(
             base + delta[name].to(device=base.device, dtype=base.dtype) if name in delta else base for delta in deltas
         ]
         stacked[name] = torch.stack(candidates).index_select(0, index.to(base.device))
+    return stacked
+
+
+@torch.no_grad()
+def retrieval_row_tensors(
+    parameters: Mapping[str, torch.Tensor],
+    gathered: Mapping[str, torch.Tensor],
+    retrievals: Sequence[Sequence[int] | None],
+    step_sizes: Mapping[str, torch.Tensor],
+    gamma: float,
+) -> dict[str, torch.Tensor]:
+    """The LoRA tensors each row of a batch runs with, stacked, straight from the gradients of all the rows'
+    documents (gathered once): `{name: (len(retrievals), *shape)}`.
+
+    Row `i` gets `parameters[name] + (-gamma * step_sizes[name] * sum_j gathered[name][retrievals[i][j]])` (summed in
+    float32 in retrieval order by [`deltas.summed_rows`], cast to the parameter's dtype before the addition), the
+    same arithmetic as [`deltas.combine`] followed by the swap of [`deltas.applied_delta`], so the values are bit for
+    bit what the swap writes; `None` rows get the parameter itself. Each distinct retrieval is computed once, and all
+    retrievals of one length together: one `index_select` and one add per document position, one scaling and one
+    addition of the base per tensor.
+
+    Args:
+        parameters (`Mapping[str, torch.Tensor]`): the LoRA tensors by name (read, never written).
+        gathered (`Mapping[str, torch.Tensor]`): `{name: (documents, *shape)}` gradients of the union of the rows'
+            documents; a parameter without gradients stays unadapted.
+        retrievals (`Sequence[Sequence[int] | None]`): per row, the positions of its documents in `gathered`, best
+            first, or `None` for no retrieval.
+        step_sizes (`Mapping[str, torch.Tensor]`): `alpha` by name: scalars, or tensors broadcastable to the shape.
+        gamma (`float`): test-time multiplier.
+
+    Returns:
+        `dict[str, torch.Tensor]`: stacked adapted tensors, detached, in the parameters' dtype and device.
+    """
+    if not retrievals:
+        raise ReGradValueError("retrievals is empty: give one entry per row of the batch")
+    unknown = sorted(set(gathered) - set(parameters))
+    if unknown:
+        raise ReGradKeyError(f"gradients for tensors the model does not have: {unknown[:3]}")
+    missing = sorted(set(gathered) - set(step_sizes))
+    if missing:
+        raise ReGradKeyError(f"no step size for gradient tensors {missing[:3]}")
+    distinct = list(dict.fromkeys(tuple(r) for r in retrievals if r is not None))
+    documents = next(iter(gathered.values())).shape[0] if gathered else 0
+    if any(not r or not all(0 <= p < documents for p in r) for r in distinct):
+        raise ReGradValueError(f"each retrieval must name one or more of the {documents} gathered documents")
+    # Retrievals of one length are summed together; position u + 1 of the candidates is distinct retrieval u.
+    by_length: dict[int, list[int]] = {}
+    for number, retrieval in enumerate(distinct):
+        by_length.setdefault(len(retrieval), []).append(number)
+    rows = [0 if r is None else distinct.index(tuple(r)) + 1 for r in retrievals]
+    one_to_one = rows == list(range(1, len(distinct) + 1))  # every row its own retrieval, in order: no reindexing
+    stacked = {}
+    for name, parameter in parameters.items():
+        base = parameter.detach()
+        if name not in gathered:
+            stacked[name] = base.expand(len(rows), *base.shape).clone()
+            continue
+        gradients = gathered[name].to(base.device)
+        totals = []
+        for numbers in by_length.values():
+            index = torch.tensor([distinct[n] for n in numbers], device=base.device)
+            totals.append(deltas.summed_rows(gradients, index))
+        total = totals[0] if len(totals) == 1 else torch.cat(totals)
+        if len(totals) > 1:  # back to the order of `distinct`
+            order = [n for numbers in by_length.values() for n in numbers]
+            total = total.index_select(0, torch.tensor(order, device=base.device).argsort())
+        adapted = deltas.scaled_steps(total, step_sizes[name], gamma).to(base.dtype).add_(base)
+        if one_to_one:
+            stacked[name] = adapted
+        else:
+            candidates = torch.cat((base.unsqueeze(0), adapted))
+            stacked[name] = candidates.index_select(0, torch.tensor(rows, device=base.device))
     return stacked
 
 

@@ -30,7 +30,7 @@ from .catalogue import Catalogue, Hit
 from .directory import CONFIG_FILE, DOCUMENTS_FILE, GRADIENTS_DIR, INDEX_FILE, was_a_bank
 from .index import EmbeddingIndex
 from .quantization import gradient_format
-from .shards import ShardStore, check_finite
+from .shards import ShardStore, all_finite, check_finite
 
 if TYPE_CHECKING:
     from ..config import ReGradConfig
@@ -271,28 +271,27 @@ class GradientBank:
     def gather(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """The stored gradients of the documents, stacked: `{name: tensor of shape (len(ids), *shape)}`.
 
-        Rows on disk are read lazily (memory-mapped `get_slice`), one row per document. Float formats give the
-        stored dtype; quantised formats are dequantised to float32.
+        Rows on disk are read from memory-mapped shards with one `index_select` per stored tensor and shard, and
+        quantised formats are dequantised in one pass over all the rows. Float formats give the stored dtype;
+        quantised formats give float32. The tensors are fresh: writing to them changes nothing in the bank.
         """
         ids = self.catalogue.id_list(ids, "gather")
         if not ids:
             raise ReGradValueError("gather needs at least one document id")
         self.catalogue.check_known(ids)
-        gathered = {}
-        for name in self.parameter_shapes:
-            rows = {key: torch.stack([self.row(doc_id, key) for doc_id in ids]) for key in self._keys_of(name)}
-            gathered[name] = self.store.decode(rows, name)
-        # A corrupted shard must not silently poison an answer.
-        check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
+        gathered, blocks = self.store.decode_all(self.stored_rows(ids))
+        # A corrupted shard must not silently poison an answer (one sum per decoded block; per document if needed).
+        if not all_finite(blocks):
+            check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
         return gathered
 
-    def _keys_of(self, name: str) -> list[str]:
-        return [name + suffix for suffix in self.format.suffixes]
-
-    def row(self, doc_id: str, key: str) -> torch.Tensor:
-        """One document's row of a stored tensor (LoRA tensor name + format suffix), as stored."""
-        document = self.catalogue[doc_id]
-        return self.store.row(doc_id, document.shard, document.row, key)
+    def stored_rows(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The documents' rows of every stored tensor (LoRA tensor name + format suffix), as stored, stacked."""
+        placed = []
+        for doc_id in ids:
+            document = self.catalogue[doc_id]
+            placed.append((doc_id, document.shard, document.row))
+        return self.store.gather(placed)
 
     @property
     def stored_keys(self) -> list[str]:

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
 
 from ..errors import BankNotFoundError, ReGradError, ReGradFileError, ReGradValueError
@@ -89,7 +88,7 @@ def write_files(bank: GradientBank, directory: Path, max_shard_bytes: int) -> tu
     shards: list[dict[str, str]] = []
     for shard, start in enumerate(range(0, len(ids), per_shard)):
         chunk = ids[start : start + per_shard]
-        tensors = {key: torch.stack([bank.row(i, key) for i in chunk]) for key in bank.stored_keys}
+        tensors = bank.stored_rows(chunk)
         shards.append(bank.store.write_shard(directory, shard, tensors))
         placements.update({doc_id: (shard, row) for row, doc_id in enumerate(chunk)})
     write_catalogue(bank, directory, placements, shards)

@@ -3,20 +3,18 @@ opened lazily, checked against the bank's layout, and checksummed before their f
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..errors import ReGradValueError
 from ..files import atomic_save_safetensors
 from ..hub import Location
 from .directory import CONFIG_FILE, GRADIENTS_DIR, regular_file, sha256_of
-from .quantization import GradientFormat
-from .schema import check_safetensors_header
+from .mapped import MappedShard
+from .quantization import FloatFormat, GradientFormat
 
 
 class ShardStore:
@@ -34,16 +32,17 @@ class ShardStore:
         self.fingerprint = fingerprint
         # stored tensors (by shard key: name + format suffix) of documents not yet saved
         self.in_memory: dict[str, dict[str, torch.Tensor]] = {}
-        # Shards by index: their files (relative to the bank), rows used, checksums, and once opened, the
-        # safetensors reader and a plain handle on the same file (to checksum what the reader maps).
+        # Shards by index: their files (relative to the bank), rows used, checksums, and once opened, the mapped
+        # file and a view of each stored tensor in it.
         self._location: Location | None = None  # where the shard files are (downloaded on first use from a repo)
         self._local = True
         self._files: list[str] = []
         self._rows: list[int] = []
         self._checksums: list[str] = []
-        self._readers: list[Any | None] = []
-        self._handles: list[Any | None] = []
+        self._mapped: list[MappedShard | None] = []
+        self._views: list[dict[str, torch.Tensor] | None] = []
         self._verified: set[int] = set()
+        self._lock = threading.Lock()
 
     @property
     def stored_keys(self) -> list[str]:
@@ -71,6 +70,32 @@ class ShardStore:
         parts = {suffix: rows[name + suffix] for suffix in self.format.suffixes}
         return self.format.decode(parts, self.parameter_shapes[name])
 
+    def decode_all(self, rows: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Stored rows (by shard key) of every LoRA tensor -> `({name: float gradients (rows, *shape)}, blocks)`.
+
+        A quantised format decodes the tensors of one shape together (one decode of their concatenated rows, the
+        results are consecutive slices of it): the same values as one decode each, with a few dozen fewer small
+        ops per request. `blocks` are the tensors the results are slices of (for one finiteness check each).
+        """
+        if isinstance(self.format, FloatFormat):
+            gathered = {name: self.decode(rows, name) for name in self.parameter_shapes}
+            return gathered, list(gathered.values())
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for name, shape in self.parameter_shapes.items():
+            by_shape.setdefault(tuple(shape), []).append(name)
+        gathered, blocks = {}, []
+        for shape, names in by_shape.items():
+            parts = {
+                suffix: torch.cat([rows[name + suffix] for name in names])
+                if len(names) > 1
+                else rows[names[0] + suffix]
+                for suffix in self.format.suffixes
+            }
+            block = self.format.decode(parts, shape)
+            blocks.append(block)
+            gathered.update(zip(names, block.chunk(len(names)), strict=True))
+        return gathered, blocks
+
     def attach(self, location: Location, shards: list[dict[str, str]], shard_sizes: list[int], eager: bool) -> None:
         """Points the store at its shard files (with their row counts from bank_config.json); opens them all now if
         `eager`, else each on its first use."""
@@ -79,7 +104,7 @@ class ShardStore:
         self._files = [shard["file"] for shard in shards]
         self._rows = list(shard_sizes)
         self._checksums = [shard["sha256"] for shard in shards]
-        self._readers, self._handles = [None] * len(shards), [None] * len(shards)
+        self._mapped, self._views = [None] * len(shards), [None] * len(shards)
         self._verified = set()
         for index in range(len(shards) if eager else 0):
             self._open(index)
@@ -90,63 +115,100 @@ class ShardStore:
 
     def _open(self, index: int) -> None:
         """Opens (memory-maps) one shard, downloading it first if the bank is in a Hub repo, and checks its header
-        against the bank: header size, tensor names, dtypes, row shapes and row counts. An open shard keeps its
-        contents even if another bank later replaces the file on disk, so a bank never reads rows written for a
-        different layout. Its checksum is verified separately, before its first row is used (see `row`)."""
+        against the bank: header size, tensor names, dtypes, row shapes and row counts. The shard is mapped from the
+        descriptor opened here, so an open shard keeps its contents even if another bank later replaces the file
+        on disk, and a bank never reads rows written for a different layout. Its checksum is verified separately,
+        over the same mapping, before its first row is used (see `gather`)."""
         path = self._location.fetch(self._files[index])
         if self._local:  # a Hub snapshot's files are links into its cache; a local bank's never are
             regular_file(path, self._location.directory)
-        check_safetensors_header(path)
-        try:
-            reader = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as error:  # safetensors raises its own error type for a bad header
-            raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {error}") from error
+        mapped = MappedShard(path, follow_symlinks=not self._local)
         expected = {
             name + suffix: spec
             for name, shape in self.parameter_shapes.items()
             for suffix, spec in self.format.specs(shape).items()
         }
-        if set(reader.keys()) != set(expected):
+        if set(mapped.specs) != set(expected):
             raise ReGradValueError(
                 f"bank file {path} holds other tensors than the bank's LoRA tensors in format {self.format.name}"
             )
         rows = self._rows[index]
         for key, (dtype, row_shape) in expected.items():
-            tensor = reader.get_slice(key)
-            if tensor.get_dtype() != dtype or tensor.get_shape()[1:] != list(row_shape):
+            found_dtype, shape = mapped.specs[key]
+            if found_dtype != dtype or shape[1:] != list(row_shape):
                 raise ReGradValueError(
-                    f"bank file {path}: tensor {key} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
+                    f"bank file {path}: tensor {key} is {found_dtype} {shape}, expected "
                     f"{dtype} [rows, {', '.join(map(str, row_shape))}]"
                 )
-            if tensor.get_shape()[0] != rows:
+            if not shape or shape[0] != rows:
                 raise ReGradValueError(
-                    f"bank file {path}: {key} has {tensor.get_shape()[0]} rows, {CONFIG_FILE} says {rows}"
+                    f"bank file {path}: {key} has {shape[0] if shape else 0} rows, {CONFIG_FILE} says {rows}"
                 )
-        self._readers[index] = reader
-        flags = os.O_RDONLY | (getattr(os, "O_NOFOLLOW", 0) if self._local else 0)
-        self._handles[index] = os.fdopen(os.open(path, flags), "rb")  # held open for the bank's life, like the mmap
+        # each stored tensor viewed once, in place; views stay inside the store (gather copies rows out)
+        self._views[index] = {key: mapped.view(key) for key in expected}
+        self._mapped[index] = mapped
 
     def _verify(self, index: int) -> None:
         """Checks a shard's SHA-256 against bank_config.json once, before its first row is used: a flipped bit in
-        the gradient data would otherwise go unnoticed."""
-        handle = self._handles[index]
-        handle.seek(0)
-        if sha256_of(handle) != self._checksums[index]:
+        the gradient data would otherwise go unnoticed. The checksum covers the mapping the rows are read from."""
+        if self._mapped[index].sha256() != self._checksums[index]:
             raise ReGradValueError(
                 f"bank file {self._location.describe(self._files[index])} does not match its checksum in "
                 f"{CONFIG_FILE}: it is corrupted; rebuild it"
             )
         self._verified.add(index)
 
-    def row(self, doc_id: str, shard: int | None, row: int | None, key: str) -> torch.Tensor:
-        """One document's row of a stored tensor (`key` = LoRA tensor name + format suffix), as stored."""
-        if doc_id in self.in_memory:
-            return self.in_memory[doc_id][key]
-        if shard not in self._verified:
-            if self._readers[shard] is None:
-                self._open(shard)
-            self._verify(shard)
-        return self._readers[shard].get_slice(key)[row : row + 1][0]
+    def _ready(self, index: int) -> dict[str, torch.Tensor]:
+        """The views of a shard's stored tensors, opened and checksummed first if they are not yet."""
+        if index not in self._verified or self._views[index] is None:
+            with self._lock:  # one thread opens and verifies a lazily opened (Hub) shard; others wait for it
+                if self._views[index] is None:
+                    self._open(index)
+                if index not in self._verified:
+                    self._verify(index)
+        return self._views[index]
+
+    def gather(self, documents: Sequence[tuple[str, int | None, int | None]]) -> dict[str, torch.Tensor]:
+        """The stored rows of documents, stacked in their order, by shard key: fresh tensors, never views of a
+        shard.
+
+        Rows are read with one `index_select` per stored tensor and shard over all the rows the request needs (a
+        document not yet saved comes from memory). Every shard is opened and checksummed before any row is read.
+
+        Args:
+            documents (`Sequence[tuple[str, int | None, int | None]]`): each document's id, shard and row.
+
+        Returns:
+            `dict[str, torch.Tensor]`: per shard key, a tensor of shape `(len(documents), *row_shape)`.
+        """
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}
+        in_memory: list[tuple[int, str]] = []
+        for position, (doc_id, shard, row) in enumerate(documents):
+            if doc_id in self.in_memory:
+                in_memory.append((position, doc_id))
+            else:
+                positions, rows = by_shard.setdefault(shard, ([], []))
+                positions.append(position)
+                rows.append(row)
+        sources = [
+            (torch.tensor(positions), self._ready(shard), torch.tensor(rows))
+            for shard, (positions, rows) in by_shard.items()
+        ]
+        memory_positions = torch.tensor([position for position, _ in in_memory])
+        gathered = {}
+        for key in self.stored_keys:
+            pieces = [(positions, views[key].index_select(0, rows)) for positions, views, rows in sources]
+            if in_memory:
+                pieces.append((memory_positions, torch.stack([self.in_memory[doc_id][key] for _, doc_id in in_memory])))
+            if len(pieces) == 1:  # one source: its rows are already in the caller's order
+                gathered[key] = pieces[0][1]
+                continue
+            first = pieces[0][1]
+            out = torch.empty((len(documents), *first.shape[1:]), dtype=first.dtype)
+            for positions, piece in pieces:
+                out.index_copy_(0, positions, piece)
+            gathered[key] = out
+        return gathered
 
     def write_shard(self, directory: Path, shard: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
         """Writes one shard (atomically) into `directory`; returns its file name and SHA-256."""
@@ -159,12 +221,20 @@ class ShardStore:
             return {"file": relative, "sha256": sha256_of(written)}
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value is finite, for sure when it says so: a sum is a fast reduction and is NaN or inf whenever
+    a value is (it can also overflow from finite values, so `False` only means "check each document")."""
+    sums = torch.stack([tensor.sum().float() for tensor in tensors])  # summed in their dtype: no conversion pass
+    return bool(torch.isfinite(sums).all())
+
+
 def check_finite(stacked: Mapping[str, torch.Tensor], ids: Sequence[str], where: str = "") -> None:
     """Raises [`ReGradValueError`] naming the documents whose gradients hold NaN or inf values."""
-    bad = set()
+    if all_finite(stacked.values()):
+        return
+    bad = torch.zeros(len(ids), dtype=torch.bool)
     for tensor in stacked.values():
-        finite = torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
-        bad.update(index for index in range(len(ids)) if not finite[index])
-    if bad:
-        names = [ids[index] for index in sorted(bad)]
+        bad |= ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        names = [ids[index] for index in bad.nonzero().flatten().tolist()]
         raise ReGradValueError(f"the gradients of documents {names[:5]} contain NaN or inf values{where}")
