@@ -8,6 +8,7 @@ from .data import Task
 from .defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID
 from .errors import BankMismatchError, ReGradError, ReGradHubError, ReGradKeyError, ReGradValueError
 from .modeling import ReGradForCausalLM
+from .serving import BatchingGenerator, GenerationResult, GeneratorClosedError
 
 __version__ = "0.1.0"
 
@@ -28,9 +29,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BatchingGenerator",
     "DEFAULT_EMBEDDER_ID",
     "EMBEDDED_MODEL_ID",
     "BankMismatchError",
+    "GenerationResult",
+    "GeneratorClosedError",
     "GradientBank",
     "Hit",
     "ReGradConfig",
