@@ -223,3 +223,13 @@ def test_bad_generator_arguments_are_typed_errors(tiny_model, tiny_base):
             generator.submit("Hi")
     finally:
         tiny_model.tokenizer = tokenizer
+
+
+def test_waiting_inside_a_block_that_holds_the_models_lock_is_refused(tiny_model, tiny_bank, tokenizer):
+    tiny_model.attach_bank(tiny_bank)
+    with BatchingGenerator(tiny_model, max_wait_ms=0) as generator:
+        with tiny_model.retrieved("Zorbia"), pytest.raises(ReGradError, match="cannot wait inside"):
+            generator.generate(PROMPTS[0], **GREEDY)  # the worker would wait for this thread's lock forever
+        assert not generator._pending
+        result = generator.generate(PROMPTS[0], **GREEDY)  # outside the block it is served
+    assert result.token_ids == alone(tiny_model, tokenizer, PROMPTS[0], **GREEDY)

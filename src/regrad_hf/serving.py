@@ -190,7 +190,17 @@ class BatchingGenerator:
         Args:
             timeout (`float`, *optional*): seconds to wait; on expiry `TimeoutError` is raised and the request is
                 cancelled if it has not started.
+
+        The calling thread's `knowledge`/`retrieved`/`injected` blocks do not apply (the worker thread generates);
+        waiting inside one raises [`ReGradError`] instead of deadlocking.
         """
+        # The worker needs the model's lock to retrieve; a thread holding it (inside `knowledge`, `retrieved`,
+        # `injected` or `disable_adapter`) would wait for a result that waits for it.
+        if self.model._adaptation_lock._is_owned():
+            raise ReGradError(
+                "BatchingGenerator.generate cannot wait inside knowledge()/retrieved()/injected()/disable_adapter(): "
+                "the worker needs the model's lock that this thread holds; call it outside the block"
+            )
         future = self.submit(prompt, **kwargs)
         try:
             return future.result(timeout)
