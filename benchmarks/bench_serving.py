@@ -6,23 +6,28 @@ and writes benchmarks/results/serving.json.
 
 Embedded SmolLM2-135M with the shipped learner, k = 3 (the learner's `top_k_docs`), 16 new tokens greedy
 (`min_new_tokens` = 16, so every request yields 16). The bank holds `--documents` synthetic documents (one made-up
-fact each); computing 10^4 real gradients on this CPU would take hours, so their gradients are random, each LoRA
-tensor's scaled to the norm of a real document gradient of that tensor (measured on 8 of the documents): a
+fact each); computing 10^4 real gradients on this CPU would take hours, so their gradients are random: each
+document gets one of 64 random gradients, each LoRA tensor scaled to the mean norm of real document gradients of
+that tensor (measured on 8 of the documents); served requests retrieve different documents all the same. A
 [`GradientSource`] that hands the real model's `learner_identity`/`lora_parameters` to the bank, so the bank is a
-bank of this learner. At 3 MB of bf16 per document 10^4 documents would need 30 GB, so the bank is stored `int4`
-(0.8 MB per document), on disk (`--bank-dir`, built once and reused), gathered as a served bank is.
+bank of this learner. Stored as the learner ships (bf16, 3 MB per document), 10^4 documents are 30 GB: more than
+this machine's memory, so the bank is built on disk (`--bank-dir`, built once and reused) and gathered from its
+memory-mapped shards as a served bank is. (An `int4` bank would be 8 GB, but the bank's quantiser
+takes 0.1-0.6 s per document on this CPU, 20-100 minutes for 10^4.)
 
 Each client thread sends its requests back to back (a closed loop): chat prompts asking about distinct random
 documents, so the rows of a batch retrieve different documents. `sequential`: each client calls `model.generate`
 under one shared lock; `batching`: each client calls `BatchingGenerator.generate` (`--max-batch-size`,
 `--max-wait-ms`). Latency is from a client's call to its result; tokens/s is all new tokens over the wall time of
-the run. Both ways serve the same requests; their tokens are compared.
+the run. Both ways serve the same requests (which goes first alternates between client counts; every retrieved
+document is read once before timing); their tokens are compared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -47,9 +52,10 @@ FACTS = ["was founded in", "was first recorded in", "won a prize in", "was descr
 def synthetic_documents(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """`count` one-fact documents about distinct made-up names, and a question about each."""
     rng = random.Random(seed)
+    syllables = max(3, 1 + math.ceil(math.log(max(count, 2), len(SYLLABLES))))  # >= 15x more names than count
     names: dict[str, None] = {}
     while len(names) < count:
-        names["".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()] = None
+        names["".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()] = None
     documents, questions = [], []
     for name in names:
         kind, fact, year = rng.choice(KINDS), rng.choice(FACTS), rng.randrange(1500, 2020)
@@ -59,14 +65,20 @@ def synthetic_documents(count: int, seed: int = 0) -> tuple[list[str], list[str]
 
 
 class SyntheticGradients:
-    """A [`GradientSource`] of the real learner whose document gradients are random, each tensor scaled to the
-    norm of a real document gradient of that tensor."""
+    """A [`GradientSource`] of the real learner whose document gradients are random: each document gets one of
+    `pool` random gradients (drawing 10^4 x 1.5 M normal values would dominate the build), each LoRA tensor scaled to
+    the mean norm of real document gradients of that tensor."""
 
-    def __init__(self, model: ReGradForCausalLM, sample_documents: list[str], seed: int = 0):
+    def __init__(self, model: ReGradForCausalLM, sample_documents: list[str], pool: int = 64, seed: int = 0):
         self.model, self.config = model, model.config
         real = model.document_gradients(sample_documents)
-        self.norms = {name: g.flatten(1).norm(dim=1).mean().item() for name, g in real.items()}
-        self.generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.pool = {}
+        for name, g in real.items():
+            random_rows = torch.randn((pool, *g.shape[1:]), generator=generator)
+            norms = g.flatten(1).norm(dim=1).mean() / random_rows.flatten(1).norm(dim=1)
+            self.pool[name] = random_rows * norms.view(-1, *[1] * (g.dim() - 1))
+        self.picks = torch.Generator().manual_seed(seed + 1)
 
     def learner_identity(self) -> dict[str, str]:
         return self.model.learner_identity()
@@ -75,12 +87,8 @@ class SyntheticGradients:
         return self.model.lora_parameters()
 
     def document_gradients(self, documents) -> dict[str, torch.Tensor]:
-        gradients = {}
-        for name, parameter in self.model.lora_parameters().items():
-            g = torch.randn((len(documents), *parameter.shape), generator=self.generator)
-            scale = self.norms[name] / g.flatten(1).norm(dim=1)
-            gradients[name] = g * scale.view(-1, *[1] * parameter.dim())
-        return gradients
+        rows = torch.randint(0, next(iter(self.pool.values())).shape[0], (len(documents),), generator=self.picks)
+        return {name: pool.index_select(0, rows) for name, pool in self.pool.items()}
 
 
 def load_or_build_bank(model: ReGradForCausalLM, documents: list[str], directory: Path) -> tuple[GradientBank, float]:
@@ -90,7 +98,9 @@ def load_or_build_bank(model: ReGradForCausalLM, documents: list[str], directory
         if len(bank) == len(documents):
             return bank, time.perf_counter() - start
     source = SyntheticGradients(model, documents[:8])
-    bank = GradientBank.build(source, documents, batch_size=64, dtype="int4", output_dir=directory, show_progress=True)
+    bank = GradientBank.build(
+        source, documents, batch_size=64, dtype="bfloat16", output_dir=directory, show_progress=True
+    )
     return bank, time.perf_counter() - start
 
 
@@ -116,9 +126,9 @@ def serve(way: str, model, prompts: list[list[str]], batching_args: dict) -> dic
         model.generate = counted
 
     def alone(prompt: str) -> list[int]:
-        ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+        inputs = model.tokenizer(prompt, return_tensors="pt")
         with lock:
-            return generate(input_ids=ids, **GENERATION)[0, ids.shape[1] :].tolist()
+            return generate(**inputs, **GENERATION)[0, inputs.input_ids.shape[1] :].tolist()
 
     def client(index: int) -> None:
         for number, prompt in enumerate(prompts[index]):
@@ -159,6 +169,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs="+", default=[8, 16, 32], help="total requests, per --clients")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--first", choices=["sequential", "batching"], default="batching", help="which way goes first")
     parser.add_argument("--bank-dir", default="/tmp/regrad-bench-serving-bank")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = parser.parse_args()
@@ -175,6 +186,9 @@ def main() -> None:
     rng = random.Random(1)
     picked = rng.sample(range(len(questions)), sum(args.requests) + 2)
     prompts = [chat_prompt(model.tokenizer, questions[i]) for i in picked]
+    # Read every retrieved document once, so that both ways gather from the page cache, not one from the disk.
+    for hits in bank.search([questions[i] for i in picked], k):
+        bank.gather([hit.id for hit in hits])
     model.generate(**model.tokenizer(prompts[-1], return_tensors="pt"), **GENERATION)  # warm-up
     with BatchingGenerator(model, max_batch_size=2, max_wait_ms=1000) as warm:
         [f.result() for f in [warm.submit(p, **GENERATION) for p in prompts[-2:]]]
@@ -187,7 +201,8 @@ def main() -> None:
         per_client = [mine[i::clients] for i in range(clients)]
         entry = {"clients": clients, "requests": total}
         runs = {}
-        for way in ("sequential", "batching"):
+        ways = ("sequential", "batching") if args.first == "sequential" else ("batching", "sequential")
+        for way in ways if len(results) % 2 == 0 else reversed(ways):
             runs[way] = run = serve(way, model, per_client, batching_args)
             entry[way] = {
                 "p50_latency_seconds": statistics.median(run["latencies"]),
@@ -227,12 +242,14 @@ def main() -> None:
         "model": model.config.base_model_name_or_path,
         "learner": "shipped smollm2-135m-squad",
         "bank_documents": len(bank),
-        "bank_gradients": "synthetic: random, scaled per LoRA tensor to a real document gradient's norm",
+        "bank_gradients": "synthetic: each document one of 64 random gradients, scaled per LoRA tensor to the mean"
+        " norm of real document gradients",
         "bank_dtype": bank.dtype,
         "bank_load_or_build_seconds": bank_seconds,
         "top_k_docs": k,
         "new_tokens_per_request": NEW_TOKENS,
         "batching": batching_args,
+        "first_way_at_the_first_client_count": args.first,
         "learner_unchanged_after_all_runs": model.fingerprint() == fingerprint,
         "results": results,
         "torch_threads": torch.get_num_threads(),
