@@ -17,6 +17,7 @@ from .errors import (
     ReGradValueError,
 )
 from .modeling import ReGradForCausalLM
+from .serving import BatchingGenerator, GenerationResult, GeneratorClosedError
 
 __version__ = "0.1.0"
 
@@ -37,10 +38,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BatchingGenerator",
     "DEFAULT_EMBEDDER_ID",
     "EMBEDDED_MODEL_ID",
     "BankMismatchError",
     "BankNotFoundError",
+    "GenerationResult",
+    "GeneratorClosedError",
     "GradientBank",
     "Hit",
     "ReGradConfig",

@@ -1,0 +1,386 @@
+"""Micro-batching for servers: requests from many threads served as heterogeneous batches of one `generate` call.
+
+A server thread per client calling `model.generate` one prompt at a time leaves batching on the table: a batch of
+rows that retrieve different documents runs as one call ([`regrad_hf.multi_lora`]). [`BatchingGenerator`] collects
+the requests that arrive within a few milliseconds, left-pads them into one batch with an attention mask, runs
+[`ReGradForCausalLM.generate`] once with one query per row, and hands each caller its own row.
+
+Example:
+    ```python
+    from regrad_hf import BatchingGenerator
+
+    with BatchingGenerator(model, max_batch_size=16, max_wait_ms=5) as server:
+        future = server.submit("What is the capital of Zorbia?", max_new_tokens=32, do_sample=False)
+        print(future.result().text)  # or, blocking: server.generate(prompt, max_new_tokens=32)
+    ```
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import check_gamma
+from .errors import ReGradError, ReGradTypeError, ReGradValueError
+from .modeling import ReGradForCausalLM
+from .prompting import PromptTemplate
+from .query import prompt_to_query
+
+
+class GeneratorClosedError(ReGradError, RuntimeError):
+    """A request was submitted to, or left pending in, a closed [`BatchingGenerator`]."""
+
+
+# Inputs the generator builds itself, and outputs a result has no room for.
+_REFUSED_KWARGS = {
+    "inputs": "pass the prompt as the first argument",
+    "input_ids": "pass the prompt as the first argument",
+    "attention_mask": "the generator builds the batch's attention mask",
+    "inputs_embeds": "prompts are text or token ids",
+    "position_ids": "the generator builds the batch",
+    "cache_position": "the generator builds the batch",
+    "past_key_values": "a cache belongs to one call, not to a request",
+    "streamer": "a streamer would see every row of the batch; call model.generate to stream",
+    "return_dict_in_generate": "a result holds the new tokens; call model.generate for scores or hidden states",
+    "output_scores": "a result holds the new tokens; call model.generate for scores",
+    "output_logits": "a result holds the new tokens; call model.generate for logits",
+    "output_attentions": "a result holds the new tokens; call model.generate for attentions",
+    "output_hidden_states": "a result holds the new tokens; call model.generate for hidden states",
+    "query": "pass query= as a keyword of submit (one string or None per request)",
+}
+_FROM_PROMPT = object()  # `query` not given: retrieve for the prompt, as `model.generate` does
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one request generated.
+
+    Attributes:
+        token_ids (`list[int]`): the new tokens only (not the prompt), up to and including the end-of-sequence token
+            when one was generated; the batch's padding after it is removed, so these are the tokens the request
+            gets from `model.generate` on its own (greedy).
+        text (`str` or `None`): `token_ids` decoded with `skip_special_tokens=True` when the prompt was text;
+            `None` when it was token ids.
+    """
+
+    token_ids: list[int]
+    text: str | None = None
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    is_text: bool
+    query: Any  # str, None, or _FROM_PROMPT
+    kwargs: dict[str, Any]  # generate kwargs, top_k_docs/gamma/use_bank included
+    key: tuple  # requests with equal keys may share a batch
+    future: Future = field(default_factory=Future)
+
+
+def _freeze(value: Any) -> tuple:
+    """A hashable stand-in for a generation kwarg: by value for plain data, by identity for objects (a
+    `GenerationConfig`, a logits processor). The request keeps the object alive, so its id is not reused."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)  # the type too: True, 1 and 1.0 are not the same setting
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_freeze(item) for item in value))
+    if isinstance(value, Mapping):
+        return ("map", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+    return ("object", id(value))
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ReGradValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class BatchingGenerator:
+    """Serves `generate` requests from many threads in micro-batches on one worker thread.
+
+    A batch starts when the oldest pending request has waited `max_wait_ms`, or as soon as `max_batch_size` requests
+    with the same generation settings are pending. Requests whose settings differ (generation kwargs, `top_k_docs`,
+    `gamma`, `use_bank`) never share a batch: they wait for the next one. Each row of a batch retrieves for its own
+    query, so every request gets what it gets alone: greedy tokens are equal to those of `model.generate` on the
+    request's prompt alone (sampling draws from one generator for the whole batch, so sampled tokens differ).
+
+    A request that fails fails only its own caller: arguments are checked at [`submit`] (a typed error there), and
+    when a batched call raises, its requests are served again one by one, so only the bad one gets the exception. A
+    cancelled future is dropped before its batch starts. Done callbacks run on the worker thread: keep them short.
+
+    Args:
+        model ([`ReGradForCausalLM`]): the model; its attached bank is searched as `model.generate` does.
+        tokenizer (*optional*): tokenizes text prompts and decodes results; defaults to `model.tokenizer`. Token-id
+            prompts need none.
+        max_batch_size (`int`, defaults to 8): the most requests in one batch.
+        max_wait_ms (`float`, defaults to 5.0): how long the oldest pending request waits for others to join it.
+    """
+
+    def __init__(self, model: ReGradForCausalLM, tokenizer=None, *, max_batch_size: int = 8, max_wait_ms: float = 5.0):
+        if not isinstance(model, ReGradForCausalLM):
+            raise ReGradTypeError(f"BatchingGenerator serves a ReGradForCausalLM, got {type(model).__name__}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 1e6:
+            raise ReGradValueError(f"max_wait_ms must be a number of milliseconds >= 0, got {max_wait_ms!r}")
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        self.max_batch_size = _positive_int(max_batch_size, "max_batch_size")
+        self.max_wait = max_wait_ms / 1000.0
+        self._vocab_size = model.language_model.get_input_embeddings().num_embeddings
+        self._pad_id = self._padding_token()
+        self._pending: list[tuple[float, _Request]] = []  # (arrival time, request), oldest first
+        self._closed = False
+        self._condition = threading.Condition()
+        self._worker = threading.Thread(target=self._serve, name="regrad-batching-generator", daemon=True)
+        self._worker.start()
+
+    def _padding_token(self) -> int:
+        """Any token works as left padding (the attention mask hides it): the tokenizer's or model's pad, else EOS."""
+        candidates = [getattr(self.tokenizer, "pad_token_id", None), self.model.generation_config.pad_token_id]
+        eos = self.model.generation_config.eos_token_id
+        candidates += eos if isinstance(eos, list) else [eos]
+        return next((c for c in candidates if isinstance(c, int) and 0 <= c < self._vocab_size), 0)
+
+    # ------------------------------------------------------------------ the callers' side
+
+    def submit(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        *,
+        query: str | None = _FROM_PROMPT,  # type: ignore[assignment]
+        top_k_docs: int | None = None,
+        gamma: float | None = None,
+        use_bank: bool | None = None,
+        **generate_kwargs,
+    ) -> Future:
+        """Queues one request and returns at once.
+
+        Args:
+            prompt (`str`, `Sequence[int]` or 1-D `torch.Tensor`): the prompt as text (tokenized with the
+                generator's tokenizer, special tokens added as `tokenizer(prompt)` adds them) or as token ids.
+            query (`str` or `None`, *optional*): what to retrieve for; `None` runs this request without retrieval.
+                By default, the prompt's query, as `model.generate` derives it.
+            top_k_docs, gamma, use_bank: as in [`ReGradForCausalLM.generate`].
+            generate_kwargs: the generation settings (`max_new_tokens`, `do_sample`, `num_beams`, ...), passed to
+                `model.generate`. Not accepted: the batch's inputs (`input_ids`, `attention_mask`, ...), `streamer`,
+                extra outputs (`return_dict_in_generate`, `output_scores`, ...) and `num_return_sequences` > 1.
+
+        Returns:
+            `concurrent.futures.Future`: resolves to a [`GenerationResult`], or to the request's exception.
+
+        Raises:
+            [`GeneratorClosedError`] after [`close`]; [`ReGradValueError`] or [`ReGradTypeError`] for bad arguments.
+        """
+        request = self._request(prompt, query, top_k_docs, gamma, use_bank, generate_kwargs)
+        with self._condition:
+            if self._closed:
+                raise GeneratorClosedError("the BatchingGenerator is closed: create a new one to submit requests")
+            self._pending.append((time.monotonic(), request))
+            self._condition.notify_all()
+        return request.future
+
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor, *, timeout: float | None = None, **kwargs):
+        """[`submit`] and wait: returns the request's [`GenerationResult`] or raises its exception.
+
+        Args:
+            timeout (`float`, *optional*): seconds to wait; on expiry `TimeoutError` is raised and the request is
+                cancelled if it has not started.
+
+        The calling thread's `knowledge`/`retrieved`/`injected` blocks do not apply (the worker thread generates);
+        waiting inside one raises [`ReGradError`] instead of deadlocking.
+        """
+        # The worker needs the model's lock to retrieve; a thread holding it (inside `knowledge`, `retrieved`,
+        # `injected` or `disable_adapter`) would wait for a result that waits for it.
+        if self.model._adaptation_lock._is_owned():
+            raise ReGradError(
+                "BatchingGenerator.generate cannot wait inside knowledge()/retrieved()/injected()/disable_adapter(): "
+                "the worker needs the model's lock that this thread holds; call it outside the block"
+            )
+        future = self.submit(prompt, **kwargs)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _request(self, prompt, query, top_k_docs, gamma, use_bank, kwargs: dict) -> _Request:
+        """The request, with every argument checked now, so that a bad one fails its caller and no batch."""
+        is_text = isinstance(prompt, str)
+        if is_text:
+            if self.tokenizer is None:
+                raise ReGradValueError("a text prompt needs a tokenizer: pass tokenizer= or give token ids")
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype not in (torch.int32, torch.int64):
+                raise ReGradValueError(
+                    f"a token-id prompt must be a 1-D integer tensor, got {prompt.dtype} of shape "
+                    f"{tuple(prompt.shape)}: give one prompt per request"
+                )
+            ids = prompt.tolist()
+        elif isinstance(prompt, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            ids = list(prompt)
+        else:
+            raise ReGradTypeError(f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ReGradValueError("the prompt is empty: give at least one token")
+        if not all(0 <= i < self._vocab_size for i in ids):
+            bad = next(i for i in ids if not 0 <= i < self._vocab_size)
+            raise ReGradValueError(f"token id {bad} is outside the model's vocabulary (0..{self._vocab_size - 1})")
+        if query is not _FROM_PROMPT and query is not None and not isinstance(query, str):
+            raise ReGradTypeError(f"query must be a string or None (no retrieval), got {type(query).__name__}")
+        refused = sorted(set(kwargs) & set(_REFUSED_KWARGS))
+        if refused:
+            raise ReGradValueError(f"submit does not take {refused[0]}: {_REFUSED_KWARGS[refused[0]]}")
+        if kwargs.get("num_return_sequences", 1) != 1:
+            raise ReGradValueError("a request returns one sequence: call model.generate for num_return_sequences > 1")
+        for name in ("max_new_tokens", "min_new_tokens", "max_length", "num_beams"):
+            if kwargs.get(name) is not None and not (name == "min_new_tokens" and kwargs[name] == 0):
+                _positive_int(kwargs[name], name)
+        if top_k_docs is not None:
+            kwargs["top_k_docs"] = _positive_int(top_k_docs, "top_k_docs")
+        if gamma is not None:
+            kwargs["gamma"] = check_gamma(gamma)
+        if use_bank is not None:
+            if not isinstance(use_bank, bool):
+                raise ReGradTypeError(f"use_bank must be True, False or None, got {type(use_bank).__name__}")
+            kwargs["use_bank"] = use_bank
+        key = tuple(sorted((name, _freeze(value)) for name, value in kwargs.items()))
+        return _Request(ids, is_text, query, kwargs, key)
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """Stops taking requests and stops the worker thread. Safe to call more than once.
+
+        Args:
+            cancel_pending (`bool`, defaults to `False`): `False` serves the pending requests first (at once, without
+                waiting for `max_wait_ms`); `True` fails them with [`GeneratorClosedError`]. A batch already running
+                finishes either way.
+            timeout (`float`, *optional*): seconds to wait for the worker to finish.
+        """
+        with self._condition:
+            self._closed = True
+            if cancel_pending:
+                self._fail_pending(GeneratorClosedError("the BatchingGenerator was closed before serving this request"))
+            self._condition.notify_all()
+        if threading.current_thread() is not self._worker:  # a done callback may close it
+            self._worker.join(timeout)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for _, request in self._pending:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(error)
+        self._pending.clear()
+
+    def __enter__(self) -> BatchingGenerator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the worker
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        finally:  # also if the worker itself breaks: no caller waits forever
+            with self._condition:
+                self._closed = True
+                self._fail_pending(GeneratorClosedError("the BatchingGenerator's worker stopped; create a new one"))
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Waits for the oldest request's batch to be due, then takes up to `max_batch_size` requests with its
+        settings (oldest first) whose futures were not cancelled. `None` once closed and drained."""
+        with self._condition:
+            while True:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if not self._pending:
+                    return None
+                arrival, first = self._pending[0]
+                due = arrival + self.max_wait
+                while not self._closed and time.monotonic() < due and self._count(first.key) < self.max_batch_size:
+                    self._condition.wait(due - time.monotonic())
+                batch, kept = [], []
+                for entry in self._pending:
+                    if len(batch) < self.max_batch_size and entry[1].key == first.key:
+                        if entry[1].future.set_running_or_notify_cancel():
+                            batch.append(entry[1])
+                    else:
+                        kept.append(entry)
+                self._pending = kept
+                if batch:  # else every one of them was cancelled: look again
+                    return batch
+
+    def _count(self, key: tuple) -> int:
+        return sum(request.key == key for _, request in self._pending)
+
+    def _run(self, batch: list[_Request]) -> None:
+        try:
+            results = self._generate(batch)
+        except Exception as error:
+            if len(batch) == 1:
+                batch[0].future.set_exception(error)
+                return
+            for request in batch:  # serve them one by one: only the bad one fails
+                try:
+                    request.future.set_result(self._generate([request])[0])
+                except Exception as single_error:
+                    request.future.set_exception(single_error)
+            return
+        for request, result in zip(batch, results, strict=True):
+            request.future.set_result(result)
+
+    def _generate(self, batch: list[_Request]) -> list[GenerationResult]:
+        """One `model.generate` call for the batch: left padding, an attention mask, one query per row."""
+        width = max(len(request.ids) for request in batch)
+        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, request in enumerate(batch):
+            input_ids[row, width - len(request.ids) :] = torch.tensor(request.ids)
+            attention_mask[row, width - len(request.ids) :] = 1
+        kwargs = batch[0].kwargs
+        if all(request.query is _FROM_PROMPT for request in batch):
+            query = None  # the model derives every row's query itself
+        else:
+            query = [self._query_of(request) for request in batch]
+        device = self.model.device
+        output = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), query=query, **kwargs
+        )
+        return [self._result(request, output[row, width:].tolist()) for row, request in enumerate(batch)]
+
+    def _query_of(self, request: _Request) -> str | None:
+        """A row's query in a batch that names some queries: what `model.generate` would derive for it alone."""
+        if request.query is not _FROM_PROMPT:
+            return request.query
+        use_bank = request.kwargs.get("use_bank")
+        if use_bank is False or (use_bank is None and (self.model.bank is None or not self.model.adapters_enabled())):
+            return None  # alone, this prompt would not retrieve
+        if self.model.tokenizer is None:
+            raise ReGradError("the model has no tokenizer to derive a query with: pass query= or a tokenizer")
+        return prompt_to_query(self.model.tokenizer, request.ids, PromptTemplate.from_config(self.model.config))
+
+    def _result(self, request: _Request, new_tokens: list[int]) -> GenerationResult:
+        """The row's new tokens, less the padding the batch adds after a finished row."""
+        config = request.kwargs.get("generation_config") or self.model.generation_config
+        eos = request.kwargs.get("eos_token_id", config.eos_token_id)
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        end = next((i + 1 for i, token in enumerate(new_tokens) if token in eos), None)
+        if end is not None:
+            new_tokens = new_tokens[:end]
+        elif request.kwargs.get("stop_strings") or request.kwargs.get("stopping_criteria"):
+            pad = request.kwargs.get("pad_token_id", config.pad_token_id)
+            while new_tokens and pad is not None and new_tokens[-1] == pad:  # stopped early, then padded
+                new_tokens = new_tokens[:-1]
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True) if request.is_text else None
+        return GenerationResult(new_tokens, text)
