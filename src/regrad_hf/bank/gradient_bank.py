@@ -257,8 +257,8 @@ class GradientBank:
             k (`int`, defaults to 3): how many documents per query; at most the size of the bank.
             exact (`bool`, *optional*): compare the query with every document (the true top `k`, whatever the
                 order the index was built in) instead of walking usearch's approximate HNSW graph. Defaults to
-                `True` for banks of up to `EXACT_SEARCH_MAX_DOCUMENTS` (100,000) documents, where the scan takes
-                milliseconds, and `False` above.
+                `True` for banks of up to `EXACT_SEARCH_MAX_DOCUMENTS` (1,000) documents, where the scan is as
+                fast as the graph, and `False` above (see `index_settings`).
 
         Returns:
             `list[Hit]` for one query, `list[list[Hit]]` for several, best first.
