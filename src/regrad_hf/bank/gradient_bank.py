@@ -28,7 +28,7 @@ from . import persistence
 from .building import add_documents, build_into
 from .catalogue import Catalogue, Hit
 from .directory import CONFIG_FILE, DOCUMENTS_FILE, GRADIENTS_DIR, INDEX_FILE, was_a_bank
-from .index import EmbeddingIndex
+from .index import EmbeddingIndex, IndexSettings
 from .quantization import gradient_format
 from .shards import ShardStore, all_finite, check_finite
 
@@ -68,6 +68,9 @@ class GradientBank:
         quantization (`Mapping`, *optional*): a quantised format's parameters as read from `bank_config.json`.
         embedder_identity (`str`, *optional*): the identity the embedder must have (see
             [`regrad_hf.bank.index.embedder_identity`]); `None` takes the embedder's own.
+        index_settings (`Mapping` or [`IndexSettings`], *optional*): the usearch HNSW settings, any of
+            `connectivity`, `expansion_add`, `expansion_search` (see [`regrad_hf.bank.index.IndexSettings`]); the
+            others, or all with `None`, are [`regrad_hf.bank.index.DEFAULT_INDEX_SETTINGS`]. Saved with the bank.
     """
 
     def __init__(
@@ -80,14 +83,16 @@ class GradientBank:
         embedder_model=None,
         quantization: Mapping[str, Any] | None = None,
         embedder_identity: str | None = None,
+        index_settings: Mapping[str, int] | IndexSettings | None = None,
     ):
         self.format = gradient_format(dtype, quantization)
+        settings = IndexSettings.from_mapping(index_settings)
         self.learner = dict(learner)
         self.fingerprint = fingerprint_of(self.learner)
         self.parameter_shapes = {name: tuple(shape) for name, shape in parameter_shapes.items()}
         self.dtype = dtype
         self.catalogue = Catalogue()
-        self.index = EmbeddingIndex(embedder, embedding_dim, embedder_model, embedder_identity)
+        self.index = EmbeddingIndex(embedder, embedding_dim, embedder_model, embedder_identity, settings)
         self.store = ShardStore(self.parameter_shapes, self.format, self.fingerprint)
 
     @property
@@ -102,6 +107,11 @@ class GradientBank:
     def embedder(self):
         """The sentence-transformers model, loaded on first use."""
         return self.index.embedder
+
+    @property
+    def index_settings(self) -> IndexSettings:
+        """The usearch HNSW settings of the bank's index (saved in `bank_config.json`)."""
+        return self.index.settings
 
     # ------------------------------------------------------------------ building
 
@@ -121,6 +131,7 @@ class GradientBank:
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         text_column: str = "text",
         id_column: str | None = None,
+        index_settings: Mapping[str, int] | IndexSettings | None = None,
     ) -> GradientBank:
         """Builds a bank from documents: embeds them and computes their gradients with `model`.
 
@@ -144,6 +155,7 @@ class GradientBank:
             max_shard_bytes (`int`, defaults to 1 GiB): with `output_dir`, the shard (and checkpoint) size, and the
                 unit of work of a multi-process build.
             text_column (`str`, defaults to `"text"`), id_column (`str`, *optional*): for a `datasets.Dataset`.
+            index_settings (`Mapping`, *optional*): the usearch HNSW settings (see [`GradientBank`]).
 
         With `output_dir` and an initialised `torch.distributed` process group (`torchrun`, `accelerate launch`),
         every process must call `build` with the same arguments: each computes a share of the shards into the
@@ -153,6 +165,7 @@ class GradientBank:
         Returns:
             [`GradientBank`]
         """
+        settings = IndexSettings.from_mapping(index_settings)  # checked before any work
         documents, ids = dataset_documents(documents, ids, text_column, id_column)
         check_documents(documents)
         embedder_model = embedder_model or index_module.load_embedder(model.config.embedder)
@@ -163,6 +176,7 @@ class GradientBank:
             embedder=model.config.embedder,
             dtype=dtype or model.config.bank_dtype,
             embedder_model=embedder_model,
+            index_settings=settings,
         )
         if output_dir is not None:
             return build_into(
@@ -243,8 +257,8 @@ class GradientBank:
             k (`int`, defaults to 3): how many documents per query; at most the size of the bank.
             exact (`bool`, *optional*): compare the query with every document (the true top `k`, whatever the
                 order the index was built in) instead of walking usearch's approximate HNSW graph. Defaults to
-                `True` for banks of up to `EXACT_SEARCH_MAX_DOCUMENTS` (100,000) documents, where the scan takes
-                milliseconds, and `False` above.
+                `True` for banks of up to `EXACT_SEARCH_MAX_DOCUMENTS` (1,000) documents, where the scan is as
+                fast as the graph, and `False` above (see `index_settings`).
 
         Returns:
             `list[Hit]` for one query, `list[list[Hit]]` for several, best first.

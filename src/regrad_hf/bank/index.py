@@ -4,24 +4,91 @@ of the document embeddings, keyed by the catalogue's index keys."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from usearch.index import Index, Matches, MetricKind, ScalarKind
 
 from ..defaults import DEFAULT_EMBEDDER_ID, load_embedder
-from ..errors import BankMismatchError, ReGradFileError, ReGradValueError
+from ..errors import BankMismatchError, ReGradFileError, ReGradTypeError, ReGradValueError
 
 INDEX_METRIC = "cos"
 # usearch keeps vectors in this scalar type; pinned so an index reads back the same everywhere.
 INDEX_DTYPE = "f32"
-# Up to this size `search` scans every vector: recall 1 and results independent of how the HNSW graph was built
-# (usearch inserts in parallel threads), for ~30 ms a query at the limit on 2 cores (benchmarks/bench_search.py).
-EXACT_SEARCH_MAX_DOCUMENTS = 100_000
+# Up to this size `search` scans every vector (recall 1, results independent of the HNSW graph); above it the graph
+# with DEFAULT_INDEX_SETTINGS is faster and finds >= 99 % of the exact top 3 on real embeddings
+# (benchmarks/bench_search_recall.py; the scan costs ~0.1 ms here, ~13 ms at 10^5 documents).
+EXACT_SEARCH_MAX_DOCUMENTS = 1_000
+# Bounds of the HNSW settings a bank accepts: usearch needs connectivity >= 2; above these the graph's memory and
+# build time grow with no recall left to gain on 384-d embeddings (benchmarks/bench_search_recall.py).
+MAX_CONNECTIVITY = 256
+MAX_EXPANSION = 16_384
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    """The HNSW settings of a bank's usearch index (saved in `bank_config.json` as `"index_settings"`).
+
+    Args:
+        connectivity (`int`): graph neighbours per node (usearch's `M`); baked into the index file when it is built.
+        expansion_add (`int`): candidates kept while inserting (`efConstruction`); shapes the graph as it is built.
+        expansion_search (`int`): candidates kept while searching the graph (`ef`); a search-time setting.
+    """
+
+    connectivity: int = 16
+    expansion_add: int = 128
+    expansion_search: int = 64
+
+    def __post_init__(self) -> None:
+        for field, low, high in (
+            ("connectivity", 2, MAX_CONNECTIVITY),
+            ("expansion_add", 1, MAX_EXPANSION),
+            ("expansion_search", 1, MAX_EXPANSION),
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ReGradTypeError(f"index setting {field} must be an integer, got {type(value).__name__}")
+            if not low <= value <= high:
+                raise ReGradValueError(f"index setting {field} must be from {low} to {high}, got {value}")
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any] | IndexSettings | None) -> IndexSettings:
+        """The settings of a mapping with any of the three fields (the others take [`DEFAULT_INDEX_SETTINGS`]'s).
+
+        Raises:
+            [`ReGradTypeError`]: `settings` is not a mapping, or a value is not an integer.
+            [`ReGradValueError`]: an unknown field, or a value out of range.
+        """
+        if settings is None:
+            return DEFAULT_INDEX_SETTINGS
+        if isinstance(settings, IndexSettings):
+            return settings
+        if not isinstance(settings, Mapping):
+            raise ReGradTypeError(
+                f"index_settings must be a mapping of {[f.name for f in dataclasses.fields(cls)]}, got "
+                f"{type(settings).__name__}"
+            )
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(str(key) for key in settings if key not in names)
+        if unknown:
+            raise ReGradValueError(f"unknown index setting {unknown[0]!r}; the settings are {names}")
+        return dataclasses.replace(DEFAULT_INDEX_SETTINGS, **settings)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+# What banks built before the settings were configurable used (usearch's defaults); a config without
+# "index_settings" loads with these.
+LEGACY_INDEX_SETTINGS = IndexSettings(connectivity=16, expansion_add=128, expansion_search=64)
+# New banks: chosen on real embeddings (benchmarks/bench_search_recall.py, benchmarks/README.md section (f)).
+DEFAULT_INDEX_SETTINGS = IndexSettings(connectivity=16, expansion_add=128, expansion_search=128)
 _IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -56,16 +123,48 @@ class EmbeddingIndex:
         dimension (`int`): dimension of the embedder's vectors.
         embedder_model (*optional*): an already loaded `SentenceTransformer` for `embedder`.
         identity (`str`, *optional*): the [`embedder_identity`] the embedder must have (`None`: not checked).
+        settings ([`IndexSettings`], *optional*): the HNSW settings; `None` is [`DEFAULT_INDEX_SETTINGS`].
     """
 
-    def __init__(self, embedder: str | None, dimension: int, embedder_model=None, identity: str | None = None):
+    def __init__(
+        self,
+        embedder: str | None,
+        dimension: int,
+        embedder_model=None,
+        identity: str | None = None,
+        settings: IndexSettings | None = None,
+    ):
         self.embedder_name = embedder or DEFAULT_EMBEDDER_ID
         self.dimension = dimension
         self.identity = identity
+        self.settings = settings or DEFAULT_INDEX_SETTINGS
         self._embedder = None
-        self._index = Index(ndim=dimension, metric=INDEX_METRIC, dtype=INDEX_DTYPE)
+        self._index = self._new_index()
         if embedder_model is not None:
             self._use(embedder_model)
+
+    def _new_index(self) -> Index:
+        return Index(
+            ndim=self.dimension,
+            metric=INDEX_METRIC,
+            dtype=INDEX_DTYPE,
+            connectivity=self.settings.connectivity,
+            expansion_add=self.settings.expansion_add,
+            expansion_search=self.settings.expansion_search,
+        )
+
+    @property
+    def connectivity(self) -> int:
+        """The connectivity of the usearch graph (that of the index file, once loaded)."""
+        return self._index.connectivity
+
+    @property
+    def expansion_add(self) -> int:
+        return self._index.expansion_add
+
+    @property
+    def expansion_search(self) -> int:
+        return self._index.expansion_search
 
     def _use(self, model) -> None:
         """Takes `model` as the embedder after checking it is the one the index was built with."""
@@ -166,6 +265,13 @@ class EmbeddingIndex:
             self._index.load(data)
         except Exception as error:
             raise ReGradValueError(f"bank file {path} is not a readable usearch index: {error}") from error
+        # The file carries its graph's connectivity (usearch adopts it on load; the expansions are not stored and
+        # keep the settings').
+        if self._index.connectivity != self.settings.connectivity:
+            raise ReGradValueError(
+                f"bank file {path}: the index graph has connectivity {self._index.connectivity}, the bank's config "
+                f"says {self.settings.connectivity} (an index of another bank, or an edited config); rebuild the bank"
+            )
         keys = np.fromiter(keys, dtype=np.uint64, count=len(keys))
         if len(self._index) != len(keys) or (len(keys) and not np.all(self._index.contains(keys))):
             raise ReGradValueError(

@@ -29,7 +29,7 @@ from .directory import (
     writer_active,
     writer_lock,
 )
-from .index import INDEX_DTYPE, INDEX_METRIC
+from .index import INDEX_DTYPE, INDEX_METRIC, LEGACY_INDEX_SETTINGS, IndexSettings
 from .schema import MAX_CONFIG_BYTES, file_error, parse_json, read_bytes, validate_config
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 # in bank_config.json ("quantization"). Version 1 banks (float formats only) read unchanged.
 # 3: SHA-256 of documents.jsonl and index.usearch ("documents_sha256", "index_sha256") and the embedder's identity
 # ("embedder_sha256"), verified on load. Versions 1 and 2 still read, without those checks (their shards are
-# checksummed); saving one writes version 3.
+# checksummed); saving one writes version 3. Optional in version 3: the HNSW settings ("index_settings"); a config
+# without them loads with the settings banks were built with before (usearch's defaults).
 FORMAT_VERSION = 3
 MAX_DOCUMENTS_BYTES = 1 << 40
 MAX_INDEX_BYTES = 1 << 40
@@ -112,6 +113,7 @@ def write_catalogue(
         "embedding_dim": bank.embedding_dim,
         "index_metric": INDEX_METRIC,
         "index_dtype": INDEX_DTYPE,
+        "index_settings": bank.index_settings.as_dict(),
         "documents_sha256": hashlib.sha256(documents).hexdigest(),
         "index_sha256": hashlib.sha256(index).hexdigest(),
         "dtype": bank.dtype,
@@ -194,6 +196,8 @@ def read(cls: type[GradientBank], location: Location, embedder_model) -> Gradien
 
     config_path = directory / CONFIG_FILE
     config = validate_config(parse_json(data(CONFIG_FILE, MAX_CONFIG_BYTES), f"bank file {config_path}"), config_path)
+    # a bank saved before the settings were configurable was built with usearch's defaults
+    settings = config.get("index_settings")
     bank = cls(
         learner=config["learner"],
         parameter_shapes=config["parameter_shapes"],
@@ -203,6 +207,7 @@ def read(cls: type[GradientBank], location: Location, embedder_model) -> Gradien
         embedder_model=embedder_model,
         quantization=config.get("quantization"),
         embedder_identity=config.get("embedder_sha256"),
+        index_settings=LEGACY_INDEX_SETTINGS if settings is None else IndexSettings(**settings),
     )
     if bank.fingerprint != config["fingerprint"]:
         raise ReGradValueError(f"{config_path}: the fingerprint field does not match the learner field (edited file?)")

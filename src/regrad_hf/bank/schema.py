@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReGradFileError, ReGradValueError
+from .index import MAX_CONNECTIVITY, MAX_EXPANSION
 from .quantization import BANK_DTYPES, FLOAT_DTYPES, gradient_format
 
 READABLE_FORMAT_VERSIONS = (1, 2, 3)
@@ -203,6 +204,7 @@ def validate_config(config: Any, path: Path) -> dict[str, Any]:
     for key, expected in (("index_metric", "cos"), ("index_dtype", "f32")):
         if config.get(key) != expected:
             raise _fail(path, key, f"must be {expected!r}, got {_short(config.get(key))}")
+    _index_settings(config, path)
     dtypes = list(FLOAT_DTYPES) if version == 1 else list(BANK_DTYPES)
     if config.get("dtype") not in dtypes:
         raise _fail(
@@ -263,6 +265,24 @@ def validate_config(config: Any, path: Path) -> dict[str, Any]:
     if stored != num_documents:
         raise _fail(path, "num_documents", f"is {num_documents}, but the shards hold {stored} documents")
     return config
+
+
+INDEX_SETTINGS_RANGES = {
+    "connectivity": (2, MAX_CONNECTIVITY),
+    "expansion_add": (1, MAX_EXPANSION),
+    "expansion_search": (1, MAX_EXPANSION),
+}
+
+
+def _index_settings(config: Mapping, path: Path) -> None:
+    """Checks the optional `"index_settings"` (absent in banks saved before they were configurable)."""
+    if "index_settings" not in config:
+        return
+    settings = config["index_settings"]
+    if not isinstance(settings, dict) or set(settings) != set(INDEX_SETTINGS_RANGES):
+        raise _fail(path, "index_settings", f"must be an object with exactly the fields {list(INDEX_SETTINGS_RANGES)}")
+    for key, (low, high) in INDEX_SETTINGS_RANGES.items():
+        _int(settings, key, path, low, high, field=f"index_settings.{key}")
 
 
 def validate_document(record: Any, path: Path, number: int, shard_sizes: list[int]) -> dict[str, Any]:
