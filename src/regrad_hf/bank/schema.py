@@ -321,24 +321,3 @@ def check_metadata_size(metadata: Mapping[str, Any], where: Path | str) -> None:
     size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     if size > MAX_METADATA_BYTES:
         raise ReGradValueError(f"{where}: metadata of {size} bytes is larger than the limit of {MAX_METADATA_BYTES}")
-
-
-def check_safetensors_header(path: Path) -> None:
-    """Reads a safetensors file's 8-byte header length and refuses files whose header is over
-    [`MAX_SAFETENSORS_HEADER_BYTES`] or runs past the end of the file, before any parser sees the header."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-    if len(prefix) < 8:
-        raise ReGradValueError(f"bank file {path} is not a readable safetensors file: {size} bytes, truncated")
-    header = int.from_bytes(prefix, "little")
-    if header > MAX_SAFETENSORS_HEADER_BYTES:
-        raise ReGradValueError(
-            f"bank file {path} declares a safetensors header of {header} bytes, more than the limit of "
-            f"{MAX_SAFETENSORS_HEADER_BYTES}: refusing to read it"
-        )
-    if 8 + header > size:
-        raise ReGradValueError(
-            f"bank file {path} is not a readable safetensors file: its header needs {8 + header} bytes, the file "
-            f"has {size} (truncated)"
-        )
