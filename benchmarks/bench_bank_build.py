@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_record import write_record
 from torch import nn
 
 from regrad_hf import ReGradForCausalLM, deltas
@@ -152,12 +152,9 @@ def main() -> None:
         "rounds": args.rounds,
         "seconds_per_round": seconds,
         "modes": rows,
-        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.output, results)
 
 
 if __name__ == "__main__":

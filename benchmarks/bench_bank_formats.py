@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from bench_record import write_record
 from squad_tasks import ROOT, held_out_tasks
 
 from regrad_hf import GradientBank, ReGradForCausalLM
@@ -154,11 +154,8 @@ def main() -> None:
         "gradient_seconds_float32": gradient_seconds,
         "no_adaptation": reference["no_adaptation"].as_dict() if reference else None,
         "formats": rows,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, record)
 
 
 if __name__ == "__main__":

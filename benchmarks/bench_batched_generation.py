@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from bench_record import write_record
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
@@ -246,12 +246,9 @@ def main() -> None:
         "repeats": args.repeats,
         "learner_unchanged_after_all_runs": model.fingerprint() == fingerprint,
         "results": results,
-        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    write_record(args.output, report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
@@ -32,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from bench_record import write_record
 from safetensors import safe_open
 
 from regrad_hf import GradientBank, ReGradForCausalLM
@@ -156,11 +156,8 @@ def main() -> None:
         "repeats": args.repeats,
         "gradients": "synthetic (random normal), real learner layout",
         "rows": rows,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, record)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ the base model) with the same seed as training.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
+from bench_record import write_record
 from squad_tasks import ROOT, held_out_tasks
 
 from regrad_hf import ReGradForCausalLM
@@ -65,11 +63,8 @@ def main() -> None:
         "results": {case: results[case].as_dict() for case in CASES},
         "injection_signal": signal,
         "seconds": seconds,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, record)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_record import write_record
 
 from regrad_hf import GradientBank, ReGradForCausalLM
 from regrad_hf.data import question_prompt
@@ -132,9 +132,7 @@ def main() -> None:
         "regrad_over_rag_end_to_end": median["regrad_total"] / median["rag_total"],
         "mean_prompt_tokens": {name: statistics.mean(values) for name, values in prompt_tokens.items()},
         "all_seconds": phases,
-        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": platform.machine(),
     }
     print(f"(c) ReGrad per query, k={args.k}, {NEW_TOKENS} new tokens (median seconds)")
     labels = {"embed": "embed (alone)", "retrieve": "embed + search", "regrad_total": "total"}
@@ -146,8 +144,7 @@ def main() -> None:
     print(f"  {'ReGrad':<8} {median['regrad_total']:8.3f} {results['mean_prompt_tokens']['regrad']:14.1f}")
     print(f"  {'RAG':<8} {median['rag_total']:8.3f} {results['mean_prompt_tokens']['rag']:14.1f}")
     print(f"  ReGrad / RAG = {results['regrad_over_rag_end_to_end']:.3f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.output, results)
 
 
 if __name__ == "__main__":

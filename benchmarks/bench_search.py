@@ -16,14 +16,13 @@ vector (what `GradientBank.search` does up to `EXACT_SEARCH_MAX_DOCUMENTS`). Mem
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_record import write_record
 from usearch.index import Index, search
 
 from regrad_hf.bank.index import EXACT_SEARCH_MAX_DOCUMENTS, INDEX_DTYPE
@@ -131,10 +130,8 @@ def main() -> None:
         "queries": args.queries,
         "rows": rows,
         "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.output, results)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,14 @@ graph's top 3 with it. The exact scan's own latency is that of `Index.search(exa
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import usearch
+from bench_record import write_record
 from usearch.index import Index
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -189,10 +188,8 @@ def main() -> None:
         "usearch": usearch.VERSION if hasattr(usearch, "VERSION") else usearch.__version__,
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.output, results)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import threading
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_record import write_record
 
 from regrad_hf import BatchingGenerator, GradientBank, ReGradForCausalLM
 from regrad_hf.defaults import shipped_learner_path
@@ -252,14 +252,11 @@ def main() -> None:
         "first_way_at_the_first_client_count": args.first,
         "learner_unchanged_after_all_runs": model.fingerprint() == fingerprint,
         "results": results,
-        "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,
-        "machine": platform.machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    write_record(args.output, report)
 
 
 if __name__ == "__main__":
