@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from regrad_hf import BatchingGenerator, GenerationResult, GeneratorClosedError, ReGradError
+from regrad_hf import BatchingGenerator, GenerationResult, GenerationTimeoutError, GeneratorClosedError, ReGradError
 from regrad_hf.errors import ReGradTypeError, ReGradValueError
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
@@ -181,6 +181,15 @@ def test_close_serves_or_fails_the_pending_requests_and_refuses_new_ones(tiny_mo
         result = generator.generate(PROMPTS[0], timeout=60, **GREEDY)
     assert result.token_ids == alone(tiny_model, tokenizer, PROMPTS[0], **GREEDY)
     assert not generator._worker.is_alive()
+
+
+def test_a_caller_that_times_out_gets_a_typed_timeout_and_its_request_is_cancelled(tiny_model):
+    generator = BatchingGenerator(tiny_model, max_batch_size=8, max_wait_ms=LONG_WAIT_MS)  # nothing starts soon
+    with pytest.raises(GenerationTimeoutError, match="cancelled before it started") as error:
+        generator.generate(PROMPTS[0], timeout=0.01, **GREEDY)
+    assert isinstance(error.value, TimeoutError) and isinstance(error.value, ReGradError)
+    generator.close()
+    assert not generator._pending and not generator._worker.is_alive()
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from .errors import (
     ReGradValueError,
 )
 from .modeling import ReGradForCausalLM
-from .serving import BatchingGenerator, GenerationResult, GeneratorClosedError
+from .serving import BatchingGenerator, GenerationResult, GenerationTimeoutError, GeneratorClosedError
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "BankMismatchError",
     "BankNotFoundError",
     "GenerationResult",
+    "GenerationTimeoutError",
     "GeneratorClosedError",
     "GradientBank",
     "Hit",

@@ -37,6 +37,10 @@ class GeneratorClosedError(ReGradError, RuntimeError):
     """A request was submitted to, or left pending in, a closed [`BatchingGenerator`]."""
 
 
+class GenerationTimeoutError(ReGradError, TimeoutError):
+    """[`BatchingGenerator.generate`] waited longer than its `timeout` (an `except TimeoutError` catches it too)."""
+
+
 # Inputs the generator builds itself, and outputs a result has no room for.
 _REFUSED_KWARGS = {
     "inputs": "pass the prompt as the first argument",
@@ -188,8 +192,8 @@ class BatchingGenerator:
         """[`submit`] and wait: returns the request's [`GenerationResult`] or raises its exception.
 
         Args:
-            timeout (`float`, *optional*): seconds to wait; on expiry `TimeoutError` is raised and the request is
-                cancelled if it has not started.
+            timeout (`float`, *optional*): seconds to wait; on expiry [`GenerationTimeoutError`] (a `TimeoutError`) is
+                raised and the request is cancelled if it has not started.
 
         The calling thread's `knowledge`/`retrieved`/`injected` blocks do not apply (the worker thread generates);
         waiting inside one raises [`ReGradError`] instead of deadlocking.
@@ -204,9 +208,16 @@ class BatchingGenerator:
         future = self.submit(prompt, **kwargs)
         try:
             return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
+        except TimeoutError as error:
+            started = not future.cancel()
+            raise GenerationTimeoutError(
+                f"no result within {timeout} s"
+                + (
+                    "; the request runs on, its result is dropped"
+                    if started
+                    else "; the request was cancelled before it started"
+                )
+            ) from error
 
     def _request(self, prompt, query, top_k_docs, gamma, use_bank, kwargs: dict) -> _Request:
         """The request, with every argument checked now, so that a bad one fails its caller and no batch."""
