@@ -76,9 +76,11 @@ def test_two_writers_killed_at_random_points_with_a_reader_lose_nothing(tiny_ban
         outcomes[len(bank)] += 1
         assert (target / "README.md").read_text() == "my notes" or not target.exists()
     reader.send_signal(signal.SIGKILL)
-    lines = reader.communicate()[0].splitlines()
+    # the line being written when the reader is killed may be cut short: only lines that end in a newline count
+    lines = reader.communicate()[0].split("\n")[:-1]
     loads = [line for line in lines if line.startswith("loaded")]
-    assert loads and all(line in ("loaded 3", "loaded 4") for line in lines), [x for x in lines if "error" in x][:3]
+    unexpected = [line for line in lines if line not in ("loaded 3", "loaded 4")]
+    assert loads and not unexpected, unexpected[:3]
     GradientBank.from_pretrained(tmp_path / "three").save_pretrained(target)  # a writer repairs and tidies
     assert (target / "README.md").read_text() == "my notes"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".target")) == [".target.lock"]
