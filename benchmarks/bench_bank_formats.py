@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from bench_record import write_record
+from gradient_sources import LearnerGradients
 from squad_tasks import ROOT, held_out_tasks
 
 from regrad_hf import GradientBank, ReGradForCausalLM
@@ -31,17 +32,12 @@ from regrad_hf.evaluation import evaluate_injection
 FORMATS = ("float32", "bfloat16", "int8", "int4", "int3", "int2")
 
 
-class PrecomputedGradients:
+class PrecomputedGradients(LearnerGradients):
     """A [`GradientSource`] that hands out gradients computed beforehand (so every bank stores the same ones)."""
 
     def __init__(self, model: ReGradForCausalLM, gradients: Mapping[str, Mapping[str, torch.Tensor]]):
-        self.model, self.gradients, self.config = model, gradients, model.config
-
-    def learner_identity(self) -> dict[str, str]:
-        return self.model.learner_identity()
-
-    def lora_parameters(self) -> Mapping[str, torch.Tensor]:
-        return self.model.lora_parameters()
+        super().__init__(model)
+        self.gradients = gradients
 
     def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]:
         return {

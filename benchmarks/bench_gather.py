@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from bench_record import write_record
+from gradient_sources import LearnerGradients
 from safetensors import safe_open
 
 from regrad_hf import GradientBank, ReGradForCausalLM
@@ -40,18 +41,12 @@ from regrad_hf.defaults import load_embedder, shipped_learner_path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class RandomGradients:
+class RandomGradients(LearnerGradients):
     """A [`GradientSource`] with the real learner's identity and LoRA layout and random gradients."""
 
     def __init__(self, model: ReGradForCausalLM, seed: int = 0):
-        self.model, self.config = model, model.config
+        super().__init__(model)
         self.generator = torch.Generator().manual_seed(seed)
-
-    def learner_identity(self) -> dict[str, str]:
-        return self.model.learner_identity()
-
-    def lora_parameters(self) -> Mapping[str, torch.Tensor]:
-        return self.model.lora_parameters()
 
     def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]:
         return {

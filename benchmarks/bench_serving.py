@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from bench_record import write_record
+from gradient_sources import LearnerGradients
 
 from regrad_hf import BatchingGenerator, GradientBank, ReGradForCausalLM
 from regrad_hf.defaults import shipped_learner_path
@@ -64,13 +65,13 @@ def synthetic_documents(count: int, seed: int = 0) -> tuple[list[str], list[str]
     return documents, questions
 
 
-class SyntheticGradients:
+class SyntheticGradients(LearnerGradients):
     """A [`GradientSource`] of the real learner whose document gradients are random: each document gets one of
     `pool` random gradients (drawing 10^4 x 1.5 M normal values would dominate the build), each LoRA tensor scaled to
     the mean norm of real document gradients of that tensor."""
 
     def __init__(self, model: ReGradForCausalLM, sample_documents: list[str], pool: int = 64, seed: int = 0):
-        self.model, self.config = model, model.config
+        super().__init__(model)
         real = model.document_gradients(sample_documents)
         generator = torch.Generator().manual_seed(seed)
         self.pool = {}
@@ -79,12 +80,6 @@ class SyntheticGradients:
             norms = g.flatten(1).norm(dim=1).mean() / random_rows.flatten(1).norm(dim=1)
             self.pool[name] = random_rows * norms.view(-1, *[1] * (g.dim() - 1))
         self.picks = torch.Generator().manual_seed(seed + 1)
-
-    def learner_identity(self) -> dict[str, str]:
-        return self.model.learner_identity()
-
-    def lora_parameters(self):
-        return self.model.lora_parameters()
 
     def document_gradients(self, documents) -> dict[str, torch.Tensor]:
         rows = torch.randint(0, next(iter(self.pool.values())).shape[0], (len(documents),), generator=self.picks)
