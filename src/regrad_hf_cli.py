@@ -296,6 +296,9 @@ class RecipeArguments:
     )
     tofu_facts_per_document: int = field(default=5, metadata={"help": "whole TOFU facts per document"})
     eval_tasks_per_source: int = field(default=16, metadata={"help": "dev tasks per source of the mixed set"})
+    eval_before: bool = field(
+        default=True, metadata={"help": "evaluate the starting learner on the dev tasks first (metrics_before)"}
+    )
     resume: str | None = field(
         default=None, metadata={"help": "continue a run: 'last' (newest checkpoint in output_dir) or a checkpoint"}
     )

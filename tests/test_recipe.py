@@ -137,6 +137,8 @@ def test_tofu_documents_are_whole_facts_and_hold_the_answer(sources):
         facts = task.documents[0].split(". ")
         assert 1 <= len(facts) <= 2 and all(f.startswith("Author") for f in facts)
     assert len(task_pool(tasks)) == 120 * 2  # 3 facts in documents of 2 and 1
+    mixed = mixed_tasks("train", tofu=sources / "tofu.jsonl", tofu_facts_per_document=2)
+    assert len(task_pool(mixed)) == 120 * 2  # the mixed set passes the document size on
 
 
 def test_mixed_tasks_pad_each_source_from_its_own_split(sources, embedder):

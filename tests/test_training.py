@@ -234,3 +234,28 @@ def test_train_command(tokenizer, tmp_path, capsys):
     assert loaded.config.lora_rank == 2
     record = json.loads((tmp_path / "out" / "training_record.json").read_text())
     assert "eval_injection_signal" in record["metrics_after"] and record["command"].startswith("regrad train")
+
+
+def test_train_command_reuses_the_last_steps_evaluation_and_can_skip_the_first(tokenizer, tmp_path, monkeypatch):
+    make_tiny_base(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(json.dumps(t.to_dict()) for t in color_tasks(4, 0, 0)))
+    passes = []
+    evaluate = ReGradTrainer.evaluate
+    monkeypatch.setattr(ReGradTrainer, "evaluate", lambda self, *a, **k: passes.append(1) or evaluate(self, *a, **k))
+    argv = [
+        "train", "--base_model", str(tmp_path / "base"), "--train_format", "jsonl", "--train_file", str(tasks),
+        "--eval_file", str(tasks), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--lora_rank", "2",
+        "--per_device_train_batch_size", "2", "--eval_generate", "false", "--report_to", "none", "--use_cpu", "true",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--eval_before", "false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert len(passes) == 1  # the step-2 evaluation; neither a "before" pass nor a repeat of step 2's
+    record = json.loads((tmp_path / "out" / "training_record.json").read_text())
+    logged = next(e for e in record["log_history"] if "eval_regrad_answer_loss" in e)
+    assert record["metrics_before"] == {}
+    assert record["metrics_after"]["eval_regrad_answer_loss"] == logged["eval_regrad_answer_loss"]
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path / "out")
+    fresh = ReGradTrainer(loaded, arguments(tmp_path / "fresh"), eval_dataset=color_tasks(4, 0, 0)).evaluate()
+    assert fresh["eval_regrad_answer_loss"] == pytest.approx(logged["eval_regrad_answer_loss"], rel=1e-5)

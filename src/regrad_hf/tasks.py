@@ -145,6 +145,7 @@ def mixed_tasks(
     embedder=None,
     seed: int = 0,
     max_tasks_per_source: int | None = None,
+    tofu_facts_per_document: int = 5,
 ) -> list[Task]:
     """The mixed task set of one split from the sources given, each padded with hard distractors from its own
     split (the bank of that source), shuffled with `seed`.
@@ -157,12 +158,13 @@ def mixed_tasks(
         seed (`int`): shuffle seed.
         max_tasks_per_source (`int`, *optional*): keep at most this many tasks of each source (a seeded sample),
             e.g. for a small dev set.
+        tofu_facts_per_document (`int`, defaults to 5): whole TOFU facts per document (see [`tofu_tasks`]).
     """
     sources: list[tuple[list[Task], list[str]]] = []
     if squad:
         sources.append((squad_tasks(squad, split), []))
     if tofu:
-        sources.append((tofu_tasks(tofu, split), []))
+        sources.append((tofu_tasks(tofu, split, tofu_facts_per_document), []))
     if hotpotqa:
         sources.append(_hotpotqa_split(hotpotqa, split))
     if not sources:
