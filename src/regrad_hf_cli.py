@@ -212,7 +212,8 @@ def build_parser() -> Parser:
     )
     sub.add_argument(
         "--split",
-        help="squad: train/dev/test or article indices like 35-39; tofu: author indices like 0-39 (default: all)",
+        help="train/dev/test (the meta-training splits of regrad_hf.tasks) or indices like 35-39 of squad articles, "
+        "tofu authors or hotpotqa records (default: all)",
     )
     sub.add_argument("--limit", type=positive_int, help="questions to evaluate, sampled with --seed (bank unchanged)")
     sub.add_argument("--top-k", type=positive_int, help="documents retrieved per question (default: the learner's)")

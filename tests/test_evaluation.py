@@ -134,13 +134,16 @@ def test_tofu_and_jsonl_eval_sets(tmp_path):
     rows = [
         {"author_idx": author, "question": f"Q{author}{n}?", "answer": f"Answer {author} {n}."}
         for author in (3, 4)
-        for n in range(2)
+        for n in range(7)
     ]
     tofu = tmp_path / "tofu.jsonl"
     tofu.write_text("\n".join(json.dumps(r) for r in rows))
     eval_set = load_eval_set("tofu", tofu, split="4")
-    assert list(eval_set.documents.values()) == ["Answer 4 0. Answer 4 1."]
-    assert "joined" in eval_set.note
+    # documents of 5 whole facts, as in meta-training; each question's gold document holds its answer
+    first = " ".join(f"Answer 4 {n}." for n in range(5))
+    assert list(eval_set.documents.values()) == [first, "Answer 4 5. Answer 4 6."]
+    assert all(q.task.answer in eval_set.documents[q.gold_ids[0]] for q in eval_set.questions)
+    assert len(eval_set.questions) == 7 and "5 whole facts" in eval_set.note
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text(json.dumps({"documents": ["d1", "d2"], "question": "q?", "answer": "a"}))
     assert load_eval_set("jsonl", tasks).questions[0].gold_ids == ("doc-0", "doc-1")

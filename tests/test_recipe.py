@@ -129,6 +129,26 @@ def test_splits_share_no_document(sources):
     assert "350" not in dev and "351" in dev and len(dev) == 74
 
 
+def test_eval_sets_of_a_split_are_the_meta_training_split(sources):
+    from regrad_hf.evaluation import load_eval_set
+
+    hotpot = load_eval_set("hotpotqa", sources / "hotpot.jsonl", split="test")
+    assert {q.task.id for q in hotpot.questions} == {t.id for t in hotpotqa_tasks(sources / "hotpot.jsonl", "test")}
+    assert "430" not in {q.task.id for q in hotpot.questions} and len(hotpot.questions) == 74
+    assert all(len(q.candidate_ids) == 4 and set(q.gold_ids) < set(q.candidate_ids) for q in hotpot.questions)
+    by_index = load_eval_set("hotpotqa", sources / "hotpot.jsonl", split="3,7")
+    assert [q.task.id for q in by_index.questions] == ["3", "7"]
+    tofu = load_eval_set("tofu", sources / "tofu.jsonl", split="test")
+    assert sorted(tofu.documents.values()) == sorted(task_pool(tofu_tasks(sources / "tofu.jsonl", "test")))
+    assert {q.task.id.split("-")[1] for q in tofu.questions} == {str(a) for a in range(150, 180)}
+    few = sources / "few.jsonl"
+    few.write_text("".join(line + "\n" for line in (sources / "hotpot.jsonl").read_text().splitlines()[:10]))
+    with pytest.raises(ReGradValueError, match="needs records up to 499"):
+        load_eval_set("hotpotqa", few, split="test")
+    with pytest.raises(ReGradValueError, match="record indices"):
+        load_eval_set("hotpotqa", sources / "hotpot.jsonl", split="499-500")
+
+
 def test_tofu_documents_are_whole_facts_and_hold_the_answer(sources):
     tasks = tofu_tasks(sources / "tofu.jsonl", "train", facts_per_document=2)
     assert len(tasks) == 120 * 3

@@ -177,13 +177,37 @@ def _hotpotqa_record(record: Mapping) -> tuple[set[str], list[tuple[str, list[st
     return supporting, paragraphs, record.get("id", record.get("_id"))
 
 
+def hotpotqa_rows(source: Any, *, config: str | None = None, split: str | None = None) -> Rows:
+    """The HotpotQA records of `source` (see [`load_hotpotqa`]), unparsed."""
+    return _rows(source, "hotpotqa", config, split, _json_records)
+
+
+def hotpotqa_paragraphs(record: Mapping) -> list[tuple[str, str]]:
+    """A HotpotQA record's ten paragraphs (original or Hub schema) as `(title, "Title: sentence ...")` pairs."""
+    try:
+        return [(title, f"{title}: {''.join(sentences).strip()}") for title, sentences in _hotpotqa_record(record)[1]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ReGradValueError(f"a record is not in the HotpotQA schema: {error!r}") from error
+
+
 def load_hotpotqa(
-    source: Any, distractors: bool = False, *, config: str | None = None, split: str | None = None
+    source: Any,
+    distractors: bool = False,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    records: Iterable[int] | None = None,
 ) -> list[Task]:
     """HotpotQA: the original schema (JSONL or JSON list), the Hub dataset `"hotpotqa/hotpot_qa"` (configuration
     `distractor`, split `validation` by default) or data in its schema. Documents are the supporting paragraphs, or
-    all ten paragraphs (supporting and distractors) with `distractors=True`, each as `"Title: sentence ..."`."""
-    rows = _rows(source, "hotpotqa", config, split, _json_records)
+    all ten paragraphs (supporting and distractors) with `distractors=True`, each as `"Title: sentence ..."`.
+    `records` keeps only the records at these indices, in this order (e.g. a split of [`regrad_hf.tasks`])."""
+    rows = hotpotqa_rows(source, config=config, split=split)
+    if records is not None:
+        indices = list(records)
+        if any(not 0 <= index < len(rows) for index in indices):
+            raise ReGradValueError(f"{source}: record indices must be in [0, {len(rows)})")
+        rows = [rows[index] for index in indices]
     tasks, skipped = [], 0
     for record in rows:
         try:

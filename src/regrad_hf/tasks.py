@@ -10,16 +10,13 @@ paragraph titles appear in an earlier split is dropped).
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .data import SQUAD_SPLITS, Task, load_hotpotqa, load_squad, load_tofu
+from .data import SQUAD_SPLITS, Task, hotpotqa_paragraphs, hotpotqa_rows, load_hotpotqa, load_squad, load_tofu
 from .errors import ReGradValueError
 
 SPLITS = ("train", "dev", "test")
@@ -39,19 +36,22 @@ def squad_tasks(path: str | os.PathLike, split: str) -> list[Task]:
     return load_squad(path, SQUAD_SPLITS[split])
 
 
-def tofu_tasks(path: str | os.PathLike, split: str, facts_per_document: int = 5) -> list[Task]:
-    """TOFU tasks of one author split ([`TOFU_SPLITS`]: authors 0-119 / 120-149 / 150-179).
+def tofu_tasks(path: str | os.PathLike, split: str | Iterable[int] | None, facts_per_document: int = 5) -> list[Task]:
+    """TOFU tasks of one author split ([`TOFU_SPLITS`]: authors 0-119 / 120-149 / 150-179), of the given author
+    indices, or (`None`) of every author.
 
     An author's 20 facts (answer sentences) are cut into documents of `facts_per_document` whole facts, so that
     no document is truncated in the inner step (a whole author is ~800 tokens) and no fact is cut. A question's
     gold document is the one holding its own answer sentence.
     """
-    _check_split(split)
+    if isinstance(split, str):
+        _check_split(split)
+        split = TOFU_SPLITS[split]
     if facts_per_document < 1:
         raise ReGradValueError("facts_per_document must be at least 1")
     tasks = []
     by_author: dict[str, list[Task]] = {}
-    for task in load_tofu(path, TOFU_SPLITS[split]):
+    for task in load_tofu(path, split):
         by_author.setdefault(task.id.rsplit("-", 1)[0], []).append(task)
     for questions in by_author.values():
         for start in range(0, len(questions), facts_per_document):
@@ -70,23 +70,35 @@ def hotpotqa_tasks(path: str | os.PathLike, split: str) -> list[Task]:
     return _hotpotqa_split(path, split)[0]
 
 
-def _hotpotqa_split(path: str | os.PathLike, split: str) -> tuple[list[Task], list[str]]:
-    """The split's tasks and its retrieval pool (all ten paragraphs of each kept record)."""
+def hotpotqa_split_records(source, split: str) -> list[int]:
+    """Indices of the records of one HotpotQA split ([`HOTPOTQA_SPLITS`]) that share no paragraph title with an
+    earlier split (so that no document is in two splits).
+
+    Args:
+        source: the HotpotQA data (as [`load_hotpotqa`] reads it), in the shared 500-record order.
+        split (`str`): `train`, `dev` or `test`.
+    """
     _check_split(split)
-    text = Path(path).read_text(encoding="utf-8")
-    records = (
-        json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    )
+    rows = hotpotqa_rows(source)
+    if len(rows) < HOTPOTQA_SPLITS[split].stop:
+        raise ReGradValueError(f"{source}: {len(rows)} HotpotQA records; the {split} split needs records up to "
+                               f"{HOTPOTQA_SPLITS[split].stop - 1}")  # fmt: skip
+
+    def titles(index: int) -> set[str]:
+        return {title for title, _ in hotpotqa_paragraphs(rows[index])}
+
     earlier = set()
     for name in SPLITS[: SPLITS.index(split)]:
-        earlier.update(title for index in HOTPOTQA_SPLITS[name] for title, _ in records[index]["context"])
-    keep = [records[i] for i in HOTPOTQA_SPLITS[split] if not {t for t, _ in records[i]["context"]} & earlier]
-    with tempfile.TemporaryDirectory() as directory:  # the loader reads a file: hand it the split's records
-        subset = Path(directory) / "split.jsonl"
-        subset.write_text("\n".join(json.dumps(record) for record in keep) + "\n", encoding="utf-8")
-        tasks = load_hotpotqa(subset)
-    pool = [f"{title}: {''.join(sentences).strip()}" for record in keep for title, sentences in record["context"]]
-    return tasks, pool
+        earlier.update(title for index in HOTPOTQA_SPLITS[name] for title in titles(index))
+    return [index for index in HOTPOTQA_SPLITS[split] if not titles(index) & earlier]
+
+
+def _hotpotqa_split(path: str | os.PathLike, split: str) -> tuple[list[Task], list[str]]:
+    """The split's tasks and its retrieval pool (all ten paragraphs of each kept record)."""
+    keep = hotpotqa_split_records(path, split)
+    rows = hotpotqa_rows(path)
+    pool = [paragraph for index in keep for _, paragraph in hotpotqa_paragraphs(rows[index])]
+    return load_hotpotqa(path, records=keep), pool
 
 
 def task_pool(tasks: Sequence[Task], extra: Sequence[str] = ()) -> list[str]:

@@ -5,7 +5,7 @@ documents.
 |------------|-------------------------------------------------------------|------------------------------------------|
 | `squad`    | every paragraph of the selected articles                    | top-k over the whole bank                |
 | `hotpotqa` | the 10 paragraphs (2 supporting + 8 distractors) of each question | top-k over the question's own 10   |
-| `tofu`     | one document per selected author: that author's answers joined | top-k over the whole bank             |
+| `tofu`     | the selected authors' answers, 5 whole facts per document   | top-k over the whole bank                |
 | `jsonl`    | every task's documents (deduplicated)                       | top-k over the whole bank                |
 
 The data is a local file, a dataset folder, a Hub dataset name or a `datasets.Dataset`; by default the format's Hub
@@ -21,8 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import HUB_DATASETS, SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad, load_tofu
+from ..data import HUB_DATASETS, SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad
 from ..errors import ReGradValueError
+from ..tasks import SPLITS, hotpotqa_split_records, tofu_tasks
+
+# TOFU facts per bank document, as in meta-training ([`regrad_hf.tasks.mixed_tasks`]).
+TOFU_FACTS_PER_DOCUMENT = 5
 
 FORMATS = ("squad", "hotpotqa", "tofu", "jsonl")
 
@@ -100,8 +104,9 @@ def load_eval_set(
         format (`str`): one of [`FORMATS`].
         path: the data: a local file, a dataset folder, a Hub dataset name or a `datasets.Dataset` (see
             [`regrad_hf.sources.read_rows`]); by default the format's Hub dataset ([`HUB_DATASETS`]; not for `jsonl`).
-        split (`str`, *optional*): SQuAD: a name of `SQUAD_SPLITS` (`train`, `dev`, `test`) or article indices
-            (`"35-39"`); TOFU: author indices (`"0-39"`); HotpotQA, JSONL: unused. `None` keeps everything.
+        split (`str`, *optional*): a split name of the meta-training task sets (`train`, `dev`, `test`, see
+            [`regrad_hf.tasks`]: SQuAD articles, TOFU authors, HotpotQA records, disjoint), or indices: SQuAD article,
+            TOFU author, HotpotQA record indices (`"35-39"`); JSONL: unused. `None` keeps everything.
         limit (`int`, *optional*): evaluate this many questions, sampled with `seed` (the bank is unchanged).
         seed (`int`): seed of the question sampling.
 
@@ -120,23 +125,25 @@ def load_eval_set(
         note = f"SQuAD articles {split or 'all'}; the bank holds every paragraph of these articles"
         return _whole_bank_set(f"squad:{split or 'all'}", tasks, "p", limit, seed, note)
     if format == "tofu":
-        authors = None if split is None else parse_range(split)
-        tasks = load_tofu(path, authors)
+        authors = None if split is None else split if split in SPLITS else parse_range(split)
+        tasks = tofu_tasks(path, authors, TOFU_FACTS_PER_DOCUMENT)
         note = (
-            f"TOFU authors {split or 'all'}; TOFU has no source documents, so each author's document is that "
-            "author's 20 answers joined in file order (the answer to every question is therefore in the document)"
+            f"TOFU authors {split or 'all'}; TOFU has no source documents, so each author's answers (in file order) "
+            f"make documents of {TOFU_FACTS_PER_DOCUMENT} whole facts, as in meta-training (none is truncated; the "
+            "answer to every question is in its gold document)"
         )
         return _whole_bank_set(f"tofu:{split or 'all'}", tasks, "author", limit, seed, note)
     if format == "jsonl":
         note = "user JSONL; the bank holds every task's documents"
         label = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else "dataset"
         return _whole_bank_set(f"jsonl:{label}", load_jsonl(path), "doc", limit, seed, note)
-    return _hotpotqa_set(path, limit, seed)
+    records = None if split is None else hotpotqa_split_records(path, split) if split in SPLITS else parse_range(split)
+    return _hotpotqa_set(path, records, split, limit, seed)
 
 
-def _hotpotqa_set(path, limit, seed) -> EvalSet:
-    with_context = load_hotpotqa(path, distractors=True)
-    supporting = load_hotpotqa(path, distractors=False)
+def _hotpotqa_set(path, records, split, limit, seed) -> EvalSet:
+    with_context = load_hotpotqa(path, distractors=True, records=records)
+    supporting = load_hotpotqa(path, distractors=False, records=records)
     documents = _bank_of([d for task in with_context for d in task.documents], "para")
     id_of = {text: doc_id for doc_id, text in documents.items()}
     questions = [
@@ -151,5 +158,8 @@ def _hotpotqa_set(path, limit, seed) -> EvalSet:
     # Only the selected questions' paragraphs need gradients.
     needed = {doc_id for q in questions for doc_id in q.candidate_ids}
     documents = {doc_id: text for doc_id, text in documents.items() if doc_id in needed}
-    note = "HotpotQA distractor setting; each question is retrieved against its own 10 paragraphs; gold = supporting"
-    return EvalSet("hotpotqa", documents, questions, note)
+    note = (
+        f"HotpotQA distractor setting, records {split or 'all'}; each question is retrieved against its own 10 "
+        "paragraphs; gold = supporting"
+    )
+    return EvalSet(f"hotpotqa:{split or 'all'}", documents, questions, note)
