@@ -7,12 +7,10 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -24,7 +22,7 @@ from .config import ReGradConfig
 from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, resolve_model_path
 from .errors import ReGradError, ReGradValueError
 from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
-from .hub import HubOptions, locate, push_folder, render_model_card
+from .hub import HubOptions, locate
 from .injection import KnowledgeInjectionMixin
 from .learner import (
     StepSizes,
@@ -35,12 +33,13 @@ from .learner import (
     learner_identity,
     lora_parameters,
 )
+from .learner_state import LearnerStateMixin
 from .peft_conventions import PeftConventionsMixin
+from .publishing import LearnerPublishingMixin
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
-STEP_SIZES_KEY = "regrad.step_sizes"
 BANK_SUBFOLDER = "bank"
 MAX_CONFIG_BYTES = 16 << 20
 # Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
@@ -50,7 +49,14 @@ _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download"
 _IGNORED_KWARGS = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "trust_remote_code", "proxies")
 
 
-class ReGradForCausalLM(PeftConventionsMixin, KnowledgeInjectionMixin, PreTrainedModel, GenerationMixin):
+class ReGradForCausalLM(
+    LearnerStateMixin,
+    LearnerPublishingMixin,
+    PeftConventionsMixin,
+    KnowledgeInjectionMixin,
+    PreTrainedModel,
+    GenerationMixin,
+):
     """A causal LM that answers with knowledge injected as retrieved gradients.
 
     It wraps any `AutoModelForCausalLM` (the *language model*), adds LoRA tensors (peft) and learned step sizes
@@ -260,106 +266,6 @@ class ReGradForCausalLM(PeftConventionsMixin, KnowledgeInjectionMixin, PreTraine
                 raise ReGradValueError(f"{location.describe()} has no {BANK_SUBFOLDER}/ folder to attach a bank from")
         return model
 
-    def learner_state_dict(self) -> dict[str, torch.Tensor]:
-        """The learner's tensors: the LoRA tensors by name, and the raw step sizes under `regrad.step_sizes`.
-
-        Copies of the un-adapted values (also inside an adaptation, and whatever other threads do; see the class
-        docstring), detached.
-        """
-        with self._adaptation_lock:
-            state = self._restore.unadapted_values()
-            state[STEP_SIZES_KEY] = self.step_sizes.raw.detach().clone()
-        return state
-
-    def _learner_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
-        shapes[STEP_SIZES_KEY] = tuple(self.step_sizes.raw.shape)
-        return shapes
-
-    def _check_layout(self, found: Mapping[str, tuple[int, ...]], source: str) -> None:
-        expected = self._learner_shapes()
-        if dict(found) != expected:
-            missing = sorted(set(expected) - set(found))[:3]
-            unexpected = sorted(set(found) - set(expected))[:3]
-            mismatched = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])[:3]
-            raise ReGradValueError(
-                f"{source} does not fit this model's learner (missing {missing}, unexpected {unexpected}, "
-                f"shape mismatch {mismatched}); was it saved with another config or base model?"
-            )
-
-    def load_learner_state(self, state: Mapping[str, torch.Tensor], source: str = "the state dict") -> None:
-        """Copies a learner state (as from [`learner_state_dict`]) into the model.
-
-        Names and shapes must match, every tensor must be floating point and finite, and so must the step sizes it
-        gives. Nothing is written when a check fails.
-
-        Raises:
-            [`ReGradValueError`]: the state does not fit or holds non-finite values.
-            [`ReGradError`]: called inside an adaptation (`knowledge`, `retrieved`, `injected`), whose restore would
-                overwrite it.
-        """
-        if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-            raise ReGradValueError(f"{source} must map tensor names to tensors")
-        self._check_layout({name: tuple(t.shape) for name, t in state.items()}, source)
-        for name, tensor in state.items():
-            if not tensor.dtype.is_floating_point:
-                raise ReGradValueError(f"{source}: {name} is {tensor.dtype}, a learner's tensors are floating point")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ReGradValueError(f"{source}: {name} holds NaN or infinite values; the learner is damaged")
-        raw = state[STEP_SIZES_KEY].detach().float()
-        values = raw.exp() if self.step_sizes.parametrization == "log" else raw
-        if not bool(torch.isfinite(values).all()):
-            raise ReGradValueError(f"{source}: the step sizes {values.tolist()[:3]} are not finite")
-        with self._adaptation_lock, torch.no_grad():
-            self._refuse_inside_adaptation()
-            for name, parameter in self._lora.items():
-                parameter.copy_(state[name])
-            self.step_sizes.raw.copy_(state[STEP_SIZES_KEY])
-
-    def _refuse_inside_adaptation(self) -> None:
-        if self._restore.active:  # only the thread holding the lock can be inside one
-            raise ReGradError(
-                "cannot load a learner state inside knowledge()/retrieved()/injected(): leaving the block would "
-                "restore the adapted tensors over it; load it before or after"
-            )
-
-    def load_learner(self, path: str | os.PathLike) -> None:
-        """Loads LoRA tensors and step sizes from a `learner.safetensors` file.
-
-        Names and shapes are checked from the file's header before any tensor is read; then the checks of
-        [`load_learner_state`].
-
-        Raises:
-            [`ReGradValueError`]: the file does not fit this model, holds non-finite values, or is not a readable
-                safetensors file (truncated, damaged).
-        """
-        source = str(path)
-        try:
-            with safe_open(source, framework="pt") as file:
-                names = file.keys()  # a safe_open handle is not iterable
-                found = {name: tuple(file.get_slice(name).get_shape()) for name in names}
-                self._check_layout(found, source)
-                state = {name: file.get_tensor(name) for name in found}
-        except ReGradError:
-            raise
-        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-            raise ReGradValueError(
-                f"{source} is not a readable learner file ({type(error).__name__}: {error}); save or download it again"
-            ) from error
-        self.load_learner_state(state, source=source)
-
-    @contextmanager
-    def swapped_learner(self, state: Mapping[str, torch.Tensor]) -> Iterator[ReGradForCausalLM]:
-        """Uses another learner state (e.g. the untrained start) inside the block; restores this one bit for bit."""
-        with self._adaptation_lock:
-            self._refuse_inside_adaptation()
-            saved = self.learner_state_dict()
-            try:
-                self.load_learner_state(state)
-                yield self
-            finally:
-                self.load_learner_state(saved)
-
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes), `generation_config.json` and the
         tokenizer's files (so that `AutoTokenizer` and `pipeline` find them), never the base weights.
@@ -380,75 +286,6 @@ class ReGradForCausalLM(PeftConventionsMixin, KnowledgeInjectionMixin, PreTraine
             _save_tokenizer(self.tokenizer, directory)
         atomic_write_text(directory / GENERATION_CONFIG_FILE, self.generation_config.to_json_string())
         atomic_write_text(directory / CONFIG_FILE, config.to_json_string())
-
-    def model_card(
-        self,
-        repo_id: str | None = None,
-        card_data: Mapping[str, object] | None = None,
-        evaluation: Mapping[str, float] | None = None,
-    ) -> str:
-        """The learner's model card (rendered from `MODEL_CARD_TEMPLATE.md`), as [`push_to_hub`] writes it.
-
-        Args:
-            repo_id (`str`, *optional*): the repo it is pushed to (for the usage example).
-            card_data (`Mapping`, *optional*): more card metadata: `datasets`, `metrics`, `license`, `language`,
-                `tags` (added to regrad-hf's) and a `title`.
-            evaluation (`Mapping[str, float]`, *optional*): metric name -> value, rendered as a table.
-        """
-        return render_model_card(
-            self.config,
-            fingerprint=self.fingerprint(),
-            num_lora_tensors=len(self._lora),
-            repo_id=repo_id,
-            card_data=card_data,
-            evaluation=evaluation,
-        )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        tags: Sequence[str] | None = None,
-        card_data: Mapping[str, object] | None = None,
-        evaluation: Mapping[str, float] | None = None,
-        **kwargs,
-    ):
-        """Uploads the learner (what [`save_pretrained`] writes: never the base weights) and its model card to a Hub
-        repo, created if needed, in one commit. An existing README in the repo is updated, not overwritten.
-
-        The attached bank is not uploaded: push it with `model.bank.push_to_hub(repo_id, subfolder="bank")` to put
-        it where [`from_pretrained`] attaches it, or to a repo of its own.
-
-        Args:
-            repo_id (`str`): the repo, e.g. `"user/my-learner"`.
-            commit_message, commit_description, private, token, revision, create_pr: as in `transformers`.
-            tags (`Sequence[str]`, *optional*): more tags for the card.
-            card_data, evaluation: more card contents (see [`model_card`]).
-
-        Returns:
-            `huggingface_hub.CommitInfo`: the commit (its sha is `.oid`, a PR's URL `.pr_url`).
-        """
-        card_data = dict(card_data or {})
-        card_data["tags"] = [*card_data.get("tags", []), *(tags or [])]
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            return push_folder(
-                folder,
-                repo_id,
-                commit_message=commit_message or "Upload ReGrad learner",
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                card=self.model_card(repo_id, card_data, evaluation),
-            )
 
     # ------------------------------------------------------------------ the learner
 

@@ -40,7 +40,8 @@ def _init_from_learner(model, folder: Path) -> None:
     from safetensors.torch import load_file
 
     from .learner import StepSizes
-    from .modeling import LEARNER_FILE, STEP_SIZES_KEY, _read_config
+    from .learner_state import STEP_SIZES_KEY
+    from .modeling import LEARNER_FILE, _read_config
 
     state = load_file(folder / LEARNER_FILE)
     source_config = _read_config(folder / "config.json")

@@ -36,8 +36,8 @@ from ..data import answer_suffix
 from ..deltas import tokenize_document
 from ..errors import ReGradValueError
 from ..learner import StepSizes
+from ..learner_state import STEP_SIZES_KEY
 from ..log import progress_bar
-from ..modeling import STEP_SIZES_KEY
 from ..prompting import PromptTemplate
 
 METHODS = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
