@@ -238,7 +238,7 @@ def main() -> None:
         )
     report = {
         "model": model.config.base_model_name_or_path,
-        "learner": "shipped smollm2-135m-squad",
+        "learner": "shipped smollm2-135m-mixed",
         "bank_documents": len(documents),
         "bank_build_seconds": build_seconds,
         "top_k_docs": k,

@@ -235,7 +235,7 @@ def main() -> None:
         )
     report = {
         "model": model.config.base_model_name_or_path,
-        "learner": "shipped smollm2-135m-squad",
+        "learner": "shipped smollm2-135m-mixed",
         "bank_documents": len(bank),
         "bank_gradients": "synthetic: each document one of 64 random gradients, scaled per LoRA tensor to the mean"
         " norm of real document gradients",

@@ -11,10 +11,8 @@ documents = [
 bank = GradientBank.build(model, documents, ids=["zorbia", "velomar"])
 model.attach_bank(bank)
 
-messages = [{"role": "user", "content": "What is the capital of Zorbia?"}]
-inputs = model.tokenizer.apply_chat_template(
-    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-)
+prompt = model.prompt_template.build(model.tokenizer, "What is the capital of Zorbia?")  # as in meta-training
+inputs = model.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
 output = model.generate(**inputs, max_new_tokens=20, do_sample=False, top_k_docs=1)  # retrieve, apply, generate, undo
 print(model.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 

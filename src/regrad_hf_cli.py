@@ -39,7 +39,7 @@ def examples_dir() -> Path:
 
 def default_learner() -> str:
     """The meta-trained learner shipped with the package, when this install has it; else a fresh one."""
-    path = package_dir() / "learners" / "smollm2-135m-squad"
+    path = package_dir() / "learners" / "smollm2-135m-mixed"
     return str(path) if (path / "learner.safetensors").is_file() else FRESH
 
 

@@ -214,7 +214,7 @@ def test_the_wheel_ships_the_demo_files_and_the_entry_point(tmp_path):
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert {"regrad_hf_cli.py", "regrad_hf/examples/documents.jsonl", "regrad_hf/examples/questions.jsonl"} <= names
-    assert "regrad_hf/learners/smollm2-135m-squad/learner.safetensors" in names
+    assert "regrad_hf/learners/smollm2-135m-mixed/learner.safetensors" in names
     assert re.search(r"^regrad = regrad_hf_cli:main$", entry_points, re.M)
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(target)

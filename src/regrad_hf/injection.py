@@ -29,6 +29,13 @@ class KnowledgeInjectionMixin:
     (`_adaptation_lock`) and `_bank_default_in_block`, and peft's conventions (`_refuse_inside_plain_base`,
     `adapters_enabled`)."""
 
+    @property
+    def prompt_template(self) -> PromptTemplate:
+        """The prompt this learner was meta-trained with and is served with (its config's `system_prompt`,
+        `user_template`, `document_template`, `answer_stop`): `model.prompt_template.build(model.tokenizer,
+        question)` is the text to tokenize for `generate`."""
+        return PromptTemplate.from_config(self.config)
+
     def attach_bank(self, bank: GradientBank, force: bool = False) -> None:
         """Attaches a bank; `generate` then retrieves from it. Raises [`BankMismatchError`] if another learner
         built it, unless `force=True`."""
@@ -211,7 +218,7 @@ class KnowledgeInjectionMixin:
             raise ReGradError("the model has no tokenizer to decode the prompt with: pass query= or a tokenizer")
         mask = kwargs.get("attention_mask")
         rows = [ids if mask is None else ids[mask[i].bool()] for i, ids in enumerate(input_ids)]
-        template = PromptTemplate.from_config(self.config)  # retrieve on the question, not the instruction
+        template = self.prompt_template  # retrieve on the question, not the instruction
         return [prompt_to_query(self.tokenizer, ids.tolist(), template) for ids in rows]
 
     def _retrieve_rows(self, queries: list[str | None], top_k: int | None) -> list[tuple[str, ...] | None]:

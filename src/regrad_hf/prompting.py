@@ -139,9 +139,9 @@ class PromptTemplate:
 
 
 LEGACY_PROMPT = PromptTemplate(system_prompt=None, user_template="{context}{question}", answer_stop="turn")
-"""The prompt of learners saved before the template existed (the shipped `smollm2-135m-squad` was meta-trained with
-it): the question alone in the user turn, the documents before it separated by blank lines, no system prompt, the
-answer ending at the end of the turn."""
+"""The prompt of learners saved before the template existed (the `smollm2-135m-squad` learner shipped until
+2026-12 was meta-trained with it): the question alone in the user turn, the documents before it separated by blank
+lines, no system prompt, the answer ending at the end of the turn."""
 
 
 class EndOfLine(StoppingCriteria):
