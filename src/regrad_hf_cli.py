@@ -295,6 +295,7 @@ class RecipeArguments:
     hard_distractors: bool = field(
         default=True, metadata={"help": "pad tasks to documents_per_task with the nearest non-gold documents"}
     )
+    # regrad_hf.tasks.TOFU_FACTS_PER_DOCUMENT (this module imports nothing of the package; a test keeps the two equal)
     tofu_facts_per_document: int = field(default=5, metadata={"help": "whole TOFU facts per document"})
     eval_tasks_per_source: int = field(default=16, metadata={"help": "dev tasks per source of the mixed set"})
     eval_before: bool = field(

@@ -10,6 +10,7 @@ from regrad_hf.data import Task, load_jsonl
 from regrad_hf.errors import ReGradValueError
 from regrad_hf.tasks import (
     SPLITS,
+    TOFU_FACTS_PER_DOCUMENT,
     hotpotqa_tasks,
     mixed_tasks,
     squad_tasks,
@@ -17,6 +18,7 @@ from regrad_hf.tasks import (
     tofu_tasks,
     with_hard_distractors,
 )
+from regrad_hf_cli import RecipeArguments
 
 from .conftest import make_tiny_base
 
@@ -159,6 +161,7 @@ def test_tofu_documents_are_whole_facts_and_hold_the_answer(sources):
     assert len(task_pool(tasks)) == 120 * 2  # 3 facts in documents of 2 and 1
     mixed = mixed_tasks("train", tofu=sources / "tofu.jsonl", tofu_facts_per_document=2)
     assert len(task_pool(mixed)) == 120 * 2  # the mixed set passes the document size on
+    assert RecipeArguments().tofu_facts_per_document == TOFU_FACTS_PER_DOCUMENT  # regrad train's default is the same
 
 
 def test_mixed_tasks_pad_each_source_from_its_own_split(sources, embedder):

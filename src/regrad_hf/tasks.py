@@ -23,6 +23,8 @@ SPLITS = ("train", "dev", "test")
 TOFU_SPLITS: dict[str, range] = {"train": range(0, 120), "dev": range(120, 150), "test": range(150, 180)}
 # Record indices of the shared 500-record HotpotQA dev file (78 records lack their supporting paragraphs).
 HOTPOTQA_SPLITS: dict[str, range] = {"train": range(0, 350), "dev": range(350, 425), "test": range(425, 500)}
+# Whole TOFU facts per document: a whole author (~800 tokens) would be cut at the learner's 512.
+TOFU_FACTS_PER_DOCUMENT = 5
 
 
 def _check_split(split: str) -> None:
@@ -36,7 +38,9 @@ def squad_tasks(path: str | os.PathLike, split: str) -> list[Task]:
     return load_squad(path, SQUAD_SPLITS[split])
 
 
-def tofu_tasks(path: str | os.PathLike, split: str | Iterable[int] | None, facts_per_document: int = 5) -> list[Task]:
+def tofu_tasks(
+    path: str | os.PathLike, split: str | Iterable[int] | None, facts_per_document: int = TOFU_FACTS_PER_DOCUMENT
+) -> list[Task]:
     """TOFU tasks of one author split ([`TOFU_SPLITS`]: authors 0-119 / 120-149 / 150-179), of the given author
     indices, or (`None`) of every author.
 
@@ -78,8 +82,11 @@ def hotpotqa_split_records(source, split: str) -> list[int]:
         source: the HotpotQA data (as [`load_hotpotqa`] reads it), in the shared 500-record order.
         split (`str`): `train`, `dev` or `test`.
     """
+    return _split_record_indices(hotpotqa_rows(source), split, source)
+
+
+def _split_record_indices(rows, split: str, source) -> list[int]:
     _check_split(split)
-    rows = hotpotqa_rows(source)
     if len(rows) < HOTPOTQA_SPLITS[split].stop:
         raise ReGradValueError(f"{source}: {len(rows)} HotpotQA records; the {split} split needs records up to "
                                f"{HOTPOTQA_SPLITS[split].stop - 1}")  # fmt: skip
@@ -95,8 +102,8 @@ def hotpotqa_split_records(source, split: str) -> list[int]:
 
 def _hotpotqa_split(path: str | os.PathLike, split: str) -> tuple[list[Task], list[str]]:
     """The split's tasks and its retrieval pool (all ten paragraphs of each kept record)."""
-    keep = hotpotqa_split_records(path, split)
     rows = hotpotqa_rows(path)
+    keep = _split_record_indices(rows, split, path)
     pool = [paragraph for index in keep for _, paragraph in hotpotqa_paragraphs(rows[index])]
     return load_hotpotqa(path, records=keep), pool
 
@@ -157,7 +164,7 @@ def mixed_tasks(
     embedder=None,
     seed: int = 0,
     max_tasks_per_source: int | None = None,
-    tofu_facts_per_document: int = 5,
+    tofu_facts_per_document: int = TOFU_FACTS_PER_DOCUMENT,
 ) -> list[Task]:
     """The mixed task set of one split from the sources given, each padded with hard distractors from its own
     split (the bank of that source), shuffled with `seed`.

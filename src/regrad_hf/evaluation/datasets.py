@@ -23,10 +23,7 @@ from typing import Any
 
 from ..data import HUB_DATASETS, SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad
 from ..errors import ReGradValueError
-from ..tasks import SPLITS, hotpotqa_split_records, tofu_tasks
-
-# TOFU facts per bank document, as in meta-training ([`regrad_hf.tasks.mixed_tasks`]).
-TOFU_FACTS_PER_DOCUMENT = 5
+from ..tasks import SPLITS, TOFU_FACTS_PER_DOCUMENT, hotpotqa_split_records, tofu_tasks
 
 FORMATS = ("squad", "hotpotqa", "tofu", "jsonl")
 
