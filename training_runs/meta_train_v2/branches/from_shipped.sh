@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# usage: from_shipped.sh NAME [extra train options]; a 30-step branch from the shipped smollm2-135m-mixed
+# (branch B's settings: lr 1e-3 / 1e-1, a fresh AdamW with 5 warmup steps), data order seed 2, the mixed task set
+# of seed 0 (built once into /tmp/dev/tasks, so every branch trains and is measured on the same tasks).
+set -euo pipefail
+NAME=$1; shift
+cd "$(dirname "$0")/../../.."
+OUT=/tmp/dev/shipped_$NAME; mkdir -p "$OUT"
+compgen -G "/tmp/dev/tasks/tasks_*.jsonl" > /dev/null && cp /tmp/dev/tasks/tasks_*.jsonl "$OUT/"
+export PATH=/work/venv/bin:$PATH OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
+D=${DATA:-../shared/data}
+python -m torch.distributed.run --standalone --nproc_per_node=2 -m regrad_hf.cli train \
+  --task_set mixed --squad_file $D/squad_dev_articles_00-39.json --tofu_file $D/tofu_qa_authors_000-179.jsonl \
+  --hotpotqa_file $D/hotpotqa_dev_distractor_500.jsonl \
+  --documents_per_task 3 --hard_distractors true --max_answer_tokens 128 \
+  --init_learner src/regrad_hf/learners/smollm2-135m-mixed \
+  --learning_rate 1e-3 --step_size_learning_rate 1e-1 \
+  --per_device_train_batch_size 2 --max_steps 30 --lr_scheduler_type constant_with_warmup --warmup_steps 5 \
+  --logging_steps 5 --save_strategy steps --save_steps 30 \
+  --eval_strategy steps --eval_steps 30 --eval_tasks_per_source 10 --eval_generate false --eval_before true \
+  --eval_cases no_adaptation,regrad --output_dir "$OUT" --seed 0 --data_seed 2 --report_to none --use_cpu true \
+  --disable_tqdm true --ddp_timeout 10800 "$@" > "$OUT/log.txt" 2>&1
+mkdir -p /tmp/dev/tasks; compgen -G "/tmp/dev/tasks/tasks_*.jsonl" > /dev/null || cp "$OUT"/tasks_*.jsonl /tmp/dev/tasks/
+python - <<PY
+import json; r=json.load(open('$OUT/training_record.json'))
+print('$NAME', {k: round(v,4) for k,v in r['metrics_after'].items() if 'loss' in k or 'signal' in k or 'step_size' in k})
+print('$NAME train loss', [round(e['loss'],3) for e in r['log_history'] if 'loss' in e])
+PY
