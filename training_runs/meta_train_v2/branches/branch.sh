@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# usage: arm.sh NAME [extra train options]; a 40-step branch from meta_train_v2 step 60 (fresh optimiser, data_seed 1)
+# usage: branch.sh NAME [extra train options]; a 40-step branch from meta_train_v2 step 60 (fresh optimiser, data_seed 1)
+# Run it with the virtualenv that has regrad-hf installed active (its python and torch.distributed.run).
 set -euo pipefail
 NAME=$1; shift
-cd /work/main
+cd "$(dirname "$0")/../../.."
 OUT=/tmp/dev/arm_$NAME; mkdir -p $OUT; cp /tmp/dev/tasks/tasks_*.jsonl $OUT/
-export PATH=/work/venv/bin:$PATH OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
 D=../shared/data
 python -m torch.distributed.run --standalone --nproc_per_node=2 -m regrad_hf.cli train \
   --task_set mixed --squad_file $D/squad_dev_articles_00-39.json --tofu_file $D/tofu_qa_authors_000-179.jsonl \

@@ -2,12 +2,13 @@
 # usage: from_shipped.sh NAME [extra train options]; a 30-step branch from the shipped smollm2-135m-mixed
 # (branch B's settings: lr 1e-3 / 1e-1, a fresh AdamW with 5 warmup steps), data order seed 2, the mixed task set
 # of seed 0 (built once into /tmp/dev/tasks, so every branch trains and is measured on the same tasks).
+# Run it with the virtualenv that has regrad-hf installed active (its python and torch.distributed.run).
 set -euo pipefail
 NAME=$1; shift
 cd "$(dirname "$0")/../../.."
 OUT=/tmp/dev/shipped_$NAME; mkdir -p "$OUT"
 compgen -G "/tmp/dev/tasks/tasks_*.jsonl" > /dev/null && cp /tmp/dev/tasks/tasks_*.jsonl "$OUT/"
-export PATH=/work/venv/bin:$PATH OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
 D=${DATA:-../shared/data}
 python -m torch.distributed.run --standalone --nproc_per_node=2 -m regrad_hf.cli train \
   --task_set mixed --squad_file $D/squad_dev_articles_00-39.json --tofu_file $D/tofu_qa_authors_000-179.jsonl \
