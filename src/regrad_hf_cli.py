@@ -229,6 +229,11 @@ def build_parser() -> Parser:
     sub.add_argument("--document-template", help="each document in {context}: {document}, {index} (default: learner's)")
     sub.add_argument("--answer-stop", choices=["line", "turn"], help="where answers end (default: the learner's)")
     sub.add_argument(
+        "--answer-repetition-penalty",
+        type=finite_float,
+        help="repetition penalty on each answer's own tokens, every method (1 is off; default: the learner's)",
+    )
+    sub.add_argument(
         "--bank-cache", help="directory keeping the learner's document gradients between runs (reused, extended)"
     )
     sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")

@@ -306,13 +306,14 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
 
 def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tmp_path, monkeypatch):
     model = make_tiny_model(tokenizer)
-    template = PromptTemplate(system_prompt="Reply with only the answer, a few words.")
+    template = PromptTemplate(system_prompt="Reply with only the answer, a few words.", answer_repetition_penalty=1.3)
     assert PromptTemplate.from_config(model.config) != template  # the run's template, not the learner's
     prompts = []
     generate = ReGradForCausalLM.generate
 
     def spy(self, *args, **kwargs):  # the CPT copy is another ReGradForCausalLM: a class-level spy sees it too
-        prompts.append((tokenizer.decode(kwargs["input_ids"][0]), kwargs["stopping_criteria"]))
+        text = tokenizer.decode(kwargs["input_ids"][0])
+        prompts.append((text, kwargs["stopping_criteria"], kwargs["logits_processor"]))
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(ReGradForCausalLM, "generate", spy)
@@ -324,17 +325,20 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
     for record in results["questions"]:
         asked = {method: next(per_method) for method in METHODS}
         texts = [eval_set.documents[i] for i in record["retrieved_ids"]]
-        for method, (prompt, stop) in asked.items():
+        for method, (prompt, stop, processors) in asked.items():
             documents = texts if method in ("rag", "regrad_icl") else None
             assert prompt == template.build(tokenizer, record["question"], documents)
             assert "<|im_start|>system\nReply with only the answer, a few words.<|im_end|>" in prompt
             assert len(stop) == 1  # the end-of-line rule for everyone
+            (penalty,) = processors  # the same repetition penalty for everyone, sparing each one's own prompt
+            assert penalty.penalty == 1.3 and penalty.prompt_ignore_length == len(tokenizer(prompt)["input_ids"])
         assert len({asked[m][0] for m in ("closed_book", "no_adaptation", "cpt", "raw", "regrad")}) == 1
         assert asked["rag"][0] == asked["regrad_icl"][0]
     assert results["prompt"]["system_prompt"] == template.system_prompt
     assert all({"contained", "repetition"} <= set(results["summary"][m]) for m in METHODS)
     report = write_report(results, tmp_path)["report"].read_text()
     assert "Reply with only the answer, a few words." in report and "| contained [95% CI] |" in report
+    assert "repetition penalty of 1.3 on each answer's own tokens" in report
 
 
 def test_oracle_injects_the_gold_documents(tokenizer, embedder):
@@ -393,7 +397,12 @@ def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, 
     assert cli.main(argv) == 0
     prompt = json.loads((tmp_path / "results.json").read_text())["prompt"]
     assert prompt["system_prompt"] == "Be brief." and prompt["user_template"] == "{question}\n\n{context}"
-    assert prompt["answer_stop"] == "turn"
+    assert prompt["answer_stop"] == "turn" and prompt["answer_repetition_penalty"] == 1.0
+    assert cli.main([*argv, "--answer-repetition-penalty", "1.2"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["prompt"]["answer_repetition_penalty"] == 1.2
+    capsys.readouterr()
+    assert cli.main([*argv, "--answer-repetition-penalty", "0.5"]) == 2
+    assert "error: answer_repetition_penalty must be a number from 1 (off) to 10" in capsys.readouterr().err
     assert cli.main([*argv, "--system-prompt", "none"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["prompt"]["system_prompt"] is None
 

@@ -153,11 +153,13 @@ def test_the_prompt_template_travels_through_the_hub(published, hub, tokenizer):
     learner.config.system_prompt = "Reply with only the answer."
     learner.config.user_template = "Question: {question}\n\n{context}"
     learner.config.answer_stop = "turn"
+    learner.config.answer_repetition_penalty = 1.25
     repo = "user/prompted"
     learner.push_to_hub(repo)
     loaded = ReGradForCausalLM.from_pretrained("user/prompted")
     assert PromptTemplate.from_config(loaded.config) == PromptTemplate.from_config(learner.config)
     assert PromptTemplate.from_config(loaded.config).system_prompt == "Reply with only the answer."
+    assert loaded.config.answer_repetition_penalty == 1.25
     # A repo whose config.json predates the prompt fields loads with the prompt such learners were trained with.
     config = {k: v for k, v in json.loads(hub.files("user/prompted")["config.json"]).items() if k not in PROMPT_FIELDS}
     HfApi().upload_file(

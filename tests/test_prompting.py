@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError
+from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError, cli
 from regrad_hf.cli import shipped_learner_path
 from regrad_hf.config import PROMPT_FIELDS
 from regrad_hf.data import Task, TaskCollator
@@ -23,6 +23,7 @@ CUSTOM = PromptTemplate(
     user_template="Question: {question}\n\nContext:\n{context}\nAnswer:",
     document_template="Passage {index}: {document}\n",
     answer_stop="line",
+    answer_repetition_penalty=1.3,
 )
 
 
@@ -154,6 +155,27 @@ def test_generation_stops_at_the_end_of_a_line(tiny_model, tokenizer):
     assert tokenizer.decode(free[0, prompt.shape[1] :]) == "\nParis\nThe capital of France"
 
 
+def test_repetition_penalty_spares_the_prompt_and_penalises_the_answers_own_tokens():
+    assert len(PromptTemplate().logits_processor(3)) == 0  # 1 is off: greedy decoding exactly as without it
+    (penalty,) = PromptTemplate(answer_repetition_penalty=2.0).logits_processor(prompt_length=3)
+    input_ids = torch.tensor([[5, 6, 7, 8, 9]])  # the prompt is 5 6 7; the answer so far 8 9
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5, 1.0, -1.0, 3.0, 4.0, -2.0, 0.5]])
+    expected = scores.clone()
+    expected[0, 8], expected[0, 9] = 2.0, -4.0  # a positive logit is divided by 2, a negative one multiplied
+    torch.testing.assert_close(penalty(input_ids, scores.clone()), expected, rtol=0, atol=0)
+
+
+def test_the_learners_repetition_penalty_reaches_its_answers(tiny_model):
+    question = "Who founded Quentville?"
+    plain = cli.answer(tiny_model, question, 24, use_bank=False)
+    words = plain.split()
+    assert len(words) > len(set(words))  # precondition: the random model repeats itself
+    tiny_model.config.answer_repetition_penalty = 10.0
+    penalised = cli.answer(tiny_model, question, 24, use_bank=False)
+    assert penalised != plain
+    assert len(penalised.split()) - len(set(penalised.split())) < len(words) - len(set(words))
+
+
 def test_cut_keeps_the_first_line_for_line_stops_only():
     assert PromptTemplate().cut("  Paris.\nThe capital") == "Paris."
     assert LEGACY_PROMPT.cut("  Paris.\nThe capital") == "Paris.\nThe capital"
@@ -168,6 +190,11 @@ def test_cut_keeps_the_first_line_for_line_stops_only():
         ({"user_template": "{question"}, "not a format string"),
         ({"answer_stop": "never"}, "answer_stop must be one of"),
         ({"system_prompt": 3}, "system_prompt must be a string or None"),
+        ({"answer_repetition_penalty": 0.5}, "answer_repetition_penalty must be a number from 1"),
+        ({"answer_repetition_penalty": float("nan")}, "answer_repetition_penalty must be a number from 1"),
+        ({"answer_repetition_penalty": 11}, "answer_repetition_penalty must be a number from 1"),
+        ({"answer_repetition_penalty": True}, "answer_repetition_penalty must be a number from 1"),
+        ({"answer_repetition_penalty": "1.2"}, "answer_repetition_penalty must be a number from 1"),
     ],
 )
 def test_bad_templates_raise(fields, match):
@@ -179,7 +206,7 @@ def test_bad_templates_raise(fields, match):
 
 
 def test_template_round_trips_through_save_and_load(tiny_model, tokenizer, tmp_path):
-    for name in ("system_prompt", "user_template", "document_template", "answer_stop"):
+    for name in PROMPT_FIELDS:
         setattr(tiny_model.config, name, getattr(CUSTOM, name))
     tiny_model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -191,6 +218,13 @@ def test_template_round_trips_through_save_and_load(tiny_model, tokenizer, tmp_p
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
     assert PromptTemplate.from_config(loaded.config) == LEGACY_PROMPT
+    # Saved with the four fields of 2026-12-01 but before the repetition penalty: decoded without one, as then.
+    older = {key: value for key, value in saved.items() if key != "answer_repetition_penalty"}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+    assert PromptTemplate.from_config(loaded.config) == PromptTemplate(
+        **{**vars(CUSTOM), "answer_repetition_penalty": 1.0}
+    )
     # A config saved with system_prompt None keeps None (not the default, not legacy).
     config = ReGradConfig(system_prompt=None)
     config.save_pretrained(tmp_path / "none")

@@ -107,16 +107,15 @@ def load_learner(learner: str | None, seed: int):
 
 
 def answer(model, question: str, max_new_tokens: int, **retrieval) -> str:
-    """Greedy answer to `question`, asked with the learner's prompt template and cut by its stop rule."""
+    """Greedy answer to `question`, asked with the learner's prompt template and decoded by its rules (stop rule,
+    repetition penalty)."""
     from .prompting import PromptTemplate
 
     tokenizer, template = model.tokenizer, PromptTemplate.from_config(model.config)
     inputs = tokenizer(template.build(tokenizer, question), return_tensors="pt", add_special_tokens=False)
     length = inputs["input_ids"].shape[1]
-    stop = template.stopping_criteria(tokenizer, length)
-    output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop, **retrieval
-    )
+    decoding = template.generation_kwargs(tokenizer, length)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **decoding, **retrieval)
     return template.cut(tokenizer.decode(output[0, length:], skip_special_tokens=True))
 
 
@@ -319,6 +318,8 @@ def eval_prompt(config, args: argparse.Namespace):
             fields[name] = None if name == "system_prompt" and value == "none" else value.replace("\\n", "\n")
     if args.answer_stop is not None:
         fields["answer_stop"] = args.answer_stop
+    if args.answer_repetition_penalty is not None:
+        fields["answer_repetition_penalty"] = args.answer_repetition_penalty
     learner = PromptTemplate.from_config(config)
     return PromptTemplate(**{**vars(learner), **fields})
 

@@ -26,7 +26,7 @@ MAX_TARGET_LAYER = 100_000
 MAX_STEP_SIZE = 1e6
 MAX_NAME_CHARS = 4096
 STEP_SIZE_PARAMETRIZATIONS = ("log", "linear")
-PROMPT_FIELDS = ("system_prompt", "user_template", "document_template", "answer_stop")
+PROMPT_FIELDS = ("system_prompt", "user_template", "document_template", "answer_stop", "answer_repetition_penalty")
 
 # Keys that `PreTrainedConfig.__post_init__` consumes itself; anything else we do not know is reported.
 _BASE_CONFIG_KEYS = frozenset(
@@ -92,7 +92,9 @@ class ReGradConfig(PreTrainedConfig):
             How each document is written into `{context}` (`{document}`, `{index}` from 1).
         answer_stop (`str`, defaults to `"line"`):
             `"line"`: an answer ends at the end of its first line or of the turn; `"turn"`: at the end of the turn.
-            (The four prompt fields make a [`~regrad_hf.prompting.PromptTemplate`]; a config.json saved without them
+        answer_repetition_penalty (`float`, defaults to 1.0):
+            Repetition penalty on the tokens an answer has already produced (not the prompt's); 1 is off.
+            (The five prompt fields make a [`~regrad_hf.prompting.PromptTemplate`]; a config.json saved without them
             loads with [`~regrad_hf.prompting.LEGACY_PROMPT`], the prompt such learners were trained with.)
 
     Every value is checked when the config is created or loaded (types, and bounds far above sensible values, so
@@ -120,6 +122,7 @@ class ReGradConfig(PreTrainedConfig):
     user_template: str = DEFAULT_USER_TEMPLATE
     document_template: str = DEFAULT_DOCUMENT_TEMPLATE
     answer_stop: Literal["line", "turn"] = "line"
+    answer_repetition_penalty: float = 1.0
 
     @staticmethod
     def _with_legacy_prompt(config_dict: dict) -> dict:
@@ -188,7 +191,9 @@ class ReGradConfig(PreTrainedConfig):
                 raise ReGradValueError(f"target_layers lists a layer twice: {list(layers)}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ReGradValueError(f"system_prompt must be a string or None, got {self.system_prompt!r}")
-        check_prompt_template(self.user_template, self.document_template, self.answer_stop)
+        check_prompt_template(
+            self.user_template, self.document_template, self.answer_stop, self.answer_repetition_penalty
+        )
         for name in ("base_model_name_or_path", "base_model_revision", "embedder"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS):

@@ -1,9 +1,10 @@
 """The prompt a learner is asked with: system instruction, user turn layout and where an answer stops.
 
 A learner is meta-trained on answers that follow one prompt, so it must be served with that prompt. The template
-lives in [`ReGradConfig`] (`system_prompt`, `user_template`, `document_template`, `answer_stop`) and travels with
-the learner (config.json, the Hub). [`PromptTemplate`] builds the prompt of a (question, documents) pair through
-the tokenizer's chat template, and exposes the stop rule for `generate` and the answer cut that goes with it.
+lives in [`ReGradConfig`] (`system_prompt`, `user_template`, `document_template`, `answer_stop`,
+`answer_repetition_penalty`) and travels with the learner (config.json, the Hub). [`PromptTemplate`] builds the
+prompt of a (question, documents) pair through the tokenizer's chat template, and exposes how `generate` decodes
+the answer (stop rule, repetition penalty) and the answer cut that goes with the stop rule.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from .errors import ReGradValueError
 
@@ -23,15 +24,28 @@ CONCISE_SYSTEM_PROMPT = "Answer the question concisely: a short phrase or a sing
 DEFAULT_USER_TEMPLATE = "{context}Question: {question}\nAnswer:"
 DEFAULT_DOCUMENT_TEMPLATE = "{document}\n\n"
 ANSWER_STOPS = ("line", "turn")
+MAX_REPETITION_PENALTY = 10.0
 
 _QUESTION_SENTINEL = "\x00regrad-question\x00"
 _PLACEHOLDER = re.compile(r"(\{context\}|\{question\})")
 
 
-def check_template(user_template: str, document_template: str, answer_stop: str) -> None:
-    """Raises [`ReGradValueError`] unless the templates have the placeholders they need and only those."""
+def check_template(
+    user_template: str, document_template: str, answer_stop: str, answer_repetition_penalty: float = 1.0
+) -> None:
+    """Raises [`ReGradValueError`] unless the templates have the placeholders they need and only those, the stop
+    rule is known and the repetition penalty is a number from 1 to `MAX_REPETITION_PENALTY`."""
     if answer_stop not in ANSWER_STOPS:
         raise ReGradValueError(f"answer_stop must be one of {ANSWER_STOPS}, got {answer_stop!r}")
+    penalty = answer_repetition_penalty
+    if (
+        not isinstance(penalty, (int, float))
+        or isinstance(penalty, bool)
+        or not 1.0 <= penalty <= MAX_REPETITION_PENALTY
+    ):
+        raise ReGradValueError(
+            f"answer_repetition_penalty must be a number from 1 (off) to {MAX_REPETITION_PENALTY:g}, got {penalty!r}"
+        )
     for name, template, needed, allowed in (
         ("user_template", user_template, {"question"}, {"question", "context"}),
         ("document_template", document_template, {"document"}, {"document", "index"}),
@@ -64,20 +78,30 @@ class PromptTemplate:
             `{index}` its 1-based rank.
         answer_stop (`str`): `"line"` ends an answer at the end of its first non-empty line or at the end of
             the turn; `"turn"` only at the end of the turn (the eos token).
+        answer_repetition_penalty (`float`): the CTRL repetition penalty (transformers'
+            `RepetitionPenaltyLogitsProcessor`) on the tokens the answer has already produced, not on the prompt's,
+            so that an answer may still copy the question or a document; 1 is off.
     """
 
     system_prompt: str | None = CONCISE_SYSTEM_PROMPT
     user_template: str = DEFAULT_USER_TEMPLATE
     document_template: str = DEFAULT_DOCUMENT_TEMPLATE
     answer_stop: str = "line"
+    answer_repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        check_template(self.user_template, self.document_template, self.answer_stop)
+        check_template(self.user_template, self.document_template, self.answer_stop, self.answer_repetition_penalty)
 
     @classmethod
     def from_config(cls, config) -> PromptTemplate:
         """The template stored in a [`ReGradConfig`]."""
-        return cls(config.system_prompt, config.user_template, config.document_template, config.answer_stop)
+        return cls(
+            config.system_prompt,
+            config.user_template,
+            config.document_template,
+            config.answer_stop,
+            config.answer_repetition_penalty,
+        )
 
     def user_content(self, question: str, documents: Sequence[str] | None = None) -> str:
         """The text of the user turn."""
@@ -129,6 +153,24 @@ class PromptTemplate:
         if self.answer_stop == "turn":
             return StoppingCriteriaList()
         return StoppingCriteriaList([EndOfLine(tokenizer, prompt_length)])
+
+    def logits_processor(self, prompt_length: int) -> LogitsProcessorList:
+        """The answer's repetition penalty for `generate(..., logits_processor=...)`; empty when it is off.
+        `prompt_length` is the padded prompt length of the batch: tokens before it are not penalised."""
+        if self.answer_repetition_penalty == 1.0:
+            return LogitsProcessorList()
+        penalty = RepetitionPenaltyLogitsProcessor(
+            float(self.answer_repetition_penalty), prompt_ignore_length=prompt_length
+        )
+        return LogitsProcessorList([penalty])
+
+    def generation_kwargs(self, tokenizer, prompt_length: int) -> dict:
+        """`stopping_criteria` and `logits_processor` for `generate`: how an answer asked with this template is
+        decoded (its stop rule and repetition penalty)."""
+        return {
+            "stopping_criteria": self.stopping_criteria(tokenizer, prompt_length),
+            "logits_processor": self.logits_processor(prompt_length),
+        }
 
     def cut(self, prediction: str) -> str:
         """A decoded answer cut by the stop rule (generation may overshoot it within the token that ends the line)."""

@@ -61,7 +61,7 @@ def _generate(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, p
         max_new_tokens=max_new_tokens,
         do_sample=False,
         use_bank=False,
-        stopping_criteria=prompt.stopping_criteria(tokenizer, prompt_ids.shape[1]),
+        **prompt.generation_kwargs(tokenizer, prompt_ids.shape[1]),
     )
     return prompt.cut(tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True))
 

@@ -299,7 +299,7 @@ class MethodRunner:
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
                     use_bank=False,
-                    stopping_criteria=self.prompt.stopping_criteria(tokenizer, len(prompt_ids)),
+                    **self.prompt.generation_kwargs(tokenizer, len(prompt_ids)),
                 )
         prediction = self.prompt.cut(tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True))
         nll = nll if math.isfinite(nll) else float("nan")

@@ -102,12 +102,19 @@ def _interval(entry: Mapping, digits: int = 3) -> str:
     return f"{entry['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _penalty(penalty: float) -> str:
+    if penalty == 1.0:
+        return ", with no repetition penalty"
+    return f", decoded with a repetition penalty of {penalty:g} on each answer's own tokens"
+
+
 def _prompt(prompt: Mapping) -> str:
     system = "no system turn" if prompt["system_prompt"] is None else f"system turn {prompt['system_prompt']!r}"
     stop = "the end of the first line or of the turn" if prompt["answer_stop"] == "line" else "the end of the turn"
     return (
         f"{system}; user turn {prompt['user_template']!r}, each document written as "
-        f"{prompt['document_template']!r}; answers end at {stop}."
+        f"{prompt['document_template']!r}; answers end at {stop}"
+        f"{_penalty(prompt.get('answer_repetition_penalty', 1.0))}."
     )
 
 
