@@ -156,13 +156,26 @@ def test_generation_stops_at_the_end_of_a_line(tiny_model, tokenizer):
 
 
 def test_repetition_penalty_spares_the_prompt_and_penalises_the_answers_own_tokens():
-    assert len(PromptTemplate().logits_processor(3)) == 0  # 1 is off: greedy decoding exactly as without it
-    (penalty,) = PromptTemplate(answer_repetition_penalty=2.0).logits_processor(prompt_length=3)
+    assert len(PromptTemplate().logits_processor(None, 3)) == 0  # 1 is off: greedy decoding exactly as without it
+    (penalty,) = PromptTemplate(answer_repetition_penalty=2.0).logits_processor(None, prompt_length=3)
     input_ids = torch.tensor([[5, 6, 7, 8, 9]])  # the prompt is 5 6 7; the answer so far 8 9
     scores = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5, 1.0, -1.0, 3.0, 4.0, -2.0, 0.5]])
     expected = scores.clone()
     expected[0, 8], expected[0, 9] = 2.0, -4.0  # a positive logit is divided by 2, a negative one multiplied
     torch.testing.assert_close(penalty(input_ids, scores.clone()), expected, rtol=0, atol=0)
+
+
+def test_repetition_penalty_leaves_digits_and_punctuation_alone(tokenizer):
+    (penalty,) = PromptTemplate(answer_repetition_penalty=2.0).logits_processor(tokenizer, prompt_length=1)
+    answer = ids(tokenizer, " 1980, Paris")  # digit by digit: " ", "1", "9", "8", "0", ",", " Paris"
+    digit, comma, space, word = ids(tokenizer, "1")[0], ids(tokenizer, ",")[0], ids(tokenizer, " ")[0], answer[-1]
+    assert {digit, comma, space} <= set(answer)
+    input_ids = torch.tensor([ids(tokenizer, "Q")[:1] + answer])
+    scores = torch.full((1, len(tokenizer)), 3.0)
+    out = penalty(input_ids, scores.clone())
+    assert out[0, word] == 1.5  # a word the answer wrote is penalised
+    assert out[0, digit] == out[0, comma] == out[0, space] == 3.0  # "1980" may go on to "1981", "2,000" stay
+    assert out[0, ids(tokenizer, " London")[0]] == 3.0  # a word it did not write is not
 
 
 def test_the_learners_repetition_penalty_reaches_its_answers(tiny_model):
