@@ -338,7 +338,7 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
     assert all({"contained", "repetition"} <= set(results["summary"][m]) for m in METHODS)
     report = write_report(results, tmp_path)["report"].read_text()
     assert "Reply with only the answer, a few words." in report and "| contained [95% CI] |" in report
-    assert "repetition penalty of 1.3 on each answer's own tokens" in report
+    assert "repetition penalty of 1.3 on each answer's own word tokens" in report
 
 
 def test_oracle_injects_the_gold_documents(tokenizer, embedder):

@@ -105,7 +105,7 @@ def _interval(entry: Mapping, digits: int = 3) -> str:
 def _penalty(penalty: float) -> str:
     if penalty == 1.0:
         return ", with no repetition penalty"
-    return f", decoded with a repetition penalty of {penalty:g} on each answer's own tokens"
+    return f", decoded with a repetition penalty of {penalty:g} on each answer's own word tokens (digits exempt)"
 
 
 def _prompt(prompt: Mapping) -> str:
