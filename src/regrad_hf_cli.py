@@ -231,7 +231,7 @@ def build_parser() -> Parser:
     sub.add_argument(
         "--answer-repetition-penalty",
         type=finite_float,
-        help="repetition penalty on each answer's own tokens, every method (1 is off; default: the learner's)",
+        help="repetition penalty on each answer's own word tokens, every method (1 is off; default: the learner's)",
     )
     sub.add_argument(
         "--bank-cache", help="directory keeping the learner's document gradients between runs (reused, extended)"
