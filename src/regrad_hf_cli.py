@@ -286,6 +286,16 @@ class LearnerArguments:
     step_size_parametrization: str = "log"
     max_document_tokens: int = 512
     gamma: float = field(default=1.0, metadata={"help": "test-time step multiplier (also used in training)"})
+    # The learner's prompt template (regrad_hf.prompting; None: ReGradConfig's default), saved in its config.json.
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system turn of the learner's prompt, or 'none' (default: the concise one)"}
+    )
+    user_template: str | None = field(default=None, metadata={"help": "user turn with {question} and {context}"})
+    document_template: str | None = field(default=None, metadata={"help": "each document: {document}, {index}"})
+    answer_stop: str | None = field(default=None, metadata={"help": "where answers end: line or turn"})
+    answer_repetition_penalty: float | None = field(
+        default=None, metadata={"help": "repetition penalty on the answer's word tokens when it is served (1 is off)"}
+    )
 
 
 @dataclass

@@ -12,7 +12,7 @@ from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError, cli
 from regrad_hf.cli import shipped_learner_path
 from regrad_hf.config import PROMPT_FIELDS
 from regrad_hf.data import Task, TaskCollator
-from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, EndOfLine, PromptTemplate
+from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, EndOfLine, PromptTemplate, template_fields
 from regrad_hf.query import prompt_to_query
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
 
@@ -260,3 +260,21 @@ def test_trainer_encodes_tasks_with_the_learners_template(tiny_model, tmp_path):
     trainer = ReGradTrainer(tiny_model, args)
     assert trainer.data_collator.prompt == PromptTemplate.from_config(tiny_model.config)
     assert trainer.data_collator.prompt.system_prompt == "Custom instruction."
+
+
+def test_template_fields_of_a_command_line():
+    given = {
+        "system_prompt": "none",
+        "user_template": "Q: {question}\\nA:",
+        "document_template": None,
+        "answer_stop": "turn",
+        "answer_repetition_penalty": 1.2,
+    }
+    assert template_fields(given) == {
+        "system_prompt": None,  # "none": no system turn
+        "user_template": "Q: {question}\nA:",  # a typed backslash-n is a newline
+        "answer_stop": "turn",
+        "answer_repetition_penalty": 1.2,
+    }  # document_template not given: left out, so the learner's or the default one applies
+    assert template_fields({"system_prompt": "Be brief.\\nVery."}) == {"system_prompt": "Be brief.\nVery."}
+    assert template_fields({name: None for name in PROMPT_FIELDS}) == {}

@@ -214,12 +214,37 @@ def test_train_command_starts_from_init_learner_under_the_given_config(tokenizer
     tasks.write_text("\n".join(json.dumps(t.to_dict()) for t in topic_tasks()[:4]))
     argv = [
         "train", "--base_model", str(tmp_path / "base"), "--train_format", "jsonl", "--train_file", str(tasks),
-        "--init_learner", str(tmp_path / "init"), "--lora_rank", "2", "--gamma", "0.5", "--output_dir",
+        "--init_learner", str(tmp_path / "init"), "--lora_rank", "2", "--gamma", "0.5",
+        "--system_prompt", "none", "--user_template", "{context}Q: {question}\\nA:", "--answer_repetition_penalty",
+        "1.2", "--output_dir",
         str(tmp_path / "out"), "--max_steps", "1", "--learning_rate", "0", "--step_size_learning_rate", "0",
         "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true", "--warmup_steps", "0",
     ]  # fmt: skip
     assert main(argv) == 0
     trained = ReGradForCausalLM.from_pretrained(tmp_path / "out")
     assert trained.config.gamma == 0.5  # the config given here, not the init learner's
+    # The prompt template given on the command line is the one saved (`\\n` typed in a shell is a newline).
+    assert trained.config.system_prompt is None
+    assert trained.config.user_template == "{context}Q: {question}\nA:"
+    assert trained.config.answer_repetition_penalty == 1.2
+    assert trained.config.answer_stop == ReGradConfig().answer_stop  # not given: the default
     for name, tensor in start.learner_state_dict().items():
         assert torch.equal(trained.learner_state_dict()[name], tensor)  # lr 0: still the init learner's tensors
+
+
+def test_train_command_refuses_prompt_options_for_a_resumed_learner(tokenizer, tmp_path, capsys):
+    make_tiny_base(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    ReGradForCausalLM.from_base(str(tmp_path / "base"), ReGradConfig(lora_rank=2)).save_pretrained(tmp_path / "old")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(json.dumps(t.to_dict()) for t in topic_tasks()[:2]))
+    argv = [
+        "train", "--train_format", "jsonl", "--train_file", str(tasks), "--resume_learner", str(tmp_path / "old"),
+        "--answer_repetition_penalty", "1.2", "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--report_to", "none", "--use_cpu", "true",
+    ]  # fmt: skip
+    assert main(argv) == 2  # one line on stderr, as every regrad mistake
+    error = capsys.readouterr().err
+    assert "--resume_learner keeps the learner's own prompt template" in error
+    assert "--answer_repetition_penalty" in error
+    assert not (tmp_path / "out" / "config.json").exists()  # nothing trained or saved

@@ -309,17 +309,10 @@ def learner_note(learner: str) -> str:
 def eval_prompt(config, args: argparse.Namespace):
     """The prompt of every method: the learner's template, with the fields given on the command line replaced (`\\n`
     in them is a newline; `--system-prompt none` sends no system turn)."""
-    from .prompting import PromptTemplate
+    from .config import PROMPT_FIELDS
+    from .prompting import PromptTemplate, template_fields
 
-    fields = {}
-    for name in ("system_prompt", "user_template", "document_template"):
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = None if name == "system_prompt" and value == "none" else value.replace("\\n", "\n")
-    if args.answer_stop is not None:
-        fields["answer_stop"] = args.answer_stop
-    if args.answer_repetition_penalty is not None:
-        fields["answer_repetition_penalty"] = args.answer_repetition_penalty
+    fields = template_fields({name: getattr(args, name) for name in PROMPT_FIELDS})
     learner = PromptTemplate.from_config(config)
     return PromptTemplate(**{**vars(learner), **fields})
 

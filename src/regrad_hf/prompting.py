@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import string
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +179,26 @@ class PromptTemplate:
         if self.answer_stop == "line":
             text = text.split("\n", 1)[0].strip()
         return text
+
+
+def template_fields(values: Mapping[str, object]) -> dict[str, object]:
+    """The prompt-template fields a command line gives: `None` values (not given) dropped, `\\n` in the text
+    fields made a newline, and `system_prompt` `"none"` meaning no system turn.
+
+    Args:
+        values (`Mapping[str, object]`): field name (of [`config.PROMPT_FIELDS`]) to the value given or `None`.
+
+    Returns:
+        `dict[str, object]`: the fields to set, ready for [`PromptTemplate`] or [`ReGradConfig`].
+    """
+    fields = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in ("system_prompt", "user_template", "document_template"):
+            value = None if name == "system_prompt" and value == "none" else str(value).replace("\\n", "\n")
+        fields[name] = value
+    return fields
 
 
 LEGACY_PROMPT = PromptTemplate(system_prompt=None, user_template="{context}{question}", answer_stop="turn")

@@ -111,9 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from transformers import HfArgumentParser
 
-    from .config import ReGradConfig
+    from .config import PROMPT_FIELDS, ReGradConfig
     from .defaults import EMBEDDED_MODEL_ID
     from .modeling import ReGradForCausalLM
+    from .prompting import template_fields
     from .training import ReGradTrainer, ReGradTrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -151,6 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         random.Random(training_args.seed).shuffle(eval_tasks)
 
     torch.manual_seed(training_args.seed)
+    prompt_fields = template_fields({name: getattr(learner_args, name) for name in PROMPT_FIELDS})
+    if learner_args.resume_learner and prompt_fields:
+        raise ReGradValueError(
+            f"--resume_learner keeps the learner's own prompt template; drop --{', --'.join(prompt_fields)} "
+            "(or start a new learner from its tensors with --init_learner)"
+        )
     if learner_args.resume_learner:
         model = ReGradForCausalLM.from_pretrained(learner_args.resume_learner)
     else:
@@ -162,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step_size_parametrization=learner_args.step_size_parametrization,
             max_document_tokens=learner_args.max_document_tokens,
             gamma=learner_args.gamma,
+            **prompt_fields,
         )
         model = ReGradForCausalLM.from_base(learner_args.base_model or EMBEDDED_MODEL_ID, config)
         if recipe_args.init_learner:
