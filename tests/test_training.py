@@ -3,12 +3,13 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from regrad_hf import ReGradForCausalLM, ReGradValueError
 from regrad_hf.cli import main
 from regrad_hf.data import Task
 from regrad_hf.evaluation import CASES, evaluate_injection
-from regrad_hf.objective import meta_loss
+from regrad_hf.objective import answer_loss, meta_loss
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
 from regrad_hf.training_state import (
     decode_int8,
@@ -110,6 +111,46 @@ def test_the_locality_term_trains_and_needs_two_tasks_per_batch(tiny_model, tmp_
         meta_loss(tiny_model, batch[:1], locality_weight=1.0)
     with pytest.raises(ReGradValueError, match="locality_weight"):
         ReGradTrainer(tiny_model, arguments(tmp_path, locality_weight=1.0, per_device_train_batch_size=1))
+
+
+def test_answer_loss_weights_each_rows_first_answer_token():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 5, 6, 0]])
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none", ignore_index=-100)
+    nll = nll.view(2, 4)
+    # Row 0 scores positions 1-3 (labels 3, 4, 1), its first at position 1; row 1 scores positions 0-3.
+    expected = (3 * nll[0, 1] + nll[0, 2] + nll[0, 3] + 3 * nll[1, 0] + nll[1, 1:].sum()) / (3 + 2 + 3 + 3)
+    assert torch.allclose(answer_loss(logits, labels, 3.0), expected)
+    plain = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(answer_loss(logits, labels), plain)  # weight 1: transformers' causal-LM mean
+
+
+def test_the_first_token_weight_reweights_the_outer_loss_of_the_adapted_model(tiny_model, tmp_path):
+    tasks = color_tasks(2, 0, 0)
+    batch = ReGradTrainer(tiny_model, arguments(tmp_path)).data_collator(tasks)["tasks"]
+    weighted = meta_loss(tiny_model, batch, first_token_weight=4.0).detach()
+    # Independently: each task's documents injected through the public API, its answer tokens scored there.
+    expected = []
+    for task, encoded in zip(tasks, batch, strict=True):
+        with tiny_model.knowledge(task.documents), torch.no_grad():
+            logits = tiny_model.language_model(input_ids=encoded["input_ids"]).logits
+        targets = encoded["labels"][0, 1:]
+        nll = F.cross_entropy(logits[0, :-1], targets.clamp(min=0), reduction="none")[targets != -100]
+        expected.append((4 * nll[0] + nll[1:].sum()) / (len(nll) + 3))
+    assert torch.allclose(weighted, torch.stack(expected).mean(), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(meta_loss(tiny_model, batch, first_token_weight=1.0), meta_loss(tiny_model, batch))
+    trainer = ReGradTrainer(tiny_model, arguments(tmp_path, answer_first_token_weight=4.0))
+    assert torch.allclose(trainer.compute_loss(tiny_model, {"tasks": batch}).detach(), weighted, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_bad_first_token_weights_raise(tiny_model, tmp_path, weight):
+    batch = ReGradTrainer(tiny_model, arguments(tmp_path)).data_collator(color_tasks(2, 0, 0))["tasks"]
+    with pytest.raises(ReGradValueError, match="first_token_weight"):
+        meta_loss(tiny_model, batch, first_token_weight=weight)
+    with pytest.raises(ReGradValueError, match="first_token_weight"):
+        ReGradTrainer(tiny_model, arguments(tmp_path, answer_first_token_weight=weight))
 
 
 def test_short_meta_training_raises_the_injection_signal(tiny_model, tmp_path):

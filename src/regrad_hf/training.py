@@ -21,6 +21,7 @@ from .data import TaskCollator, as_tasks
 from .errors import ReGradTypeError, ReGradValueError
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM
+from .objective import check_first_token_weight
 from .prompting import PromptTemplate
 from .training_state import export_compact_checkpoint, is_compact_checkpoint, load_compact_optimizer
 
@@ -41,6 +42,10 @@ class ReGradTrainingArguments(TrainingArguments):
             "help": "Weight of the KL of the adapted model to the unadapted one on another task's prompt and answer "
             "(0: off; needs 2+ tasks per device batch)."
         },
+    )
+    answer_first_token_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the answer's first token in the outer loss (1: the plain mean over its tokens)."},
     )
     inner_max_document_tokens: int = field(default=512, metadata={"help": "Document truncation in the inner step."})
     max_answer_tokens: int = field(default=48, metadata={"help": "Longer answers raise an error."})
@@ -123,6 +128,7 @@ class ReGradTrainer(Trainer):
                 f"locality_weight {args.locality_weight} needs to be >= 0, and > 0 needs per_device_train_batch_size "
                 "of 2 or more (each task's locality text is another task's)"
             )
+        check_first_token_weight(args.answer_first_token_weight)
         # A datasets.Dataset (documents/question/answer columns) or mappings become Tasks, checked once here.
         train_dataset = None if train_dataset is None else as_tasks(train_dataset)
         eval_dataset = None if eval_dataset is None else as_tasks(eval_dataset)
@@ -178,7 +184,10 @@ class ReGradTrainer(Trainer):
 
         It runs as the (possibly DDP-wrapped) model's forward, so that DDP all-reduces the gradients."""
         outputs = model(
-            meta_tasks=inputs["tasks"], first_order=self.args.first_order, locality_weight=self.args.locality_weight
+            meta_tasks=inputs["tasks"],
+            first_order=self.args.first_order,
+            locality_weight=self.args.locality_weight,
+            first_token_weight=self.args.answer_first_token_weight,
         )
         return (outputs.loss, {"loss": outputs.loss}) if return_outputs else outputs.loss
 
