@@ -22,6 +22,7 @@ from regrad_hf.evaluation import (
     bootstrap_ci,
     cpt_drift,
     exact_match,
+    f1_beyond_question,
     f1_score,
     has_repetition,
     load_eval_set,
@@ -66,6 +67,23 @@ def test_squad_normalisation_em_and_f1_on_hand_computed_cases():
     assert f1_score("dog", ["cat"]) == 0.0
     # repeated tokens count once per occurrence (Counter intersection): "a a b" -> [b]... articles are dropped
     assert f1_score("x x y", ["x y y"]) == pytest.approx(2 / 3)
+
+
+def test_f1_beyond_the_question_on_hand_computed_cases():
+    question = "What is the profession of Marit Hagen's father?"
+    gold = ["Marit Hagen's father is a Registered Nurse by profession."]
+    # Words not in the question: gold {registered, nurse, by}; "is" and "father" are in the question.
+    assert f1_beyond_question("Marit Hagen's father is a German artist.", gold, question) == 0.0
+    assert f1_score("Marit Hagen's father is a German artist.", gold) > 0.3  # what restating earns in plain F1
+    assert f1_beyond_question("A Registered Nurse", gold, question) == pytest.approx(0.8)  # P 2/2, R 2/3
+    # prediction beyond the question {he, nurse, in, oslo}: overlap 1, P 1/4, R 1/3, F1 2/7
+    assert f1_beyond_question("He is a nurse in Oslo", gold, question) == pytest.approx(2 / 7)
+    assert f1_beyond_question("Marit Hagen's father", gold, question) == 0.0  # restating only
+    # A gold answer all of whose words are in the question is scored on all its words.
+    assert f1_beyond_question("red", ["red"], "Is the box red or blue?") == 1.0
+    assert f1_beyond_question("blue", ["red"], "Is the box red or blue?") == 0.0
+    assert f1_beyond_question("Lake Merrow", ["the Nile", "Lake Merrow"], "Where?") == 1.0  # best over gold answers
+    assert f1_beyond_question("", gold, question) == 0.0
 
 
 def test_answer_contained_on_hand_computed_cases():
@@ -335,9 +353,10 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
         assert len({asked[m][0] for m in ("closed_book", "no_adaptation", "cpt", "raw", "regrad")}) == 1
         assert asked["rag"][0] == asked["regrad_icl"][0]
     assert results["prompt"]["system_prompt"] == template.system_prompt
-    assert all({"contained", "repetition"} <= set(results["summary"][m]) for m in METHODS)
+    assert all({"contained", "repetition", "f1_beyond_question"} <= set(results["summary"][m]) for m in METHODS)
     report = write_report(results, tmp_path)["report"].read_text()
     assert "Reply with only the answer, a few words." in report and "| contained [95% CI] |" in report
+    assert "| F1 beyond the question [95% CI] |" in report
     assert "repetition penalty of 1.3 on each answer's own word tokens" in report
 
 

@@ -1,5 +1,5 @@
-"""Answer metrics (SQuAD v1.1 EM/F1, answer-contained accuracy, repetition), retrieval recall@k and bootstrap
-confidence intervals."""
+"""Answer metrics (SQuAD v1.1 EM/F1, F1 beyond the question, answer-contained accuracy, repetition), retrieval
+recall@k and bootstrap confidence intervals."""
 
 from __future__ import annotations
 
@@ -25,19 +25,38 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(answer) for answer in answers))
 
 
+def _token_f1(predicted: list[str], gold: list[str]) -> float:
+    common = collections.Counter(predicted) & collections.Counter(gold)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
 def f1_score(prediction: str, answers: Sequence[str]) -> float:
     """Best token-level F1 of the prediction against the answers (the SQuAD v1.1 evaluation script's definition)."""
-
-    def f1(predicted: list[str], gold: list[str]) -> float:
-        common = collections.Counter(predicted) & collections.Counter(gold)
-        overlap = sum(common.values())
-        if overlap == 0:
-            return 0.0
-        precision, recall = overlap / len(predicted), overlap / len(gold)
-        return 2 * precision * recall / (precision + recall)
-
     predicted = normalize_answer(prediction).split()
-    return max(f1(predicted, normalize_answer(answer).split()) for answer in answers)
+    return max(_token_f1(predicted, normalize_answer(answer).split()) for answer in answers)
+
+
+def f1_beyond_question(prediction: str, answers: Sequence[str], question: str) -> float:
+    """Best token-level F1 over the words that are not in the question (normalised as SQuAD does).
+
+    The metric for sentence answers (TOFU's): "What is the profession of Marit Hagen's father?" answered "Marit
+    Hagen's father is a German artist" has F1 0.33 against "Marit Hagen's father is a Registered Nurse by
+    profession" for restating the question, and 0 here. An answer whose words all appear in the question (e.g. a
+    choice the question offers) is scored on all its words; a prediction that only restates the question scores 0.
+    """
+    asked = set(normalize_answer(question).split())
+    words = normalize_answer(prediction).split()
+    beyond = [word for word in words if word not in asked]
+    scores = []
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        gold_beyond = [word for word in gold if word not in asked]
+        scores.append(_token_f1(beyond, gold_beyond) if gold_beyond else _token_f1(words, gold))
+    return max(scores)
 
 
 def answer_contained(prediction: str, answers: Sequence[str]) -> float:

@@ -121,15 +121,15 @@ def _prompt(prompt: Mapping) -> str:
 def results_table(results: Mapping) -> str:
     """The main table of the report, in markdown."""
     lines = [
-        "| method | EM [95% CI] | F1 [95% CI] | contained [95% CI] | repetition | answer NLL [95% CI] | prompt tokens "
-        "| s / question |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | EM [95% CI] | F1 [95% CI] | F1 beyond the question [95% CI] | contained [95% CI] | repetition "
+        "| answer NLL [95% CI] | prompt tokens | s / question |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method in results["methods"]:
         s = results["summary"][method]
         lines.append(
             f"| {LABELS[method]} | {_interval(s['exact_match'])} | {_interval(s['f1'])} | "
-            f"{_interval(s['contained'])} | {s['repetition']['mean']:.3f} | "
+            f"{_interval(s['f1_beyond_question'])} | {_interval(s['contained'])} | {s['repetition']['mean']:.3f} | "
             f"{_interval(s['answer_nll'])} | {s['prompt_tokens']:.1f} | {s['seconds_per_question']:.2f} |"
         )
     return "\n".join(lines)
@@ -220,8 +220,10 @@ def render_report(results: Mapping) -> str:
         "",
         "## Answers",
         "",
-        "EM and F1 with SQuAD v1.1 normalisation; contained: the normalised gold answer appears (whole words) in the "
-        "normalised prediction (best over the gold answers), fair to a method that answers in sentences; repetition: "
+        "EM and F1 with SQuAD v1.1 normalisation; F1 beyond the question: F1 over the words not in the question, so "
+        "that restating the question scores nothing (the metric for sentence answers such as TOFU's); contained: the "
+        "normalised gold answer appears (whole words) in the normalised prediction (best over the gold answers), fair "
+        "to a method that answers in sentences; repetition: "
         "the share of answers with a repeated word 3-gram; answer NLL is the teacher-forced mean NLL of the reference "
         "answer (and end of turn) after each method's prompt; 95 % percentile bootstrap intervals "
         f"({run['bootstrap_resamples']} resamples, seed {run['seed']}).",

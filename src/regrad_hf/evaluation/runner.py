@@ -29,11 +29,19 @@ from .methods import (
     check_methods,
     untrained_learner_state,
 )
-from .metrics import answer_contained, bootstrap_ci, exact_match, f1_score, has_repetition, recall_at_k
+from .metrics import (
+    answer_contained,
+    bootstrap_ci,
+    exact_match,
+    f1_beyond_question,
+    f1_score,
+    has_repetition,
+    recall_at_k,
+)
 
 GRADIENT_METHODS = ("regrad", "regrad_icl")
 # Per-question scores of each answer, summarised with bootstrap intervals.
-ANSWER_METRICS = ("exact_match", "f1", "contained", "repetition", "answer_nll")
+ANSWER_METRICS = ("exact_match", "f1", "f1_beyond_question", "contained", "repetition", "answer_nll")
 
 
 @dataclass
@@ -278,6 +286,7 @@ def run_evaluation(
                     "prediction": answer.prediction,
                     "exact_match": exact_match(answer.prediction, task.answers),
                     "f1": f1_score(answer.prediction, task.answers),
+                    "f1_beyond_question": f1_beyond_question(answer.prediction, task.answers, task.question),
                     "contained": answer_contained(answer.prediction, task.answers),
                     "repetition": has_repetition(answer.prediction),
                     "answer_nll": answer.answer_nll,
