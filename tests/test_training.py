@@ -260,6 +260,23 @@ def test_evaluate_injection_runs_every_case_and_restores_the_model(tiny_model, t
     assert all(0.0 <= r.f1 <= 1.0 and r.answer_loss > 0 for r in results.values())
 
 
+def test_evaluate_injection_scores_words_beyond_the_question(tiny_model, tokenizer, monkeypatch):
+    """An answer that restates the question and then gives the gold answer: F1 beyond the question is 1, F1 not."""
+    from regrad_hf.evaluation import injection
+
+    tasks = color_tasks(2, 0, 0)
+
+    def restating(model, tokenizer, prompt_ids, max_new_tokens, prompt):
+        asked = next(task for task in tasks if task.question in tokenizer.decode(prompt_ids))
+        return f"{asked.question} {asked.answer}"
+
+    monkeypatch.setattr(injection, "_generate", restating)
+    results = evaluate_injection(tiny_model, tasks, cases=("no_adaptation", "regrad"), max_new_tokens=3)
+    for result in results.values():
+        assert result.f1_beyond_question == 1.0 and result.contained == 1.0
+        assert result.f1 < 0.5
+
+
 def test_train_command(tokenizer, tmp_path, capsys):
     make_tiny_base(tokenizer).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")

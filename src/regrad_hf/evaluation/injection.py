@@ -28,7 +28,7 @@ from ..deltas import truncation_report
 from ..errors import ReGradValueError
 from ..log import progress_bar
 from ..prompting import PromptTemplate
-from .metrics import answer_contained, exact_match, f1_score
+from .metrics import answer_contained, exact_match, f1_beyond_question, f1_score
 
 CASES = ("no_adaptation", "regrad", "raw", "rag", "regrad_icl")
 
@@ -42,6 +42,7 @@ class CaseResult:
     f1: float
     prompt_tokens: float
     contained: float = float("nan")
+    f1_beyond_question: float = float("nan")
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
@@ -77,8 +78,8 @@ def evaluate_injection(
     generate: bool = True,
     show_progress: bool = False,
 ) -> dict[str, CaseResult]:
-    """Answer loss, EM, F1 and answer-contained accuracy of `model` on `tasks` for each case of [`CASES`] (table in
-    the module docstring), asked with the learner's prompt template.
+    """Answer loss, EM, F1, F1 beyond the question and answer-contained accuracy of `model` on `tasks` for each
+    case of [`CASES`] (table in the module docstring), asked with the learner's prompt template.
 
     Args:
         model ([`ReGradForCausalLM`]): the learner (left exactly as it was).
@@ -127,6 +128,8 @@ def evaluate_injection(
                         totals[case]["exact_match"] += exact_match(prediction, task.answers)
                         totals[case]["contained"] += answer_contained(prediction, task.answers)
                         totals[case]["f1"] += f1_score(prediction, task.answers)
+                        beyond = f1_beyond_question(prediction, task.answers, task.question)
+                        totals[case]["f1_beyond_question"] += beyond
                 totals[case]["prompt_tokens"] += len(prompt_ids)
     finally:
         model.train(was_training)
@@ -139,6 +142,7 @@ def evaluate_injection(
             f1=values["f1"] / count if generate else nan,
             prompt_tokens=values["prompt_tokens"] / count,
             contained=values["contained"] / count if generate else nan,
+            f1_beyond_question=values["f1_beyond_question"] / count if generate else nan,
         )
         for case, values in totals.items()
     }
