@@ -32,8 +32,8 @@ def answer_token_scores(runner: MethodRunner, method: str, question: dict, bank:
     ids = question["retrieved_ids"]
     texts = [bank.document(i).text for i in ids]
     prompt = tokenizer(runner.prompt_text(method, question["question"], texts), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(question["answers"][0].strip() + answer_suffix(tokenizer), add_special_tokens=False)
-    answer = answer["input_ids"]
+    reference = question["answers"][0].strip() + answer_suffix(tokenizer)
+    answer = tokenizer(reference, add_special_tokens=False)["input_ids"]
     with runner.state(method, ids) as model, torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + answer], device=model.device)).logits
     logits = logits[0, len(prompt) - 1 : -1].float()

@@ -31,8 +31,6 @@ def rescore(results: dict, resamples: int = 1000, seed: int = 0) -> dict[str, di
         for name, values in scores.items():
             low, high = bootstrap_ci(values, resamples=resamples, seed=seed)
             table[method][name] = {"mean": sum(values) / len(values), "ci95": [low, high]}
-        stored = results["summary"][method]["f1"]
-        table[method]["f1_as_stored"] = stored["mean"] if isinstance(stored, dict) else stored
     return table
 
 
