@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
-from regrad_hf.data import Task, TaskCollator
+from regrad_hf.collator import TaskCollator
+from regrad_hf.data import Task
 from regrad_hf.log import progress_bar
 
 from .conftest import DOCUMENTS, IDS, make_tiny_base, parameter_bytes

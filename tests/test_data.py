@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from regrad_hf import ReGradValueError
-from regrad_hf.data import SQUAD_SPLITS, Task, TaskCollator, load_hotpotqa, load_jsonl, load_squad, load_tofu
+from regrad_hf.collator import TaskCollator
+from regrad_hf.data import SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad, load_tofu
 from regrad_hf.evaluation import exact_match, f1_score, normalize_answer
 
 FIXTURES = Path(__file__).parent / "fixtures"

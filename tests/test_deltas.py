@@ -3,15 +3,9 @@ import torch
 from torch.func import functional_call
 
 from regrad_hf import ReGradKeyError, ReGradValueError
-from regrad_hf.deltas import (
-    ExactRestore,
-    adapted_parameters,
-    applied_delta,
-    combine,
-    document_gradient,
-    document_gradients,
-)
+from regrad_hf.deltas import adapted_parameters, combine, document_gradient, document_gradients
 from regrad_hf.per_sample import LinearWeightGradients
+from regrad_hf.restore import ExactRestore, applied_delta
 
 from .conftest import DOCUMENTS, parameter_bytes
 

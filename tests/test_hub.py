@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, pipeline
 import regrad_hf
 import regrad_hf.bank.index
 from regrad_hf import GradientBank, ReGradConfig, ReGradForCausalLM, ReGradHubError, ReGradValueError
+from regrad_hf.cards import TEMPLATE_PATH, merge_card
 from regrad_hf.cli import main as regrad
 from regrad_hf.config import PROMPT_FIELDS
-from regrad_hf.hub import TEMPLATE_PATH, merge_card
 from regrad_hf.prompting import LEGACY_PROMPT, PromptTemplate
 
 from .conftest import DOCUMENTS, IDS, make_tiny_base, parameter_bytes

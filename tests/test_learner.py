@@ -3,7 +3,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError
-from regrad_hf.data import Task, TaskCollator
+from regrad_hf.collator import TaskCollator
+from regrad_hf.data import Task
 from regrad_hf.deltas import combine
 from regrad_hf.learner import StepSizes, find_target_modules
 from regrad_hf.objective import meta_loss

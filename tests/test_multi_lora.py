@@ -7,6 +7,7 @@ import torch
 
 from regrad_hf import ReGradError, ReGradKeyError, ReGradValueError, deltas
 from regrad_hf.multi_lora import per_row_lora, retrieval_row_tensors, stacked_row_tensors
+from regrad_hf.restore import applied_delta
 
 from .conftest import DOCUMENTS, parameter_bytes
 
@@ -32,7 +33,7 @@ def test_per_row_forward_equals_the_swapped_weights_forward(tiny_model):
     with torch.no_grad():
         for row, delta_index in enumerate(rows):
             delta = {} if delta_index is None else row_deltas[delta_index]
-            with deltas.applied_delta(lora, delta):
+            with applied_delta(lora, delta):
                 alone = tiny_model(input_ids=input_ids[row : row + 1]).logits[0]
             torch.testing.assert_close(batched[row], alone, rtol=1e-5, atol=1e-5)
     # The rows really differ: the same input with another delta gives other logits.
@@ -47,7 +48,7 @@ def test_stacked_row_tensors_share_each_delta_and_leave_no_delta_rows_unadapted(
         assert stacked[name].shape == (4, *parameter.shape) and not stacked[name].requires_grad
         assert torch.equal(stacked[name][1], parameter.detach())
         assert torch.equal(stacked[name][0], stacked[name][2])
-        with deltas.applied_delta(lora, row_deltas[1]):  # bit for bit what the swap writes
+        with applied_delta(lora, row_deltas[1]):  # bit for bit what the swap writes
             assert torch.equal(stacked[name][3], parameter.detach())
 
 
@@ -145,7 +146,7 @@ def test_row_tensors_from_the_gathered_union_are_bit_for_bit_what_the_swap_write
             assert all(torch.equal(stacked[n][row], p.detach()) for n, p in lora.items())
             continue
         delta = deltas.combine({n: g[retrieval] for n, g in gathered.items()}, step_sizes, 0.7)
-        with deltas.applied_delta(lora, delta):
+        with applied_delta(lora, delta):
             assert all(torch.equal(stacked[n][row], p.detach()) for n, p in lora.items()), row
     # every row its own retrieval, in order (no reindexing): the same values
     distinct = [[2, 0, 1], [3], [0, 2, 1]]

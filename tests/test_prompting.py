@@ -10,8 +10,9 @@ import torch
 
 from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError, cli
 from regrad_hf.cli import shipped_learner_path
+from regrad_hf.collator import TaskCollator
 from regrad_hf.config import PROMPT_FIELDS
-from regrad_hf.data import Task, TaskCollator
+from regrad_hf.data import Task
 from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, EndOfLine, PromptTemplate, template_fields
 from regrad_hf.query import prompt_to_query
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from regrad_hf import GradientBank
-from regrad_hf.deltas import applied_delta
+from regrad_hf.restore import applied_delta
 
 from .conftest import make_tiny_model, parameter_bytes
 

@@ -235,18 +235,18 @@ def folder_card(folder: Path, repo_id: str, subfolder: str | None) -> tuple[str,
     """The card of a saved learner or bank directory, and the repo files a push of it replaces; None if neither."""
     from safetensors import safe_open
 
-    from . import bank, hub, learner_state, modeling
+    from . import bank, cards, learner_state, modeling
     from .config import ReGradConfig
 
     if (folder / bank.CONFIG_FILE).is_file():
         bank_config = json.loads((folder / bank.CONFIG_FILE).read_text(encoding="utf-8"))
-        return hub.render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder), [f"{bank.GRADIENTS_DIR}/*"]
+        return cards.render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder), [f"{bank.GRADIENTS_DIR}/*"]
     if (folder / modeling.CONFIG_FILE).is_file() and (folder / modeling.LEARNER_FILE).is_file():
         config = ReGradConfig.from_json_file(str(folder / modeling.CONFIG_FILE))
         with safe_open(str(folder / modeling.LEARNER_FILE), framework="pt") as learner:
             fingerprint, names = (learner.metadata() or {}).get("fingerprint", "unknown"), list(learner.keys())
         lora_tensors = len([name for name in names if name != learner_state.STEP_SIZES_KEY])
-        return hub.render_model_card(
+        return cards.render_model_card(
             config, fingerprint=fingerprint, num_lora_tensors=lora_tensors, repo_id=repo_id
         ), []
     return None

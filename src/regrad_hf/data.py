@@ -2,25 +2,21 @@
 
 Loaders read SQuAD, HotpotQA, TOFU and a JSONL format of our own, from local files, from the Hub
 (`datasets.load_dataset`, mapping each dataset's Hub schema) or from a `datasets.Dataset` already loaded.
-[`TaskCollator`] turns tasks into the tensors [`ReGradTrainer`] needs.
+[`regrad_hf.collator.TaskCollator`] turns tasks into the tensors [`ReGradTrainer`] needs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .deltas import check_documents, tokenize_documents
+from .deltas import check_documents
 from .errors import ReGradValueError
-from .prompting import PromptTemplate
 from .sources import DATASET_SUFFIXES, Rows, is_dataset, is_dataset_dict, read_rows
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
@@ -340,90 +336,3 @@ def documents_from(
         values = {name: _column(rows, name, "documents") for name in metadata_columns}
         metadata = [{name: values[name][row] for name in metadata_columns} for row in range(len(texts))]
     return list(texts), ids, metadata
-
-
-def question_prompt(
-    tokenizer, question: str, documents: Sequence[str] | None = None, prompt: PromptTemplate | None = None
-) -> str:
-    """The prompt a question is asked with: the question alone (blind), or with the documents (ICL), written with
-    `prompt` (defaults to [`PromptTemplate`]'s defaults, those of a new [`ReGradConfig`]) through the tokenizer's
-    chat template when it has one."""
-    return (prompt or PromptTemplate()).build(tokenizer, question, documents)
-
-
-def answer_suffix(tokenizer) -> str:
-    """What ends an answer: the end-of-turn/eos token, so a trained model learns to stop."""
-    return tokenizer.eos_token or ""
-
-
-@dataclass
-class TaskCollator:
-    """Tokenises tasks for [`ReGradTrainer`]: `{"tasks": [one dict of tensors per task]}`.
-
-    Each task dict holds `document_ids`/`document_mask` (the documents, right-padded, truncated to
-    `max_document_tokens`) and `input_ids`/`labels` (prompt + answer; labels are -100 on the prompt).
-
-    Args:
-        tokenizer: the model's tokenizer.
-        max_document_tokens (`int`): document truncation length for the inner step.
-        max_answer_tokens (`int`): answers longer than this raise (they would dominate the outer loss).
-        blind (`bool`): `True` asks the question alone; `False` also puts the documents in the prompt.
-        documents_per_task (`int`): when larger than a task's own documents, other tasks' documents are added
-            as distractors (sampled from `distractor_pool`), as top-k retrieval would.
-        distractor_pool (`Sequence[str]`): documents to sample distractors from.
-        seed (`int`): seed of the distractor sampling. A task's distractors depend only on the seed and the task
-            (not on what was collated before), so a resumed run sees the same batches as an uninterrupted one.
-        prompt ([`PromptTemplate`]): the question prompt; pass the learner's (`PromptTemplate.from_config(config)`,
-            as [`ReGradTrainer`] does) so that it is trained the way it is served. Defaults to a new config's.
-    """
-
-    tokenizer: Any
-    max_document_tokens: int = 512
-    max_answer_tokens: int = 48
-    blind: bool = True
-    documents_per_task: int = 1
-    distractor_pool: Sequence[str] = ()
-    seed: int = 0
-    prompt: PromptTemplate = field(default_factory=PromptTemplate)
-
-    def __post_init__(self):
-        if self.documents_per_task < 1:
-            raise ReGradValueError("documents_per_task must be at least 1")
-
-    def __call__(self, tasks: Sequence[Task | Mapping]) -> dict[str, list[dict[str, torch.Tensor]]]:
-        return {"tasks": [self.encode(task if isinstance(task, Task) else task_from_record(task)) for task in tasks]}
-
-    def encode(self, task: Task) -> dict[str, torch.Tensor]:
-        documents = list(task.documents) + self._distractors(task)
-        tokenizer = self.tokenizer
-        encoded_documents = tokenize_documents(tokenizer, documents, self.max_document_tokens)
-        length = max(len(ids) for ids in encoded_documents)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        document_ids = torch.full((len(encoded_documents), length), pad, dtype=torch.long)
-        document_mask = torch.zeros((len(encoded_documents), length), dtype=torch.long)
-        for row, ids in enumerate(encoded_documents):
-            document_ids[row, : len(ids)] = torch.tensor(ids)
-            document_mask[row, : len(ids)] = 1
-
-        prompt = self.prompt.build(tokenizer, task.question, None if self.blind else task.documents)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(task.answer.strip() + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
-        if len(answer_ids) > self.max_answer_tokens:
-            raise ReGradValueError(
-                f"task {task.id!r}: the answer has {len(answer_ids)} tokens, more than max_answer_tokens="
-                f"{self.max_answer_tokens}"
-            )
-        input_ids = torch.tensor([prompt_ids + answer_ids])
-        labels = input_ids.clone()
-        labels[0, : len(prompt_ids)] = -100
-        return {"document_ids": document_ids, "document_mask": document_mask, "input_ids": input_ids, "labels": labels}
-
-    def _distractors(self, task: Task) -> list[str]:
-        missing = self.documents_per_task - len(task.documents)
-        if missing <= 0:
-            return []
-        candidates = [d for d in self.distractor_pool if d not in task.documents]
-        if len(candidates) < missing:
-            raise ReGradValueError(f"need {missing} distractor documents, the pool has {len(candidates)}")
-        # A str seed is hashed with SHA-512: the same draw in every process and every session.
-        return random.Random(f"{self.seed}\0{task.id}\0{task.question}").sample(candidates, missing)

@@ -36,6 +36,7 @@ from .learner import (
 from .learner_state import LearnerStateMixin
 from .peft_conventions import PeftConventionsMixin
 from .publishing import LearnerPublishingMixin
+from .restore import ExactRestore
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
@@ -107,7 +108,7 @@ class ReGradForCausalLM(
         # Share the wrapped model's generation config, so that edits through either are seen by both.
         self.generation_config = language_model.generation_config
         self._lora = lora_parameters(language_model)
-        self._restore = deltas.ExactRestore(self._lora)
+        self._restore = ExactRestore(self._lora)
         shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
         self.step_sizes = StepSizes(
             shapes, config.step_size_mode, config.step_size_parametrization, config.init_step_size

@@ -1,6 +1,6 @@
 """Per-row LoRA: every row of a batch runs with its own LoRA tensors, in one forward, the shared tensors untouched.
 
-The swap path ([`deltas.applied_delta`]) writes one step into the shared LoRA tensors, so a batch can carry one
+The swap path ([`restore.applied_delta`]) writes one step into the shared LoRA tensors, so a batch can carry one
 delta. Multi-LoRA servers (S-LoRA, Punica) instead give each request its own adapter inside one batched forward.
 Here, for the duration of a [`per_row_lora`] block, each LoRA projection (peft's `lora_A`/`lora_B` `nn.Linear`
 modules) multiplies row `r` of its input by row `r` of a stacked factor: `lora_A` by `A'_r` of shape
@@ -47,7 +47,7 @@ def stacked_row_tensors(
     """The LoRA tensors each row of a batch runs with, stacked: `{name: (len(rows), *shape)}`.
 
     Row `i` gets `parameters[name] + deltas[rows[i]][name]` (the delta cast to the parameter's dtype first, so the
-    values equal what [`deltas.applied_delta`] writes), or the parameter itself when `rows[i]` is `None` or the delta
+    values equal what [`restore.applied_delta`] writes), or the parameter itself when `rows[i]` is `None` or the delta
     has no tensor of that name. Each distinct delta is added once; rows that share one share its values.
 
     Args:
@@ -95,7 +95,7 @@ def retrieval_row_tensors(
 
     Row `i` gets `parameters[name] + (-gamma * step_sizes[name] * sum_j gathered[name][retrievals[i][j]])` (summed in
     float32 in retrieval order by [`deltas.summed_rows`], cast to the parameter's dtype before the addition), the
-    same arithmetic as [`deltas.combine`] followed by the swap of [`deltas.applied_delta`], so the values are bit for
+    same arithmetic as [`deltas.combine`] followed by the swap of [`restore.applied_delta`], so the values are bit for
     bit what the swap writes; `None` rows get the parameter itself. Each distinct retrieval is computed once, and all
     retrievals of one length together: one `index_select` and one add per document position, one scaling and one
     addition of the base per tensor.

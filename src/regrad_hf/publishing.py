@@ -5,7 +5,8 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping, Sequence
 
-from .hub import push_folder, render_model_card
+from .cards import render_model_card
+from .hub import push_folder
 
 
 class LearnerPublishingMixin:

@@ -17,7 +17,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import TaskCollator, as_tasks
+from .collator import TaskCollator
+from .data import as_tasks
 from .errors import ReGradTypeError, ReGradValueError
 from .evaluation import evaluate_injection
 from .modeling import LEARNER_FILE, ReGradForCausalLM

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..cards import render_bank_card
 from ..data import dataset_documents
 from ..deltas import check_documents, truncation_report
 from ..errors import BankMismatchError, ReGradTypeError, ReGradValueError
-from ..hub import HubOptions, locate, push_folder, render_bank_card
+from ..hub import HubOptions, locate, push_folder
 from ..learner import fingerprint_of
 from . import index as index_module
 from . import persistence

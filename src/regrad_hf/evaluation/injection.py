@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Task, TaskCollator
+from ..collator import TaskCollator
+from ..data import Task
 from ..deltas import truncation_report
 from ..errors import ReGradValueError
 from ..log import progress_bar

@@ -32,7 +32,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..data import answer_suffix
+from ..collator import answer_suffix
 from ..deltas import tokenize_document
 from ..errors import ReGradValueError
 from ..learner import StepSizes
