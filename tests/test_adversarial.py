@@ -23,7 +23,7 @@ from regrad_hf import BankMismatchError, GradientBank, ReGradError, ReGradKeyErr
 from regrad_hf.bank.directory import journal_path, lock_path
 from regrad_hf.errors import BankNotFoundError, ReGradFileError, ReGradTypeError
 
-from .conftest import DOCUMENTS, IDS, make_tiny_model
+from .conftest import DOCUMENTS, IDS, make_tiny_model, parameter_bytes
 from .test_bad_inputs import SHARD, Context, files_of, state_of
 
 CHECKSUM_KEYS = {"documents.jsonl": "documents_sha256", "index.usearch": "index_sha256"}
@@ -282,6 +282,56 @@ CASES = [
          BankMismatchError, "not the one the bank's index was built with"),
     case("embedder", "malformed-embedder-identity", edit_config(embedder_sha256="xyz"), load, ReGradValueError,
          "field 'embedder_sha256' must match"),
+    # arguments of the wrong type or value: typed errors before anything is computed, written or locked
+    *[case("arguments", f"documents-{name}", None, lambda c, documents=documents: c.bank.add(
+        c.model, documents, show_progress=False), ReGradTypeError, "documents must be a list of strings")
+      for name, documents in [("none", None), ("int", 5), ("generator", (d for d in ["A new fact."])),
+                              ("mapping", {"A new fact.": 1}), ("set", {"A new fact."})]],
+    case("arguments", "metadata-int", None, lambda c: c.bank.add(c.model, ["A new fact."], metadata=5,
+                                                                 show_progress=False), ReGradTypeError,
+         "metadata must be a sequence"),
+    case("arguments", "metadata-a-mapping", None, lambda c: c.bank.add(c.model, ["A new fact."], metadata={"a": 1},
+                                                                       show_progress=False), ReGradTypeError,
+         "metadata must be a sequence"),
+    case("arguments", "nan-metadata", None, lambda c: c.bank.add(c.model, ["A new fact."], metadata=[
+        {"x": float("nan")}], show_progress=False), ReGradValueError, "JSON cannot represent"),
+    case("arguments", "inf-metadata-in-file", edit_records(lambda r: r[0].update(metadata={"x": float("inf")}),
+                                                          checksum=True), load, ReGradValueError,
+         "JSON cannot represent"),
+    case("arguments", "batch-size-bool", None, lambda c: c.bank.add(c.model, ["A new fact."], batch_size=True,
+                                                                    show_progress=False), ReGradValueError,
+         "batch_size must be a positive integer"),
+    case("arguments", "add-model-none", None, lambda c: c.bank.add(None, ["A new fact."], show_progress=False),
+         ReGradTypeError, "model must be a ReGradForCausalLM"),
+    case("arguments", "build-model-a-string", None, lambda c: GradientBank.build(
+        "model", ["A new fact."], embedder_model=c.embedder, show_progress=False), ReGradTypeError,
+         "model must be a ReGradForCausalLM"),
+    case("arguments", "search-exact-a-string", None, lambda c: c.bank.search("capital", k=1, exact="yes"),
+         ReGradTypeError, "exact must be True, False or None"),
+    case("arguments", "search-lone-surrogate", None, lambda c: c.bank.search("bad \udcff", k=1), ReGradValueError,
+         "not valid Unicode"),
+    case("arguments", "search-lone-surrogate-in-a-list", None, lambda c: c.bank.search(["fine", "\ud800"], k=1),
+         ReGradValueError, "query 1 is not valid Unicode"),
+    *[case("arguments", f"save-max-shard-bytes-{value!r}", None, lambda c, value=value: c.bank.save_pretrained(
+        c.directory, max_shard_bytes=value), ReGradValueError, "max_shard_bytes must be a non-negative integer")
+      for value in (-1, "1", None, True, 1.5)],
+    case("arguments", "save-into-none", None, lambda c: c.bank.save_pretrained(None), ReGradTypeError,
+         "save_directory must be a directory path"),
+    case("arguments", "save-into-empty-path", None, lambda c: c.bank.save_pretrained(""), ReGradValueError,
+         "empty path"),
+    case("arguments", "load-int", None, lambda c: GradientBank.from_pretrained(3), ReGradTypeError,
+         "must be a directory path"),
+    case("arguments", "load-subfolder-traversal", None, lambda c: GradientBank.from_pretrained(
+        c.directory / "gradients", subfolder="..", embedder_model=c.embedder), ReGradValueError,
+         "leaves the directory or repo"),
+    case("arguments", "load-subfolder-int", None, lambda c: GradientBank.from_pretrained(c.directory, subfolder=1),
+         ReGradTypeError, "subfolder must be a string"),
+    case("arguments", "build-into-int", None, lambda c: GradientBank.build(
+        c.model, ["A new fact."], embedder_model=c.embedder, show_progress=False, output_dir=7), ReGradTypeError,
+         "output_dir must be a directory path"),
+    case("embedder", "unloadable-embedder-named-in-the-config", edit_config(embedder="/nonexistent/embedder"),
+         lambda c: GradientBank.from_pretrained(c.directory).search("capital", k=1), ReGradError,
+         "cannot load the embedder '/nonexistent/embedder'"),
     # lost banks
     case("loss", "deleted-with-a-backup-next-to-it", lambda c: shutil.copytree(
         c.directory, c.directory.with_name(".bank.old-00000000")) and shutil.rmtree(c.directory), load,
@@ -456,3 +506,16 @@ def test_a_reader_that_sees_a_swap_finish_reads_the_new_bank(tiny_bank, embedder
 
     monkeypatch.setattr(persistence, "interrupted_backup", writer_finishes_meanwhile)
     assert GradientBank.from_pretrained(target, embedder_model=embedder).ids == tiny_bank.ids
+
+
+def test_membership_of_any_value_is_an_answer_never_an_error(tiny_bank):
+    assert "zorbia" in tiny_bank
+    assert ["zorbia"] not in tiny_bank and {"a": 1} not in tiny_bank and None not in tiny_bank and 0 not in tiny_bank
+
+
+def test_injected_takes_one_id_string_as_one_document(tiny_model, tiny_bank):
+    tiny_model.attach_bank(tiny_bank)
+    with tiny_model.injected("zorbia"):  # one id, not the ids "z", "o", "r", ...
+        one = parameter_bytes(tiny_model)
+    with tiny_model.injected(["zorbia"]):
+        assert parameter_bytes(tiny_model) == one

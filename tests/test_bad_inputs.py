@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regrad_hf import BankMismatchError, GradientBank, ReGradError, ReGradKeyError, ReGradValueError
+from regrad_hf.errors import ReGradTypeError
 
 from .conftest import DOCUMENTS, IDS, make_tiny_model, parameter_bytes
 
@@ -95,6 +96,37 @@ def add(documents, **kwargs):
     return lambda c: c.bank.add(c.model, documents, **{"show_progress": False, **kwargs})
 
 
+def entered(block):
+    """Enters (and leaves) the block that `block(c)` returns: the error must come before anything is applied."""
+
+    def call(c):
+        with block(c):
+            pass
+
+    return call
+
+
+def with_bank(call):
+    """Runs `call` with the bank attached, then detaches it again (the model is compared with its state before)."""
+
+    def run(c):
+        c.model.attach_bank(c.bank)
+        try:
+            return call(c)
+        finally:
+            c.model.detach_bank()
+
+    return run
+
+
+def generate(**kwargs):
+    def call(c):
+        inputs = c.tokenizer("What is the capital of Zorbia?", return_tensors="pt")
+        return c.model.generate(**inputs, max_new_tokens=2, do_sample=False, **kwargs)
+
+    return with_bank(call)
+
+
 CASES = [
     # documents
     pytest.param(add([]), ReGradValueError, "empty", id="no-documents"),
@@ -122,6 +154,35 @@ CASES = [
     pytest.param(lambda c: c.bank.search("a query", k=5), ReGradValueError, "larger than the bank", id="k-too-big"),
     pytest.param(lambda c: c.bank.search("  ", k=1), ReGradValueError, "non-empty query", id="blank-query"),
     pytest.param(lambda c: c.model.knowledge([]).__enter__(), ReGradValueError, "empty", id="knowledge-nothing"),
+    # arguments of the model's injection blocks and generate: typed errors, nothing applied
+    pytest.param(entered(lambda c: c.model.knowledge(None)), ReGradTypeError, "documents must be a list",
+                 id="knowledge-none"),
+    pytest.param(entered(lambda c: c.model.knowledge(5)), ReGradTypeError, "documents must be a list",
+                 id="knowledge-int"),
+    pytest.param(entered(lambda c: c.model.knowledge(d for d in DOCUMENTS)), ReGradTypeError,
+                 "documents must be a list", id="knowledge-generator"),
+    pytest.param(entered(lambda c: c.model.knowledge(DOCUMENTS[:1], use_bank="no")), ReGradTypeError,
+                 "use_bank must be True or False", id="knowledge-use-bank-a-string"),
+    pytest.param(entered(lambda c: c.model.knowledge(DOCUMENTS[:1], gamma=10**400)), ReGradValueError,
+                 "gamma must be a finite number", id="knowledge-gamma-too-large-for-a-float"),
+    pytest.param(entered(lambda c: c.model.knowledge(DOCUMENTS[:1], gamma=1e300)), ReGradValueError,
+                 "step .* is not finite", id="knowledge-gamma-overflowing-the-step"),
+    pytest.param(with_bank(entered(lambda c: c.model.retrieved(["capital of Zorbia"]))), ReGradTypeError,
+                 "one query string", id="retrieved-a-list"),
+    pytest.param(with_bank(entered(lambda c: c.model.retrieved("bad \udcff"))), ReGradValueError,
+                 "not valid Unicode", id="retrieved-lone-surrogate"),
+    pytest.param(with_bank(entered(lambda c: c.model.injected(None))), ReGradTypeError, "got NoneType",
+                 id="injected-none"),
+    pytest.param(with_bank(entered(lambda c: c.model.injected(5))), ReGradTypeError, "got int", id="injected-int"),
+    pytest.param(with_bank(entered(lambda c: c.model.injected(["zorbia"], gamma=1e300))), ReGradValueError,
+                 "step .* is not finite", id="injected-gamma-overflowing-the-step"),
+    pytest.param(lambda c: c.model.attach_bank("bank"), ReGradTypeError, "takes a GradientBank", id="attach-str"),
+    pytest.param(lambda c: c.model.attach_bank(None), ReGradTypeError, "takes a GradientBank", id="attach-none"),
+    pytest.param(generate(query=5), ReGradTypeError, "query must be a string", id="generate-query-int"),
+    pytest.param(generate(query=b"capital"), ReGradTypeError, "query must be a string", id="generate-query-bytes"),
+    pytest.param(generate(query="\udcff"), ReGradValueError, "not valid Unicode", id="generate-query-surrogate"),
+    pytest.param(generate(use_bank="no"), ReGradTypeError, "use_bank must be", id="generate-use-bank-a-string"),
+    pytest.param(generate(gamma=1e300), ReGradValueError, "step .* is not finite", id="generate-gamma-overflow"),
     # learners
     pytest.param(
         lambda c: make_tiny_model(c.tokenizer, seed=1).attach_bank(c.bank),

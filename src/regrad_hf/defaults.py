@@ -17,7 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from .errors import ReGradError
+from .errors import ReGradError, ReGradHubError
 from .files import DIRECTORY_MODE, exclusive_lock
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
@@ -114,8 +114,23 @@ def resolve_embedder_path(name_or_path: str | None) -> str:
 
 
 def load_embedder(name_or_path: str | None = None):
-    """Loads a sentence-transformers model; the default is the embedded all-MiniLM-L6-v2 (read from disk only)."""
+    """Loads a sentence-transformers model; the default is the embedded all-MiniLM-L6-v2 (read from disk only).
+
+    Raises:
+        [`ReGradHubError`]: the model cannot be found or read (no such directory or repo, offline with an empty
+            cache, a damaged checkpoint).
+    """
     from sentence_transformers import SentenceTransformer
 
+    if name_or_path is not None and (not isinstance(name_or_path, str) or not name_or_path.strip()):
+        raise ReGradHubError(f"the embedder must be a model name or path, got {name_or_path!r:.80}")
     path = resolve_embedder_path(name_or_path)
-    return SentenceTransformer(path, device="cpu", local_files_only=Path(path).is_dir())
+    try:
+        return SentenceTransformer(path, device="cpu", local_files_only=Path(path).is_dir())
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # what sentence-transformers and the Hub raise
+        if isinstance(error, ReGradError):
+            raise
+        raise ReGradHubError(
+            f"cannot load the embedder {name_or_path!r:.200}: {type(error).__name__}: {str(error)[:300]} (pass "
+            "embedder_model= an already loaded SentenceTransformer, or a name or path that loads)"
+        ) from error

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .errors import ReGradKeyError, ReGradValueError
+from .errors import ReGradKeyError, ReGradTypeError, ReGradValueError
 from .log import warn_at_caller
 from .per_sample import LinearWeightGradients
 
@@ -20,9 +21,19 @@ GradientDict = dict[str, torch.Tensor]
 
 
 def check_documents(documents: Sequence[str]) -> None:
-    """Raises [`ReGradValueError`] unless `documents` is a non-empty sequence of non-blank strings."""
+    """Raises [`ReGradValueError`] unless `documents` is a non-empty sequence of non-blank strings.
+
+    A sequence is anything with a length and integer indexing (a list, a tuple, a `datasets.Dataset` column); a
+    mapping, a set, a generator or `None` raises [`ReGradTypeError`] (documents are sliced into batches, in order).
+    """
     if isinstance(documents, str):
         raise ReGradValueError("documents must be a list of strings, not a single string")
+    if (
+        isinstance(documents, (bytes, bytearray, Mapping, AbstractSet))
+        or not hasattr(documents, "__len__")
+        or not hasattr(documents, "__getitem__")
+    ):
+        raise ReGradTypeError(f"documents must be a list of strings, got {type(documents).__name__}")
     if len(documents) == 0:
         raise ReGradValueError("documents is empty: give at least one document")
     for index, document in enumerate(documents):
@@ -300,8 +311,19 @@ def summed_rows(stacked: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
 
 def scaled_steps(totals: torch.Tensor, step_size: torch.Tensor, gamma: float) -> torch.Tensor:
     """`-gamma * step_size * totals`, in place on `totals` (float32 summed gradients, one per row on the first
-    axis); `step_size` is a scalar or broadcastable to a row's shape."""
-    return totals.mul_(-gamma * step_size.detach().to(device=totals.device, dtype=torch.float32))
+    axis); `step_size` is a scalar or broadcastable to a row's shape.
+
+    Raises:
+        [`ReGradValueError`]: the step is not finite (a `gamma` so large that the product overflows float32, or
+            NaN/inf gradients): applied, it would put NaN or inf into every adapted tensor.
+    """
+    steps = totals.mul_(-gamma * step_size.detach().to(device=totals.device, dtype=torch.float32))
+    if not bool(torch.isfinite(steps.sum())) and not bool(torch.isfinite(steps).all()):
+        raise ReGradValueError(
+            f"the step -gamma * step_size * gradients is not finite (gamma={gamma:g}): gamma is too large for these "
+            "gradients, or the gradients hold NaN or inf values"
+        )
+    return steps
 
 
 def adapted_parameters(

@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 
 from .cards import merge_card
-from .errors import ReGradHubError, ReGradValueError
+from .errors import ReGradHubError, ReGradTypeError, ReGradValueError
 
 README_FILE = "README.md"
 # What `regrad pull` downloads: data files only. Code (*.py) and pickles (*.bin, *.pt, *.pkl) are never fetched.
@@ -118,6 +118,24 @@ class Location:
             raise _offline_error(self.repo_id, self.commit, [filename], self.options) from error
 
 
+def check_subfolder(subfolder: object) -> str:
+    """`subfolder` as a relative POSIX path inside a directory or repo (`""` for `None`; leading and trailing
+    slashes dropped).
+
+    Raises:
+        [`ReGradTypeError`]: `subfolder` is not a string.
+        [`ReGradValueError`]: it has a `..` component (it would leave the directory or repo: a path traversal).
+    """
+    if subfolder is None:
+        return ""
+    if not isinstance(subfolder, str):
+        raise ReGradTypeError(f"subfolder must be a string, got {type(subfolder).__name__}")
+    stripped = subfolder.strip("/")
+    if ".." in PurePosixPath(stripped.replace("\\", "/")).parts:
+        raise ReGradValueError(f"subfolder {subfolder!r:.80} leaves the directory or repo ('..'); name a folder inside")
+    return stripped
+
+
 def locate(
     name_or_path: str | os.PathLike,
     files: Sequence[str],
@@ -144,7 +162,9 @@ def locate(
         [`ReGradHubError`]: the repo does not exist (or is private), or it is not in the cache while offline.
     """
     options = options or HubOptions()
-    subfolder = (subfolder or "").strip("/")
+    subfolder = check_subfolder(subfolder)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ReGradTypeError(f"expected a local directory or a Hub repo id, got {type(name_or_path).__name__}")
     local = Path(name_or_path)
     if local.is_dir():
         return Location(local / subfolder, subfolder=subfolder, options=options)

@@ -15,7 +15,7 @@ import torch
 from . import deltas, multi_lora
 from .bank import GradientBank, Hit
 from .config import check_gamma
-from .errors import ReGradError, ReGradValueError
+from .errors import ReGradError, ReGradTypeError, ReGradValueError
 from .prompting import PromptTemplate
 from .query import prompt_to_query
 
@@ -39,6 +39,8 @@ class KnowledgeInjectionMixin:
     def attach_bank(self, bank: GradientBank, force: bool = False) -> None:
         """Attaches a bank; `generate` then retrieves from it. Raises [`BankMismatchError`] if another learner
         built it, unless `force=True`."""
+        if not isinstance(bank, GradientBank):
+            raise ReGradTypeError(f"attach_bank takes a GradientBank, got {type(bank).__name__}")
         with self._adaptation_lock:  # not while another thread's generate retrieves from the current bank
             if not force:
                 bank.check_learner(self)
@@ -83,6 +85,8 @@ class KnowledgeInjectionMixin:
             ```
         """
         gamma = None if gamma is None else check_gamma(gamma)
+        if not isinstance(use_bank, bool):
+            raise ReGradTypeError(f"use_bank must be True or False, got {use_bank!r:.40}")
         if use_bank and self.bank is None:
             raise ReGradError("knowledge(use_bank=True) needs a bank: call model.attach_bank(bank) first")
         # One lock from the gradients to the restore: no other thread's adaptation between them.
@@ -123,19 +127,23 @@ class KnowledgeInjectionMixin:
         `use_bank=True` or `query=`, which adds a second step).
         """
         gamma = None if gamma is None else check_gamma(gamma)
+        if not isinstance(query, str):  # one query: a list would be searched as several, giving lists of hits
+            raise ReGradTypeError(f"retrieved takes one query string, got {type(query).__name__}")
         bank = self._require_bank()
         hits = bank.search(query, min(self.config.top_k_docs, len(bank)) if top_k is None else top_k)
         with self.injected([hit.id for hit in hits], gamma):
             yield hits
 
     @contextmanager
-    def injected(self, ids: Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
-        """Injects the bank documents with these ids for the duration of the block (retrieval done elsewhere).
+    def injected(self, ids: str | Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
+        """Injects the bank documents with these ids (one id, or a sequence of them) for the duration of the block
+        (retrieval done elsewhere).
 
         As in [`knowledge`], `generate` inside the block applies this step alone and does not search the bank
         (unless called with `use_bank=True` or `query=`, which adds a second step).
         """
-        with self._applied(self._require_bank().gather(list(ids)), gamma), self._bank_default(False):
+        # gather type-checks `ids` (one id string, or a sequence of them) and refuses unknown ones
+        with self._applied(self._require_bank().gather(ids), gamma), self._bank_default(False):
             yield self
 
     def _require_bank(self) -> GradientBank:
@@ -180,6 +188,8 @@ class KnowledgeInjectionMixin:
             What the wrapped model's `generate` returns.
         """
         gamma = None if gamma is None else check_gamma(gamma)
+        if use_bank is not None and not isinstance(use_bank, bool):
+            raise ReGradTypeError(f"use_bank must be True, False or None, got {use_bank!r:.40}")
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
             if use_bank is None and query is None:
                 use_bank = self._default_use_bank()
@@ -205,6 +215,8 @@ class KnowledgeInjectionMixin:
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         batch_size = input_ids.shape[0] if input_ids is not None else 1
         if query is not None:
+            if not isinstance(query, (str, Sequence)) or isinstance(query, (bytes, bytearray)):
+                raise ReGradTypeError(f"query must be a string or a list of them (one per row), got {query!r:.40}")
             queries = [query] * batch_size if isinstance(query, str) else list(query)
             if len(queries) != batch_size:
                 raise ReGradValueError(f"got {len(queries)} queries for a batch of {batch_size}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,12 +19,12 @@ from safetensors import SafetensorError, safe_open
 
 from ..deltas import check_documents
 from ..distributed import broadcast_flags, everyone, process_rank
-from ..errors import ReGradError, ReGradFileError, ReGradValueError
+from ..errors import ReGradError, ReGradFileError, ReGradTypeError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
 from ..log import progress_bar
 from . import checkpoint
 from .catalogue import Document
-from .directory import GRADIENTS_DIR, publish, writer_lock
+from .directory import GRADIENTS_DIR, directory_argument, publish, writer_lock
 from .persistence import write_catalogue
 from .schema import MAX_TEXT_CHARS, file_error
 from .shards import check_finite
@@ -42,7 +43,7 @@ def build_into(
     metadata: Sequence[Mapping[str, Any]] | None,
     batch_size: int,
     show_progress: bool,
-    output_dir: Path,
+    output_dir: str | os.PathLike,
     max_shard_bytes: int,
 ) -> GradientBank:
     """[`GradientBank.build`] with `output_dir`: shard by shard, checkpointed, resuming a previous interrupted build;
@@ -50,8 +51,9 @@ def build_into(
 
     `bank` is the empty bank to fill (its learner, format and embedder); the published bank is returned, loaded."""
     rank, world = process_rank()
+    output = directory_argument(output_dir, "output_dir").resolve()
+    bank.store.documents_per_shard(max_shard_bytes)  # checked before any work
     ids, metadata = everyone(lambda: check_new(bank, model, documents, ids, metadata, batch_size), "checking")
-    output = output_dir.resolve()
     expected = checkpoint.new_state(
         bank.fingerprint,
         learner=bank.learner,
@@ -165,10 +167,25 @@ def check_new(
         )
     ids = bank.catalogue.new_ids(documents, ids)
     metadata = bank.catalogue.check_metadata(documents, metadata)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ReGradValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_source(model)
     bank.check_learner(model)
     return ids, metadata
+
+
+SOURCE_ATTRIBUTES = ("config", "learner_identity", "lora_parameters", "document_gradients")
+
+
+def check_source(model: object) -> None:
+    """Raises [`ReGradTypeError`] unless `model` can compute a bank's gradients (a [`ReGradForCausalLM`], or
+    anything with the [`GradientSource`] attributes), before any of them is used."""
+    missing = [name for name in SOURCE_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise ReGradTypeError(
+            f"model must be a ReGradForCausalLM (a GradientSource), got {type(model).__name__} without "
+            f"{', '.join(missing)}"
+        )
 
 
 def compute(

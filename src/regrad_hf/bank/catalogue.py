@@ -63,7 +63,7 @@ class Catalogue:
         return len(self.documents)
 
     def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self.documents
+        return isinstance(doc_id, str) and doc_id in self.documents  # never a TypeError for an unhashable value
 
     def __getitem__(self, doc_id: str) -> Document:
         return self.documents[doc_id]
@@ -130,9 +130,13 @@ class Catalogue:
 
     @staticmethod
     def check_metadata(documents: Sequence[str], metadata) -> list[Mapping[str, Any]]:
-        """Checks the metadata of documents to add (`None`: empty)."""
+        """Checks the metadata of documents to add (`None`: empty): a sequence of one mapping per document."""
         if metadata is None:
             return [{} for _ in documents]
+        if isinstance(metadata, (str, bytes, bytearray, Mapping)) or not isinstance(metadata, Iterable):
+            raise ReGradTypeError(
+                f"metadata must be a sequence of one mapping per document, got {type(metadata).__name__}"
+            )
         metadata = list(metadata)
         if len(metadata) != len(documents):
             raise ReGradValueError(f"got {len(metadata)} metadata entries for {len(documents)} documents")

@@ -21,14 +21,14 @@ import torch
 from ..cards import render_bank_card
 from ..data import dataset_documents
 from ..deltas import check_documents, truncation_report
-from ..errors import BankMismatchError, ReGradTypeError, ReGradValueError
-from ..hub import HubOptions, locate, push_folder
+from ..errors import BankMismatchError, ReGradValueError
+from ..hub import HubOptions, push_folder
 from ..learner import fingerprint_of
 from . import index as index_module
 from . import persistence
-from .building import add_documents, build_into
+from .building import add_documents, build_into, check_source
 from .catalogue import Catalogue, Hit
-from .directory import CONFIG_FILE, DOCUMENTS_FILE, GRADIENTS_DIR, INDEX_FILE, was_a_bank
+from .directory import CONFIG_FILE, GRADIENTS_DIR, directory_argument
 from .index import EmbeddingIndex, IndexSettings
 from .quantization import gradient_format
 from .shards import ShardStore, all_finite, check_finite
@@ -166,7 +166,8 @@ class GradientBank:
         Returns:
             [`GradientBank`]
         """
-        settings = IndexSettings.from_mapping(index_settings)  # checked before any work
+        check_source(model)  # the model and the settings are checked before any work
+        settings = IndexSettings.from_mapping(index_settings)
         documents, ids = dataset_documents(documents, ids, text_column, id_column)
         check_documents(documents)
         embedder_model = embedder_model or index_module.load_embedder(model.config.embedder)
@@ -181,7 +182,7 @@ class GradientBank:
         )
         if output_dir is not None:
             return build_into(
-                bank, model, documents, ids, metadata, batch_size, show_progress, Path(output_dir), max_shard_bytes
+                bank, model, documents, ids, metadata, batch_size, show_progress, output_dir, max_shard_bytes
             )
         bank.add(model, documents, ids=ids, metadata=metadata, batch_size=batch_size, show_progress=show_progress)
         return bank
@@ -264,12 +265,7 @@ class GradientBank:
         Returns:
             `list[Hit]` for one query, `list[list[Hit]]` for several, best first.
         """
-        single = isinstance(query, str)
-        if not single and (not isinstance(query, Sequence) or isinstance(query, (bytes, bytearray))):
-            raise ReGradTypeError(f"search takes a query string or a sequence of them, got {type(query).__name__}")
-        queries = [query] if single else list(query)
-        if not queries or not all(isinstance(q, str) and q.strip() for q in queries):
-            raise ReGradValueError("search needs a non-empty query string (or a list of them)")
+        single, queries = index_module.query_list(query)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ReGradValueError(f"k must be a positive integer, got {k!r}")
         if k > len(self):
@@ -333,7 +329,7 @@ class GradientBank:
             save_directory (`str` or `os.PathLike`): where to write.
             max_shard_bytes (`int`, defaults to 1 GiB): the size above which gradients go to a new shard.
         """
-        persistence.save(self, Path(save_directory), max_shard_bytes)
+        persistence.save(self, directory_argument(save_directory, "save_directory"), max_shard_bytes)
 
     def push_to_hub(
         self,
@@ -417,18 +413,7 @@ class GradientBank:
             [`ReGradHubError`]: when the repo cannot be found, or is not cached while offline.
         """
         options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
-        local = Path(pretrained_bank_name_or_path, subfolder or "")
-        if local.is_dir() or (local.parent.is_dir() and was_a_bank(local.absolute())):
-            return persistence.read_local(cls, local.resolve(), embedder_model)
-        location = locate(
-            pretrained_bank_name_or_path,
-            [CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE],
-            subfolder=subfolder,
-            options=options,
-        )
-        if not location.is_remote:
-            return persistence.read_local(cls, location.directory.resolve(), embedder_model)
-        return persistence.read(cls, location, embedder_model)
+        return persistence.load(cls, pretrained_bank_name_or_path, subfolder, options, embedder_model)
 
     def __repr__(self) -> str:
         return (

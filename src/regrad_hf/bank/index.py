@@ -115,6 +115,28 @@ def embedder_identity(model) -> str | None:
     return identity
 
 
+def query_list(query: object) -> tuple[bool, list[str]]:
+    """`(single, queries)` of a search's `query`: one string, or a sequence of them (a list, a tuple).
+
+    Raises:
+        [`ReGradTypeError`]: `query` is not a string or a sequence of them (`None`, bytes, a mapping, a generator).
+        [`ReGradValueError`]: no query, a blank one, or one that is not valid Unicode (lone surrogates), which the
+            embedder's tokenizer cannot encode.
+    """
+    single = isinstance(query, str)
+    if not single and (not isinstance(query, Sequence) or isinstance(query, (bytes, bytearray))):
+        raise ReGradTypeError(f"search takes a query string or a sequence of them, got {type(query).__name__}")
+    queries = [query] if single else list(query)
+    if not queries or not all(isinstance(q, str) and q.strip() for q in queries):
+        raise ReGradValueError("search needs a non-empty query string (or a list of them)")
+    for number, text in enumerate(queries):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ReGradValueError(f"query {number} is not valid Unicode text (lone surrogates)") from None
+    return single, queries
+
+
 class EmbeddingIndex:
     """Embeds texts and finds the nearest stored embeddings.
 
@@ -222,6 +244,8 @@ class EmbeddingIndex:
 
         `exact=None` scans every vector for up to `EXACT_SEARCH_MAX_DOCUMENTS` documents, else walks the HNSW graph.
         """
+        if exact is not None and not isinstance(exact, bool):
+            raise ReGradTypeError(f"exact must be True, False or None (by the bank's size), got {exact!r:.40}")
         exact = len(self) <= EXACT_SEARCH_MAX_DOCUMENTS if exact is None else exact
         matches = self._index.search(vectors, k, exact=exact)
         # usearch answers one query with `Matches` and several with `BatchMatches` (indexable into `Matches`).

@@ -17,15 +17,18 @@ from safetensors import SafetensorError
 
 from ..errors import BankNotFoundError, ReGradError, ReGradFileError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_write_bytes, atomic_write_text
-from ..hub import Location
+from ..hub import HubOptions, Location, check_subfolder, locate
 from .directory import (
     CONFIG_FILE,
     DOCUMENTS_FILE,
+    EAGER_FILES,
     GRADIENTS_DIR,
     INDEX_FILE,
+    directory_argument,
     interrupted_backup,
     publish,
     regular_file,
+    was_a_bank,
     writer_active,
     writer_lock,
 )
@@ -53,6 +56,7 @@ def save(bank: GradientBank, save_directory: Path, max_shard_bytes: int) -> None
     """[`GradientBank.save_pretrained`]: with the directory's writer lock held, writes a staging directory and swaps
     it in whole; a failure (a full disk included) raises a [`ReGradError`] and leaves the directory as it was."""
     target = save_directory.resolve()
+    bank.store.documents_per_shard(max_shard_bytes)  # checked before the lock file is created
     try:
         with writer_lock(target):
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
@@ -135,6 +139,28 @@ def _stamp(directory: Path) -> tuple[int, int, int] | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return status.st_dev, status.st_ino, status.st_ctime_ns
+
+
+def load(
+    cls: type[GradientBank],
+    name_or_path: str | os.PathLike,
+    subfolder: str | None,
+    options: HubOptions,
+    embedder_model,
+) -> GradientBank:
+    """[`GradientBank.from_pretrained`]: a local bank directory (see [`read_local`]), or a Hub repo's bank.
+
+    Raises:
+        [`ReGradTypeError`], [`ReGradValueError`]: `name_or_path` or `subfolder` is not a path or repo id, or the
+            subfolder leaves the directory or repo (see [`regrad_hf.hub.check_subfolder`]).
+    """
+    local = directory_argument(name_or_path, "pretrained_bank_name_or_path") / check_subfolder(subfolder)
+    if local.is_dir() or (local.parent.is_dir() and was_a_bank(local.absolute())):
+        return read_local(cls, local.resolve(), embedder_model)
+    location = locate(name_or_path, list(EAGER_FILES), subfolder=subfolder, options=options)
+    if not location.is_remote:
+        return read_local(cls, location.directory.resolve(), embedder_model)
+    return read(cls, location, embedder_model)
 
 
 def read_local(cls: type[GradientBank], target: Path, embedder_model) -> GradientBank:

@@ -135,7 +135,8 @@ def parse_json(data: bytes | str, where: Path | str) -> Any:
 
 def check_json_value(value: Any, where: Path | str) -> None:
     """Refuses what a bank could not write as UTF-8 JSON and read back: other types than JSON's, non-string keys,
-    lone surrogates, nesting deeper than [`MAX_JSON_DEPTH`], integers longer than [`MAX_INT_DIGITS`] digits."""
+    NaN and infinities (not JSON: other readers refuse them), lone surrogates, nesting deeper than
+    [`MAX_JSON_DEPTH`], integers longer than [`MAX_INT_DIGITS`] digits."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -155,7 +156,10 @@ def check_json_value(value: Any, where: Path | str) -> None:
         elif _is_int(item):
             if abs(item) >= _INT_LIMIT:
                 raise ReGradValueError(f"{where} holds an integer of more than {MAX_INT_DIGITS} digits")
-        elif not isinstance(item, (float, bool, type(None))):
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ReGradValueError(f"{where} holds {item!r}, which JSON cannot represent (only finite numbers)")
+        elif not isinstance(item, (bool, type(None))):
             raise ReGradValueError(f"{where} holds a {type(item).__name__}, which is not JSON")
 
 

@@ -55,6 +55,16 @@ class ShardStore:
         return self.format.bytes_per_document(self.parameter_shapes)
 
     def documents_per_shard(self, max_shard_bytes: int) -> int:
+        """How many documents a shard of at most `max_shard_bytes` holds (at least one: `0` means one per shard).
+
+        Raises:
+            [`ReGradValueError`]: `max_shard_bytes` is not a non-negative integer (a bool, a float, `None`, `-1`).
+        """
+        if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 0:
+            raise ReGradValueError(
+                f"max_shard_bytes must be a non-negative integer (0: one document per shard), "
+                f"got {max_shard_bytes!r:.40}"
+            )
         return max(1, max_shard_bytes // max(1, self.bytes_per_document))
 
     def encode(self, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
