@@ -13,9 +13,10 @@ Modules, one job each (data flows from the facade to its parts):
 - `building`, `checkpoint`: resumable, multi-process builds.
 """
 
+from .building import GradientSource
 from .catalogue import Hit
 from .directory import CONFIG_FILE, DOCUMENTS_FILE, EAGER_FILES, GRADIENTS_DIR, INDEX_FILE
-from .gradient_bank import GradientBank, GradientSource
+from .gradient_bank import GradientBank
 from .persistence import FORMAT_VERSION
 
 __all__ = [

@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,9 +30,22 @@ from .schema import MAX_TEXT_CHARS, file_error
 from .shards import check_finite
 
 if TYPE_CHECKING:
-    from .gradient_bank import GradientBank, GradientSource
+    from ..config import ReGradConfig
+    from .gradient_bank import GradientBank
 
 logger = logging.getLogger(__name__)
+
+
+class GradientSource(Protocol):
+    """What a bank needs from a model to add documents (implemented by [`ReGradForCausalLM`])."""
+
+    config: ReGradConfig
+
+    def learner_identity(self) -> dict[str, str]: ...
+
+    def lora_parameters(self) -> Mapping[str, torch.Tensor]: ...
+
+    def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
 
 def build_into(

@@ -9,46 +9,30 @@ given ([`GradientSource`]) and hands stacked gradients back through [`GradientBa
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..cards import render_bank_card
 from ..data import dataset_documents
 from ..deltas import check_documents, truncation_report
 from ..errors import BankMismatchError, ReGradValueError
-from ..hub import HubOptions, push_folder
+from ..hub import HubOptions
 from ..learner import fingerprint_of
 from . import index as index_module
 from . import persistence
-from .building import add_documents, build_into, check_source
+from .building import GradientSource, add_documents, build_into, check_source
 from .catalogue import Catalogue, Hit
-from .directory import CONFIG_FILE, GRADIENTS_DIR, directory_argument
+from .directory import directory_argument
 from .index import EmbeddingIndex, IndexSettings
 from .quantization import gradient_format
 from .shards import ShardStore, all_finite, check_finite
 
 if TYPE_CHECKING:
-    from ..config import ReGradConfig
+    pass
 
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
-
-
-class GradientSource(Protocol):
-    """What a bank needs from a model to add documents (implemented by [`ReGradForCausalLM`])."""
-
-    config: ReGradConfig
-
-    def learner_identity(self) -> dict[str, str]: ...
-
-    def lora_parameters(self) -> Mapping[str, torch.Tensor]: ...
-
-    def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
 
 class GradientBank:
@@ -359,23 +343,19 @@ class GradientBank:
         Returns:
             `huggingface_hub.CommitInfo`: the commit (its sha is `.oid`).
         """
-        with tempfile.TemporaryDirectory() as folder:
-            persistence.write_files(self, Path(folder), max_shard_bytes)
-            bank_config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
-            card = render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder, card_data=card_data)
-            return push_folder(
-                folder,
-                repo_id,
-                path_in_repo=subfolder or "",
-                commit_message=commit_message or f"Upload gradient bank ({len(self)} documents)",
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                delete_patterns=[f"{GRADIENTS_DIR}/*"],  # shards of an earlier, larger bank
-                card=card,
-            )
+        return persistence.push(
+            self,
+            repo_id,
+            subfolder=subfolder,
+            commit_message=commit_message or f"Upload gradient bank ({len(self)} documents)",
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            max_shard_bytes=max_shard_bytes,
+            card_data=card_data,
+        )
 
     @classmethod
     def from_pretrained(

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
+from ..cards import render_bank_card
 from ..errors import BankNotFoundError, ReGradError, ReGradFileError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_write_bytes, atomic_write_text
-from ..hub import HubOptions, Location, check_subfolder, locate
+from ..hub import HubOptions, Location, check_subfolder, locate, push_folder
 from .directory import (
     CONFIG_FILE,
     DOCUMENTS_FILE,
@@ -266,4 +267,32 @@ def _check_sha256(data: bytes, expected: str | None, path: Path) -> None:
         raise ReGradValueError(
             f"bank file {path} does not match its checksum in {CONFIG_FILE}: it is damaged or from another bank; "
             "rebuild the bank (or restore the file)"
+        )
+
+
+def push(
+    bank: GradientBank,
+    repo_id: str,
+    *,
+    subfolder: str | None,
+    commit_message: str,
+    max_shard_bytes: int,
+    card_data: Mapping[str, Any] | None,
+    **commit_options: Any,
+):
+    """[`GradientBank.push_to_hub`]: writes the bank's files to a temporary folder and pushes them with the bank's
+    card in one commit, deleting the repo's shards of an earlier, larger bank. `commit_options` go to
+    [`regrad_hf.hub.push_folder`] (`commit_description`, `private`, `token`, `revision`, `create_pr`)."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_files(bank, Path(folder), max_shard_bytes)
+        bank_config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+        card = render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder, card_data=card_data)
+        return push_folder(
+            folder,
+            repo_id,
+            path_in_repo=subfolder or "",
+            commit_message=commit_message,
+            delete_patterns=[f"{GRADIENTS_DIR}/*"],
+            card=card,
+            **commit_options,
         )
