@@ -100,6 +100,34 @@ def test_bad_document_files(tmp_path, capsys, content, fragments):
         read_documents(path)
 
 
+def test_files_that_are_not_utf8_are_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    Path("binary.txt").write_bytes(b"\xff\xfe\x00binary")
+    Path("tasks.jsonl").write_bytes(b"\x80")
+    for argv, name in [
+        (["build-bank", "--documents", "latin1.jsonl", "--output", "out"], "latin1.jsonl"),
+        (["build-bank", "--documents", "binary.txt", "--output", "out"], "binary.txt"),
+        (["demo", "--questions", "binary.txt"], "binary.txt"),
+        (["eval", "--dataset", "jsonl", "--data", "tasks.jsonl", "--output", "o"], "tasks.jsonl"),
+    ]:
+        assert exit_status(argv) == 2
+        one_error_line(capsys, name, "is not UTF-8 text")
+
+
+def test_push_of_a_learner_with_a_symlinked_or_damaged_file_is_one_error_line(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "learner")
+    (tmp_path / "learner" / "config.json").rename(tmp_path / "config.json")
+    (tmp_path / "learner" / "config.json").symlink_to(tmp_path / "config.json")
+    assert main(["push", str(tmp_path / "learner"), "user/repo"]) == 2
+    one_error_line(capsys, "config.json is a symlink")
+    (tmp_path / "learner" / "config.json").unlink()
+    (tmp_path / "config.json").rename(tmp_path / "learner" / "config.json")
+    (tmp_path / "learner" / "learner.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{garbage")
+    assert main(["push", str(tmp_path / "learner"), "user/repo"]) == 2
+    one_error_line(capsys, "learner.safetensors is not a readable learner file")
+
+
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [

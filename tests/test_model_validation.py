@@ -8,16 +8,18 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from regrad_hf import BankMismatchError, ReGradConfig, ReGradError, ReGradForCausalLM, ReGradValueError
+from regrad_hf import BankMismatchError, ReGradConfig, ReGradError, ReGradForCausalLM, ReGradValueError, learner_files
 from regrad_hf import modeling as modeling_module
+from regrad_hf.errors import ReGradFileError, ReGradTypeError
 
-from .conftest import DOCUMENTS, make_tiny_base, parameter_bytes
+from .conftest import DOCUMENTS, make_tiny_base, make_tiny_model, parameter_bytes
 
 GREEDY = {"max_new_tokens": 4, "do_sample": False}
 STEP_SIZES = "regrad.step_sizes"
@@ -160,6 +162,15 @@ def test_gamma_must_be_a_finite_number(tiny_model, tiny_bank, tokenizer, where):
         ({"target_modules": [3]}, "target_modules must be non-empty"),
         ({"embedder": ""}, "embedder must be None or a non-empty string"),
         ({"base_model_revision": 5}, "base_model_revision"),
+        # templates are formatted at every prompt: a conversion or format spec would fail (or allocate) there
+        ({"user_template": "{question!x}"}, "conversion or format spec"),
+        ({"user_template": "{question:>99999999999}"}, "conversion or format spec"),
+        ({"document_template": "{document}{index:s}"}, "conversion or format spec"),
+        # a prompt no tokenizer can encode, or too large for the saved config.json to load again
+        ({"system_prompt": "\udcff"}, "system_prompt is not valid Unicode"),
+        ({"user_template": "{question}\udcff"}, "user_template is not valid Unicode"),
+        ({"system_prompt": "x" * (4 << 20)}, "system_prompt has 4194304 characters"),
+        ({"dtype": "float99"}, "transformers refuses"),
     ],
     ids=lambda value: str(value)[:40] if isinstance(value, dict) else "",
 )
@@ -289,3 +300,150 @@ def test_loading_a_learner_inside_an_adaptation_is_refused(tiny_model):
 
 def make_tiny_model_state(model: ReGradForCausalLM) -> dict[str, torch.Tensor]:
     return {name: tensor + 0.5 for name, tensor in model.learner_state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- learner directories
+
+
+def load_into(directory, tokenizer) -> ReGradForCausalLM:
+    return ReGradForCausalLM.from_pretrained(directory, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+
+
+def learner_bytes(model: ReGradForCausalLM) -> dict[str, bytes]:
+    return {name: tensor.numpy().tobytes() for name, tensor in model.learner_state_dict().items()}
+
+
+def test_numbers_of_any_real_type_save_as_json_and_runtime_keys_do_not_break_loading(tiny_model, tokenizer, tmp_path):
+    """A Fraction or numpy gamma is a number, but not JSON: it is saved as a float. An attention implementation in
+    config.json (the wrapper runs none) is ignored instead of making the wrapper refuse to be built."""
+    import fractions
+
+    import numpy
+
+    for gamma in (fractions.Fraction(1, 2), numpy.float32(0.5)):
+        config = ReGradConfig(**{**tiny_model.config.to_dict(), "gamma": gamma})
+        assert type(config.gamma) is float and config.gamma == 0.5
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attn_implementation": "sdpa"}))
+    assert parameter_bytes(load_into(tmp_path, tokenizer)) == parameter_bytes(tiny_model)
+
+
+@pytest.mark.parametrize("name", ["config.json", "learner.safetensors", "generation_config.json", "bank"])
+def test_a_learner_directory_never_follows_a_symlink(saved_learner, tiny_bank, tokenizer, tmp_path, name):
+    """Even to identical bytes outside the directory: the link is refused, naming it."""
+    if name == "bank":
+        tiny_bank.save_pretrained(saved_learner / "bank")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (saved_learner / name).rename(outside / name)
+    (saved_learner / name).symlink_to(outside / name)
+    with pytest.raises(ReGradFileError, match=f"{name} is a symlink"):
+        load_into(saved_learner, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{", "not a readable generation config"),
+        ("[1]", "holds a list, not an object"),
+        ('{"num_beams": 0}', "num_beams must be a positive integer"),
+        ('{"max_new_tokens": "x"}', "max_new_tokens must be a positive integer"),
+        ('{"eos_token_id": "x"}', "eos_token_id must be a token id"),
+        ('{"temperature": -1, "do_sample": true}', "temperature must be a positive finite number"),
+    ],
+)
+def test_a_damaged_generation_config_is_refused_when_loaded(saved_learner, tokenizer, text, match):
+    (saved_learner / "generation_config.json").write_text(text)
+    with pytest.raises(ReGradValueError, match=match):
+        load_into(saved_learner, tokenizer)
+
+
+def test_bad_save_directories_are_typed_errors(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    for directory, error, match in [
+        (None, ReGradTypeError, "save_directory must be a directory path"),
+        (5, ReGradTypeError, "save_directory must be a directory path"),
+        ("", ReGradValueError, "empty path"),
+        (tmp_path / "a-file", ReGradFileError, "it is a file, not a directory"),
+        (tmp_path / "a-file" / "sub", ReGradFileError, "cannot create the learner directory"),
+    ]:
+        with pytest.raises(error, match=match):
+            tiny_model.save_pretrained(directory)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "tokenizer.json").mkdir()  # a save cannot replace a directory by a file: nothing written
+    with pytest.raises(ReGradFileError, match="tokenizer.json is a directory"):
+        tiny_model.save_pretrained(tmp_path / "taken")
+    assert sorted(os.listdir(tmp_path / "taken")) == ["tokenizer.json"]
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "taken"]
+    with pytest.raises(ReGradValueError, match="is a file, not a directory"):
+        ReGradForCausalLM.from_pretrained(tmp_path / "a-file")
+
+
+def test_a_save_that_fails_midway_keeps_the_previous_learner(saved_learner, tiny_model, tokenizer, monkeypatch):
+    """The last file of a save fails to write: the directory still holds the previous learner, every byte."""
+    before = {p.name: p.read_bytes() for p in saved_learner.iterdir()}
+    with torch.no_grad():
+        next(iter(tiny_model.lora_parameters().values())).add_(1.0)
+    real = modeling_module.atomic_write_text
+
+    def failing(path, text):
+        if Path(path).name == "config.json":
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(modeling_module, "atomic_write_text", failing)
+    with pytest.raises(ReGradFileError, match="disk is full"):
+        tiny_model.save_pretrained(saved_learner)
+    assert {p.name: p.read_bytes() for p in saved_learner.iterdir()} == before
+
+
+def test_a_save_killed_while_moving_its_files_in_reads_as_the_new_learner(tokenizer, tmp_path, monkeypatch):
+    """A kill (or an interrupt) between the renames of a save leaves a journal and the files still to move in:
+    readers see the new learner whole, never the new tensors with the old config, and the next save finishes it."""
+    old, new = make_tiny_model(tokenizer, seed=1, lora_rank=4), make_tiny_model(tokenizer, seed=2, lora_rank=2)
+    old.save_pretrained(tmp_path)
+    moves = []
+    move_files = learner_files._move_files
+
+    def killed_after_one_move(staging, directory, names):
+        moves.extend(names)
+        move_files(staging, directory, names[:-1])  # every file but the last, config.json, moves in
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(learner_files, "_move_files", killed_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / learner_files.JOURNAL_FILE).exists() and moves[-1] == "config.json"
+    assert learner_bytes(load_into(tmp_path, tokenizer)) == learner_bytes(new)
+    old.save_pretrained(tmp_path)  # finishes the interrupted save, then saves
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert learner_bytes(load_into(tmp_path, tokenizer)) == learner_bytes(old)
+
+
+def test_threads_saving_different_learners_into_one_directory_never_mix_them(tokenizer, tmp_path):
+    """Two writers of one directory wait for each other: the directory always holds one whole learner."""
+    learners = [make_tiny_model(tokenizer, seed=1, lora_rank=4), make_tiny_model(tokenizer, seed=2, lora_rank=2)]
+    expected = [learner_bytes(model) for model in learners]
+    errors = []
+
+    def save(model):
+        try:
+            for _ in range(15):
+                model.save_pretrained(tmp_path)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=save, args=(model,)) for model in learners]
+    for thread in threads:
+        thread.start()
+    loaded = []
+    while any(thread.is_alive() for thread in threads):
+        if (tmp_path / "config.json").exists():
+            loaded.append(learner_bytes(load_into(tmp_path, tokenizer)))
+    for thread in threads:
+        thread.join()
+    loaded.append(learner_bytes(load_into(tmp_path, tokenizer)))
+    assert not errors and all(state in expected for state in loaded)

@@ -3,6 +3,7 @@ import torch
 from transformers import AutoTokenizer, pipeline
 
 from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
+from regrad_hf.errors import ReGradTypeError
 from regrad_hf.files import FILE_MODE
 
 from .conftest import DOCUMENTS, IDS, make_tiny_base, make_tiny_model, parameter_bytes
@@ -124,6 +125,48 @@ def test_generate_errors(tiny_model, tokenizer):
         tiny_model.generate(**inputs, **GREEDY, use_bank=True)
     with pytest.raises(ReGradError, match="no gradient bank"):
         tiny_model.generate(**inputs, **GREEDY, query="Zorbia")
+
+
+ROW = torch.tensor([[1, 2, 3]])
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        ({"input_ids": torch.zeros((1, 0), dtype=torch.long)}, "is empty"),
+        ({"input_ids": torch.zeros((0, 3), dtype=torch.long)}, "is empty"),
+        ({"input_ids": torch.tensor([1, 2, 3])}, "add the batch dimension"),
+        ({"input_ids": torch.tensor([[1.0, 2.0]])}, "integer token ids"),
+        ({"input_ids": [[1, 2, 3]]}, "must be a torch.Tensor"),
+        ({"input_ids": torch.tensor([[-1, 2]])}, "token id -1 is outside the vocabulary"),
+        ({"input_ids": torch.tensor([[10**7]])}, "token id 10000000 is outside the vocabulary"),
+        ({"input_ids": ROW, "attention_mask": torch.ones((1, 2), dtype=torch.long)}, "does not match input_ids"),
+        ({"input_ids": ROW, "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"input_ids": ROW, "num_beams": 0}, "num_beams must be a positive integer"),
+        ({"input_ids": ROW, "do_sample": True, "temperature": -1.0}, "temperature must be a positive"),
+    ],
+    ids=lambda value: "" if isinstance(value, dict) else value,
+)
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_odd_generate_inputs_are_typed_errors_that_change_nothing(tiny_model, tiny_bank, inputs, match, with_bank):
+    """Refused before retrieval (whose messages would be about queries) and before the base's generate (whose
+    errors are IndexError, OverflowError, ZeroDivisionError, ...)."""
+    if with_bank:
+        tiny_model.attach_bank(tiny_bank)
+    before = parameter_bytes(tiny_model)
+    with pytest.raises((ReGradValueError, ReGradTypeError), match=match):
+        tiny_model.generate(**{"max_new_tokens": 2, "do_sample": False, **inputs})
+    assert parameter_bytes(tiny_model) == before
+
+
+def test_generate_keeps_settings_transformers_allows_at_their_bounds(tiny_model):
+    """`top_k=0` (top-k filtering off), `min_new_tokens=0` and `no_repeat_ngram_size=0` are transformers' own
+    'off' values, not bad input."""
+    torch.manual_seed(0)
+    output = tiny_model.generate(
+        input_ids=ROW, max_new_tokens=2, do_sample=True, top_k=0, min_new_tokens=0, no_repeat_ngram_size=0
+    )
+    assert output.shape[0] == 1 and ROW.shape[1] < output.shape[1] <= ROW.shape[1] + 2
 
 
 def test_knowledge_with_no_documents_changes_nothing(tiny_model):

@@ -210,6 +210,13 @@ def test_a_caller_that_times_out_gets_a_typed_timeout_and_its_request_is_cancell
         ("Hi", {"attention_mask": torch.ones(1, 2)}, ReGradValueError, "does not take attention_mask"),
         ("Hi", {"streamer": object()}, ReGradValueError, "does not take streamer"),
         ("Hi", {"output_scores": True}, ReGradValueError, "does not take output_scores"),
+        # bytes are a sequence of ints, but not token ids; text no tokenizer can encode
+        (b"Hi", {}, ReGradTypeError, "a prompt is a string or a sequence of token ids, got bytes"),
+        ("Hi \udcff", {}, ReGradValueError, "not valid Unicode"),
+        # settings that would fail inside the batch's generate (ValueError, TypeError deep in transformers)
+        ("Hi", {"do_sample": True, "temperature": -1.0}, ReGradValueError, "temperature must be a positive"),
+        ("Hi", {"eos_token_id": "x"}, ReGradValueError, "eos_token_id must be a token id"),
+        ("Hi", {"top_k": "x"}, ReGradValueError, "top_k must be a positive integer"),
     ],
 )
 def test_bad_requests_are_refused_at_submit_with_a_typed_error(tiny_model, prompt, kwargs, error, match):
@@ -217,6 +224,14 @@ def test_bad_requests_are_refused_at_submit_with_a_typed_error(tiny_model, promp
         with pytest.raises(error, match=match):
             generator.submit(prompt, **kwargs)
         assert not generator._pending  # nothing was queued
+
+
+def test_a_timeout_that_is_not_a_number_is_refused_before_anything_is_queued(tiny_model):
+    with BatchingGenerator(tiny_model, max_wait_ms=0) as generator:
+        for timeout in ("1", float("nan"), True):
+            with pytest.raises(ReGradValueError, match="timeout must be a number of seconds"):
+                generator.generate([1, 2], max_new_tokens=1, timeout=timeout)
+        assert not generator._pending
 
 
 def test_bad_generator_arguments_are_typed_errors(tiny_model, tiny_base):

@@ -14,7 +14,7 @@ from regrad_hf_cli import FRESH, METHOD_NAMES  # noqa: F401
 
 from .defaults import shipped_learner_path
 from .errors import ReGradValueError
-from .sources import looks_like_hub_id, missing_path_message
+from .sources import looks_like_hub_id, missing_path_message, read_text_file
 
 LEARNER_SUBDIR = "learner"
 # `regrad eval`'s default drift probes: the multiple-choice sets of TOFU on the Hub (configuration names).
@@ -25,7 +25,7 @@ HUB_PROBES_REPO = "locuslab/TOFU"
 def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] | None]:
     """Reads documents from JSONL (`{"text": ..., "id": ..., "metadata": {...}}` per line) or plain text (one per
     non-empty line)."""
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_text_file(path).splitlines(), 1) if line.strip()]
     if path.suffix != ".jsonl":
         return [line for _, line in lines], None, None
     records = []
@@ -65,7 +65,7 @@ def load_documents(
 def read_questions(path: Path) -> list[dict]:
     """`regrad demo`'s questions: JSONL of `{"question": ..., "answer"?: ..., "doc_id"?: ...}`."""
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -233,18 +233,22 @@ def demo(args: argparse.Namespace) -> int:
 
 def folder_card(folder: Path, repo_id: str, subfolder: str | None) -> tuple[str, list[str]] | None:
     """The card of a saved learner or bank directory, and the repo files a push of it replaces; None if neither."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    from . import bank, cards, learner_state, modeling
-    from .config import ReGradConfig
+    from . import bank, cards, learner_files, learner_state
 
     if (folder / bank.CONFIG_FILE).is_file():
-        bank_config = json.loads((folder / bank.CONFIG_FILE).read_text(encoding="utf-8"))
+        bank_config = learner_files.read_json_object(folder / bank.CONFIG_FILE, "bank config")
         return cards.render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder), [f"{bank.GRADIENTS_DIR}/*"]
-    if (folder / modeling.CONFIG_FILE).is_file() and (folder / modeling.LEARNER_FILE).is_file():
-        config = ReGradConfig.from_json_file(str(folder / modeling.CONFIG_FILE))
-        with safe_open(str(folder / modeling.LEARNER_FILE), framework="pt") as learner:
-            fingerprint, names = (learner.metadata() or {}).get("fingerprint", "unknown"), list(learner.keys())
+    config_path = learner_files.learner_file(folder, learner_files.CONFIG_FILE)
+    learner_path = learner_files.learner_file(folder, learner_files.LEARNER_FILE)
+    if config_path.is_file() and learner_path.is_file():
+        config = learner_files.read_config(config_path)
+        try:
+            with safe_open(str(learner_path), framework="pt") as learner:
+                fingerprint, names = (learner.metadata() or {}).get("fingerprint", "unknown"), list(learner.keys())
+        except SafetensorError as error:
+            raise ReGradValueError(f"{learner_path} is not a readable learner file ({error})") from error
         lora_tensors = len([name for name in names if name != learner_state.STEP_SIZES_KEY])
         return cards.render_model_card(
             config, fingerprint=fingerprint, num_lora_tensors=lora_tensors, repo_id=repo_id
@@ -260,7 +264,7 @@ def push(args: argparse.Namespace) -> int:
         raise ReGradValueError(missing_path_message(folder, "directory"))
     try:
         found = folder_card(folder, args.repo_id, args.subfolder)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:  # hand-edited or truncated config
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # hand-edited, truncated, not UTF-8: typed too
         detail = f"no {error}" if isinstance(error, KeyError) else str(error)
         raise ReGradValueError(f"{folder} has a damaged config ({detail}): rebuild or re-save it") from error
     if found is None:

@@ -11,7 +11,13 @@ from transformers import PreTrainedConfig
 
 from .bank.quantization import BANK_DTYPES
 from .errors import ReGradValueError
-from .prompting import CONCISE_SYSTEM_PROMPT, DEFAULT_DOCUMENT_TEMPLATE, DEFAULT_USER_TEMPLATE, LEGACY_PROMPT
+from .prompting import (
+    CONCISE_SYSTEM_PROMPT,
+    DEFAULT_DOCUMENT_TEMPLATE,
+    DEFAULT_USER_TEMPLATE,
+    LEGACY_PROMPT,
+    check_text,
+)
 from .prompting import check_template as check_prompt_template
 
 STEP_SIZE_MODES = ("tie", "row", "same", "fix")
@@ -42,6 +48,7 @@ _BASE_CONFIG_KEYS = frozenset(
         "use_cache",  # Trainer sets it on every model config it trains
     }
 )
+_RUNTIME_ONLY_KEYS = ("attn_implementation", "experts_implementation")
 
 
 class ReGradConfig(PreTrainedConfig):
@@ -145,8 +152,17 @@ class ReGradConfig(PreTrainedConfig):
             warnings.warn(f"ReGradConfig ignores unknown keys: {', '.join(unknown)}", UserWarning, stacklevel=3)
             for key in unknown:
                 kwargs.pop(key)
+        # The wrapper runs no attention of its own (the base model's config says how it runs): an implementation
+        # named here ("sdpa" in a config.json, from an Auto class) would only make the wrapper refuse to be built.
+        for key in _RUNTIME_ONLY_KEYS:
+            kwargs.pop(key, None)
         self._validate()
-        super().__post_init__(**kwargs)
+        try:
+            super().__post_init__(**kwargs)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:  # e.g. dtype="float99"
+            raise ReGradValueError(
+                f"ReGradConfig has a setting transformers refuses ({type(error).__name__}: {error})"
+            ) from error
 
     def _validate(self) -> None:
         if self.step_size_mode not in STEP_SIZE_MODES:
@@ -173,6 +189,9 @@ class ReGradConfig(PreTrainedConfig):
                 f"got {_short(self.init_step_size)}"
             )
         check_gamma(self.gamma)
+        for name in ("lora_alpha", "init_step_size", "gamma"):  # a Fraction or numpy scalar is not JSON: save a float
+            if type(getattr(self, name)) not in (int, float):
+                setattr(self, name, float(getattr(self, name)))
         if self.target_modules is not None:
             names = self.target_modules
             if not isinstance(names, (list, tuple)) or not names:
@@ -189,8 +208,7 @@ class ReGradConfig(PreTrainedConfig):
                 raise ReGradValueError(f"target_layers must be layer indices from 0, got {_short(bad[0])}")
             if len(set(layers)) != len(layers):
                 raise ReGradValueError(f"target_layers lists a layer twice: {list(layers)}")
-        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
-            raise ReGradValueError(f"system_prompt must be a string or None, got {self.system_prompt!r}")
+        check_text("system_prompt", self.system_prompt, optional=True)
         check_prompt_template(
             self.user_template, self.document_template, self.answer_stop, self.answer_repetition_penalty
         )
@@ -198,6 +216,7 @@ class ReGradConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS):
                 raise ReGradValueError(f"{name} must be None or a non-empty string, got {_short(value)}")
+            check_text(name, value, optional=True)  # no lone surrogate: it names a path or a repo
 
 
 def _is_int(value) -> bool:

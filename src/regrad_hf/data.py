@@ -17,7 +17,7 @@ from typing import Any
 
 from .deltas import check_documents
 from .errors import ReGradValueError
-from .sources import DATASET_SUFFIXES, Rows, is_dataset, is_dataset_dict, read_rows
+from .sources import DATASET_SUFFIXES, Rows, is_dataset, is_dataset_dict, read_rows, read_text_file
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
 SQUAD_SPLITS: dict[str, range] = {"train": range(0, 30), "dev": range(30, 35), "test": range(35, 40)}
@@ -93,7 +93,7 @@ def _rows(source, format: str, config: str | None, split: str | None, read_file)
 
 def _json_records(path: Path) -> list[dict]:
     """A JSON list or JSONL file as a list of records, with the line of any malformed record."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)
@@ -105,7 +105,7 @@ def _json_records(path: Path) -> list[dict]:
 def _squad_json_rows(path: Path) -> list[dict]:
     """SQuAD v1.1 JSON (`data[].paragraphs[].context/qas`) flattened into the Hub's rows."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+        data = json.loads(read_text_file(path))["data"]
         return [
             {
                 "id": qa.get("id"),
@@ -275,7 +275,7 @@ def load_jsonl(source: Any, *, split: str | None = None) -> list[Task]:
     if not is_lines or Path(source).suffix.lower() in DATASET_SUFFIXES:
         return [task_from_record(row) for row in read_rows(source, split=split, default_split="train")]
     tasks = []
-    for number, line in enumerate(Path(source).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(source).splitlines(), start=1):
         if not line.strip():
             continue
         try:

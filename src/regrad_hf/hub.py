@@ -158,7 +158,7 @@ def locate(
         [`Location`]
 
     Raises:
-        [`ReGradValueError`]: not a directory nor a valid repo id, or an unknown revision.
+        [`ReGradValueError`]: a file, not a directory nor a valid repo id, or an unknown revision.
         [`ReGradHubError`]: the repo does not exist (or is private), or it is not in the cache while offline.
     """
     options = options or HubOptions()
@@ -168,6 +168,8 @@ def locate(
     local = Path(name_or_path)
     if local.is_dir():
         return Location(local / subfolder, subfolder=subfolder, options=options)
+    if local.exists():  # a file (e.g. the learner.safetensors inside the directory): not a repo id either
+        raise ReGradValueError(f"{name_or_path} is a file, not a directory: pass the folder that holds it")
     repo_id = str(name_or_path)
     patterns = [str(PurePosixPath(subfolder, name)) for name in files]
     api = HfApi(token=options.token)

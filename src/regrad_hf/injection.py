@@ -16,6 +16,7 @@ from . import deltas, multi_lora
 from .bank import GradientBank, Hit
 from .config import check_gamma
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
+from .generation_checks import check_generate_inputs
 from .prompting import PromptTemplate
 from .query import prompt_to_query
 
@@ -186,7 +187,12 @@ class KnowledgeInjectionMixin:
 
         Returns:
             What the wrapped model's `generate` returns.
+
+        Raises:
+            [`ReGradValueError`] or [`ReGradTypeError`]: a bad prompt (not a 2-D integer tensor, empty, ids outside
+                the vocabulary, a mask of another shape) or setting (`max_new_tokens=0`, `num_beams=0`, ...).
         """
+        check_generate_inputs(inputs, kwargs, self.language_model.get_input_embeddings().num_embeddings)
         gamma = None if gamma is None else check_gamma(gamma)
         if use_bank is not None and not isinstance(use_bank, bool):
             raise ReGradTypeError(f"use_bank must be True, False or None, got {use_bank!r:.40}")

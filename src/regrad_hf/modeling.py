@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import deltas, objective
@@ -21,7 +19,7 @@ from .bank import GradientBank
 from .config import ReGradConfig
 from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, resolve_model_path
 from .errors import ReGradError, ReGradValueError
-from .files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
+from .files import atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, locate
 from .injection import KnowledgeInjectionMixin
 from .learner import (
@@ -33,16 +31,22 @@ from .learner import (
     learner_identity,
     lora_parameters,
 )
+from .learner_files import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    LEARNER_FILE,
+    learner_file,
+    read_learner,
+    refuse_symlinked_folder,
+    write_learner,
+)
+from .learner_files import save_directory as checked_save_directory
 from .learner_state import LearnerStateMixin
 from .peft_conventions import PeftConventionsMixin
 from .publishing import LearnerPublishingMixin
 from .restore import ExactRestore
 
-CONFIG_FILE = "config.json"
-LEARNER_FILE = "learner.safetensors"
-GENERATION_CONFIG_FILE = "generation_config.json"
 BANK_SUBFOLDER = "bank"
-MAX_CONFIG_BYTES = 16 << 20
 # Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
 _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
 # What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
@@ -218,14 +222,18 @@ class ReGradForCausalLM(
         if bank is None or bank is True:
             files += [f"{BANK_SUBFOLDER}/{name}" for name in BANK_EAGER_FILES]
         location = locate(pretrained_model_name_or_path, files, subfolder=subfolder, options=options)
-        directory = location.directory
+        directory, local = location.directory, not location.is_remote
+        if local:  # a learner directory never follows a symlink (a Hub cache snapshot is made of them)
+            refuse_symlinked_folder(Path(pretrained_model_name_or_path), location.subfolder)
         for name in (CONFIG_FILE, LEARNER_FILE):
-            if not (directory / name).is_file():
+            if not learner_file(directory, name, local=local).is_file():
                 raise ReGradValueError(f"{location.describe()} has no {name}: it is not a ReGrad learner")
-        if config is None:
-            config = _read_config(directory / CONFIG_FILE)
-        elif not isinstance(config, ReGradConfig):
+        if config is not None and not isinstance(config, ReGradConfig):
             raise ReGradValueError(f"config must be a ReGradConfig, got {type(config).__name__}")
+        saved_config, tensors, learner_path, generation = read_learner(
+            directory, local=local, read_config_file=config is None
+        )
+        config = config if config is not None else saved_config
         if base_model is None:
             if config.base_model_name_or_path is None:
                 raise ReGradValueError(f"{location.describe(CONFIG_FILE)} names no base model; pass base_model=")
@@ -238,10 +246,9 @@ class ReGradForCausalLM(
             )
         else:
             model = cls.from_base(base_model, config, tokenizer)
-        model.load_learner(directory / LEARNER_FILE)
-        if (directory / GENERATION_CONFIG_FILE).is_file():  # learners saved before it was written have none
-            model.generation_config = GenerationConfig.from_pretrained(directory)
-            model.language_model.generation_config = model.generation_config
+        model.load_learner_state(tensors, source=str(learner_path))
+        if generation is not None:  # learners saved before it was written have none
+            model.generation_config = model.language_model.generation_config = generation
         model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
 
         if isinstance(bank, GradientBank):
@@ -251,6 +258,8 @@ class ReGradForCausalLM(
                 GradientBank.from_pretrained(bank, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
             )
         elif bank is not False:
+            if local:
+                refuse_symlinked_folder(directory, BANK_SUBFOLDER)
             if (directory / BANK_SUBFOLDER).is_dir():
                 source = location.repo_id or directory
                 model.attach_bank(
@@ -271,10 +280,14 @@ class ReGradForCausalLM(
         """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes), `generation_config.json` and the
         tokenizer's files (so that `AutoTokenizer` and `pipeline` find them), never the base weights.
 
-        Each file is written atomically (temporary file, then rename). Other files in the directory are kept.
+        The save is all or nothing, and saves of one directory (threads, processes) wait for each other (see
+        [`regrad_hf.learner_files`]): a failed or killed save leaves a learner that loads. Other files are kept.
+
+        Raises:
+            [`ReGradTypeError`] or [`ReGradValueError`]: `save_directory` is not a path, or is empty.
+            [`ReGradFileError`]: it is a file, or a file cannot be written (the previous learner is then kept).
         """
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = checked_save_directory(save_directory)
         config = copy.deepcopy(self.config)
         config.architectures = [type(self).__name__]
         with self._adaptation_lock:  # the tensors and their fingerprint, un-adapted (see the class docstring)
@@ -282,11 +295,16 @@ class ReGradForCausalLM(
             # one metadata key: safetensors writes several in a per-process random order, and a learner saved twice
             # should be the same file (bank builds by one process or several compare byte for byte)
             metadata = {"fingerprint": self.fingerprint()}
-        atomic_save_safetensors(tensors, directory / LEARNER_FILE, metadata=metadata)
-        if self.tokenizer is not None:
-            _save_tokenizer(self.tokenizer, directory)
-        atomic_write_text(directory / GENERATION_CONFIG_FILE, self.generation_config.to_json_string())
-        atomic_write_text(directory / CONFIG_FILE, config.to_json_string())
+        generation = self.generation_config.to_json_string()
+
+        def write(staging: Path) -> None:
+            atomic_save_safetensors(tensors, staging / LEARNER_FILE, metadata=metadata)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            atomic_write_text(staging / GENERATION_CONFIG_FILE, generation)
+            atomic_write_text(staging / CONFIG_FILE, config.to_json_string())
+
+        write_learner(directory, write)
 
     # ------------------------------------------------------------------ the learner
 
@@ -364,29 +382,3 @@ class ReGradForCausalLM(
     def __setstate__(self, state):
         super().__setstate__(state)
         self._adaptation_lock = threading.RLock()
-
-
-def _read_config(path: Path) -> ReGradConfig:
-    """`ReGradConfig.from_json_file`, with a damaged file (not JSON, not an object, bad values) a typed error."""
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ReGradValueError(f"{path} is {size} bytes, more than a ReGrad config may be ({MAX_CONFIG_BYTES})")
-    try:
-        config = ReGradConfig.from_json_file(str(path))
-    except ReGradError:
-        raise
-    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as error:
-        raise ReGradValueError(f"{path} is not a readable ReGrad config ({type(error).__name__}: {error})") from error
-    return config
-
-
-def _save_tokenizer(tokenizer, directory: Path) -> None:
-    """`tokenizer.save_pretrained(directory)`, with each file moved into place atomically."""
-    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.staging-", dir=directory))
-    try:
-        staging.chmod(DIRECTORY_MODE)
-        tokenizer.save_pretrained(staging)
-        for path in staging.iterdir():
-            os.replace(path, directory / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -26,6 +26,9 @@ DEFAULT_USER_TEMPLATE = "{context}Question: {question}\nAnswer:"
 DEFAULT_DOCUMENT_TEMPLATE = "{document}\n\n"
 ANSWER_STOPS = ("line", "turn")
 MAX_REPETITION_PENALTY = 10.0
+# The longest system prompt or template: far above any real one, low enough that the fields of a config.json stay
+# well under the size a learner's config may be when loaded (16 MiB, even with every character escaped as \uXXXX).
+MAX_TEMPLATE_CHARS = 1 << 18
 
 _QUESTION_SENTINEL = "\x00regrad-question\x00"
 _PLACEHOLDER = re.compile(r"(\{context\}|\{question\})")
@@ -51,19 +54,42 @@ def check_template(
         ("user_template", user_template, {"question"}, {"question", "context"}),
         ("document_template", document_template, {"document"}, {"document", "index"}),
     ):
-        if not isinstance(template, str):
-            raise ReGradValueError(f"{name} must be a string, got {template!r}")
+        check_text(name, template)
         try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            parsed = [(f, conversion, spec) for _, f, spec, conversion in string.Formatter().parse(template)]
         except ValueError as error:
             raise ReGradValueError(
-                f"{name} {template!r} is not a format string ({error}); write {{{{ for a brace"
+                f"{name} {template[:80]!r} is not a format string ({error}); write {{{{ for a brace"
             ) from error
+        fields = {f for f, _, _ in parsed if f is not None}
+        dressed = next((f for f, conversion, spec in parsed if f is not None and (conversion or spec)), None)
+        if dressed is not None:  # `{question!r}`, `{index:s}`, `{question:>99999999999}`: fail or allocate later
+            raise ReGradValueError(
+                f"{name} {template[:80]!r} gives {{{dressed}}} a conversion or format spec; write the plain "
+                f"{{{dressed}}}"
+            )
         if not needed <= fields or not fields <= allowed:
             raise ReGradValueError(
                 f"{name} {template!r} must contain {{{', '.join(sorted(needed))}}} and no placeholder other than "
                 f"{', '.join('{' + f + '}' for f in sorted(allowed))}"
             )
+
+
+def check_text(name: str, value: object, optional: bool = False) -> None:
+    """Raises [`ReGradValueError`] unless `value` is a string (or `None` when `optional`) of at most
+    [`MAX_TEMPLATE_CHARS`] characters that is valid Unicode (no lone surrogate, which no tokenizer can encode)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise ReGradValueError(f"{name} must be a string{' or None' if optional else ''}, got {value!r:.80}")
+    if len(value) > MAX_TEMPLATE_CHARS:
+        raise ReGradValueError(
+            f"{name} has {len(value)} characters, more than a prompt may have ({MAX_TEMPLATE_CHARS})"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ReGradValueError(f"{name} is not valid Unicode ({error.reason} at character {error.start})") from None
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,7 @@ class PromptTemplate:
     answer_repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        check_text("system_prompt", self.system_prompt, optional=True)
         check_template(self.user_template, self.document_template, self.answer_stop, self.answer_repetition_penalty)
 
     @classmethod

@@ -28,6 +28,7 @@ import torch
 
 from .config import check_gamma
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
+from .generation_checks import check_generation_settings, prompt_ids
 from .modeling import ReGradForCausalLM
 from .prompting import PromptTemplate
 from .query import prompt_to_query
@@ -205,6 +206,8 @@ class BatchingGenerator:
                 "BatchingGenerator.generate cannot wait inside knowledge()/retrieved()/injected()/disable_adapter(): "
                 "the worker needs the model's lock that this thread holds; call it outside the block"
             )
+        if timeout is not None and (type(timeout) not in (int, float) or timeout != timeout):
+            raise ReGradValueError(f"timeout must be a number of seconds or None, got {timeout!r:.40}")
         future = self.submit(prompt, **kwargs)
         try:
             return future.result(timeout)
@@ -221,27 +224,7 @@ class BatchingGenerator:
 
     def _request(self, prompt, query, top_k_docs, gamma, use_bank, kwargs: dict) -> _Request:
         """The request, with every argument checked now, so that a bad one fails its caller and no batch."""
-        is_text = isinstance(prompt, str)
-        if is_text:
-            if self.tokenizer is None:
-                raise ReGradValueError("a text prompt needs a tokenizer: pass tokenizer= or give token ids")
-            ids = self.tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1 or prompt.dtype not in (torch.int32, torch.int64):
-                raise ReGradValueError(
-                    f"a token-id prompt must be a 1-D integer tensor, got {prompt.dtype} of shape "
-                    f"{tuple(prompt.shape)}: give one prompt per request"
-                )
-            ids = prompt.tolist()
-        elif isinstance(prompt, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            ids = list(prompt)
-        else:
-            raise ReGradTypeError(f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ReGradValueError("the prompt is empty: give at least one token")
-        if not all(0 <= i < self._vocab_size for i in ids):
-            bad = next(i for i in ids if not 0 <= i < self._vocab_size)
-            raise ReGradValueError(f"token id {bad} is outside the model's vocabulary (0..{self._vocab_size - 1})")
+        ids, is_text = prompt_ids(prompt, self.tokenizer, self._vocab_size)
         if query is not _FROM_PROMPT and query is not None and not isinstance(query, str):
             raise ReGradTypeError(f"query must be a string or None (no retrieval), got {type(query).__name__}")
         refused = sorted(set(kwargs) & set(_REFUSED_KWARGS))
@@ -249,9 +232,7 @@ class BatchingGenerator:
             raise ReGradValueError(f"submit does not take {refused[0]}: {_REFUSED_KWARGS[refused[0]]}")
         if kwargs.get("num_return_sequences", 1) != 1:
             raise ReGradValueError("a request returns one sequence: call model.generate for num_return_sequences > 1")
-        for name in ("max_new_tokens", "min_new_tokens", "max_length", "num_beams"):
-            if kwargs.get(name) is not None and not (name == "min_new_tokens" and kwargs[name] == 0):
-                _positive_int(kwargs[name], name)
+        check_generation_settings(kwargs, "submit")  # counts, temperature, token ids: fail here, not in the batch
         if top_k_docs is not None:
             kwargs["top_k_docs"] = _positive_int(top_k_docs, "top_k_docs")
         if gamma is not None:

@@ -148,3 +148,20 @@ def _load_error(name: str, local: bool, error: Exception) -> Exception:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file the user named (documents, questions, tasks).
+
+    Raises:
+        [`ReGradValueError`]: the file is not UTF-8 text (a binary file, another encoding).
+        `OSError`: it is missing or unreadable (its message names the file).
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ReGradValueError(
+            f"{path} is not UTF-8 text (byte {error.start} is {data[error.start : error.start + 1]!r}): "
+            "save it as UTF-8"
+        ) from None

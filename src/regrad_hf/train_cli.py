@@ -40,8 +40,9 @@ def _init_from_learner(model, folder: Path) -> None:
     from safetensors.torch import load_file
 
     from .learner import StepSizes
+    from .learner_files import LEARNER_FILE
+    from .learner_files import read_config as _read_config
     from .learner_state import STEP_SIZES_KEY
-    from .modeling import LEARNER_FILE, _read_config
 
     state = load_file(folder / LEARNER_FILE)
     source_config = _read_config(folder / "config.json")

@@ -1,0 +1,154 @@
+"""Checks of what reaches `generate`: a learner's saved `generation_config.json`, and the inputs of a
+[`ReGradForCausalLM.generate`] call, so that a bad value is a typed error naming it, not an exception from deep
+inside transformers (a `ZeroDivisionError` for `num_beams=0`, an `OverflowError` for a negative token id)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from .errors import ReGradError, ReGradTypeError, ReGradValueError
+from .learner_files import read_json_object
+
+# Counts: a positive integer (or None); those of `_MIN_COUNTS` may also be 0 (`top_k=0` turns top-k filtering off).
+_COUNTS = ("max_new_tokens", "max_length", "num_beams", "num_return_sequences", "num_beam_groups")
+_MIN_COUNTS = ("min_new_tokens", "min_length", "no_repeat_ngram_size", "top_k")
+# Settings that are positive finite numbers (or None).
+_POSITIVE_NUMBERS = ("temperature", "top_p", "repetition_penalty", "typical_p")
+_TOKEN_IDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_list(value: object) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def check_generation_settings(settings: Mapping[str, object], where: str) -> None:
+    """Raises [`ReGradValueError`] naming the first generation setting of `settings` with a value `generate` cannot
+    use: a count that is not a positive integer, a temperature or top-p that is not a positive finite number, a token
+    id that is not a non-negative integer (or a list of them), a `do_sample` that is not a bool.
+
+    Args:
+        settings (`Mapping[str, object]`): generation settings (a `GenerationConfig`'s dict or `generate`'s kwargs).
+        where (`str`): what holds them, for the message.
+    """
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if name in _COUNTS and (not _is_int(value) or value < 1):
+            wanted = "a positive integer"
+        elif name in _MIN_COUNTS and (not _is_int(value) or value < 0):
+            wanted = "a non-negative integer"
+        elif name in _POSITIVE_NUMBERS and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf
+        ):
+            wanted = "a positive finite number"
+        elif name == "do_sample" and not isinstance(value, bool):
+            wanted = "True or False"
+        elif name in _TOKEN_IDS and not all(
+            _is_int(i) and i >= 0 for i in (value if isinstance(value, list) else [value])
+        ):
+            wanted = "a token id (a non-negative integer) or a list of them"
+        else:
+            continue
+        raise ReGradValueError(f"{where}: {name} must be {wanted}, got {value!r:.80}")
+
+
+def read_generation_config(path: Path) -> GenerationConfig:
+    """A learner's `generation_config.json`, checked (see [`check_generation_settings`]).
+
+    Raises:
+        [`ReGradValueError`]: the file is damaged (too large, not JSON, not an object) or holds a bad setting.
+    """
+    values = read_json_object(path, "generation config")
+    check_generation_settings(values, str(path))
+    try:
+        return GenerationConfig.from_dict(values)
+    except ReGradError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        raise ReGradValueError(
+            f"{path} is not a readable generation config ({type(error).__name__}: {error})"
+        ) from error
+
+
+def check_generate_inputs(inputs: object, kwargs: Mapping[str, object], vocab_size: int) -> None:
+    """Checks the prompt of a `generate` call: `input_ids` (positional or keyword) a non-empty 2-D integer tensor of
+    ids in the vocabulary, an `attention_mask` of its shape, and the generation settings given as keywords.
+
+    Args:
+        inputs (`object`): `generate`'s first argument.
+        kwargs (`Mapping[str, object]`): its keyword arguments.
+        vocab_size (`int`): the model's number of input embeddings.
+
+    Raises:
+        [`ReGradTypeError`]: `input_ids` is not a tensor.
+        [`ReGradValueError`]: any other bad input (a 1-D or empty prompt, an id out of the vocabulary, ...).
+    """
+    check_generation_settings({k: v for k, v in kwargs.items() if k != "input_ids"}, "generate")
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if input_ids is None:
+        return
+    if not isinstance(input_ids, torch.Tensor):
+        raise ReGradTypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ReGradValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ReGradValueError(
+            f"input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}"
+            + ("; add the batch dimension: input_ids[None]" if input_ids.dim() == 1 else "")
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ReGradValueError(f"input_ids of shape {tuple(input_ids.shape)} is empty: give at least one token per row")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ReGradValueError(f"token id {low if low < 0 else high} is outside the vocabulary (0..{vocab_size - 1})")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape)):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ReGradValueError(f"attention_mask {shape} does not match input_ids {tuple(input_ids.shape)}")
+
+
+def prompt_ids(prompt: object, tokenizer, vocab_size: int) -> tuple[list[int], bool]:
+    """The token ids of one [`BatchingGenerator`] request's prompt, and whether it was text.
+
+    Args:
+        prompt (`object`): text (tokenized with `tokenizer`), a sequence of ints or a 1-D integer tensor.
+        tokenizer: the generator's tokenizer (`None`: text prompts are refused).
+        vocab_size (`int`): the model's number of input embeddings.
+
+    Raises:
+        [`ReGradTypeError`]: not text nor token ids (`bytes` too: they are not token ids).
+        [`ReGradValueError`]: no tokenizer for text, text with lone surrogates, an empty prompt, an id outside the
+            vocabulary, a tensor that is not 1-D integers.
+    """
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ReGradValueError("a text prompt needs a tokenizer: pass tokenizer= or give token ids")
+        if not prompt.isascii() and any("\ud800" <= c <= "\udfff" for c in prompt):  # no tokenizer encodes it
+            raise ReGradValueError("the prompt is not valid Unicode text (lone surrogates)")
+        ids = tokenizer(prompt)["input_ids"]
+    elif isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype not in (torch.int32, torch.int64):
+            raise ReGradValueError(
+                f"a token-id prompt must be a 1-D integer tensor, got {prompt.dtype} of shape "
+                f"{tuple(prompt.shape)}: give one prompt per request"
+            )
+        ids = prompt.tolist()
+    elif not isinstance(prompt, (bytes, bytearray)) and isinstance(prompt, Sequence) and all(map(_is_int, prompt)):
+        ids = list(prompt)
+    else:
+        raise ReGradTypeError(f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise ReGradValueError("the prompt is empty: give at least one token")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise ReGradValueError(f"token id {bad} is outside the model's vocabulary (0..{vocab_size - 1})")
+    return ids, isinstance(prompt, str)
