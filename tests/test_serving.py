@@ -216,7 +216,7 @@ def test_a_caller_that_times_out_gets_a_typed_timeout_and_its_request_is_cancell
         # settings that would fail inside the batch's generate (ValueError, TypeError deep in transformers)
         ("Hi", {"do_sample": True, "temperature": -1.0}, ReGradValueError, "temperature must be a positive"),
         ("Hi", {"eos_token_id": "x"}, ReGradValueError, "eos_token_id must be a token id"),
-        ("Hi", {"top_k": "x"}, ReGradValueError, "top_k must be a positive integer"),
+        ("Hi", {"top_k": "x"}, ReGradValueError, "top_k must be a non-negative integer"),
     ],
 )
 def test_bad_requests_are_refused_at_submit_with_a_typed_error(tiny_model, prompt, kwargs, error, match):
