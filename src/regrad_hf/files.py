@@ -50,11 +50,11 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     except BaseException as error:
         os.unlink(temporary)
         if isinstance(error, (OSError, SafetensorError)) and not isinstance(error, ReGradError):
-            raise _write_error(error, path) from error
+            raise write_error(error, path) from error
         raise
 
 
-def _write_error(error: OSError | SafetensorError, path: Path) -> ReGradFileError:
+def write_error(error: OSError | SafetensorError, path: Path) -> ReGradFileError:
     """A failed write (full disk, permissions, a library's I/O error) as a typed error; the errno is kept."""
     code = getattr(error, "errno", None)
     full = code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(error).lower()

@@ -33,7 +33,7 @@ from transformers import GenerationConfig
 from .bank.directory import directory_argument
 from .config import ReGradConfig
 from .errors import ReGradError, ReGradFileError, ReGradValueError
-from .files import DIRECTORY_MODE, FILE_MODE, _write_error, fcntl
+from .files import DIRECTORY_MODE, FILE_MODE, fcntl, write_error
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
@@ -93,7 +93,7 @@ def write_learner(directory: Path, write: Callable[[Path], None]) -> None:
         try:
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
         except OSError as error:
-            raise _write_error(error, directory) from error
+            raise write_error(error, directory) from error
         moving = False  # once files move in, the staging folder and journal stay until every file has moved
         try:
             try:
@@ -102,7 +102,7 @@ def write_learner(directory: Path, write: Callable[[Path], None]) -> None:
             except ReGradError:
                 raise
             except (OSError, SafetensorError) as error:
-                raise _write_error(error, directory) from error
+                raise write_error(error, directory) from error
             names = sorted((path.name for path in staging.iterdir()), key=lambda name: (name == CONFIG_FILE, name))
             for name in names:
                 target = directory / name
@@ -117,7 +117,7 @@ def write_learner(directory: Path, write: Callable[[Path], None]) -> None:
                 journal.unlink()
                 moving = False
             except OSError as error:  # a rename within one folder fails rarely; readers still see the new learner
-                raise _write_error(error, directory) from error
+                raise write_error(error, directory) from error
         finally:
             if not moving:  # else the next save finishes the moves (see `_finish_interrupted_save`)
                 shutil.rmtree(staging, ignore_errors=True)
