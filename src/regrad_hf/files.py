@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import ReGradError, ReGradFileError
+from .errors import ReGradError, ReGradFileError, ReGradTypeError, ReGradValueError
 
 try:
     import fcntl
@@ -117,3 +117,21 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def directory_argument(value: object, what: str) -> Path:
+    """`value` (a bank directory given by a caller) as a `Path`.
+
+    Raises:
+        [`ReGradTypeError`]: `value` is not a `str` or `os.PathLike` (`None`, a number, bytes).
+        [`ReGradValueError`]: `value` is the empty string (which would mean the working directory: a save would swap
+            it out from under the process); pass `"."` to mean it.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise ReGradTypeError(f"{what} must be a directory path (str or os.PathLike), got {type(value).__name__}")
+    if isinstance(value, str) and not value.strip():
+        raise ReGradValueError(f"{what} is an empty path; pass a directory ('.' for the working directory)")
+    try:
+        return Path(value)
+    except TypeError as error:  # an os.PathLike whose __fspath__ returns bytes
+        raise ReGradTypeError(f"{what} must be a str path, got {type(value).__name__}: {error}") from error

@@ -30,10 +30,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import GenerationConfig
 
-from .bank.directory import directory_argument
 from .config import ReGradConfig
 from .errors import ReGradError, ReGradFileError, ReGradValueError
-from .files import DIRECTORY_MODE, FILE_MODE, fcntl, write_error
+from .files import DIRECTORY_MODE, FILE_MODE, directory_argument, fcntl, write_error
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"

@@ -20,11 +20,11 @@ from safetensors import SafetensorError, safe_open
 from ..deltas import check_documents
 from ..distributed import broadcast_flags, everyone, process_rank
 from ..errors import ReGradError, ReGradFileError, ReGradTypeError, ReGradValueError
-from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text
+from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text, directory_argument
 from ..log import progress_bar
 from . import checkpoint
 from .catalogue import Document
-from .directory import GRADIENTS_DIR, directory_argument, publish, writer_lock
+from .directory import GRADIENTS_DIR, publish, writer_lock
 from .persistence import write_catalogue
 from .schema import MAX_TEXT_CHARS, file_error
 from .shards import check_finite

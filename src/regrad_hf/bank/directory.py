@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ReGradFileError, ReGradTypeError, ReGradValueError
+from ..errors import ReGradFileError
 from ..files import atomic_write_text, exclusive_lock, fcntl, lock_path
 from .checkpoint import BUILD_FILES
 from .schema import file_error
@@ -38,24 +38,6 @@ INDEX_FILE = "index.usearch"
 GRADIENTS_DIR = "gradients"
 BANK_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE, GRADIENTS_DIR)
 EAGER_FILES = (CONFIG_FILE, DOCUMENTS_FILE, INDEX_FILE)  # downloaded when a bank is loaded from a repo; shards later
-
-
-def directory_argument(value: object, what: str) -> Path:
-    """`value` (a bank directory given by a caller) as a `Path`.
-
-    Raises:
-        [`ReGradTypeError`]: `value` is not a `str` or `os.PathLike` (`None`, a number, bytes).
-        [`ReGradValueError`]: `value` is the empty string (which would mean the working directory: a save would swap
-            it out from under the process); pass `"."` to mean it.
-    """
-    if not isinstance(value, (str, os.PathLike)):
-        raise ReGradTypeError(f"{what} must be a directory path (str or os.PathLike), got {type(value).__name__}")
-    if isinstance(value, str) and not value.strip():
-        raise ReGradValueError(f"{what} is an empty path; pass a directory ('.' for the working directory)")
-    try:
-        return Path(value)
-    except TypeError as error:  # an os.PathLike whose __fspath__ returns bytes
-        raise ReGradTypeError(f"{what} must be a str path, got {type(value).__name__}: {error}") from error
 
 
 def sha256_of(handle) -> str:

@@ -18,13 +18,13 @@ import torch
 from ..data import dataset_documents
 from ..deltas import check_documents, truncation_report
 from ..errors import BankMismatchError, ReGradValueError
+from ..files import directory_argument
 from ..hub import HubOptions
 from ..learner import fingerprint_of
 from . import index as index_module
 from . import persistence
 from .building import GradientSource, add_documents, build_into, check_source
 from .catalogue import Catalogue, Hit
-from .directory import directory_argument
 from .index import EmbeddingIndex, IndexSettings
 from .quantization import gradient_format
 from .shards import ShardStore, all_finite, check_finite

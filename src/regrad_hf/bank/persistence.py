@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from ..cards import render_bank_card
 from ..errors import BankNotFoundError, ReGradError, ReGradFileError, ReGradValueError
-from ..files import DIRECTORY_MODE, atomic_write_bytes, atomic_write_text
+from ..files import DIRECTORY_MODE, atomic_write_bytes, atomic_write_text, directory_argument
 from ..hub import HubOptions, Location, check_subfolder, locate, push_folder
 from .directory import (
     CONFIG_FILE,
@@ -25,7 +25,6 @@ from .directory import (
     EAGER_FILES,
     GRADIENTS_DIR,
     INDEX_FILE,
-    directory_argument,
     interrupted_backup,
     publish,
     regular_file,
