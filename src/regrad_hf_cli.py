@@ -221,6 +221,7 @@ def build_parser() -> Parser:
     sub.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated, of {','.join(METHOD_NAMES)}")
     sub.add_argument("--output", required=True, help="directory for results.json, report.md and the plots")
     sub.add_argument("--max-new-tokens", type=positive_int, default=24)
+    sub.add_argument("--num-beams", type=positive_int, default=1, help="beam search width of every method (1: greedy)")
     sub.add_argument("--gamma", type=finite_float, help="ReGrad step multiplier (default: the learner's)")
     sub.add_argument(
         "--system-prompt", help="system turn of every method's prompt, or 'none' (default: the learner's template)"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from regrad_hf import BankMismatchError, ReGradConfig, ReGradError, ReGradForCausalLM, ReGradValueError, learner_files
+from regrad_hf import BankMismatchError, GradientBank, ReGradConfig, ReGradError, ReGradForCausalLM, ReGradValueError, learner_files
 from regrad_hf import modeling as modeling_module
 from regrad_hf.errors import ReGradFileError, ReGradTypeError
 
@@ -262,8 +262,32 @@ def test_a_learner_file_with_bad_tensors_is_refused(saved_learner, tiny_model, t
     with pytest.raises(ReGradValueError, match=match):
         tiny_model.load_learner(path)
     assert parameter_bytes(tiny_model) == before
+    base = make_tiny_base(tokenizer).train()
+    layout = _module_layout(base)
     with pytest.raises(ReGradValueError, match=match):
-        ReGradForCausalLM.from_pretrained(saved_learner, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
+        ReGradForCausalLM.from_pretrained(saved_learner, base_model=base, tokenizer=tokenizer)
+    assert _module_layout(base) == layout  # the caller's base model leaves the failed load as it came in
+
+
+def _module_layout(model):
+    """Everything a failed load must not change in a base model: its modules, weights, flags and mode."""
+    modules = [(name, type(module).__name__, module.training) for name, module in model.named_modules()]
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    attributes = sorted(vars(model))
+    return modules, flags, parameter_bytes(model), model.generation_config.to_json_string(), attributes
+
+
+def test_a_bank_of_another_learner_leaves_the_given_base_as_it_was(saved_learner, tokenizer, embedder):
+    other = make_tiny_model(tokenizer, seed=1)  # another LoRA start: another learner
+    bank = GradientBank.build(other, DOCUMENTS[:2], embedder_model=embedder)
+    base = make_tiny_base(tokenizer)
+    base.requires_grad_(True)
+    layout = _module_layout(base)
+    with pytest.raises(BankMismatchError):
+        ReGradForCausalLM.from_pretrained(saved_learner, base_model=base, tokenizer=tokenizer, bank=bank)
+    assert _module_layout(base) == layout
+    loaded = ReGradForCausalLM.from_pretrained(saved_learner, base_model=base, tokenizer=tokenizer)  # and it still wraps
+    assert loaded.language_model is base
 
 
 @pytest.mark.parametrize("damage, case", BYTE_DAMAGE, ids=[case for _, case in BYTE_DAMAGE])

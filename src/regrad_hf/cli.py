@@ -348,6 +348,7 @@ def evaluate(args: argparse.Namespace) -> int:
         oracle=args.oracle,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
         gamma=args.gamma,
         cpt=CPTConfig(args.cpt_mode, args.cpt_epochs, args.cpt_lr, args.seed),
         drift_ns=drift_ns,

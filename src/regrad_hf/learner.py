@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -114,6 +115,24 @@ def inject_lora(model: nn.Module, config: ReGradConfig) -> list[str]:
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_lora_parameter_name(name))
     return names
+
+
+def remove_lora(model: nn.Module, requires_grad: Mapping[str, bool], peft_config: object = None) -> None:
+    """Undoes [`inject_lora`]: each LoRA layer is replaced by the layer it wraps, every weight gets back its
+    `requires_grad` flag (parameter name to flag, taken before the injection), and the model's `peft_config`
+    attribute, which peft sets, gets back its earlier value (`None`: it had none).
+
+    The caller's base model then leaves a failed `from_pretrained(..., base_model=model)` as it came in."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            model.set_submodule(name, module.get_base_layer())
+    for name, parameter in model.named_parameters():
+        if name in requires_grad:
+            parameter.requires_grad_(requires_grad[name])
+    if peft_config is not None:
+        model.peft_config = peft_config
+    elif "peft_config" in vars(model):
+        del model.peft_config
 
 
 def is_lora_parameter_name(name: str) -> bool:

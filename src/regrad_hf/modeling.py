@@ -30,6 +30,7 @@ from .learner import (
     is_lora_parameter_name,
     learner_identity,
     lora_parameters,
+    remove_lora,
 )
 from .learner_files import (
     CONFIG_FILE,
@@ -234,6 +235,8 @@ class ReGradForCausalLM(
             directory, local=local, read_config_file=config is None
         )
         config = config if config is not None else saved_config
+        # Everything that can fail on the files is read before a base model is touched.
+        saved_bank = _saved_bank(bank, location, local, options)
         if base_model is None:
             if config.base_model_name_or_path is None:
                 raise ReGradValueError(f"{location.describe(CONFIG_FILE)} names no base model; pass base_model=")
@@ -245,36 +248,20 @@ class ReGradForCausalLM(
                 config.base_model_name_or_path, config, tokenizer, base_revision, **shared, **model_kwargs
             )
         else:
+            requires_grad = {name: parameter.requires_grad for name, parameter in base_model.named_parameters()}
+            peft_config = vars(base_model).get("peft_config")
             model = cls.from_base(base_model, config, tokenizer)
-        model.load_learner_state(tensors, source=str(learner_path))
+        try:
+            model.load_learner_state(tensors, source=str(learner_path))
+            if saved_bank is not None:
+                model.attach_bank(saved_bank)
+        except BaseException:
+            if base_model is not None:  # the caller's model leaves a failed load as it came in
+                remove_lora(base_model, requires_grad, peft_config)
+            raise
         if generation is not None:  # learners saved before it was written have none
             model.generation_config = model.language_model.generation_config = generation
-        model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
-
-        if isinstance(bank, GradientBank):
-            model.attach_bank(bank)
-        elif isinstance(bank, (str, os.PathLike)):
-            model.attach_bank(
-                GradientBank.from_pretrained(bank, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-            )
-        elif bank is not False:
-            if local:
-                refuse_symlinked_folder(directory, BANK_SUBFOLDER)
-            if (directory / BANK_SUBFOLDER).is_dir():
-                source = location.repo_id or directory
-                model.attach_bank(
-                    GradientBank.from_pretrained(
-                        source,
-                        subfolder=BANK_SUBFOLDER,
-                        revision=location.commit,
-                        token=token,
-                        cache_dir=cache_dir,
-                        local_files_only=local_files_only,
-                    )
-                )
-            elif bank is True:
-                raise ReGradValueError(f"{location.describe()} has no {BANK_SUBFOLDER}/ folder to attach a bank from")
-        return model
+        return model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Writes `config.json`, `learner.safetensors` (LoRA tensors and step sizes), `generation_config.json` and the
@@ -382,3 +369,20 @@ class ReGradForCausalLM(
     def __setstate__(self, state):
         super().__setstate__(state)
         self._adaptation_lock = threading.RLock()
+
+
+def _saved_bank(bank, location, local: bool, options: HubOptions) -> GradientBank | None:
+    """The bank `from_pretrained(..., bank=bank)` attaches, loaded (see its `bank` argument), or `None`."""
+    if bank is False or isinstance(bank, GradientBank):
+        return bank if isinstance(bank, GradientBank) else None
+    hub = dict(token=options.token, cache_dir=options.cache_dir, local_files_only=options.local_files_only)
+    if isinstance(bank, (str, os.PathLike)):
+        return GradientBank.from_pretrained(bank, **hub)
+    if local:
+        refuse_symlinked_folder(location.directory, BANK_SUBFOLDER)
+    if (location.directory / BANK_SUBFOLDER).is_dir():
+        source = location.repo_id or location.directory
+        return GradientBank.from_pretrained(source, subfolder=BANK_SUBFOLDER, revision=location.commit, **hub)
+    if bank is True:
+        raise ReGradValueError(f"{location.describe()} has no {BANK_SUBFOLDER}/ folder to attach a bank from")
+    return None

@@ -234,10 +234,19 @@ class MethodRunner:
         max_new_tokens (`int`): greedy answer length.
         gamma (`float`, *optional*): step multiplier; defaults to the learner's.
         prompt ([`PromptTemplate`], *optional*): the prompt every method is asked with; defaults to the learner's.
+        num_beams (`int`): beam search width (1: greedy), the same for every method.
     """
 
     def __init__(
-        self, model, untrained_state=None, raw_bank=None, cpt_model=None, max_new_tokens=24, gamma=None, prompt=None
+        self,
+        model,
+        untrained_state=None,
+        raw_bank=None,
+        cpt_model=None,
+        max_new_tokens=24,
+        gamma=None,
+        prompt=None,
+        num_beams=1,
     ):
         self.model = model
         self.prompt = prompt or PromptTemplate.from_config(model.config)
@@ -246,6 +255,7 @@ class MethodRunner:
         self.cpt_model = cpt_model
         self.max_new_tokens = max_new_tokens
         self.gamma = gamma
+        self.num_beams = num_beams
 
     @contextmanager
     def state(self, method: str, ids: Sequence[str]) -> Iterator:
@@ -298,6 +308,7 @@ class MethodRunner:
                     attention_mask=torch.ones_like(prompt),
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
+                    num_beams=self.num_beams,
                     use_bank=False,
                     **self.prompt.generation_kwargs(tokenizer, len(prompt_ids)),
                 )

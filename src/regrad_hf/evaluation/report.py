@@ -108,6 +108,12 @@ def _penalty(penalty: float) -> str:
     return f", decoded with a repetition penalty of {penalty:g} on each answer's own word tokens (digits exempt)"
 
 
+def _decoding(run: dict) -> str:
+    """How answers were decoded: greedy, or beam search of the run's width (runs saved before it existed: greedy)."""
+    beams = run.get("num_beams", 1)
+    return "greedy" if beams == 1 else f"beam-search ({beams} beams)"
+
+
 def _prompt(prompt: Mapping) -> str:
     system = "no system turn" if prompt["system_prompt"] is None else f"system turn {prompt['system_prompt']!r}"
     stop = "the end of the first line or of the turn" if prompt["answer_stop"] == "line" else "the end of the turn"
@@ -186,7 +192,7 @@ def render_report(results: Mapping) -> str:
         f"bank of {run['bank_documents']} documents; {retrieval}; retrieval recall@k "
         f"{_interval(results['retrieval']['recall_at_k'])}.",
         f"- Seed {run['seed']} (question sample, untrained LoRA start, CPT document order, drift stream, bootstrap); "
-        f"greedy answers of at most {run['max_new_tokens']} tokens; gamma {run['gamma']}; torch threads "
+        f"{_decoding(run)} answers of at most {run['max_new_tokens']} tokens; gamma {run['gamma']}; torch threads "
         f"{run['torch_threads']}; {run['seconds']:.0f} s in all.",
         f"- Prompt, the same for every method (documents only for RAG and ReGrad+ICL): {_prompt(results['prompt'])}",
         "- Closed-book and RAG use the base model (LoRA layers switched off); raw gradients start from an untrained "

@@ -53,7 +53,8 @@ class EvalConfig:
         top_k (`int`, *optional*): documents retrieved per question; defaults to the learner's `top_k_docs`.
         oracle (`bool`): inject / paste each question's gold documents instead of retrieving.
         seed (`int`): seed of everything random (untrained LoRA start, CPT order, bootstrap, drift stream).
-        max_new_tokens (`int`): greedy answer length.
+        max_new_tokens (`int`): answer length.
+        num_beams (`int`): beam search width of every method (1: greedy).
         gamma (`float`, *optional*): ReGrad step multiplier; defaults to the learner's.
         prompt ([`PromptTemplate`], *optional*): the prompt every method is asked with (instruction, layout, stop
             rule); defaults to the learner's own template.
@@ -75,6 +76,7 @@ class EvalConfig:
     oracle: bool = False
     seed: int = 0
     max_new_tokens: int = 24
+    num_beams: int = 1
     gamma: float | None = None
     prompt: PromptTemplate | None = None
     cpt: CPTConfig = field(default_factory=CPTConfig)
@@ -261,7 +263,9 @@ def run_evaluation(
             results["timings"]["raw_bank_build_seconds"] = time.perf_counter() - start
             results["timings"]["raw_bank_documents"] = len(needed)
 
-        runner = MethodRunner(model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma, prompt)
+        runner = MethodRunner(
+            model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma, prompt, config.num_beams
+        )
         records = []
         questions = eval_set.questions
         for index, question in enumerate(
@@ -340,6 +344,7 @@ def run_evaluation(
         "seed": config.seed,
         "oracle": config.oracle,
         "max_new_tokens": config.max_new_tokens,
+        "num_beams": config.num_beams,
         "gamma": model.config.gamma if config.gamma is None else config.gamma,
         "bootstrap_resamples": config.bootstrap_resamples,
         "torch_threads": torch.get_num_threads(),
