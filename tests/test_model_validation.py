@@ -15,7 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from regrad_hf import BankMismatchError, GradientBank, ReGradConfig, ReGradError, ReGradForCausalLM, ReGradValueError, learner_files
+from regrad_hf import (
+    BankMismatchError,
+    GradientBank,
+    ReGradConfig,
+    ReGradError,
+    ReGradForCausalLM,
+    ReGradValueError,
+    learner_files,
+)
 from regrad_hf import modeling as modeling_module
 from regrad_hf.errors import ReGradFileError, ReGradTypeError
 
@@ -177,6 +185,23 @@ def test_gamma_must_be_a_finite_number(tiny_model, tiny_bank, tokenizer, where):
 def test_config_values_have_bounds(kwargs, match):
     with pytest.raises(ReGradValueError, match=match):
         ReGradConfig(**kwargs)
+    ((name, value),) = kwargs.items()
+    if name == "dtype":  # a transformers field, checked by transformers when used
+        return
+    config = ReGradConfig()
+    before = config.to_dict()
+    with pytest.raises(ReGradValueError, match=match):  # set after construction: checked alike, and not kept
+        setattr(config, name, value)
+    assert config.to_dict() == before
+
+
+def test_config_fields_set_later_are_kept_when_valid_and_positional_arguments_are_refused():
+    config = ReGradConfig()
+    config.gamma, config.top_k_docs, config.system_prompt = 2.5, 5, None
+    assert (config.gamma, config.top_k_docs, config.system_prompt) == (2.5, 5, None)
+    assert ReGradConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    with pytest.raises(ReGradTypeError, match="keyword arguments only"):
+        ReGradConfig("x")
 
 
 def test_a_saved_config_out_of_bounds_is_refused_before_the_base_is_touched(tiny_model, tokenizer, tmp_path):
@@ -286,7 +311,7 @@ def test_a_bank_of_another_learner_leaves_the_given_base_as_it_was(saved_learner
     with pytest.raises(BankMismatchError):
         ReGradForCausalLM.from_pretrained(saved_learner, base_model=base, tokenizer=tokenizer, bank=bank)
     assert _module_layout(base) == layout
-    loaded = ReGradForCausalLM.from_pretrained(saved_learner, base_model=base, tokenizer=tokenizer)  # and it still wraps
+    loaded = ReGradForCausalLM.from_pretrained(saved_learner, base_model=base, tokenizer=tokenizer)  # still wraps
     assert loaded.language_model is base
 
 

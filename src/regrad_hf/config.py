@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from numbers import Real
@@ -10,7 +11,7 @@ from typing import Literal
 from transformers import PreTrainedConfig
 
 from .bank.quantization import BANK_DTYPES
-from .errors import ReGradValueError
+from .errors import ReGradError, ReGradTypeError, ReGradValueError
 from .prompting import (
     CONCISE_SYSTEM_PROMPT,
     DEFAULT_DOCUMENT_TEMPLATE,
@@ -164,6 +165,19 @@ class ReGradConfig(PreTrainedConfig):
                 f"ReGradConfig has a setting transformers refuses ({type(error).__name__}: {error})"
             ) from error
 
+    def __setattr__(self, name: str, value) -> None:
+        # A field changed after construction is checked as the constructor checks it, and a refused value is not
+        # kept: `config.gamma = float("nan")` fails here, not deep inside a later generate().
+        if name not in _OWN_FIELDS or name not in self.__dict__:
+            return super().__setattr__(name, value)
+        previous = self.__dict__[name]
+        super().__setattr__(name, value)
+        try:
+            self._validate()
+        except ReGradError:
+            super().__setattr__(name, previous)
+            raise
+
     def _validate(self) -> None:
         if self.step_size_mode not in STEP_SIZE_MODES:
             raise ReGradValueError(f"step_size_mode must be one of {STEP_SIZE_MODES}, got {self.step_size_mode!r}")
@@ -217,6 +231,20 @@ class ReGradConfig(PreTrainedConfig):
             if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS):
                 raise ReGradValueError(f"{name} must be None or a non-empty string, got {_short(value)}")
             check_text(name, value, optional=True)  # no lone surrogate: it names a path or a repo
+
+
+_OWN_FIELDS = frozenset(name for name in ReGradConfig.__dataclass_fields__ if name not in _BASE_CONFIG_KEYS)
+_keyword_only_init = ReGradConfig.__init__
+
+
+@functools.wraps(_keyword_only_init)
+def _init(self, *args, **kwargs) -> None:
+    if args:  # transformers' own refusal is a plain ValueError
+        raise ReGradTypeError(f"ReGradConfig takes keyword arguments only (e.g. lora_rank=16), got {len(args)} more")
+    _keyword_only_init(self, **kwargs)
+
+
+ReGradConfig.__init__ = _init
 
 
 def _is_int(value) -> bool:
