@@ -105,9 +105,20 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = lock_path(target)
+    with flocked(lock_path(target), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)):
+        yield
+
+
+@contextlib.contextmanager
+def flocked(path: Path, flags: int) -> Iterator[None]:
+    """Opens `path` with the `os.open` `flags` and holds its exclusive `flock` until the block ends, waiting while
+    another process or thread holds it (no exclusion where `fcntl` is missing).
+
+    Raises:
+        [`ReGradFileError`]: `path` cannot be opened (under `O_NOFOLLOW`, a symlink: it is never followed).
+    """
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+        descriptor = os.open(path, flags, FILE_MODE)
     except OSError as error:
         reason = "it is a symlink, which is never followed" if error.errno == errno.ELOOP else error.strerror
         raise ReGradFileError(f"cannot lock {path}: {reason or error}") from error

@@ -17,13 +17,12 @@ kept.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from transformers import GenerationConfig
 
 from .config import ReGradConfig
 from .errors import ReGradError, ReGradFileError, ReGradValueError
-from .files import DIRECTORY_MODE, FILE_MODE, directory_argument, fcntl, write_error
+from .files import DIRECTORY_MODE, FILE_MODE, directory_argument, flocked, write_error
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
@@ -60,21 +59,6 @@ def save_directory(value: object) -> Path:
     return directory
 
 
-@contextlib.contextmanager
-def directory_lock(directory: Path) -> Iterator[None]:
-    """Holds the exclusive `flock` of `directory` itself (no lock file), waiting for other writers."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as error:
-        raise ReGradFileError(f"cannot lock the learner directory {directory}: {error.strerror or error}") from error
-    try:
-        if fcntl is not None:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
-
-
 def write_learner(directory: Path, write: Callable[[Path], None]) -> None:
     """Saves a learner into `directory` all or nothing: `write(staging)` writes its files into a staging folder,
     which are then moved into place under the directory's lock (see the module docstring).
@@ -87,7 +71,7 @@ def write_learner(directory: Path, write: Callable[[Path], None]) -> None:
         [`ReGradFileError`]: a file cannot be written (full disk, permissions), or a target is a directory; the
             previous learner is then as it was.
     """
-    with directory_lock(directory):
+    with flocked(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)):  # the directory itself: no lock file
         _finish_interrupted_save(directory)
         try:
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
