@@ -360,6 +360,24 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
     assert "repetition penalty of 1.3 on each answer's own word tokens" in report
 
 
+def test_beam_search_width_is_the_same_for_every_method_and_reported(tokenizer, embedder, tmp_path, monkeypatch):
+    model = make_tiny_model(tokenizer)
+    widths, generate = [], ReGradForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        widths.append(kwargs["num_beams"])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReGradForCausalLM, "generate", spy)
+    prompt = PromptTemplate(answer_repetition_penalty=1.2)  # the stop rule and the penalty work under beams too
+    config = EvalConfig(top_k=1, max_new_tokens=3, drift_ns=[], show_progress=False, num_beams=3, prompt=prompt)
+    results = run_evaluation(model, load_eval_set("squad", SQUAD, limit=2), config, embedder_model=embedder)
+    assert widths == [3] * (2 * len(METHODS))
+    assert results["run"]["num_beams"] == 3
+    assert all(isinstance(r["methods"][m]["prediction"], str) for r in results["questions"] for m in METHODS)
+    assert "beam-search (3 beams) answers of at most 3 tokens" in write_report(results, tmp_path)["report"].read_text()
+
+
 def test_oracle_injects_the_gold_documents(tokenizer, embedder):
     model = make_tiny_model(tokenizer)
     config = EvalConfig(methods=["regrad"], oracle=True, max_new_tokens=2, drift_ns=[], show_progress=False)
@@ -419,6 +437,9 @@ def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, 
     assert prompt["answer_stop"] == "turn" and prompt["answer_repetition_penalty"] == 1.0
     assert cli.main([*argv, "--answer-repetition-penalty", "1.2"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["prompt"]["answer_repetition_penalty"] == 1.2
+    assert json.loads((tmp_path / "results.json").read_text())["run"]["num_beams"] == 1  # greedy by default
+    assert cli.main([*argv, "--num-beams", "2"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["run"]["num_beams"] == 2
     capsys.readouterr()
     assert cli.main([*argv, "--answer-repetition-penalty", "0.5"]) == 2
     assert "error: answer_repetition_penalty must be a number from 1 (off) to 10" in capsys.readouterr().err
