@@ -234,6 +234,24 @@ def test_a_timeout_that_is_not_a_number_is_refused_before_anything_is_queued(tin
         assert not generator._pending
 
 
+def test_a_request_longer_than_max_total_tokens_is_refused_and_one_within_is_served(tiny_model):
+    prompt = [1, 2, 3, 4]
+    with BatchingGenerator(tiny_model, max_wait_ms=0) as generator:  # default: the model's 512 positions
+        assert generator.max_total_tokens == tiny_model.language_model.config.max_position_embeddings == 512
+        for kwargs in ({"max_new_tokens": 10**12}, {"max_new_tokens": 509}, {"max_length": 513}):
+            with pytest.raises(ReGradValueError, match="max_total_tokens=512"):
+                generator.submit(prompt, **kwargs)
+        assert not generator._pending
+    with BatchingGenerator(tiny_model, max_wait_ms=0, max_total_tokens=6) as generator:
+        with pytest.raises(ReGradValueError, match="may reach 7 tokens"):
+            generator.submit(prompt, max_new_tokens=3, do_sample=False)
+        result = generator.generate(prompt, max_new_tokens=2, do_sample=False)  # exactly at the limit
+        assert len(result.token_ids) <= 2
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ReGradValueError, match="max_total_tokens must be a positive integer"):
+            BatchingGenerator(tiny_model, max_total_tokens=bad)
+
+
 def test_bad_generator_arguments_are_typed_errors(tiny_model, tiny_base):
     with pytest.raises(ReGradTypeError, match="serves a ReGradForCausalLM"):
         BatchingGenerator(tiny_base)

@@ -152,3 +152,21 @@ def prompt_ids(prompt: object, tokenizer, vocab_size: int) -> tuple[list[int], b
     if bad is not None:
         raise ReGradValueError(f"token id {bad} is outside the model's vocabulary (0..{vocab_size - 1})")
     return ids, isinstance(prompt, str)
+
+
+def check_total_tokens(prompt_length: int, kwargs: Mapping, generation_config, limit: int | None) -> None:
+    """Refuses a request that may reach more than `limit` tokens, prompt and new tokens together, counted as
+    `generate` counts them (`max_new_tokens`, else `max_length`, else those of `generation_config`).
+
+    Raises:
+        [`ReGradValueError`]: the request may go beyond `limit` (`None`: no limit).
+    """
+    if limit is None:
+        return
+    new = kwargs.get("max_new_tokens", None if "max_length" in kwargs else generation_config.max_new_tokens)
+    total = prompt_length + new if new is not None else kwargs.get("max_length", generation_config.max_length)
+    if total is not None and total > limit:
+        raise ReGradValueError(
+            f"this request may reach {total} tokens (a {prompt_length}-token prompt and its new tokens); at most "
+            f"max_total_tokens={limit} are served"
+        )

@@ -28,7 +28,7 @@ import torch
 
 from .config import check_gamma
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
-from .generation_checks import check_generation_settings, prompt_ids
+from .generation_checks import check_generation_settings, check_total_tokens, prompt_ids
 from .modeling import ReGradForCausalLM
 from .prompting import PromptTemplate
 from .query import prompt_to_query
@@ -125,9 +125,21 @@ class BatchingGenerator:
             prompts need none.
         max_batch_size (`int`, defaults to 8): the most requests in one batch.
         max_wait_ms (`float`, defaults to 5.0): how long the oldest pending request waits for others to join it.
+        max_total_tokens (`int`, *optional*): the most tokens one request may reach, prompt and new tokens together
+            (`max_new_tokens`, `max_length` or the generation config's); a request that could go beyond is refused at
+            [`submit`], so that no client holds the worker for an unbounded time. Defaults to the base model's
+            `max_position_embeddings` (unbounded when its config has none).
     """
 
-    def __init__(self, model: ReGradForCausalLM, tokenizer=None, *, max_batch_size: int = 8, max_wait_ms: float = 5.0):
+    def __init__(
+        self,
+        model: ReGradForCausalLM,
+        tokenizer=None,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        max_total_tokens: int | None = None,
+    ):
         if not isinstance(model, ReGradForCausalLM):
             raise ReGradTypeError(f"BatchingGenerator serves a ReGradForCausalLM, got {type(model).__name__}")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 1e6:
@@ -136,6 +148,11 @@ class BatchingGenerator:
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.max_batch_size = _positive_int(max_batch_size, "max_batch_size")
         self.max_wait = max_wait_ms / 1000.0
+        if max_total_tokens is None:
+            max_total_tokens = getattr(model.language_model.config, "max_position_embeddings", None)
+        if max_total_tokens is not None:
+            max_total_tokens = _positive_int(max_total_tokens, "max_total_tokens")
+        self.max_total_tokens = max_total_tokens
         self._vocab_size = model.language_model.get_input_embeddings().num_embeddings
         self._pad_id = self._padding_token()
         self._pending: list[tuple[float, _Request]] = []  # (arrival time, request), oldest first
@@ -233,6 +250,7 @@ class BatchingGenerator:
         if kwargs.get("num_return_sequences", 1) != 1:
             raise ReGradValueError("a request returns one sequence: call model.generate for num_return_sequences > 1")
         check_generation_settings(kwargs, "submit")  # counts, temperature, token ids: fail here, not in the batch
+        check_total_tokens(len(ids), kwargs, self.model.generation_config, self.max_total_tokens)
         if top_k_docs is not None:
             kwargs["top_k_docs"] = _positive_int(top_k_docs, "top_k_docs")
         if gamma is not None:
