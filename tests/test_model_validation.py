@@ -240,6 +240,11 @@ def _with_overflowing_step_size(tensors):
     return tensors
 
 
+def _with_huge_step_size(tensors):
+    tensors[STEP_SIZES] = torch.full_like(tensors[STEP_SIZES], 50.0)  # log-parametrised: exp(50), finite but absurd
+    return tensors
+
+
 def _with_int_tensor(tensors):
     return _damage_tensor(tensors, lambda t: t.to(torch.int32))
 
@@ -260,6 +265,7 @@ TENSOR_DAMAGE = [
     (_with_nan, "NaN or infinite"),
     (_with_inf_step_size, "NaN or infinite"),
     (_with_overflowing_step_size, "step sizes .* are not finite"),
+    (_with_huge_step_size, "a step size of 5.18e\\+21 is beyond 1e\\+06"),
     (_with_int_tensor, "floating point"),
     (_with_wrong_shape, "shape mismatch"),
     (_with_extra_tensor, r"unexpected \['huge'\]"),

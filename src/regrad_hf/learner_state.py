@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .config import MAX_STEP_SIZE
 from .errors import ReGradError, ReGradValueError
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ class LearnerStateMixin:
         values = raw.exp() if self.step_sizes.parametrization == "log" else raw
         if not bool(torch.isfinite(values).all()):
             raise ReGradValueError(f"{source}: the step sizes {values.tolist()[:3]} are not finite")
+        if bool((values.abs() > MAX_STEP_SIZE).any()):  # the bound a config's init_step_size has
+            raise ReGradValueError(
+                f"{source}: a step size of {values.abs().max().item():.3g} is beyond {MAX_STEP_SIZE:g}; the learner "
+                "is damaged"
+            )
         with self._adaptation_lock, torch.no_grad():
             self._refuse_inside_adaptation()
             for name, parameter in self._lora.items():
