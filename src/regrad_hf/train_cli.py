@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .config import PROMPT_FIELDS, ReGradConfig
     from .defaults import EMBEDDED_MODEL_ID
+    from .files import atomic_write_text
     from .modeling import ReGradForCausalLM
     from .prompting import template_fields
     from .training import ReGradTrainer, ReGradTrainingArguments
@@ -132,11 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     training_args, data_args, learner_args, recipe_args, _ = parser.parse_args_into_dataclasses(_with_preset(argv))
     resume = training_args.resume_from_checkpoint
     if recipe_args.resume == "last":
-        from transformers.trainer_utils import get_last_checkpoint
+        from .training_state import last_checkpoint
 
-        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        resume = last_checkpoint(training_args.output_dir)  # the newest complete one (a killed save is skipped)
         if resume is None:
-            raise ReGradValueError(f"--resume last: no checkpoint-N folder in {training_args.output_dir}")
+            raise ReGradValueError(f"--resume last: no complete checkpoint-N folder in {training_args.output_dir}")
     elif recipe_args.resume:
         resume = recipe_args.resume
     if recipe_args.task_set not in (None, "mixed"):
@@ -204,6 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics_after": after,
         "log_history": trainer.state.log_history,
     }
-    (output / "training_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(output / "training_record.json", json.dumps(record, indent=2, default=str) + "\n")
     print(json.dumps({"before": before, "after": after}, indent=2))
     return 0

@@ -4,6 +4,10 @@ The objective (inner LM step on a task's documents, outer answer loss with the a
 [`regrad_hf.objective`]; its outer loss, averaged over the tasks of the batch, trains the LoRA tensors (the starting
 point `theta`) and the step sizes `alpha`. Everything else (logging, accumulation, schedulers, clipping,
 checkpoints, `report_to`, DDP) is `Trainer`'s.
+
+A resume (`train(resume_from_checkpoint=...)`, `True` for the newest complete checkpoint) first checks the folder
+([`training_state.check_checkpoint`]) and that it was written by a run of the same tasks, seeds and batch layout
+([`training_state.check_run_identity`]); a damaged file raises a `ReGradError` instead of resuming a wrong state.
 """
 
 from __future__ import annotations
@@ -15,16 +19,29 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .collator import TaskCollator
 from .data import as_tasks
-from .errors import ReGradTypeError, ReGradValueError
+from .errors import ReGradError, ReGradTypeError, ReGradValueError
 from .evaluation import evaluate_injection
+from .files import flocked, write_error
 from .modeling import LEARNER_FILE, ReGradForCausalLM
 from .objective import check_first_token_weight
 from .prompting import PromptTemplate
-from .training_state import export_compact_checkpoint, is_compact_checkpoint, load_compact_optimizer
+from .training_state import (
+    IDENTITY_CALLBACK,
+    TRAINER_STATE_FILE,
+    check_checkpoint,
+    check_run_identity,
+    export_compact_checkpoint,
+    is_compact_checkpoint,
+    last_checkpoint,
+    load_compact_optimizer,
+    load_errors,
+    run_identity,
+)
 
 
 @dataclass
@@ -87,6 +104,19 @@ class CompactCheckpointCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             export_compact_checkpoint(checkpoint, args.compact_checkpoint_dir)
         return control
+
+
+class RunIdentityCallback(TrainerCallback, ExportableState):
+    """Records the run's [`training_state.run_identity`] in each checkpoint's `trainer_state.json`."""
+
+    def __init__(self, identity: dict | None = None):
+        self.identity = identity
+
+    def state(self) -> dict:
+        return {"args": {"identity": self.identity}, "attributes": {}}
+
+
+assert RunIdentityCallback.__name__ == IDENTITY_CALLBACK  # the key Trainer stores its state under
 
 
 class WallClockCallback(TrainerCallback):
@@ -154,6 +184,7 @@ class ReGradTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(CompactCheckpointCallback())
+        self.add_callback(RunIdentityCallback(run_identity(args, train_dataset)))
         self._clock = WallClockCallback()
         self.add_callback(self._clock)
         # compute_loss averages over tasks itself; Trainer must still divide by the accumulation steps.
@@ -227,6 +258,46 @@ class ReGradTrainer(Trainer):
             logs = {**logs, "wall_seconds": round(time.monotonic() - self._clock.start, 1)}
         super().log(logs, *args, **kwargs)
 
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, **kwargs):
+        """`Trainer.train`; a checkpoint to resume from is checked first (see the module docstring).
+
+        Raises:
+            [`ReGradValueError`] or [`ReGradFileError`]: the checkpoint is missing, incomplete, damaged, a symlink,
+                or from a run with other tasks, seeds or batch layout.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ReGradValueError(f"no complete checkpoint-N folder in {self.args.output_dir} to resume from")
+        if resume_from_checkpoint not in (None, False):
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+            state = check_checkpoint(resume_from_checkpoint)
+            identity = next(c for c in self.callback_handler.callbacks if isinstance(c, RunIdentityCallback))
+            check_run_identity(state, identity.identity, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer`'s checkpoint, written under the run folder's lock (two runs into one `output_dir` write whole
+        checkpoints in turn) and with a rewritten folder's `trainer_state.json` (which `Trainer` writes last) deleted
+        first, so that a folder rewritten in part is never taken for a complete checkpoint."""
+        if not self.args.should_save:  # process 0 holds the lock; the others write their RNG state only
+            return super()._save_checkpoint(model, trial)
+        run = Path(self._get_output_dir(trial=trial))
+        run.mkdir(parents=True, exist_ok=True)
+        folder = run / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with flocked(run, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)):
+            try:
+                (folder / TRAINER_STATE_FILE).unlink(missing_ok=True)
+                super()._save_checkpoint(model, trial)
+            except ReGradError:
+                raise
+            except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+                raise write_error(error, folder) from error
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with load_errors(Path(checkpoint or "."), "RNG state"):
+            super()._load_rng_state(checkpoint)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints hold the learner (`config.json`, `learner.safetensors`), never the base weights."""
         output_dir = output_dir or self.args.output_dir
@@ -238,11 +309,15 @@ class ReGradTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Loads a full checkpoint as `Trainer` does, or a compact one (see [`regrad_hf.training_state`])."""
-        if checkpoint is None or not is_compact_checkpoint(checkpoint):
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        load_compact_optimizer(self.optimizer, checkpoint)
-        scheduler = torch.load(Path(checkpoint) / "scheduler.pt", map_location="cpu", weights_only=True)
-        self.lr_scheduler.load_state_dict(scheduler)
+        if checkpoint is None:
+            return None
+        with load_errors(Path(checkpoint), "optimizer or scheduler state"):
+            if not is_compact_checkpoint(checkpoint):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            load_compact_optimizer(self.optimizer, checkpoint)
+            scheduler = torch.load(Path(checkpoint) / "scheduler.pt", map_location="cpu", weights_only=True)
+            self.lr_scheduler.load_state_dict(scheduler)
+        return None
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(os.fspath(self.state.best_model_checkpoint))
