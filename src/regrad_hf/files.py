@@ -136,13 +136,17 @@ def directory_argument(value: object, what: str) -> Path:
     Raises:
         [`ReGradTypeError`]: `value` is not a `str` or `os.PathLike` (`None`, a number, bytes).
         [`ReGradValueError`]: `value` is the empty string (which would mean the working directory: a save would swap
-            it out from under the process); pass `"."` to mean it.
+            it out from under the process); pass `"."` to mean it. Or it holds a NUL character, which no file name
+            can (the operating system's calls would fail with a bare `ValueError`).
     """
     if not isinstance(value, (str, os.PathLike)):
         raise ReGradTypeError(f"{what} must be a directory path (str or os.PathLike), got {type(value).__name__}")
     if isinstance(value, str) and not value.strip():
         raise ReGradValueError(f"{what} is an empty path; pass a directory ('.' for the working directory)")
     try:
-        return Path(value)
+        path = Path(value)
     except TypeError as error:  # an os.PathLike whose __fspath__ returns bytes
         raise ReGradTypeError(f"{what} must be a str path, got {type(value).__name__}: {error}") from error
+    if "\0" in str(path):
+        raise ReGradValueError(f"{what} {str(path)!r:.80} holds a NUL character, which no path can")
+    return path

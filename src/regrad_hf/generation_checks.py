@@ -5,7 +5,8 @@ inside transformers (a `ZeroDivisionError` for `num_beams=0`, an `OverflowError`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ def check_generation_settings(settings: Mapping[str, object], where: str) -> Non
     for name, value in settings.items():
         if value is None:
             continue
+        if name == "generation_config":
+            _check_generation_config(value, where)
+            continue
         if name in _COUNTS and (not _is_int(value) or value < 1):
             wanted = "a positive integer"
         elif name in _MIN_COUNTS and (not _is_int(value) or value < 0):
@@ -59,6 +63,15 @@ def check_generation_settings(settings: Mapping[str, object], where: str) -> Non
         else:
             continue
         raise ReGradValueError(f"{where}: {name} must be {wanted}, got {value!r:.80}")
+
+
+def _check_generation_config(config: object, where: str) -> None:
+    """A `generation_config=` argument: a `GenerationConfig` whose counts and numbers `generate` can use (its token
+    ids are left to transformers, which tolerates some odd ones a model's own config may carry, e.g. a pad of -1)."""
+    if not isinstance(config, GenerationConfig):
+        raise ReGradTypeError(f"{where}: generation_config must be a GenerationConfig, got {type(config).__name__}")
+    values = config.to_dict()
+    check_generation_settings({k: v for k, v in values.items() if k not in _TOKEN_IDS}, f"{where}: generation_config")
 
 
 def read_generation_config(path: Path) -> GenerationConfig:
@@ -98,8 +111,10 @@ def check_generate_inputs(inputs: object, kwargs: Mapping[str, object], vocab_si
         return
     if not isinstance(input_ids, torch.Tensor):
         raise ReGradTypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ReGradValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding takes (not uint8, int16, ...)
+        raise ReGradValueError(
+            f"input_ids must hold integer token ids (torch.long or torch.int), not {input_ids.dtype}"
+        )
     if input_ids.dim() != 2:
         raise ReGradValueError(
             f"input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}"
@@ -170,3 +185,37 @@ def check_total_tokens(prompt_length: int, kwargs: Mapping, generation_config, l
             f"this request may reach {total} tokens (a {prompt_length}-token prompt and its new tokens); at most "
             f"max_total_tokens={limit} are served"
         )
+
+
+# What transformers' `generate` raises on an argument it cannot use (a bad streamer, stopping criteria, logits
+# processor or assistant, a typo in a keyword, `bad_words_ids=[[-3]]`, `max_length` below the prompt, ...).
+_REFUSAL_TYPES = (ValueError, TypeError, AttributeError, IndexError, KeyError, ArithmeticError)
+
+
+def _raised_in_transformers(error: BaseException) -> bool:
+    """Whether the innermost Python frame of `error`'s traceback is transformers' code (not a user's callback)."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_globals.get("__name__", "").startswith("transformers.")
+
+
+@contextmanager
+def transformers_refusals_typed() -> Iterator[None]:
+    """Re-raises what transformers raises inside the block on a bad argument as a [`ReGradTypeError`] or
+    [`ReGradValueError`] (chained to the original, whose message it repeats), so that `generate` keeps the library's
+    error contract however deep transformers checks an argument.
+
+    Only exceptions raised by transformers' own code are converted: one raised by a caller's streamer, stopping
+    criterion or logits processor, a `RuntimeError` (out of memory) and a `BaseException` (`KeyboardInterrupt`) pass
+    through unchanged.
+    """
+    try:
+        yield
+    except ReGradError:
+        raise
+    except _REFUSAL_TYPES as error:
+        if not _raised_in_transformers(error):
+            raise
+        typed = ReGradTypeError if isinstance(error, (TypeError, AttributeError)) else ReGradValueError
+        raise typed(f"generate cannot use its arguments: {type(error).__name__}: {error}") from error

@@ -10,7 +10,8 @@ pickles), and `HfApi` is created per call so that the endpoint is read when the 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -34,7 +35,12 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 
 from .cards import merge_card
-from .errors import ReGradHubError, ReGradTypeError, ReGradValueError
+from .errors import ReGradError, ReGradHubError, ReGradTypeError, ReGradValueError
+
+try:  # the HTTP client of huggingface_hub: the base of its status errors and of transport failures
+    from httpx2 import HTTPError as _HTTPError
+except ImportError:  # pragma: no cover - huggingface_hub releases on plain httpx
+    from httpx import HTTPError as _HTTPError
 
 README_FILE = "README.md"
 # What `regrad pull` downloads: data files only. Code (*.py) and pickles (*.bin, *.pt, *.pkl) are never fetched.
@@ -116,6 +122,8 @@ class Location:
             raise ReGradValueError(f"bank file {self.describe(relative)} is missing from the repo") from error
         except LocalEntryNotFoundError as error:
             raise _offline_error(self.repo_id, self.commit, [filename], self.options) from error
+        except (_HTTPError, OSError) as error:
+            raise _failed_request(f"downloading {self.describe(relative)}", error) from error
 
 
 def check_subfolder(subfolder: object) -> str:
@@ -197,6 +205,8 @@ def locate(
         ) from error
     except (RevisionResolutionError, LocalEntryNotFoundError) as error:
         raise _offline_error(repo_id, options.revision, patterns, options) from error
+    except (_HTTPError, OSError) as error:
+        raise _failed_request(f"downloading {repo_id}", error) from error
     directory = Path(snapshot)
     return Location(
         directory / subfolder,
@@ -205,6 +215,23 @@ def locate(
         subfolder=subfolder,
         options=options,
     )
+
+
+def _failed_request(what: str, error: BaseException) -> ReGradHubError:
+    """A Hub request that failed on the way (an error status such as 500, a refused connection, a download cut
+    short): nothing partial was kept (huggingface_hub renames a download into the cache only once complete)."""
+    return ReGradHubError(f"{what} ({constants.ENDPOINT}) failed ({type(error).__name__}: {error}); try again")
+
+
+@contextmanager
+def _hub_requests(what: str) -> Iterator[None]:
+    """Re-raises the failures of the Hub requests made inside the block as [`ReGradHubError`]."""
+    try:
+        yield
+    except ReGradError:
+        raise
+    except _HTTPError as error:
+        raise _failed_request(what, error) from error
 
 
 def _offline_error(repo_id: str, revision: str | None, files: Sequence[str], options: HubOptions) -> ReGradHubError:
@@ -259,43 +286,46 @@ def push_folder(
     """
     folder = Path(folder)
     prefix = path_in_repo.strip("/")
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with _hub_requests(f"pushing to {repo_id}"):
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
 
-    local = {
-        path.relative_to(folder).as_posix(): path
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    }
-    readme = str(PurePosixPath(prefix, README_FILE))  # PurePosixPath("", name) is name
-    operations: list = [
-        CommitOperationAdd(path_in_repo=str(PurePosixPath(prefix, relative)), path_or_fileobj=str(path))
-        for relative, path in local.items()
-        if not (card is not None and relative == README_FILE)
-    ]
-    if card is not None:
-        existing = (
-            local[README_FILE].read_text(encoding="utf-8")
-            if README_FILE in local
-            else _remote_text(api, repo_id, readme, revision)
+        local = {
+            path.relative_to(folder).as_posix(): path
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        }
+        readme = str(PurePosixPath(prefix, README_FILE))  # PurePosixPath("", name) is name
+        operations: list = [
+            CommitOperationAdd(path_in_repo=str(PurePosixPath(prefix, relative)), path_or_fileobj=str(path))
+            for relative, path in local.items()
+            if not (card is not None and relative == README_FILE)
+        ]
+        if card is not None:
+            existing = (
+                local[README_FILE].read_text(encoding="utf-8")
+                if README_FILE in local
+                else _remote_text(api, repo_id, readme, revision)
+            )
+            operations.append(
+                CommitOperationAdd(path_in_repo=readme, path_or_fileobj=merge_card(existing, card).encode())
+            )
+        if delete_patterns:
+            remote_files = api.list_repo_files(repo_id, revision=revision)
+            under = [name[len(prefix) + 1 :] if prefix else name for name in remote_files if _is_under(name, prefix)]
+            for relative in filter_repo_objects(under, allow_patterns=list(delete_patterns)):
+                if relative not in local:
+                    operations.append(CommitOperationDelete(path_in_repo=str(PurePosixPath(prefix, relative))))
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
         )
-        operations.append(CommitOperationAdd(path_in_repo=readme, path_or_fileobj=merge_card(existing, card).encode()))
-    if delete_patterns:
-        remote_files = api.list_repo_files(repo_id, revision=revision)
-        under = [name[len(prefix) + 1 :] if prefix else name for name in remote_files if _is_under(name, prefix)]
-        for relative in filter_repo_objects(under, allow_patterns=list(delete_patterns)):
-            if relative not in local:
-                operations.append(CommitOperationDelete(path_in_repo=str(PurePosixPath(prefix, relative))))
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message,
-        commit_description=commit_description,
-        revision=revision,
-        create_pr=create_pr,
-    )
 
 
 def pull(

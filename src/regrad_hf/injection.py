@@ -16,7 +16,7 @@ from . import deltas, multi_lora
 from .bank import GradientBank, Hit
 from .config import check_gamma
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
-from .generation_checks import check_generate_inputs
+from .generation_checks import check_generate_inputs, transformers_refusals_typed
 from .prompting import PromptTemplate
 from .query import prompt_to_query
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 class KnowledgeInjectionMixin:
     """Retrieval, the gradient step and its exact undo around `generate`. Needs the model's `bank`, `config`,
     `tokenizer`, `language_model`, `step_sizes`, LoRA tensors (`_lora`, `_restore`), re-entrant lock
-    (`_adaptation_lock`) and `_bank_default_in_block`, and peft's conventions (`_refuse_inside_plain_base`,
-    `adapters_enabled`)."""
+    (`_adaptation_lock`), `_bank_default_in_block` and `_adapted_generations`, and peft's conventions
+    (`_refuse_inside_plain_base`, `adapters_enabled`)."""
 
     @property
     def prompt_template(self) -> PromptTemplate:
@@ -192,28 +192,62 @@ class KnowledgeInjectionMixin:
             [`ReGradValueError`] or [`ReGradTypeError`]: a bad prompt (not a 2-D integer tensor, empty, ids outside
                 the vocabulary, a mask of another shape) or setting (`max_new_tokens=0`, `num_beams=0`, ...).
         """
-        check_generate_inputs(inputs, kwargs, self.language_model.get_input_embeddings().num_embeddings)
+        settings = {**kwargs, "generation_config": args[0]} if args else kwargs  # generate(inputs, config, ...)
+        check_generate_inputs(inputs, settings, self.language_model.get_input_embeddings().num_embeddings)
         gamma = None if gamma is None else check_gamma(gamma)
         if use_bank is not None and not isinstance(use_bank, bool):
             raise ReGradTypeError(f"use_bank must be True, False or None, got {use_bank!r:.40}")
+        self._refuse_inside_adapted_generate()
+        if isinstance(kwargs.get("assistant_model"), KnowledgeInjectionMixin):
+            # transformers drives an assistant through its config and forward: the ReGrad wrapper has neither of the
+            # language model's; its language model drafts with the learner as it is (this call's step, if it is us)
+            kwargs["assistant_model"] = kwargs["assistant_model"].language_model
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
             if use_bank is None and query is None:
                 use_bank = self._default_use_bank()
             if use_bank is not False:
                 self._refuse_inside_plain_base()
             if use_bank is False or (use_bank is None and self.bank is None and query is None):
-                return self.language_model.generate(inputs, *args, **kwargs)
+                return self._base_generate(inputs, args, kwargs)
             retrievals = self._retrieve_rows(self._queries(inputs, kwargs, query), top_k_docs)
             if len(set(retrievals)) == 1:
                 if retrievals[0] is None:
-                    return self.language_model.generate(inputs, *args, **kwargs)
-                with self._applied(self.bank.gather(list(retrievals[0])), gamma):
-                    return self.language_model.generate(inputs, *args, **kwargs)
+                    return self._base_generate(inputs, args, kwargs)
+                with self._applied(self.bank.gather(list(retrievals[0])), gamma), self._adapted_generation():
+                    return self._base_generate(inputs, args, kwargs)
             row_tensors = self._row_tensors(retrievals, gamma)
         # Per-row generation reads only its own copies of the LoRA tensors (taken above, under the lock) and the base
         # weights, which nothing writes, and its hooks ignore other threads' forwards: it needs no lock.
-        with multi_lora.per_row_lora(self.language_model, row_tensors):
+        with multi_lora.per_row_lora(self.language_model, row_tensors), self._adapted_generation():
+            return self._base_generate(inputs, args, kwargs)
+
+    def _base_generate(self, inputs: torch.Tensor | None, args: tuple, kwargs: dict):
+        with transformers_refusals_typed():
             return self.language_model.generate(inputs, *args, **kwargs)
+
+    @contextmanager
+    def _adapted_generation(self) -> Iterator[None]:
+        """Marks the calling thread as inside a `generate` that runs with its own documents' step (see
+        [`_refuse_inside_adapted_generate`])."""
+        thread = threading.get_ident()
+        self._adapted_generations[thread] = self._adapted_generations.get(thread, 0) + 1
+        try:
+            yield
+        finally:
+            self._adapted_generations[thread] -= 1
+            if not self._adapted_generations[thread]:
+                del self._adapted_generations[thread]
+
+    def _refuse_inside_adapted_generate(self) -> None:
+        """Raises when this thread is inside a `generate` of this model that applied its retrieval's step: a call
+        from its streamer, stopping criterion or logits processor would run with that step (swap) or that batch's
+        per-row LoRA tensors (a mismatch error, or another batch's rows), not as the same call made on its own."""
+        if self._adapted_generations.get(threading.get_ident()):
+            raise ReGradError(
+                "generate was called from inside a generate call of the same model (by its streamer, stopping "
+                "criteria or logits processor) that runs with retrieved documents injected: the inner call would "
+                "run with them too; collect its inputs and call generate after the outer call returns"
+            )
 
     def _queries(
         self, inputs: torch.Tensor | None, kwargs: dict, query: str | Sequence[str | None] | None

@@ -107,6 +107,7 @@ class ReGradForCausalLM(
         self.bank: GradientBank | None = None
         # Per thread, whether `generate` searches the bank by default inside `knowledge` blocks (innermost last).
         self._bank_default_in_block: dict[int, list[bool]] = {}
+        self._adapted_generations: dict[int, int] = {}  # per thread, its `generate` calls running adapted
         self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
         self._base_identity: tuple[tuple, dict[str, str]] | None = None  # (what it was computed for, value)
