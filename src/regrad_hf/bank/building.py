@@ -19,15 +19,16 @@ from safetensors import SafetensorError, safe_open
 
 from ..deltas import check_documents
 from ..distributed import broadcast_flags, everyone, process_rank
-from ..errors import ReGradError, ReGradFileError, ReGradTypeError, ReGradValueError
+from ..errors import BankMismatchError, ReGradError, ReGradFileError, ReGradTypeError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text, directory_argument
+from ..learner import fingerprint_of
 from ..log import progress_bar
 from . import checkpoint
 from .catalogue import Document
 from .directory import GRADIENTS_DIR, publish, writer_lock
 from .persistence import write_catalogue
 from .schema import MAX_TEXT_CHARS, file_error
-from .shards import check_finite
+from .shards import check_gradients
 
 if TYPE_CHECKING:
     from ..config import ReGradConfig
@@ -146,19 +147,27 @@ def add_documents(
     batch_size: int,
     show_progress: bool,
 ) -> list[str]:
-    """[`GradientBank.add`]: checks and computes everything, then changes the bank (so a failure adds nothing)."""
+    """[`GradientBank.add`]: checks and computes everything, then changes the bank (so a failure adds nothing).
+
+    The slow part (embeddings, gradients) runs without the bank's lock, so that other threads keep searching; the
+    ids are checked again under the lock (another thread may have added some meanwhile), and generated ones are
+    chosen then. The model is never called under the lock (a model's generate holds its lock while it searches)."""
+    requested = ids
     ids, metadata = check_new(bank, model, documents, ids, metadata, batch_size)
-    embeddings = bank.index.embed(list(documents))
+    documents = list(documents)
+    embeddings = bank.index.embed(documents)
     with progress_bar(total=len(documents), desc="Document gradients", enabled=show_progress) as progress:
         stored = compute(bank, model, documents, ids, batch_size, progress)
     rows = [{key: tensor[i] for key, tensor in stored.items()} for i in range(len(documents))]
 
-    first = bank.catalogue.next_key
-    keys = np.arange(first, first + len(documents), dtype=np.uint64)
-    bank.index.add(keys, embeddings)
-    for key, doc_id, text, meta, row in zip(keys.tolist(), ids, documents, metadata, rows, strict=True):
-        bank.catalogue.insert(Document(id=doc_id, text=text, metadata=dict(meta), key=key))
-        bank.store.in_memory[doc_id] = row
+    with bank.lock:
+        ids = bank.catalogue.new_ids(documents, requested)
+        first = bank.catalogue.next_key
+        keys = np.arange(first, first + len(documents), dtype=np.uint64)
+        bank.index.add(keys, embeddings)
+        for key, doc_id, text, meta, row in zip(keys.tolist(), ids, documents, metadata, rows, strict=True):
+            bank.catalogue.insert(Document(id=doc_id, text=text, metadata=meta, key=key))
+            bank.store.in_memory[doc_id] = row
     return list(ids)
 
 
@@ -178,13 +187,30 @@ def check_new(
             f"documents {too_long[:5]} are longer than {MAX_TEXT_CHARS} characters, the limit a bank stores; "
             "split them first"
         )
-    ids = bank.catalogue.new_ids(documents, ids)
+    with bank.lock:  # not while another thread inserts
+        ids = bank.catalogue.new_ids(documents, ids)
     metadata = bank.catalogue.check_metadata(documents, metadata)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ReGradValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_source(model)
     bank.check_learner(model)
     return ids, metadata
+
+
+def check_learner(bank: GradientBank, model: GradientSource) -> None:
+    """[`GradientBank.check_learner`]: raises [`BankMismatchError`] unless `model` is the bank's learner."""
+    identity = model.learner_identity()
+    if fingerprint_of(identity) != bank.fingerprint:
+        differences = ", ".join(
+            f"{key} (bank {str(bank.learner.get(key))[:16]}, model {str(identity.get(key))[:16]})"
+            for key in sorted(set(identity) | set(bank.learner))
+            if identity.get(key) != bank.learner.get(key)
+        )
+        raise BankMismatchError(
+            f"this bank was built by learner {bank.fingerprint[:12]}, the model is learner "
+            f"{fingerprint_of(identity)[:12]}; they differ in {differences}. The bank's gradients do not apply "
+            "to this model: rebuild the bank with it, or attach with force=True if you know better."
+        )
 
 
 SOURCE_ATTRIBUTES = ("config", "learner_identity", "lora_parameters", "document_gradients")
@@ -208,8 +234,9 @@ def compute(
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(documents), batch_size):
         batch = list(documents[start : start + batch_size])
-        stacked = model.document_gradients(batch)
-        check_finite(stacked, ids[start : start + batch_size])
+        # a GradientSource may be anyone's: its tensors are checked before anything is stored
+        gradients = model.document_gradients(batch)
+        stacked = check_gradients(gradients, bank.parameter_shapes, ids[start : start + batch_size])
         parts.append(bank.store.encode(stacked))
         progress.update(len(batch))
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}

@@ -6,6 +6,7 @@ gradients.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ class Document:
     # Where the gradient lives on disk; None while it is only in memory.
     shard: int | None = None
     row: int | None = None
+
+    def hit(self, score: float) -> Hit:
+        """The document as a [`Hit`], with its own copy of the metadata: a caller editing it changes nothing here."""
+        return Hit(self.id, score, self.text, copy.deepcopy(self.metadata))
 
 
 class Catalogue:
@@ -129,8 +134,9 @@ class Catalogue:
         return ids
 
     @staticmethod
-    def check_metadata(documents: Sequence[str], metadata) -> list[Mapping[str, Any]]:
-        """Checks the metadata of documents to add (`None`: empty): a sequence of one mapping per document."""
+    def check_metadata(documents: Sequence[str], metadata) -> list[dict[str, Any]]:
+        """Checks the metadata of documents to add (`None`: empty): a sequence of one mapping per document. Returns
+        copies, so that a caller editing its own objects later cannot put a value into the bank that it cannot save."""
         if metadata is None:
             return [{} for _ in documents]
         if isinstance(metadata, (str, bytes, bytearray, Mapping)) or not isinstance(metadata, Iterable):
@@ -149,7 +155,7 @@ class Catalogue:
                 raise ReGradValueError(f"metadata of document {index} is not JSON-serialisable: {error}") from error
             check_json_value(dict(entry), f"metadata of document {index}")
             check_metadata_size(entry, f"metadata of document {index}")
-        return metadata
+        return [copy.deepcopy(dict(entry)) for entry in metadata]
 
     def read(self, data: bytes, path: Path, shard_sizes: list[int]) -> None:
         """Reads the bytes of `documents.jsonl`, one checked record per line; ids, index keys and shard rows must be

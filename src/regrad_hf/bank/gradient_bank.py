@@ -10,27 +10,25 @@ given ([`GradientSource`]) and hands stacked gradients back through [`GradientBa
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..data import dataset_documents
 from ..deltas import check_documents, truncation_report
-from ..errors import BankMismatchError, ReGradValueError
+from ..errors import ReGradValueError
 from ..files import directory_argument
 from ..hub import HubOptions
 from ..learner import fingerprint_of
 from . import index as index_module
 from . import persistence
-from .building import GradientSource, add_documents, build_into, check_source
+from .building import GradientSource, add_documents, build_into, check_learner, check_source
 from .catalogue import Catalogue, Hit
 from .index import EmbeddingIndex, IndexSettings
 from .quantization import gradient_format
 from .shards import ShardStore, all_finite, check_finite
-
-if TYPE_CHECKING:
-    pass
 
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 
@@ -40,6 +38,10 @@ class GradientBank:
 
     Build one with [`GradientBank.build`] or load one with [`GradientBank.from_pretrained`]; the constructor is for
     those two.
+
+    One bank may be used by many threads: every read and change of its documents, index and gradients happens under
+    its re-entrant `lock` (a save holds it while it writes; an `add` computes its gradients without it), so each call
+    sees the bank before or after another thread's change, never half of one.
 
     Args:
         learner (`Mapping[str, str]`): the identity of the learner whose gradients the bank holds (its
@@ -79,6 +81,7 @@ class GradientBank:
         self.catalogue = Catalogue()
         self.index = EmbeddingIndex(embedder, embedding_dim, embedder_model, embedder_identity, settings)
         self.store = ShardStore(self.parameter_shapes, self.format, self.fingerprint)
+        self.lock = threading.RLock()
 
     @property
     def embedder_name(self) -> str:
@@ -192,29 +195,19 @@ class GradientBank:
         """Removes documents by id. Unknown or repeated ids raise [`ReGradKeyError`] or [`ReGradValueError`]
         before anything is removed."""
         ids = self.catalogue.id_list(ids, "remove")
-        self.catalogue.check_known(ids)
-        if len(set(ids)) != len(ids):
-            repeated = sorted({doc_id for doc_id in ids if ids.count(doc_id) > 1})
-            raise ReGradValueError(f"remove got ids {repeated[:5]} more than once; nothing was removed")
-        for doc_id in ids:
-            document = self.catalogue.pop(doc_id)
-            self.index.remove(document.key)
-            self.store.in_memory.pop(doc_id, None)
+        with self.lock:
+            self.catalogue.check_known(ids)
+            if len(set(ids)) != len(ids):
+                repeated = sorted({doc_id for doc_id in ids if ids.count(doc_id) > 1})
+                raise ReGradValueError(f"remove got ids {repeated[:5]} more than once; nothing was removed")
+            for doc_id in ids:
+                document = self.catalogue.pop(doc_id)
+                self.index.remove(document.key)
+                self.store.in_memory.pop(doc_id, None)
 
     def check_learner(self, model: GradientSource) -> None:
         """Raises [`BankMismatchError`] unless `model` is the learner this bank was built with."""
-        identity = model.learner_identity()
-        if fingerprint_of(identity) != self.fingerprint:
-            differences = ", ".join(
-                f"{key} (bank {str(self.learner.get(key))[:16]}, model {str(identity.get(key))[:16]})"
-                for key in sorted(set(identity) | set(self.learner))
-                if identity.get(key) != self.learner.get(key)
-            )
-            raise BankMismatchError(
-                f"this bank was built by learner {self.fingerprint[:12]}, the model is learner "
-                f"{fingerprint_of(identity)[:12]}; they differ in {differences}. The bank's gradients do not apply "
-                "to this model: rebuild the bank with it, or attach with force=True if you know better."
-            )
+        check_learner(self, model)
 
     # ------------------------------------------------------------------ reading
 
@@ -227,13 +220,14 @@ class GradientBank:
     @property
     def ids(self) -> list[str]:
         """The document ids, in insertion order."""
-        return self.catalogue.ids
+        with self.lock:  # a copy while no other thread inserts
+            return self.catalogue.ids
 
     def document(self, doc_id: str) -> Hit:
         """The stored text and metadata of one document (score 1.0)."""
-        self.catalogue.check_known([doc_id])  # type-checked too
-        document = self.catalogue[doc_id]
-        return Hit(id=doc_id, score=1.0, text=document.text, metadata=dict(document.metadata))
+        with self.lock:
+            self.catalogue.check_known([doc_id])  # type-checked too
+            return self.catalogue[doc_id].hit(1.0)
 
     def search(self, query: str | Sequence[str], k: int = 3, exact: bool | None = None) -> list[Hit] | list[list[Hit]]:
         """The `k` documents most similar to the query (cosine similarity of the embeddings).
@@ -252,16 +246,17 @@ class GradientBank:
         single, queries = index_module.query_list(query)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ReGradValueError(f"k must be a positive integer, got {k!r}")
+        self._check_k(k)  # before the embedder runs
+        vectors = self.index.embed(queries)
+        with self.lock:  # the index and the catalogue of one moment, whatever other threads add or remove
+            self._check_k(k)
+            found = self.index.search(vectors, k, exact)
+            results = [[self.catalogue.by_key(key).hit(score) for key, score in hits] for hits in found]
+        return results[0] if single else results
+
+    def _check_k(self, k: int) -> None:
         if k > len(self):
             raise ReGradValueError(f"top_k={k} is larger than the bank, which holds {len(self)} documents")
-        results = []
-        for found in self.index.search(self.index.embed(queries), k, exact):
-            hits = []
-            for key, score in found:
-                document = self.catalogue.by_key(key)
-                hits.append(Hit(document.id, score, document.text, dict(document.metadata)))
-            results.append(hits)
-        return results[0] if single else results
 
     def gather(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """The stored gradients of the documents, stacked: `{name: tensor of shape (len(ids), *shape)}`.
@@ -273,8 +268,10 @@ class GradientBank:
         ids = self.catalogue.id_list(ids, "gather")
         if not ids:
             raise ReGradValueError("gather needs at least one document id")
-        self.catalogue.check_known(ids)
-        gathered, blocks = self.store.decode_all(self.stored_rows(ids))
+        with self.lock:  # the rows are fresh tensors: decoding needs no lock
+            self.catalogue.check_known(ids)
+            rows = self.stored_rows(ids)
+        gathered, blocks = self.store.decode_all(rows)
         # A corrupted shard must not silently poison an answer (one sum per decoded block; per document if needed).
         if not all_finite(blocks):
             check_finite(gathered, ids, where=" (stored in this bank: the bank file is corrupted; rebuild it)")
@@ -282,11 +279,9 @@ class GradientBank:
 
     def stored_rows(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """The documents' rows of every stored tensor (LoRA tensor name + format suffix), as stored, stacked."""
-        placed = []
-        for doc_id in ids:
-            document = self.catalogue[doc_id]
-            placed.append((doc_id, document.shard, document.row))
-        return self.store.gather(placed)
+        with self.lock:
+            placed = [(doc_id, self.catalogue[doc_id].shard, self.catalogue[doc_id].row) for doc_id in ids]
+            return self.store.gather(placed)
 
     @property
     def stored_keys(self) -> list[str]:
@@ -313,7 +308,9 @@ class GradientBank:
             save_directory (`str` or `os.PathLike`): where to write.
             max_shard_bytes (`int`, defaults to 1 GiB): the size above which gradients go to a new shard.
         """
-        persistence.save(self, directory_argument(save_directory, "save_directory"), max_shard_bytes)
+        directory = directory_argument(save_directory, "save_directory")
+        with self.lock:  # the files are one state of the bank, and the bank reads from them once they are written
+            persistence.save(self, directory, max_shard_bytes)
 
     def push_to_hub(
         self,

@@ -222,12 +222,32 @@ class EmbeddingIndex:
         return self._embedder
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Normalised float32 embeddings, one row per text."""
+        """Normalised float32 embeddings, one row per text.
+
+        Raises:
+            [`ReGradValueError`]: the embedder (any object with `encode`) gave something else than one finite,
+                non-zero vector of the index's dimension per text: such a vector would poison the index (NaN scores
+                rank at random, a zero vector scores 1.0 against every query) or fail inside usearch.
+        """
         vectors = self.embedder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        vectors = np.asarray(vectors, dtype=np.float32)
+        try:
+            vectors = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError, RuntimeError) as error:  # None, strings, ragged lists, a CUDA tensor
+            raise ReGradValueError(f"the embedder gave {type(vectors).__name__}, not an array of vectors") from error
+        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+            raise ReGradValueError(
+                f"the embedder gave an array of shape {tuple(vectors.shape)} for {len(texts)} texts, expected "
+                f"({len(texts)}, {self.dimension})"
+            )
         if vectors.shape[1] != self.dimension:
             raise ReGradValueError(
                 f"the embedder gives {vectors.shape[1]}-dim vectors, the bank index is {self.dimension}-dim"
+            )
+        bad = ~np.isfinite(vectors).all(axis=1) | ~(np.abs(vectors).max(axis=1, initial=0.0) > 0)
+        if bad.any():
+            raise ReGradValueError(
+                f"the embedder gave NaN, infinite or all-zero vectors for texts {np.flatnonzero(bad)[:5].tolist()}: "
+                "they cannot be compared by cosine similarity"
             )
         return vectors
 

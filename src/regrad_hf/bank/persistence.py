@@ -155,7 +155,13 @@ def load(
             subfolder leaves the directory or repo (see [`regrad_hf.hub.check_subfolder`]).
     """
     local = directory_argument(name_or_path, "pretrained_bank_name_or_path") / check_subfolder(subfolder)
-    if local.is_dir() or (local.parent.is_dir() and was_a_bank(local.absolute())):
+    if "\0" in str(local):
+        raise ReGradValueError(f"subfolder {subfolder!r:.80} holds a NUL character, which no path can")
+    try:  # a name too long for the filesystem is an OSError here, not a missing directory
+        is_local = local.is_dir() or (local.parent.is_dir() and was_a_bank(local.absolute()))
+    except OSError as error:
+        raise file_error(error, local, "read the bank at") from error
+    if is_local:
         return read_local(cls, local.resolve(), embedder_model)
     location = locate(name_or_path, list(EAGER_FILES), subfolder=subfolder, options=options)
     if not location.is_remote:
@@ -283,7 +289,8 @@ def push(
     card in one commit, deleting the repo's shards of an earlier, larger bank. `commit_options` go to
     [`regrad_hf.hub.push_folder`] (`commit_description`, `private`, `token`, `revision`, `create_pr`)."""
     with tempfile.TemporaryDirectory() as folder:
-        write_files(bank, Path(folder), max_shard_bytes)
+        with bank.lock:  # one state of the bank; the upload needs no lock
+            write_files(bank, Path(folder), max_shard_bytes)
         bank_config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
         card = render_bank_card(bank_config, repo_id=repo_id, subfolder=subfolder, card_data=card_data)
         return push_folder(

@@ -108,7 +108,12 @@ class ShardStore:
 
     def attach(self, location: Location, shards: list[dict[str, str]], shard_sizes: list[int], eager: bool) -> None:
         """Points the store at its shard files (with their row counts from bank_config.json); opens them all now if
-        `eager`, else each on its first use."""
+        `eager`, else each on its first use.
+
+        All or nothing: if a shard fails to open, the store still reads the shards it read before (a save that
+        fails after publishing must not leave the catalogue's rows pointing into the new files)."""
+        previous = self._location, self._local, self._files, self._rows, self._checksums, self._mapped, self._views
+        verified = self._verified
         self._location = location
         self._local = not location.is_remote
         self._files = [shard["file"] for shard in shards]
@@ -116,8 +121,13 @@ class ShardStore:
         self._checksums = [shard["sha256"] for shard in shards]
         self._mapped, self._views = [None] * len(shards), [None] * len(shards)
         self._verified = set()
-        for index in range(len(shards) if eager else 0):
-            self._open(index)
+        try:
+            for index in range(len(shards) if eager else 0):
+                self._open(index)
+        except BaseException:
+            self._location, self._local, self._files, self._rows, self._checksums, self._mapped, self._views = previous
+            self._verified = verified
+            raise
 
     def mark_verified(self) -> None:
         """Every shard was checksummed as it was written."""
@@ -248,3 +258,39 @@ def check_finite(stacked: Mapping[str, torch.Tensor], ids: Sequence[str], where:
     if bool(bad.any()):
         names = [ids[index] for index in bad.nonzero().flatten().tolist()]
         raise ReGradValueError(f"the gradients of documents {names[:5]} contain NaN or inf values{where}")
+
+
+def check_gradients(
+    stacked: object, shapes: Mapping[str, tuple[int, ...]], ids: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The stacked gradients a [`GradientSource`] computed for `ids`, checked against the bank's layout before they
+    are stored (a wrong tensor would otherwise be accepted and make the bank fail later, when saved or gathered),
+    detached.
+
+    Raises:
+        [`ReGradValueError`]: `stacked` is not a mapping of exactly the bank's LoRA tensor names to real
+            floating-point torch tensors with data (not on the meta device) of shape `(len(ids), *shape)`, or a
+            value is NaN or infinite (the documents are named).
+    """
+    if not isinstance(stacked, Mapping):
+        raise ReGradValueError(f"document_gradients must return a dict of tensors, got {type(stacked).__name__}")
+    missing, extra = sorted(set(shapes) - set(stacked)), sorted(map(str, set(stacked) - set(shapes)))
+    if missing or extra:
+        raise ReGradValueError(
+            f"document_gradients returned other tensors than the bank's (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}): the model is not the learner this bank is for"
+        )
+    checked = {}
+    for name, shape in shapes.items():
+        tensor, expected = stacked[name], (len(ids), *shape)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.is_meta:
+            found = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            where = " on the meta device" if isinstance(tensor, torch.Tensor) and tensor.is_meta else ""
+            raise ReGradValueError(f"the gradient of {name} is {found}{where}, expected a floating-point tensor")
+        if tuple(tensor.shape) != expected:
+            raise ReGradValueError(
+                f"the gradient of {name} has shape {tuple(tensor.shape)}, expected {expected} ({len(ids)} documents)"
+            )
+        checked[name] = tensor.detach()
+    check_finite(checked, ids)
+    return checked
