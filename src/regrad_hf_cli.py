@@ -60,8 +60,11 @@ def positive_int(text: str) -> int:
     return integer(text, 1)
 
 
-def nonnegative_int(text: str) -> int:
-    return integer(text, 0)
+def seed_int(text: str) -> int:
+    value = integer(text, 0)
+    if value >= 2**32:  # numpy's and torch's generators take no larger (or negative) seed
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {value}")
+    return value
 
 
 def finite_float(text: str) -> float:
@@ -92,8 +95,17 @@ def existing_file(text: str) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if not path.is_file():  # reading a FIFO would block, a device such as /dev/zero never ends
+        raise argparse.ArgumentTypeError(f"{text} is not a regular file (a FIFO or a device)")
+    return text
+
+
+def output_directory(text: str) -> str:
+    """A directory to write to: refused now if it is a file, not after the work is done."""
+    if (path := Path(text).expanduser()).exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
     return text
 
 
@@ -118,7 +130,7 @@ def build_parser() -> Parser:
             help="a saved learner (directory or Hub id), or 'fresh' for an untrained one on the embedded "
             f"SmolLM2-135M-Instruct (default: {default or 'the one saved with the bank'})",
         )
-        sub.add_argument("--seed", type=int, default=0, help="seed of a fresh learner's LoRA init (default 0)")
+        sub.add_argument("--seed", type=seed_int, default=0, help="seed of a fresh learner's LoRA init (default 0)")
 
     examples = examples_dir()
     sub = commands.add_parser(
@@ -153,6 +165,7 @@ def build_parser() -> Parser:
     sub.add_argument(
         "--output",
         required=True,
+        type=output_directory,
         help="directory to write the bank to; finished shards are checkpointed, so rerunning an interrupted "
         "command resumes it",
     )
@@ -193,7 +206,7 @@ def build_parser() -> Parser:
 
     sub = commands.add_parser("pull", help="download a learner or bank repo (data files only) to a directory")
     sub.add_argument("repo_id", help="the repo, e.g. user/my-learner")
-    sub.add_argument("directory", help="where to put its files")
+    sub.add_argument("directory", type=output_directory, help="where to put its files")
     sub.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     sub.add_argument("--token", default=None, help="Hub token (default: the saved login)")
     sub.set_defaults(verb="pull")
@@ -219,7 +232,9 @@ def build_parser() -> Parser:
     sub.add_argument("--top-k", type=positive_int, help="documents retrieved per question (default: the learner's)")
     sub.add_argument("--oracle", action="store_true", help="use each question's gold documents instead of retrieval")
     sub.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated, of {','.join(METHOD_NAMES)}")
-    sub.add_argument("--output", required=True, help="directory for results.json, report.md and the plots")
+    sub.add_argument(
+        "--output", required=True, type=output_directory, help="directory for results.json, report.md and the plots"
+    )
     sub.add_argument("--max-new-tokens", type=positive_int, default=24)
     sub.add_argument("--num-beams", type=positive_int, default=1, help="beam search width of every method (1: greedy)")
     sub.add_argument("--gamma", type=finite_float, help="ReGrad step multiplier (default: the learner's)")
@@ -235,7 +250,9 @@ def build_parser() -> Parser:
         help="repetition penalty on each answer's own word tokens, every method (1 is off; default: the learner's)",
     )
     sub.add_argument(
-        "--bank-cache", help="directory keeping the learner's document gradients between runs (reused, extended)"
+        "--bank-cache",
+        type=output_directory,
+        help="directory keeping the learner's document gradients between runs (reused, extended)",
     )
     sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
     sub.add_argument("--cpt-epochs", type=positive_int, default=1, help="CPT passes over the bank (default 1)")
@@ -250,7 +267,7 @@ def build_parser() -> Parser:
         help="multiple-choice probe files (default: the world_facts and real_authors sets of locuslab/TOFU)",
     )
     sub.add_argument("--probe-limit", type=positive_int, help="use only the first N questions of each probe set")
-    sub.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the 95%% CIs")
+    sub.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the 95%% CIs")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_argument("--command-line", help=argparse.SUPPRESS)
     common(sub, default_learner())

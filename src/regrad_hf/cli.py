@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from regrad_hf_cli import FRESH, METHOD_NAMES  # noqa: F401
 
 from .defaults import shipped_learner_path
 from .errors import ReGradValueError
+from .records import identifier, json_lines, text_lines
 from .sources import looks_like_hub_id, missing_path_message, read_text_file
 
 LEARNER_SUBDIR = "learner"
@@ -24,27 +24,25 @@ HUB_PROBES_REPO = "locuslab/TOFU"
 
 def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] | None]:
     """Reads documents from JSONL (`{"text": ..., "id": ..., "metadata": {...}}` per line) or plain text (one per
-    non-empty line)."""
-    lines = [(n, line) for n, line in enumerate(read_text_file(path).splitlines(), 1) if line.strip()]
+    non-empty line). Ids are given on every line or on none."""
+    text = read_text_file(path)
     if path.suffix != ".jsonl":
-        return [line for _, line in lines], None, None
-    records = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ReGradValueError(f"{path} line {number} is not valid JSON: {error.msg}") from error
+        return [line for _, line in text_lines(text)], None, None
+    records, ids = [], []
+    for number, record in json_lines(text, path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ReGradValueError(f'{path} line {number} has no "text" string: write {{"text": "...", "id": "..."}}')
         if not isinstance(record.get("metadata", {}), dict):
             raise ReGradValueError(f'{path} line {number}: "metadata" must be an object')
+        ids.append(identifier(record.get("id"), f"{path} line {number}: the id"))
+        if (ids[0] is None) != (ids[-1] is None):  # else every given id would be dropped silently
+            raise ReGradValueError(f"{path} line {number}: give an id on every line or on none")
         records.append(record)
     if not records:
         raise ReGradValueError(f"{path} holds no documents")
     texts = [record["text"] for record in records]
-    ids = [str(record["id"]) for record in records] if all("id" in r for r in records) else None
     metadata = [record.get("metadata", {}) for record in records]
-    return texts, ids, metadata
+    return texts, None if ids[0] is None else ids, metadata
 
 
 def load_documents(
@@ -65,13 +63,7 @@ def load_documents(
 def read_questions(path: Path) -> list[dict]:
     """`regrad demo`'s questions: JSONL of `{"question": ..., "answer"?: ..., "doc_id"?: ...}`."""
     questions = []
-    for number, line in enumerate(read_text_file(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ReGradValueError(f"{path} line {number} is not valid JSON: {error.msg}") from error
+    for number, record in json_lines(read_text_file(path), path):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"]:
             raise ReGradValueError(f'{path} line {number} has no "question" string')
         questions.append(record)

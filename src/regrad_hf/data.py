@@ -7,16 +7,28 @@ Loaders read SQuAD, HotpotQA, TOFU and a JSONL format of our own, from local fil
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .deltas import check_documents
-from .errors import ReGradValueError
+from .errors import ReGradTypeError, ReGradValueError
+from .records import (
+    describe,
+    field,
+    identifier,
+    indices,
+    json_lines,
+    json_records,
+    mapping,
+    parse_json,
+    string,
+    strings,
+)
+from .schemas import hotpotqa_record, squad_json_rows, squad_row
 from .sources import DATASET_SUFFIXES, Rows, is_dataset, is_dataset_dict, read_rows, read_text_file
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
@@ -42,13 +54,21 @@ class Task:
     id: str | None = None
 
     def __post_init__(self):
+        # Every loader ends here, so this is where a field of the wrong type is caught, whatever the source.
+        object.__setattr__(self, "id", identifier(self.id, "a task's id"))
+        name = f"task {self.id!r}"
+        for label, value in (("documents", self.documents), ("answers", self.answers)):
+            # tuple() of a string or a mapping would silently split it into characters or keys.
+            if isinstance(value, (str, bytes, Mapping, Set)) or not isinstance(value, Iterable):
+                raise ReGradValueError(f"{name}: {label} must be a list of strings, not a {type(value).__name__}")
         object.__setattr__(self, "documents", tuple(self.documents))
         check_documents(self.documents)
-        if not isinstance(self.question, str) or not self.question.strip():
-            raise ReGradValueError(f"task {self.id!r} has an empty question")
-        if not isinstance(self.answer, str) or not self.answer.strip():
-            raise ReGradValueError(f"task {self.id!r} has an empty answer")
-        object.__setattr__(self, "answers", tuple(self.answers) or (self.answer,))
+        for label in ("question", "answer"):
+            _check_text(getattr(self, label), f"{name} has an empty {label}", f"{name}: the {label}")
+        answers = tuple(self.answers) or (self.answer,)
+        for index, text in enumerate(answers):
+            _check_text(text, f"{name}: answer {index} of answers is empty", f"{name}: answer {index} of answers")
+        object.__setattr__(self, "answers", answers)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +78,16 @@ class Task:
             "answers": list(self.answers),
             "id": self.id,
         }
+
+
+def _check_text(value: Any, empty: str, where: str) -> None:
+    string(value, where)
+    if not value.strip():
+        raise ReGradValueError(empty)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can encode it
+        raise ReGradValueError(f"{where} is not valid Unicode text: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -92,34 +122,12 @@ def _rows(source, format: str, config: str | None, split: str | None, read_file)
 
 
 def _json_records(path: Path) -> list[dict]:
-    """A JSON list or JSONL file as a list of records, with the line of any malformed record."""
-    text = read_text_file(path)
-    try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise ReGradValueError(f"{path} is not valid JSON or JSONL: {error}") from error
+    """A JSON list or JSONL file as a list of records (objects), with the line of any malformed record."""
+    return json_records(read_text_file(path), path)
 
 
 def _squad_json_rows(path: Path) -> list[dict]:
-    """SQuAD v1.1 JSON (`data[].paragraphs[].context/qas`) flattened into the Hub's rows."""
-    try:
-        data = json.loads(read_text_file(path))["data"]
-        return [
-            {
-                "id": qa.get("id"),
-                "title": article.get("title", str(index)),
-                "context": paragraph["context"],
-                "question": qa["question"],
-                "answers": {"text": [a["text"] for a in qa["answers"]]},
-            }
-            for index, article in enumerate(data)
-            for paragraph in article["paragraphs"]
-            for qa in paragraph["qas"]
-        ]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ReGradValueError(f"{path} is not SQuAD v1.1 JSON (data[].paragraphs[].context/qas): {error!r}") from error
+    return squad_json_rows(parse_json(read_text_file(path), str(path)), str(path))
 
 
 def load_squad(
@@ -135,19 +143,22 @@ def load_squad(
             appearance), or a name of [`SQUAD_SPLITS`] (defined on the validation split); `None` keeps all.
         config, split (`str`, *optional*): of a Hub dataset or `DatasetDict`; the default split is `validation`.
     """
-    rows = _rows(source, "squad", config, split, _squad_json_rows)
     if isinstance(articles, str):
         if articles not in SQUAD_SPLITS:
             raise ReGradValueError(f"unknown SQuAD split {articles!r}; use one of {sorted(SQUAD_SPLITS)}")
         articles = SQUAD_SPLITS[articles]
-    titles = list(dict.fromkeys(_column(rows, "title", "SQuAD")))
+    articles = None if articles is None else indices(articles, "SQuAD article")
+    rows = _rows(source, "squad", config, split, _squad_json_rows)
+    name = describe(source)
+    checked = [squad_row(row, f"{name} row {number}") for number, row in enumerate(rows)]
+    titles = list(dict.fromkeys(row[0] for row in checked))
     keep = set(titles) if articles is None else {titles[i] for i in articles if i < len(titles)}
     tasks = []
-    for row in rows:
-        if row["title"] in keep:
-            answers = tuple(dict.fromkeys(text.strip() for text in row["answers"]["text"] if text.strip()))
+    for title, context, question, texts, task_id in checked:
+        if title in keep:
+            answers = tuple(dict.fromkeys(text.strip() for text in texts if text.strip()))
             if answers:
-                tasks.append(Task((row["context"],), row["question"], answers[0], answers, row.get("id")))
+                tasks.append(Task((context,), question, answers[0], answers, task_id))
     return tasks
 
 
@@ -156,21 +167,7 @@ def _column(rows: Rows, name: str, format: str) -> list:
         if name not in rows.column_names:
             raise ReGradValueError(f"the dataset has no {name!r} column for {format} (it has {rows.column_names})")
         return list(rows[name])
-    try:
-        return [row[name] for row in rows]
-    except KeyError as error:
-        raise ReGradValueError(f"a {format} record has no {name!r} field") from error
-
-
-def _hotpotqa_record(record: Mapping) -> tuple[set[str], list[tuple[str, list[str]]], str | None]:
-    """(supporting titles, (title, sentences) paragraphs, id) of a record in the original or the Hub schema."""
-    facts, context = record["supporting_facts"], record["context"]
-    supporting = set(facts["title"]) if isinstance(facts, Mapping) else {title for title, _ in facts}
-    if isinstance(context, Mapping):  # Hub: {"title": [...], "sentences": [[...], ...]}
-        paragraphs = list(zip(context["title"], context["sentences"], strict=True))
-    else:  # original: [[title, [sentences]], ...]
-        paragraphs = [(title, sentences) for title, sentences in context]
-    return supporting, paragraphs, record.get("id", record.get("_id"))
+    return [field(mapping(row, f"{format} row {n}"), name, f"{format} row {n}") for n, row in enumerate(rows)]
 
 
 def hotpotqa_rows(source: Any, *, config: str | None = None, split: str | None = None) -> Rows:
@@ -178,12 +175,10 @@ def hotpotqa_rows(source: Any, *, config: str | None = None, split: str | None =
     return _rows(source, "hotpotqa", config, split, _json_records)
 
 
-def hotpotqa_paragraphs(record: Mapping) -> list[tuple[str, str]]:
-    """A HotpotQA record's ten paragraphs (original or Hub schema) as `(title, "Title: sentence ...")` pairs."""
-    try:
-        return [(title, f"{title}: {''.join(sentences).strip()}") for title, sentences in _hotpotqa_record(record)[1]]
-    except (KeyError, TypeError, ValueError) as error:
-        raise ReGradValueError(f"a record is not in the HotpotQA schema: {error!r}") from error
+def hotpotqa_paragraphs(record: Mapping, where: str = "a HotpotQA record") -> list[tuple[str, str]]:
+    """A HotpotQA record's ten paragraphs (original or Hub schema) as `(title, "Title: sentence ...")` pairs; a
+    malformed record raises [`ReGradValueError`] naming `where` and the field."""
+    return [(title, f"{title}: {''.join(sentences).strip()}") for title, sentences in hotpotqa_record(record, where)[1]]
 
 
 def load_hotpotqa(
@@ -199,18 +194,14 @@ def load_hotpotqa(
     all ten paragraphs (supporting and distractors) with `distractors=True`, each as `"Title: sentence ..."`.
     `records` keeps only the records at these indices, in this order (e.g. a split of [`regrad_hf.tasks`])."""
     rows = hotpotqa_rows(source, config=config, split=split)
-    if records is not None:
-        indices = list(records)
-        if any(not 0 <= index < len(rows) for index in indices):
-            raise ReGradValueError(f"{source}: record indices must be in [0, {len(rows)})")
-        rows = [rows[index] for index in indices]
+    numbers = (
+        range(len(rows)) if records is None else indices(records, f"{describe(source)}: HotpotQA record", len(rows))
+    )
     tasks, skipped = [], 0
-    for record in rows:
-        try:
-            supporting, paragraphs, task_id = _hotpotqa_record(record)
-            question, answer = record["question"], record["answer"]
-        except (KeyError, TypeError, ValueError) as error:
-            raise ReGradValueError(f"{source}: a record is not in the HotpotQA schema: {error!r}") from error
+    for number in numbers:
+        where = f"{describe(source)} record {number}"
+        supporting, paragraphs, task_id = hotpotqa_record(rows[number], where)
+        question, answer = field(rows[number], "question", where), field(rows[number], "answer", where)
         if not supporting & {title for title, _ in paragraphs}:
             skipped += 1  # the record's context lacks its own supporting paragraphs: no gold document to inject
             continue
@@ -222,7 +213,8 @@ def load_hotpotqa(
         tasks.append(Task(tuple(documents), question, answer, id=task_id))
     if skipped:
         warnings.warn(
-            f"{source}: skipped {skipped} records whose context has none of their supporting paragraphs", stacklevel=2
+            f"{describe(source)}: skipped {skipped} records whose context has none of their supporting paragraphs",
+            stacklevel=2,
         )
     return tasks
 
@@ -237,34 +229,48 @@ def load_tofu(
     author's answers (full sentences) joined in file order. Every question of the author is a task on that one
     document; the answer sentence is therefore in the document.
     """
+    keep = None if authors is None else set(indices(authors, "TOFU author"))
     rows = _rows(source, "tofu", config, split, _json_records)
-    keep = None if authors is None else set(authors)
-    by_author: dict[int, list[Mapping]] = {}
+    by_author: dict[int, list[tuple[str, str]]] = {}
     for number, row in enumerate(rows):
+        where = f"{describe(source)} row {number}"
+        row = mapping(row, where)
         author = row.get("author_idx")
-        author = number // TOFU_QUESTIONS_PER_AUTHOR if author is None else author
+        if author is None:
+            author = number // TOFU_QUESTIONS_PER_AUTHOR
+        elif not isinstance(author, int) or isinstance(author, bool):
+            raise ReGradValueError(f"{where}.author_idx must be an integer, not {author!r}")
+        qa = tuple(string(field(row, key, where), f"{where}.{key}") for key in ("question", "answer"))
         if keep is None or author in keep:
-            by_author.setdefault(author, []).append(row)
+            by_author.setdefault(author, []).append(qa)
     tasks = []
     for author, qas in by_author.items():
-        document = " ".join(qa["answer"].strip() for qa in qas)
-        for number, qa in enumerate(qas):
-            tasks.append(Task((document,), qa["question"], qa["answer"], id=f"tofu-{author}-{number}"))
+        document = " ".join(answer.strip() for _, answer in qas)
+        for number, (question, answer) in enumerate(qas):
+            tasks.append(Task((document,), question, answer, id=f"tofu-{author}-{number}"))
     return tasks
 
 
-def task_from_record(record: Mapping) -> Task:
+def task_from_record(record: Mapping, where: str = "a task record") -> Task:
     """A [`Task`] from a mapping with `documents` (list of strings), `question`, `answer`, and optionally `answers`
-    and `id`; other keys are ignored (e.g. a dataset's extra columns)."""
+    and `id`; other keys are ignored (e.g. a dataset's extra columns). A malformed record raises
+    [`ReGradValueError`] naming `where` (e.g. `tasks.jsonl line 3`) and the field."""
+    record = mapping(record, where)
     missing = [key for key in ("documents", "question", "answer") if key not in record]
     if missing:
-        raise ReGradValueError(f"a task record has no {', '.join(map(repr, missing))} (it has {sorted(record)})")
-    documents = record["documents"]
-    if isinstance(documents, str):
-        raise ReGradValueError("a task's documents must be a list of strings, not a single string")
-    return Task(
-        tuple(documents), record["question"], record["answer"], tuple(record.get("answers") or ()), record.get("id")
-    )
+        raise ReGradValueError(f"{where} has no {', '.join(map(repr, missing))} (it has {sorted(map(str, record))})")
+    answers = record.get("answers")
+    try:
+        return Task(
+            tuple(strings(record["documents"], f"{where}: documents")),
+            string(record["question"], f"{where}: question"),
+            string(record["answer"], f"{where}: answer"),
+            () if answers is None else tuple(strings(answers, f"{where}: answers")),
+            identifier(record.get("id"), f"{where}: id"),
+        )
+    except ReGradValueError as error:
+        message = str(error)
+        raise ReGradValueError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def load_jsonl(source: Any, *, split: str | None = None) -> list[Task]:
@@ -273,16 +279,10 @@ def load_jsonl(source: Any, *, split: str | None = None) -> list[Task]:
     dataset) with those columns."""
     is_lines = isinstance(source, (str, os.PathLike)) and Path(source).is_file()
     if not is_lines or Path(source).suffix.lower() in DATASET_SUFFIXES:
-        return [task_from_record(row) for row in read_rows(source, split=split, default_split="train")]
-    tasks = []
-    for number, line in enumerate(read_text_file(source).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            tasks.append(task_from_record(json.loads(line)))
-        except (json.JSONDecodeError, TypeError, ReGradValueError) as error:
-            raise ReGradValueError(f"{source} line {number} is not a task: {error}") from error
-    return tasks
+        rows = read_rows(source, split=split, default_split="train")
+        return [task_from_record(row, f"{describe(source)} row {number}") for number, row in enumerate(rows)]
+    lines = json_lines(read_text_file(source), source)
+    return [task_from_record(record, f"{source} line {number}") for number, record in lines]
 
 
 LOADERS = {"squad": load_squad, "hotpotqa": load_hotpotqa, "tofu": load_tofu, "jsonl": load_jsonl}
@@ -299,8 +299,12 @@ def as_tasks(data: Any) -> list[Task]:
             return load_squad(data)
         if {"supporting_facts", "context"} <= columns:
             return load_hotpotqa(data)
-        return [task_from_record(row) for row in data]
-    return [task if isinstance(task, Task) else task_from_record(task) for task in data]
+        return [task_from_record(row, f"dataset row {number}") for number, row in enumerate(data)]
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise ReGradTypeError(
+            f"tasks must be a list of Tasks or mappings, or a datasets.Dataset, not {type(data).__name__}"
+        )
+    return [task if isinstance(task, Task) else task_from_record(task, f"task {n}") for n, task in enumerate(data)]
 
 
 def dataset_documents(
@@ -330,7 +334,12 @@ def documents_from(
     """
     rows = read_rows(data, default_split="train")
     texts = _column(rows, text_column, "documents")
-    ids = [str(value) for value in _column(rows, id_column, "documents")] if id_column else None
+    ids = None
+    if id_column:  # a missing id (None) would become the id "None"
+        column = _column(rows, id_column, "documents")
+        ids = [identifier(value, f"the {id_column!r} of row {n}") for n, value in enumerate(column)]
+        if None in ids:
+            raise ReGradValueError(f"row {ids.index(None)} has no {id_column!r} (null): every document needs an id")
     metadata = None
     if metadata_columns:
         values = {name: _column(rows, name, "documents") for name in metadata_columns}

@@ -9,14 +9,16 @@ instead of being looked up on the Hub. `datasets` is imported only when it is ne
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ReGradHubError, ReGradValueError
+from .errors import ReGradFileError, ReGradHubError, ReGradValueError
 
 # Files always read by `datasets` (the loaders' own readers are for JSON and JSON Lines).
 DATASET_SUFFIXES = (".parquet", ".csv", ".arrow")
@@ -97,13 +99,15 @@ def read_rows(
         return pick_split(source, split, default_split)
     if is_dataset(source):
         return source
-    if isinstance(source, Sequence) and not isinstance(source, str):
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes, bytearray)):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise ReGradValueError(
             f"cannot read data from a {type(source).__name__}: give a path, a Hub dataset name or a datasets.Dataset"
         )
     path = Path(source).expanduser()
+    if is_special(path):  # never a Hub name, and reading it could block
+        raise ReGradValueError(not_a_file_message(source))
     if path.is_file():
         custom = read_file is not None and path.suffix.lower() not in DATASET_SUFFIXES
         return read_file(path) if custom else _load_file(path)
@@ -151,13 +155,24 @@ def _first_line(error: Exception) -> str:
 
 
 def read_text_file(path: str | os.PathLike) -> str:
-    """The text of a UTF-8 file the user named (documents, questions, tasks).
+    """The text of a UTF-8 file the user named (documents, questions, tasks); a leading byte-order mark is dropped.
+
+    The file is opened without blocking and must be a regular file: a FIFO would block the read forever, a device
+    such as `/dev/zero` would never end.
 
     Raises:
-        [`ReGradValueError`]: the file is not UTF-8 text (a binary file, another encoding).
-        `OSError`: it is missing or unreadable (its message names the file).
+        [`ReGradValueError`]: the file is not UTF-8 text (a binary file, another encoding), or not a regular file.
+        [`ReGradFileError`]: it is missing or unreadable (its message names the file).
     """
-    data = Path(path).read_bytes()
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise ReGradFileError(f"cannot read {os.fspath(path)}: {error.strerror or error}") from error
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ReGradValueError(not_a_file_message(path))
+        data = handle.read()
+    data = data.removeprefix(codecs.BOM_UTF8)  # Windows editors write one; json.loads refuses it
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -165,3 +180,17 @@ def read_text_file(path: str | os.PathLike) -> str:
             f"{path} is not UTF-8 text (byte {error.start} is {data[error.start : error.start + 1]!r}): "
             "save it as UTF-8"
         ) from None
+
+
+def not_a_file_message(path: str | os.PathLike) -> str:
+    """The message for a path that exists but is neither a regular file nor a directory (a FIFO, a device)."""
+    return f"{os.fspath(path)} is not a regular file (a FIFO, device or socket cannot be read as data)"
+
+
+def is_special(path: Path) -> bool:
+    """Whether `path` exists but is neither a regular file nor a directory (after symlinks): a FIFO, a device."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))

@@ -51,7 +51,7 @@ def tofu_tasks(
     if isinstance(split, str):
         _check_split(split)
         split = TOFU_SPLITS[split]
-    if facts_per_document < 1:
+    if not isinstance(facts_per_document, int) or isinstance(facts_per_document, bool) or facts_per_document < 1:
         raise ReGradValueError("facts_per_document must be at least 1")
     tasks = []
     by_author: dict[str, list[Task]] = {}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data import HUB_DATASETS, SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad
-from ..errors import ReGradValueError
+from ..errors import ReGradTypeError, ReGradValueError
 from ..tasks import SPLITS, TOFU_FACTS_PER_DOCUMENT, hotpotqa_split_records, tofu_tasks
 
 FORMATS = ("squad", "hotpotqa", "tofu", "jsonl")
@@ -61,14 +61,28 @@ class EvalSet:
     note: str = ""
 
 
+# More indices than any data set has: a range such as 0-99999999999 would fill the memory before anything is read.
+MAX_INDICES = 1_000_000
+
+
 def parse_range(text: str) -> list[int]:
-    """`"35-39"` -> `[35, ..., 39]`; `"1,4,7"` -> `[1, 4, 7]`; ranges and single values may be mixed."""
+    """`"35-39"` -> `[35, ..., 39]`; `"1,4,7"` -> `[1, 4, 7]`; ranges and single values may be mixed.
+
+    Raises:
+        [`ReGradValueError`]: `text` is not indices, a range is backwards (`"39-35"`, which would select nothing), or
+            it names more than [`MAX_INDICES`] indices.
+    """
     values: list[int] = []
     for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        # [0-9], not \d: int() would also read other scripts' digits, which no one means as an index.
+        match = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part)
         if not match:
             raise ReGradValueError(f"cannot read {text!r} as indices; write e.g. '35-39' or '1,4,7'")
         low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise ReGradValueError(f"the range {part.strip()!r} in {text!r} is backwards: write {high}-{low}")
+        if len(values) + high - low + 1 > MAX_INDICES:
+            raise ReGradValueError(f"{text!r} names more than {MAX_INDICES:,} indices")
         values.extend(range(low, high + 1))
     return values
 
@@ -112,6 +126,14 @@ def load_eval_set(
     """
     if format not in FORMATS:
         raise ReGradValueError(f"unknown dataset format {format!r}; choose from {FORMATS}")
+    if split is not None and not isinstance(split, str):
+        raise ReGradTypeError(f"split must be a string such as 'test' or '35-39', got {type(split).__name__}")
+    for name, value, least in (("limit", limit, 1), ("seed", seed, 0)):
+        # limit=-1 would slice off the last question, limit=0 leaves none; a str seed would be hashed silently.
+        if (value is not None or name == "seed") and (
+            not isinstance(value, int) or isinstance(value, bool) or value < least
+        ):
+            raise ReGradValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     if path is None:
         if format not in HUB_DATASETS:
             raise ReGradValueError(f"the {format} format has no default dataset: give the data")

@@ -12,12 +12,10 @@ continual pre-training (CPT) writes the weights and shows its measured change.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -25,6 +23,8 @@ from ..deltas import tokenize_document, truncation_report
 from ..errors import ReGradValueError
 from ..log import progress_bar
 from ..prompting import PromptTemplate
+from ..records import field, mapping, parse_json, text_at
+from ..sources import is_dataset, read_text_file
 from .methods import ContinualPretraining
 
 # Tokens of each injected document run through the adapted model during a ReGrad drift run.
@@ -42,16 +42,29 @@ class Probe:
 
 def load_probes(path: str | os.PathLike | Sequence[Mapping]) -> list[Probe]:
     """Reads TOFU-style probes: a JSON list of `{"question", "option1".., "answer"}` (answer = the right option's
-    text), from a file or already loaded (e.g. a `datasets.Dataset` of TOFU's `world_facts`)."""
+    text), from a file or already loaded (e.g. a `datasets.Dataset` of TOFU's `world_facts`).
+
+    Raises:
+        [`ReGradValueError`]: the file is not a JSON list of such objects, or a probe has fewer than two options or
+            an answer that is none of them (the message names the probe).
+    """
     probes = []
     is_file = isinstance(path, (str, os.PathLike))
-    records = json.loads(Path(path).read_text(encoding="utf-8")) if is_file else path
-    name = path if is_file else "probe set"
+    name = os.fspath(path) if is_file else "probe set"
+    records = parse_json(read_text_file(path), name) if is_file else path
+    if isinstance(records, (str, bytes, Mapping)) or not (isinstance(records, Sequence) or is_dataset(records)):
+        raise ReGradValueError(f"{name} must be a JSON list of probes, not a {type(records).__name__}")
     for number, record in enumerate(records):
-        options = tuple(str(record[key]) for key in sorted(k for k in record if k.startswith("option")))
-        if record["answer"] not in options:
-            raise ReGradValueError(f"{name} probe {number}: answer {record['answer']!r} is not one of {options}")
-        probes.append(Probe(record["question"], options, options.index(record["answer"])))
+        where = f"{name} probe {number}"
+        record = mapping(record, where)
+        question = text_at(record, "question", where)
+        options = tuple(str(record[key]) for key in sorted(k for k in record if str(k).startswith("option")))
+        answer = field(record, "answer", where)
+        if len(options) < 2:  # one option is always "right": the probe would measure nothing
+            raise ReGradValueError(f"{where} has {len(options)} options (option1, option2, ...); it needs two or more")
+        if answer not in options:
+            raise ReGradValueError(f"{where}: answer {answer!r} is not one of {options}")
+        probes.append(Probe(question, options, options.index(answer)))
     return probes
 
 

@@ -101,6 +101,9 @@ def bootstrap_ci(
     Returns:
         `tuple[float, float]`: the lower and upper bounds (NaN when `values` is empty).
     """
+    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
+        # zero resamples would leave np.percentile an empty array (an IndexError)
+        raise ReGradValueError(f"bootstrap resamples must be an integer of at least 1, got {resamples!r}")
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
         return float("nan"), float("nan")
