@@ -1,10 +1,11 @@
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from regrad_hf import ReGradValueError
+from regrad_hf import ReGradValueError, sources
 from regrad_hf.collator import TaskCollator
 from regrad_hf.data import SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad, load_tofu
 from regrad_hf.evaluation import exact_match, f1_score, normalize_answer
@@ -131,3 +132,24 @@ def test_em_and_f1_match_hand_computed_values(prediction, answers, em, f1):
 
 def test_normalisation():
     assert normalize_answer("  The  Eiffel-Tower, an icon. ") == "eiffeltower icon"
+
+
+def test_a_gzip_compressed_squad_file_loads_as_the_plain_one(tmp_path):
+    question = {"id": "q1", "question": "What colour is box 1?", "answers": [{"text": "red", "answer_start": 9}]}
+    paragraph = {"context": "Box 1 is red.", "qas": [question]}
+    record = {"version": "1.1", "data": [{"title": "T", "paragraphs": [paragraph]}]}
+    plain = tmp_path / "squad.json"
+    plain.write_text(json.dumps(record), encoding="utf-8")
+    compressed = tmp_path / "squad.json.gz"
+    compressed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_squad(compressed) == load_squad(plain)
+    damaged = tmp_path / "damaged.json.gz"
+    damaged.write_bytes(compressed.read_bytes()[:20])
+    with pytest.raises(ReGradValueError, match="damaged gzip"):
+        load_squad(damaged)
+    sources.MAX_DECOMPRESSED_BYTES, cap = 10, sources.MAX_DECOMPRESSED_BYTES
+    try:
+        with pytest.raises(ReGradValueError, match="decompresses to more than"):
+            load_squad(compressed)
+    finally:
+        sources.MAX_DECOMPRESSED_BYTES = cap

@@ -10,10 +10,13 @@ instead of being looked up on the Hub. `datasets` is imported only when it is ne
 from __future__ import annotations
 
 import codecs
+import gzip
+import io
 import os
 import re
 import stat
 import sys
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -154,8 +157,12 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+MAX_DECOMPRESSED_BYTES = 1 << 30  # a gzip file's text, at most (SQuAD v1.1 train is 30 MB)
+
+
 def read_text_file(path: str | os.PathLike) -> str:
-    """The text of a UTF-8 file the user named (documents, questions, tasks); a leading byte-order mark is dropped.
+    """The text of a UTF-8 file the user named (documents, questions, tasks); a leading byte-order mark is dropped
+    and a gzip-compressed file (recognised by its magic bytes, e.g. `train-v1.1.json.gz`) is decompressed.
 
     The file is opened without blocking and must be a regular file: a FIFO would block the read forever, a device
     such as `/dev/zero` would never end.
@@ -172,6 +179,13 @@ def read_text_file(path: str | os.PathLike) -> str:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise ReGradValueError(not_a_file_message(path))
         data = handle.read()
+    if data[:2] == b"\x1f\x8b":
+        try:  # read at most one byte past the cap, so a decompression bomb cannot fill the memory
+            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(MAX_DECOMPRESSED_BYTES + 1)
+        except (OSError, EOFError, zlib.error) as error:
+            raise ReGradValueError(f"{path} is a damaged gzip file: {_first_line(error)}") from None
+        if len(data) > MAX_DECOMPRESSED_BYTES:
+            raise ReGradValueError(f"{path} decompresses to more than {MAX_DECOMPRESSED_BYTES >> 20} MiB")
     data = data.removeprefix(codecs.BOM_UTF8)  # Windows editors write one; json.loads refuses it
     try:
         return data.decode("utf-8")
