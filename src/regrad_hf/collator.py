@@ -12,6 +12,7 @@ import torch
 from .data import Task, task_from_record
 from .deltas import tokenize_documents
 from .errors import ReGradValueError
+from .grouping import TaskGroup
 from .prompting import PromptTemplate
 
 
@@ -34,7 +35,9 @@ class TaskCollator:
     """Tokenises tasks for [`ReGradTrainer`]: `{"tasks": [one dict of tensors per task]}`.
 
     Each task dict holds `document_ids`/`document_mask` (the documents, right-padded, truncated to
-    `max_document_tokens`) and `input_ids`/`labels` (prompt + answer; labels are -100 on the prompt).
+    `max_document_tokens`), `documents` (their texts, for a gradient cache) and `input_ids`/`labels` (prompt +
+    answer, one row per question; labels are -100 on the prompt and on the right padding). A [`Task`] has one row;
+    a [`TaskGroup`] one per question, all trained against the group's one inner step.
 
     Args:
         tokenizer: the model's tokenizer.
@@ -63,11 +66,16 @@ class TaskCollator:
         if self.documents_per_task < 1:
             raise ReGradValueError("documents_per_task must be at least 1")
 
-    def __call__(self, tasks: Sequence[Task | Mapping]) -> dict[str, list[dict[str, torch.Tensor]]]:
-        return {"tasks": [self.encode(task if isinstance(task, Task) else task_from_record(task)) for task in tasks]}
+    def __call__(self, tasks: Sequence[Task | TaskGroup | Mapping]) -> dict[str, list[dict[str, torch.Tensor]]]:
+        return {
+            "tasks": [
+                self.encode(task if isinstance(task, (Task, TaskGroup)) else task_from_record(task)) for task in tasks
+            ]
+        }
 
-    def encode(self, task: Task) -> dict[str, torch.Tensor]:
-        documents = list(task.documents) + self._distractors(task)
+    def encode(self, task: Task | TaskGroup) -> dict[str, torch.Tensor]:
+        questions = task.tasks if isinstance(task, TaskGroup) else (task,)
+        documents = list(task.documents) + self._distractors(questions[0] if isinstance(task, TaskGroup) else task)
         tokenizer = self.tokenizer
         encoded_documents = tokenize_documents(tokenizer, documents, self.max_document_tokens)
         length = max(len(ids) for ids in encoded_documents)
@@ -78,7 +86,25 @@ class TaskCollator:
             document_ids[row, : len(ids)] = torch.tensor(ids)
             document_mask[row, : len(ids)] = 1
 
-        prompt = self.prompt.build(tokenizer, task.question, None if self.blind else task.documents)
+        rows = [self._question_row(question, task.documents) for question in questions]
+        # Right padding: with causal attention a row's real tokens never see the padding after them.
+        input_ids = torch.full((len(rows), max(len(ids) for ids, _ in rows)), pad, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        for row, (ids, prompt_length) in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, prompt_length : len(ids)] = input_ids[row, prompt_length : len(ids)]
+        return {
+            "document_ids": document_ids,
+            "document_mask": document_mask,
+            "documents": tuple(documents),
+            "input_ids": input_ids,
+            "labels": labels,
+        }
+
+    def _question_row(self, task: Task, documents: Sequence[str]) -> tuple[list[int], int]:
+        """A question's prompt + answer token ids and the prompt's length."""
+        tokenizer = self.tokenizer
+        prompt = self.prompt.build(tokenizer, task.question, None if self.blind else documents)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(task.answer.strip() + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
         if len(answer_ids) > self.max_answer_tokens:
@@ -86,10 +112,7 @@ class TaskCollator:
                 f"task {task.id!r}: the answer has {len(answer_ids)} tokens, more than max_answer_tokens="
                 f"{self.max_answer_tokens}"
             )
-        input_ids = torch.tensor([prompt_ids + answer_ids])
-        labels = input_ids.clone()
-        labels[0, : len(prompt_ids)] = -100
-        return {"document_ids": document_ids, "document_mask": document_mask, "input_ids": input_ids, "labels": labels}
+        return prompt_ids + answer_ids, len(prompt_ids)
 
     def _distractors(self, task: Task) -> list[str]:
         missing = self.documents_per_task - len(task.documents)

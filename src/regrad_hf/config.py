@@ -21,7 +21,7 @@ from .prompting import (
 )
 from .prompting import check_template as check_prompt_template
 
-STEP_SIZE_MODES = ("tie", "row", "same", "fix")
+STEP_SIZE_MODES = ("tie", "row", "full", "same", "fix")
 # Bounds of the integer settings: far above any sensible value, low enough that a typo (an extra digit, 2**26) is
 # refused before it allocates gigabytes.
 INT_BOUNDS = {
@@ -73,7 +73,8 @@ class ReGradConfig(PreTrainedConfig):
             Indices of the decoder layers that carry LoRA tensors. `None` means the upper half.
         step_size_mode (`str`, defaults to `"tie"`):
             `"tie"`: one learned step size per LoRA tensor; `"row"`: one per row of each LoRA tensor (per output
-            feature of `lora_B`, per rank component of `lora_A`); `"same"`: one learned step size for all;
+            feature of `lora_B`, per rank component of `lora_A`); `"full"`: one per element (Meta-SGD, the paper's
+            `alpha_mode: full`; as many step sizes as LoRA values); `"same"`: one learned step size for all;
             `"fix"`: `init_step_size` everywhere, never trained.
         step_size_parametrization (`str`, defaults to `"log"`):
             `"log"` stores `log(alpha)` (step sizes stay positive and are trained on a relative scale);
@@ -118,7 +119,7 @@ class ReGradConfig(PreTrainedConfig):
     lora_alpha: float = 32.0
     target_modules: list[str] | None = None
     target_layers: list[int] | None = None
-    step_size_mode: Literal["tie", "row", "same", "fix"] = "tie"
+    step_size_mode: Literal["tie", "row", "full", "same", "fix"] = "tie"
     step_size_parametrization: Literal["log", "linear"] = "log"
     init_step_size: float = 0.3
     gamma: float = 1.0

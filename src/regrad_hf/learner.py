@@ -148,8 +148,8 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class StepSizes(nn.Module):
-    """Learned step sizes `alpha_t`: one per LoRA tensor (`tie`), one per row of each LoRA tensor (`row`), one for
-    all (`same`), or fixed (`fix`).
+    """Learned step sizes `alpha_t`: one per LoRA tensor (`tie`), one per row of each LoRA tensor (`row`), one per
+    element (`full`, Meta-SGD), one for all (`same`), or fixed (`fix`).
 
     In `row` mode the step of row `j` of tensor `t` is `alpha_{t,j} * g_{t,j}`: `lora_B` (out x rank) gets a step
     size per output feature, `lora_A` (rank x in) one per rank component.
@@ -164,6 +164,7 @@ class StepSizes(nn.Module):
     def __init__(self, shapes: Mapping[str, Sequence[int]], mode: str, parametrization: str, init: float):
         super().__init__()
         self.names = list(shapes)
+        self._shapes = {name: tuple(shape) for name, shape in shapes.items()}
         self.mode = mode
         self.parametrization = parametrization
         # Each tensor's step sizes are the slice [start, start + count) of `raw`, viewed in `self._views[name]`'s
@@ -175,9 +176,12 @@ class StepSizes(nn.Module):
                 view = (shape[0], *[1] * (len(shape) - 1))
                 self._slices[name] = (count, shape[0], view)
                 count += shape[0]
+            elif mode == "full":
+                self._slices[name] = (count, math.prod(shape), tuple(shape))
+                count += math.prod(shape)
             else:
                 self._slices[name] = (index if mode == "tie" else 0, 1, ())
-        count = count if mode == "row" else len(self.names) if mode == "tie" else 1
+        count = count if mode in ("row", "full") else len(self.names) if mode == "tie" else 1
         raw = torch.full((count,), math.log(init) if parametrization == "log" else init, dtype=torch.float32)
         if mode == "fix":
             self.register_buffer("raw", raw)
@@ -190,9 +194,9 @@ class StepSizes(nn.Module):
 
     @torch.no_grad()
     def copy_from(self, other: StepSizes) -> None:
-        """Takes the step sizes of a learner with another layout of the same LoRA tensors: each row gets its
-        tensor's step size (`tie`/`same` -> `row`), a tensor the mean of its rows' (`row` -> `tie`), all the mean of
-        all (`-> same`/`fix`).
+        """Takes the step sizes of a learner with another layout of the same LoRA tensors: each row or element gets
+        its tensor's or row's step size (`tie`/`same` -> `row`/`full`, `row` -> `full`), a coarser layout the mean of
+        the finer one's (`row`/`full` -> `tie`, `full` -> `row`), all the mean of all (`-> same`/`fix`).
 
         Raises:
             [`ReGradValueError`]: when `other` is for other LoRA tensors.
@@ -203,9 +207,14 @@ class StepSizes(nn.Module):
         values = torch.empty_like(self.raw)
         if self.mode in ("same", "fix"):
             values.fill_(torch.cat([value.reshape(-1) for value in theirs.values()]).mean())
-        for name, (start, count, _) in self._slices.items():
-            if self.mode == "row":
-                values[start : start + count] = theirs[name].reshape(-1).expand(count)
+        for name, (start, count, view) in self._slices.items():
+            if self.mode == "full":
+                values[start : start + count] = theirs[name].expand(view).reshape(-1)
+            elif self.mode == "row":
+                own = theirs[name]
+                if own.numel() == math.prod(self._shapes[name]) > count:  # per element: each row's mean
+                    own = own.reshape(count, -1).mean(-1)
+                values[start : start + count] = own.reshape(-1).expand(count)
             elif self.mode == "tie":
                 values[start] = theirs[name].mean()
         self.raw.copy_(values.log() if self.parametrization == "log" else values)

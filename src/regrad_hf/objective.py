@@ -69,8 +69,12 @@ def task_loss(
     locality: torch.Tensor | None = None,
     locality_weight: float = 0.0,
     first_token_weight: float = 1.0,
+    summed_gradients: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The outer (answer) loss of one encoded task after one inner step on its documents.
+
+    A task may hold several questions (rows of `input_ids`, a [`TaskGroup`]): one inner step, and the outer loss is
+    the mean over the answer tokens of every row.
 
     Args:
         learner ([`ReGradForCausalLM`]): the learner (its LoRA tensors are theta, its step sizes alpha).
@@ -80,20 +84,28 @@ def task_loss(
         locality_weight (`float`, defaults to 0): weight of the locality term (0: not computed).
         first_token_weight (`float`, defaults to 1): weight of the answer's first token in the outer loss
             ([`answer_loss`]; 1 is the plain mean).
+        summed_gradients (`Mapping[str, torch.Tensor]`, *optional*): the documents' summed gradient, computed
+            beforehand at the current LoRA tensors (a [`DocumentGradientCache`]). The inner step is then not
+            recomputed and the LoRA tensors are held fixed (theta0 frozen): only the step sizes get a gradient, and
+            it equals the one of `first_order=True` up to rounding.
 
     Returns:
         `torch.Tensor`: the scalar loss.
     """
     lora = learner.lora_parameters()
-    second_order = not first_order and torch.is_grad_enabled()
+    second_order = not first_order and summed_gradients is None and torch.is_grad_enabled()
     # Double backward through CPU flash SDPA is not implemented; the math kernel supports it.
     with sdpa_kernel(SDPBackend.MATH):
-        inner = documents_lm_loss(learner.language_model, task["document_ids"], task["document_mask"])
-        gradients = torch.autograd.grad(inner, list(lora.values()), create_graph=second_order, allow_unused=True)
-        summed = {
-            name: torch.zeros_like(p) if g is None else g if second_order else g.detach()
-            for (name, p), g in zip(lora.items(), gradients, strict=True)
-        }
+        if summed_gradients is not None:
+            summed = {name: summed_gradients[name].to(p.dtype).detach() for name, p in lora.items()}
+            lora = {name: p.detach() for name, p in lora.items()}
+        else:
+            inner = documents_lm_loss(learner.language_model, task["document_ids"], task["document_mask"])
+            gradients = torch.autograd.grad(inner, list(lora.values()), create_graph=second_order, allow_unused=True)
+            summed = {
+                name: torch.zeros_like(p) if g is None else g if second_order else g.detach()
+                for (name, p), g in zip(lora.items(), gradients, strict=True)
+            }
         adapted = adapted_parameters(lora, summed, learner.step_sizes(), learner.config.gamma)
         if first_token_weight == 1.0:
             outputs = functional_call(
@@ -121,12 +133,16 @@ def meta_loss(
     first_order: bool = False,
     locality_weight: float = 0.0,
     first_token_weight: float = 1.0,
+    summed_gradients: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Mean of [`task_loss`] over `tasks`; with `locality_weight > 0`, each task's locality text is the next task's
-    prompt and answer (so a batch needs two tasks or more)."""
+    first prompt and answer (so a batch needs two tasks or more). `summed_gradients`: one per task (see
+    [`task_loss`])."""
     if locality_weight < 0:
         raise ReGradValueError(f"locality_weight must be >= 0, got {locality_weight}")
     check_first_token_weight(first_token_weight)
+    if summed_gradients is not None and len(summed_gradients) != len(tasks):
+        raise ReGradValueError(f"got {len(summed_gradients)} summed gradients for {len(tasks)} tasks")
     if locality_weight > 0 and len(tasks) < 2:
         raise ReGradValueError("the locality term needs at least 2 tasks per batch (per device): each task's locality "
                                "text is another task's question and answer")  # fmt: skip
@@ -136,10 +152,18 @@ def meta_loss(
                 learner,
                 task,
                 first_order,
-                tasks[(index + 1) % len(tasks)]["input_ids"],
+                _first_row(tasks[(index + 1) % len(tasks)]),
                 locality_weight,
                 first_token_weight,
+                None if summed_gradients is None else summed_gradients[index],
             )
             for index, task in enumerate(tasks)
         ]
     ).mean()
+
+
+def _first_row(task: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The first question's prompt and answer, `(1, length)`, without the right padding of a group's rows."""
+    scored = (task["labels"][0] != -100).nonzero()
+    length = int(scored[-1]) + 1 if len(scored) else task["input_ids"].shape[1]
+    return task["input_ids"][:1, :length]

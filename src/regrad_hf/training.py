@@ -27,6 +27,8 @@ from .data import as_tasks
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
 from .evaluation import evaluate_injection
 from .files import flocked, write_error
+from .gradient_cache import DocumentGradientCache
+from .grouping import as_training_items
 from .modeling import LEARNER_FILE, ReGradForCausalLM
 from .objective import check_first_token_weight
 from .prompting import PromptTemplate
@@ -72,6 +74,16 @@ class ReGradTrainingArguments(TrainingArguments):
     )
     documents_per_task: int = field(
         default=1, metadata={"help": "Pad each task with distractor documents from other tasks up to this count."}
+    )
+    cached_gradients: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the LoRA start (theta0) and train the step sizes only, against document gradients "
+            "computed once each and cached (first order, exact for a frozen theta0; one process)."
+        },
+    )
+    gradient_cache_documents: int = field(
+        default=1024, metadata={"help": "Documents whose gradients the cache keeps (cached_gradients)."}
     )
     compact_checkpoint_dir: str | None = field(
         default=None,
@@ -139,6 +151,7 @@ class ReGradTrainer(Trainer):
         args ([`ReGradTrainingArguments`]): training arguments.
         train_dataset / eval_dataset (`Sequence[Task]` or `datasets.Dataset`): meta-training and dev tasks; a
             `Dataset` has `documents` (list of strings), `question` and `answer` columns (see [`data.as_tasks`]).
+            Training items may be [`TaskGroup`]s: several questions trained against one inner step.
         data_collator (*optional*): defaults to a [`TaskCollator`] built from `args`.
         kwargs: passed to `Trainer`.
     """
@@ -161,7 +174,7 @@ class ReGradTrainer(Trainer):
             )
         check_first_token_weight(args.answer_first_token_weight)
         # A datasets.Dataset (documents/question/answer columns) or mappings become Tasks, checked once here.
-        train_dataset = None if train_dataset is None else as_tasks(train_dataset)
+        train_dataset = None if train_dataset is None else as_training_items(train_dataset)
         eval_dataset = None if eval_dataset is None else as_tasks(eval_dataset)
         if data_collator is None:
             pool = sorted({d for task in (train_dataset or []) for d in task.documents})
@@ -191,19 +204,31 @@ class ReGradTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         # The untrained start, for the `raw` case of evaluate().
         self.untrained_state = {name: t.detach().clone() for name, t in model.learner_state_dict().items()}
+        self.gradient_cache = None
+        if args.cached_gradients:
+            if model.config.step_size_mode == "fix":
+                raise ReGradValueError("cached_gradients trains the step sizes only, and step_size_mode 'fix' has none")
+            if args.world_size > 1:
+                raise ReGradValueError("cached_gradients runs in one process (DDP needs every parameter to get a "
+                                       "gradient, and theta0 gets none)")  # fmt: skip
+            self.gradient_cache = DocumentGradientCache(
+                model, args.inner_max_document_tokens, args.gradient_cache_documents, torch.float32
+            )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """The `args.optim` optimizer over two groups: the LoRA tensors (lr, weight decay) and the step sizes
         (`step_size_learning_rate`, no decay)."""
         if self.optimizer is None:
             learner = self.accelerator.unwrap_model(model or self.model)
-            groups = [
-                {
-                    "params": list(learner.lora_parameters().values()),
-                    "lr": self.args.learning_rate,
-                    "weight_decay": self.args.weight_decay,
-                }
-            ]
+            groups = []
+            if not self.args.cached_gradients:  # theta0 is frozen while its document gradients are cached
+                groups.append(
+                    {
+                        "params": list(learner.lora_parameters().values()),
+                        "lr": self.args.learning_rate,
+                        "weight_decay": self.args.weight_decay,
+                    }
+                )
             step_sizes = [p for p in learner.step_sizes.parameters() if p.requires_grad]
             if step_sizes:
                 groups.append({"params": step_sizes, "lr": self.args.step_size_learning_rate, "weight_decay": 0.0})
@@ -214,9 +239,14 @@ class ReGradTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean over the batch's tasks of the outer (answer) loss after one inner step on the task's documents.
 
-        It runs as the (possibly DDP-wrapped) model's forward, so that DDP all-reduces the gradients."""
+        It runs as the (possibly DDP-wrapped) model's forward, so that DDP all-reduces the gradients. With
+        `cached_gradients`, each task's summed document gradient comes from the cache (theta0 frozen)."""
+        summed = None
+        if self.gradient_cache is not None:
+            summed = [self.gradient_cache.summed(task["documents"]) for task in inputs["tasks"]]
         outputs = model(
             meta_tasks=inputs["tasks"],
+            summed_gradients=summed,
             first_order=self.args.first_order,
             locality_weight=self.args.locality_weight,
             first_token_weight=self.args.answer_first_token_weight,
