@@ -23,6 +23,7 @@ from regrad_hf import GradientBank, ReGradForCausalLM
 from regrad_hf.collator import answer_suffix
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.evaluation.methods import MethodRunner, check_methods
+from regrad_hf.evaluation.probe import next_token_score
 from regrad_hf.prompting import PromptTemplate
 
 
@@ -38,14 +39,14 @@ def answer_token_scores(runner: MethodRunner, method: str, question: dict, bank:
         logits = model(input_ids=torch.tensor([prompt + answer], device=model.device)).logits
     logits = logits[0, len(prompt) - 1 : -1].float()
     nll = -logits.log_softmax(-1)[torch.arange(len(answer)), torch.tensor(answer)]
-    rank = int((logits[0] > logits[0, answer[0]]).sum())
+    first = next_token_score(logits[0], answer[0])
     # The last answer token is the end of turn; "other" is the answer's text after its first token.
     other = nll[1:-1]
     return {
-        "first_nll": nll[0].item(),
+        "first_nll": first.nll,
         "other_nll": other.mean().item() if len(other) else None,
         "mean_nll": nll.mean().item(),
-        "first_rank": rank,
+        "first_rank": first.rank,
     }
 
 

@@ -267,6 +267,13 @@ def build_parser() -> Parser:
         help="multiple-choice probe files (default: the world_facts and real_authors sets of locuslab/TOFU)",
     )
     sub.add_argument("--probe-limit", type=positive_int, help="use only the first N questions of each probe set")
+    sub.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the knowledge probe of every method (not the drift --probes): rank the reference answer among it and "
+        "3 other questions' answers by mean token log-probability after the method's prompt (default: on)",
+    )
     sub.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the 95%% CIs")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_argument("--command-line", help=argparse.SUPPRESS)

@@ -349,6 +349,7 @@ def evaluate(args: argparse.Namespace) -> int:
         bootstrap_resamples=args.bootstrap,
         show_progress=not args.no_progress,
         bank_cache=args.bank_cache,
+        probe=args.probe,
     )
     model = load_learner(args.learner, args.seed)
     config.prompt = eval_prompt(model.config, args)

@@ -3,8 +3,9 @@ on real data, with drift, a report and plots).
 
 Modules: `metrics` (EM/F1, answer contained, repetition, recall@k, bootstrap CIs), `injection` (the trainer's
 per-task evaluation), `datasets` (evaluation sets: questions, bank documents, gold ids), `methods` (the seven
-methods, one shared prompt), `drift` (probes, perplexity, byte-for-byte weight comparison), `report` (results.json,
-report.md, plots), `runner` (the whole run).
+methods, one shared prompt), `drift` (probes, perplexity, byte-for-byte weight comparison), `probe` (the
+knowledge probe: the reference answer ranked among other questions' answers, first-token NLL and top-1), `report`
+(results.json, report.md, plots), `runner` (the whole run).
 """
 
 from .datasets import EvalQuestion, EvalSet, load_eval_set
@@ -21,6 +22,7 @@ from .metrics import (
     normalize_answer,
     recall_at_k,
 )
+from .probe import NextTokenScore, candidate_log_probs, gold_rank, next_token_score, probe_candidates
 from .report import write_report
 from .runner import EvalConfig, run_evaluation
 
@@ -34,12 +36,17 @@ __all__ = [
     "EvalQuestion",
     "EvalSet",
     "MethodRunner",
+    "NextTokenScore",
     "Probe",
     "WeightSnapshot",
     "base_only",
+    "candidate_log_probs",
     "cpt_drift",
     "load_eval_set",
+    "gold_rank",
     "load_probes",
+    "next_token_score",
+    "probe_candidates",
     "probe_accuracy",
     "regrad_drift",
     "run_evaluation",

@@ -26,6 +26,7 @@ from ..prompting import PromptTemplate
 from ..records import field, mapping, parse_json, text_at
 from ..sources import is_dataset, read_text_file
 from .methods import ContinualPretraining
+from .probe import candidate_log_probs
 
 # Tokens of each injected document run through the adapted model during a ReGrad drift run.
 _INJECTION_FORWARD_TOKENS = 64
@@ -70,28 +71,12 @@ def load_probes(path: str | os.PathLike | Sequence[Mapping]) -> list[Probe]:
 
 def option_scores(model, question: str, options: Sequence[str]) -> list[float]:
     """Mean log-probability per token of each option after the question's prompt (the learner's template; one padded
-    forward pass)."""
+    forward pass, [`candidate_log_probs`])."""
     tokenizer = model.tokenizer
     text = PromptTemplate.from_config(model.config).build(tokenizer, question)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     encoded = [tokenizer(option.strip(), add_special_tokens=False)["input_ids"] for option in options]
-    length = len(prompt) + max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(options), length), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(prompt) + len(ids)] = torch.tensor(prompt + ids)
-        attention_mask[row, : len(prompt) + len(ids)] = 1
-    device = model.device
-    with torch.no_grad():
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    scores = []
-    for row, ids in enumerate(encoded):
-        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(ids), device=log_probs.device)
-        targets = torch.tensor(ids, device=log_probs.device)
-        scores.append(log_probs[row, positions, targets].mean().item())
-    return scores
+    return candidate_log_probs(model, prompt, encoded)
 
 
 def probe_accuracy(model, probes: Sequence[Probe], show_progress: bool = False, desc: str = "Probes") -> dict:

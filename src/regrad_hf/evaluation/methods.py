@@ -39,6 +39,7 @@ from ..learner import StepSizes
 from ..learner_state import STEP_SIZES_KEY
 from ..log import progress_bar
 from ..prompting import PromptTemplate
+from .probe import candidate_log_probs, next_token_score
 
 METHODS = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
 LABELS = {
@@ -215,12 +216,16 @@ class ContinualPretraining:
 
 @dataclass
 class Answer:
-    """One method's answer to one question."""
+    """One method's answer to one question, and how its model scores the reference answer (see
+    [`regrad_hf.evaluation.probe`])."""
 
     prediction: str
     answer_nll: float
     prompt_tokens: int
     seconds: float
+    first_token_nll: float = float("nan")
+    first_token_top1: float = float("nan")
+    probe_scores: list[float] | None = None
 
 
 class MethodRunner:
@@ -283,17 +288,32 @@ class MethodRunner:
         documents = list(texts) if method in WITH_DOCUMENTS_IN_PROMPT else None
         return self.prompt.build(self.model.tokenizer, question, documents)
 
-    def answer(self, method: str, question: str, answer: str, ids: Sequence[str], texts: Sequence[str]) -> Answer:
+    def answer(
+        self,
+        method: str,
+        question: str,
+        answer: str,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        candidates: Sequence[str] | None = None,
+    ) -> Answer:
         """Answers `question` with `method`; `ids`/`texts` are the retrieved documents (ignored where unused).
+
+        Args:
+            candidates (`Sequence[str]`, *optional*): the knowledge probe's candidate answers (see
+                [`probe_candidates`]), scored after the same prompt under the same adaptation; none: no probe.
 
         Returns:
             [`Answer`]: greedy prediction (cut by the template's stop rule), teacher-forced NLL of `answer` (mean
-            over its tokens, end-of-turn included), prompt length and wall-clock seconds (gradient step and restore
-            included).
+            over its tokens, end-of-turn included), its first token's NLL and whether that is the greedy next token,
+            the candidates' mean token log-probabilities, prompt length and wall-clock seconds (gradient step and
+            restore included, the probe's forward not).
         """
         tokenizer = self.model.tokenizer
         prompt_ids = tokenizer(self.prompt_text(method, question, texts), add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer.strip() + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
+        encoded = [tokenizer(text.strip(), add_special_tokens=False)["input_ids"] for text in candidates or ()]
+        probe_scores, probe_seconds = None, 0.0
         start = time.perf_counter()
         with self.state(method, ids) as model:
             device = model.device
@@ -302,7 +322,14 @@ class MethodRunner:
             labels[0, : len(prompt_ids)] = -100
             prompt = torch.tensor([prompt_ids], device=device)
             with torch.no_grad():
-                nll = model(input_ids=full, labels=labels).loss.item()
+                output = model(input_ids=full, labels=labels)
+                nll = output.loss.item()
+                first = next_token_score(output.logits[0, len(prompt_ids) - 1], answer_ids[0])
+                del output
+                if encoded:
+                    probe_start = time.perf_counter()
+                    probe_scores = candidate_log_probs(model, prompt_ids, encoded)
+                    probe_seconds = time.perf_counter() - probe_start
                 output = model.generate(
                     input_ids=prompt,
                     attention_mask=torch.ones_like(prompt),
@@ -314,4 +341,5 @@ class MethodRunner:
                 )
         prediction = self.prompt.cut(tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True))
         nll = nll if math.isfinite(nll) else float("nan")
-        return Answer(prediction, nll, len(prompt_ids), time.perf_counter() - start)
+        seconds = time.perf_counter() - start - probe_seconds
+        return Answer(prediction, nll, len(prompt_ids), seconds, first.nll, float(first.top1), probe_scores)

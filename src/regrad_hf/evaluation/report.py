@@ -124,21 +124,45 @@ def _prompt(prompt: Mapping) -> str:
     )
 
 
+def _optional(summary: Mapping, metric: str) -> str:
+    """A metric's cell, or `n/a` for a run without it (the probe switched off, or results saved before it existed)."""
+    return _interval(summary[metric]) if metric in summary else "n/a"
+
+
 def results_table(results: Mapping) -> str:
     """The main table of the report, in markdown."""
     lines = [
         "| method | EM [95% CI] | F1 [95% CI] | F1 beyond the question [95% CI] | contained [95% CI] | repetition "
-        "| answer NLL [95% CI] | prompt tokens | s / question |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| answer NLL [95% CI] | probe accuracy [95% CI] | first-token NLL [95% CI] | first-token top-1 [95% CI] "
+        "| prompt tokens | s / question |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in results["methods"]:
         s = results["summary"][method]
         lines.append(
             f"| {LABELS[method]} | {_interval(s['exact_match'])} | {_interval(s['f1'])} | "
             f"{_interval(s['f1_beyond_question'])} | {_interval(s['contained'])} | {s['repetition']['mean']:.3f} | "
-            f"{_interval(s['answer_nll'])} | {s['prompt_tokens']:.1f} | {s['seconds_per_question']:.2f} |"
+            f"{_interval(s['answer_nll'])} | {_optional(s, 'probe_accuracy')} | {_optional(s, 'first_token_nll')} | "
+            f"{_optional(s, 'first_token_top1')} | {s['prompt_tokens']:.1f} | {s['seconds_per_question']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _probe_note(results: Mapping) -> str:
+    """What the probe columns mean, and on how many questions the probe ran."""
+    probe = results.get("probe")
+    if probe is None:
+        ran = "the knowledge probe was off in this run"
+    else:
+        ran = f"it ran on {probe['questions']} of {len(results['questions'])} questions"
+        if probe["questions"] < len(results["questions"]):
+            ran += " (the others have too few distinct answers among the other questions)"
+    return (
+        " Probe accuracy (format-free knowledge): the share of questions whose reference answer has the highest mean "
+        "token log-probability, teacher-forced after the method's own prompt and adaptation, among itself and 3 "
+        "answers of other questions of the set (seeded; chance 0.25; a tie counts as wrong); first-token NLL and "
+        f"top-1: the reference answer's first token after the prompt, and whether it is the greedy next token; {ran}."
+    )
 
 
 def drift_table(results: Mapping) -> str:
@@ -232,7 +256,7 @@ def render_report(results: Mapping) -> str:
         "to a method that answers in sentences; repetition: "
         "the share of answers with a repeated word 3-gram; answer NLL is the teacher-forced mean NLL of the reference "
         "answer (and end of turn) after each method's prompt; 95 % percentile bootstrap intervals "
-        f"({run['bootstrap_resamples']} resamples, seed {run['seed']}).",
+        f"({run['bootstrap_resamples']} resamples, seed {run['seed']})." + _probe_note(results),
         "",
         results_table(results),
         "",

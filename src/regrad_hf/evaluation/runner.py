@@ -38,10 +38,20 @@ from .metrics import (
     has_repetition,
     recall_at_k,
 )
+from .probe import PROBE_DISTRACTORS, PROBE_METRIC, probe_candidates, probe_fields
 
 GRADIENT_METHODS = ("regrad", "regrad_icl")
 # Per-question scores of each answer, summarised with bootstrap intervals.
-ANSWER_METRICS = ("exact_match", "f1", "f1_beyond_question", "contained", "repetition", "answer_nll")
+ANSWER_METRICS = (
+    "exact_match",
+    "f1",
+    "f1_beyond_question",
+    "contained",
+    "repetition",
+    "answer_nll",
+    "first_token_nll",
+    "first_token_top1",
+)
 
 
 @dataclass
@@ -68,6 +78,8 @@ class EvalConfig:
         batch_size (`int`): documents per gradient batch when building banks.
         bank_cache (`str`, *optional*): a directory that keeps the learner's gradients of the evaluation set's
             documents between runs (a bank; each run adds the documents it needs and lacks).
+        probe (`bool`): run the knowledge probe (see [`regrad_hf.evaluation.probe`]): rank the reference answer
+            among itself and 3 other questions' answers by mean token log-probability after each method's prompt.
         show_progress (`bool`): progress bars.
     """
 
@@ -86,6 +98,7 @@ class EvalConfig:
     bootstrap_resamples: int = 1000
     batch_size: int = 8
     bank_cache: str | None = None
+    probe: bool = True
     show_progress: bool = True
 
 
@@ -268,12 +281,14 @@ def run_evaluation(
         )
         records = []
         questions = eval_set.questions
+        tasks = [question.task for question in questions]
         for index, question in enumerate(
             progress_bar(questions, desc=f"Questions ({len(methods)} methods)", enabled=show)
         ):
             retrieved_ids, retrieval_seconds = retrieved[index]
             retrieved_texts = [eval_set.documents[doc_id] for doc_id in retrieved_ids]
             task = question.task
+            candidates = probe_candidates(tasks, index, config.seed) if config.probe else None
             record = {
                 "id": task.id,
                 "question": task.question,
@@ -282,10 +297,11 @@ def run_evaluation(
                 "retrieved_ids": retrieved_ids,
                 "recall_at_k": recall_at_k(retrieved_ids, question.gold_ids, None if config.oracle else top_k),
                 "retrieval_seconds": retrieval_seconds,
+                **({"probe_candidates": candidates} if config.probe else {}),
                 "methods": {},
             }
             for method in methods:
-                answer = runner.answer(method, task.question, task.answer, retrieved_ids, retrieved_texts)
+                answer = runner.answer(method, task.question, task.answer, retrieved_ids, retrieved_texts, candidates)
                 record["methods"][method] = {
                     "prediction": answer.prediction,
                     "exact_match": exact_match(answer.prediction, task.answers),
@@ -294,9 +310,13 @@ def run_evaluation(
                     "contained": answer_contained(answer.prediction, task.answers),
                     "repetition": has_repetition(answer.prediction),
                     "answer_nll": answer.answer_nll,
+                    "first_token_nll": answer.first_token_nll,
+                    "first_token_top1": answer.first_token_top1,
                     "prompt_tokens": answer.prompt_tokens,
                     "seconds": answer.seconds + (retrieval_seconds if method in RETRIEVING else 0.0),
                 }
+                if config.probe:
+                    record["methods"][method].update(probe_fields(answer.probe_scores))
             records.append(record)
         del cpt_model, runner, raw_bank
 
@@ -304,13 +324,14 @@ def run_evaluation(
         results["retrieval"] = {
             "recall_at_k": _summary([r["recall_at_k"] for r in records], config.bootstrap_resamples, config.seed)
         }
+        metrics = (*ANSWER_METRICS, PROBE_METRIC) if config.probe else ANSWER_METRICS
         results["summary"] = {
             method: {
                 **{
                     metric: _summary(
                         [r["methods"][method][metric] for r in records], config.bootstrap_resamples, config.seed
                     )
-                    for metric in ANSWER_METRICS
+                    for metric in metrics
                 },
                 "prompt_tokens": float(np.mean([r["methods"][method]["prompt_tokens"] for r in records])),
                 "seconds_per_question": float(np.mean([r["methods"][method]["seconds"] for r in records])),
@@ -318,6 +339,10 @@ def run_evaluation(
             for method in methods
         }
 
+        if config.probe:
+            probed = sum(record["probe_candidates"] is not None for record in records)
+            results["probe"] = {"candidates": 1 + PROBE_DISTRACTORS, "score": "mean token log-probability",
+                                "questions": probed}  # fmt: skip
         if "regrad" in drift_methods:
             drift["regrad"] = regrad_drift(model, stream, config.drift_ns, probes or {}, heldout, show)
         if drift:
