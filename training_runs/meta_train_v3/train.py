@@ -1,0 +1,70 @@
+"""The meta_train_v3 run (issue 29): the amortised recipe on ~100k question-answer pairs. Started and resumed by
+`run.sh`; see README.md beside this file.
+
+Each item is a `TaskGroup` (one document set, up to 10 questions): one second-order inner step on its 3 documents,
+the outer loss over all of its questions. The learner starts from the shipped `smollm2-135m-mixed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+from regrad_hf import ReGradForCausalLM
+from regrad_hf.defaults import shipped_learner_path
+from regrad_hf.grouping import TaskGroup
+from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
+from regrad_hf.training_state import last_checkpoint
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_groups(path: Path) -> list[TaskGroup]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [TaskGroup.from_dict(json.loads(line), f"{path} line {n + 1}") for n, line in enumerate(handle)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max_steps", type=int, default=6000)
+    parser.add_argument("--cached_gradients", action="store_true", help="theta0 frozen: train the step sizes only")
+    parser.add_argument("--output_dir", type=Path, default=HERE / "run")
+    parser.add_argument("--resume_dir", type=Path, default=HERE / "resume")
+    cli = parser.parse_args()
+    groups = load_groups(HERE / "groups_train.jsonl.gz")
+    model = ReGradForCausalLM.from_pretrained(shipped_learner_path())
+    args = ReGradTrainingArguments(
+        output_dir=str(cli.output_dir),
+        compact_checkpoint_dir=str(cli.resume_dir),
+        max_steps=cli.max_steps,
+        per_device_train_batch_size=1,
+        learning_rate=2e-4,
+        step_size_learning_rate=1e-2,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=20,
+        max_grad_norm=0.5,
+        max_answer_tokens=128,
+        cached_gradients=cli.cached_gradients,
+        logging_steps=10,
+        save_strategy="steps",
+        save_steps=25,
+        save_total_limit=2,
+        eval_strategy="no",
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        ddp_timeout=10800,
+        dataloader_num_workers=0,
+    )
+    trainer = ReGradTrainer(model, args, train_dataset=groups)
+    resume = last_checkpoint(cli.output_dir)
+    if resume is None and (cli.resume_dir / "trainer_state.json").is_file():
+        resume = cli.resume_dir
+    trainer.train(resume_from_checkpoint=resume)
+
+
+if __name__ == "__main__":
+    main()
