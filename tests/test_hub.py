@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +17,16 @@ from transformers import AutoModelForCausalLM, pipeline
 
 import regrad_hf
 import regrad_hf.bank.index
-from regrad_hf import GradientBank, ReGradConfig, ReGradForCausalLM, ReGradHubError, ReGradValueError
+from regrad_hf import GradientBank, ReGradConfig, ReGradFileError, ReGradForCausalLM, ReGradHubError, ReGradValueError
 from regrad_hf.cards import TEMPLATE_PATH, merge_card
 from regrad_hf.cli import main as regrad
 from regrad_hf.config import PROMPT_FIELDS
+from regrad_hf.hub import pull
 from regrad_hf.prompting import LEGACY_PROMPT, PromptTemplate
 
 from .conftest import DOCUMENTS, IDS, make_tiny_base, parameter_bytes
 from .hub_server import FakeHub
+from .test_reliability_30 import mounted_tmpfs
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
 PROMPT = "What is the capital of Zorbia?"
@@ -326,3 +330,34 @@ def test_a_push_to_a_branch_leaves_main_and_a_smaller_bank_replaces_old_shards(p
     assert shards == ["gradients/shard-00000.safetensors"]
     bank = GradientBank.from_pretrained("user/branched", revision="dev")
     assert all(torch.equal(bank.gather(IDS)[n], published.bank.gather(IDS)[n]) for n in bank.parameter_shapes)
+
+
+def test_pull_onto_a_full_disk_or_into_a_file_raises_a_file_error(published, hub, tmp_path):
+    disk = mounted_tmpfs(tmp_path / "disk", size="1m")
+    try:
+        with pytest.raises(ReGradFileError, match="disk is full"):
+            pull(LEARNER_REPO, disk / "pulled")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    (tmp_path / "a-file").write_text("not a folder")
+    for local_dir in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        with pytest.raises(ReGradFileError):
+            pull(LEARNER_REPO, local_dir)
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), ReGradFileError),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), ReGradFileError),
+        (ConnectionError("connection reset by peer"), ReGradHubError),
+        (ValueError("Invalid path '../../x.json': it leaves the folder"), ReGradHubError),
+    ],
+)
+def test_pull_failures_are_typed(published, hub, tmp_path, monkeypatch, failure, error):
+    def failing(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(regrad_hf.hub, "snapshot_download", failing)
+    with pytest.raises(error):
+        pull(LEARNER_REPO, tmp_path / "pulled")

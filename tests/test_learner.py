@@ -40,7 +40,9 @@ def test_gpt2_style_model_is_supported(tokenizer):
     # GPT-2 uses Conv1D layers named mlp.c_fc / mlp.c_proj (attn.c_proj must not match).
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=4, n_head=4, n_positions=128))
-    model = ReGradForCausalLM.from_base(base, ReGradConfig(lora_rank=2), tokenizer=tokenizer)
+    # Documents are truncated within the base's 128 positions (a larger max_document_tokens is refused).
+    config = ReGradConfig(lora_rank=2, max_document_tokens=128)
+    model = ReGradForCausalLM.from_base(base, config, tokenizer=tokenizer)
     modules = sorted({name.split(".lora_")[0] for name in model.lora_parameters()})
     assert modules == [f"transformer.h.{i}.mlp.{p}" for i in (2, 3) for p in ("c_fc", "c_proj")]
     gradients = model.document_gradients(["A short document about swans."])

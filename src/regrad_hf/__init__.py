@@ -9,6 +9,7 @@ from .defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID
 from .errors import (
     BankMismatchError,
     BankNotFoundError,
+    InferenceModeError,
     ReGradError,
     ReGradFileError,
     ReGradHubError,
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_EMBEDDER_ID",
     "EMBEDDED_MODEL_ID",
     "BankMismatchError",
+    "InferenceModeError",
     "BankNotFoundError",
     "GenerationResult",
     "GenerationTimeoutError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from .errors import ReGradError, ReGradHubError
+from .errors import ReGradError, ReGradHubError, ReGradValueError
 from .files import DIRECTORY_MODE, exclusive_lock
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
@@ -104,6 +105,58 @@ def shipped_learner_path() -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """Maps [`EMBEDDED_MODEL_ID`] to its local checkpoint; any other name is returned unchanged."""
     return str(embedded_model_path()) if name_or_path == EMBEDDED_MODEL_ID else name_or_path
+
+
+# Hub options that also apply to the base model's tokenizer (its revision is the one recorded in the config).
+_SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
+
+
+def load_base_model(name: str, revision: str | None, tokenizer=None, **model_kwargs):
+    """Loads a base causal LM and (unless given) its tokenizer by name: a local checkpoint, a Hub id or
+    [`EMBEDDED_MODEL_ID`].
+
+    Returns:
+        `tuple`: the model and the tokenizer.
+
+    Raises:
+        [`ReGradValueError`]: `name` is not a model that transformers loads (a folder without a checkpoint, a file,
+            a pickled or malformed checkpoint, a model that needs remote code).
+        [`ReGradHubError`]: no such local folder, and no such repo on the Hub (or not cached while offline).
+    """
+    import pickle
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    hub_kwargs = {key: model_kwargs[key] for key in _SHARED_HUB_KWARGS if key in model_kwargs}
+    learner = ReGradValueError(f"{name!r:.200} is a ReGrad learner, not a base model: name the plain causal LM")
+    if _local_model_type(path) == "regrad":  # before loading it, which would load its own base (maybe this one)
+        raise learner
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **model_kwargs)
+        if getattr(model.config, "model_type", None) == "regrad":  # a learner's base must be a plain causal LM
+            raise learner
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision, **hub_kwargs)
+    except RecursionError as error:  # a learner naming itself (or a cycle of them) as its base
+        raise learner from error
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:  # what transformers and the Hub raise
+        if isinstance(error, ReGradError):
+            raise
+        reason = f"{type(error).__name__}: {str(error)[:300]}"
+        if os.path.lexists(path) or not isinstance(error, OSError):
+            raise ReGradValueError(f"cannot load the base model {name!r:.200}: {reason}") from error
+        raise ReGradHubError(f"cannot find the base model {name!r:.200} locally or on the Hub: {reason}") from error
+    return model, tokenizer
+
+
+def _local_model_type(path: str) -> str | None:
+    """The `model_type` in a local folder's `config.json`, or `None` (no such folder or file, not JSON)."""
+    try:
+        with open(Path(path) / "config.json", encoding="utf-8") as handle:
+            config = json.loads(handle.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def resolve_embedder_path(name_or_path: str | None) -> str:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import ReGradKeyError, ReGradTypeError, ReGradValueError
+from .errors import InferenceModeError, ReGradKeyError, ReGradTypeError, ReGradValueError
 from .log import warn_at_caller
 from .per_sample import LinearWeightGradients
 
@@ -106,6 +106,28 @@ def tokenize_documents(tokenizer, documents: Sequence[str], max_tokens: int) -> 
         return [tokenize_document(tokenizer, document, max_tokens) for document in documents]
 
 
+@contextmanager
+def differentiable(parameters: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Autograd on for the block, whatever the caller's mode: inference code wraps calls in `torch.no_grad()` or
+    `torch.inference_mode()`, and a document gradient is an autograd computation of its own. Inside the block grad is
+    enabled and inference mode is left, so that the forward records a graph; what the block returns are normal
+    tensors, which the caller's code may use under its mode.
+
+    Raises:
+        [`InferenceModeError`]: some of `parameters` are inference tensors (the model was built or loaded inside
+            `torch.inference_mode()`): autograd cannot differentiate them. Build the model outside it.
+    """
+    inference = [name for name, parameter in parameters.items() if parameter.is_inference()]
+    if inference:
+        raise InferenceModeError(
+            f"cannot compute document gradients: {len(inference)} LoRA tensors (e.g. {inference[0]}) were created "
+            "under torch.inference_mode(), and autograd cannot differentiate them; load or build the model outside "
+            "torch.inference_mode() (calling with torch.no_grad() or torch.inference_mode() around is fine)"
+        )
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def document_gradient(
     model: nn.Module,
     tokenizer,
@@ -136,10 +158,11 @@ def document_gradient(
 def _gradient_of_tokens(
     model: nn.Module, parameters: Mapping[str, torch.Tensor], ids: Sequence[int], create_graph: bool = False
 ) -> GradientDict:
-    input_ids = torch.tensor([ids], device=next(iter(parameters.values())).device)
-    # The same loss the meta-learning inner step differentiates, so banks and training agree by construction.
-    loss = documents_lm_loss(model, input_ids, torch.ones_like(input_ids))
-    gradients = torch.autograd.grad(loss, list(parameters.values()), create_graph=create_graph, allow_unused=True)
+    with differentiable(parameters):
+        input_ids = torch.tensor([ids], device=next(iter(parameters.values())).device)
+        # The same loss the meta-learning inner step differentiates, so banks and training agree by construction.
+        loss = documents_lm_loss(model, input_ids, torch.ones_like(input_ids))
+        gradients = torch.autograd.grad(loss, list(parameters.values()), create_graph=create_graph, allow_unused=True)
     return {
         name: torch.zeros_like(parameter) if gradient is None else gradient
         for (name, parameter), gradient in zip(parameters.items(), gradients, strict=True)
@@ -161,7 +184,8 @@ def document_gradients(
     `max_batch_tokens` padded tokens; each document's gradient is read off its own rows of the batch (see
     [`LinearWeightGradients`]), so the result equals [`document_gradient`] on each document alone up to float
     rounding. Parameters that are not the weight of an `nn.Linear` fall back to one document at a time. The model
-    is put in eval mode (no dropout) for the computation and returned to its previous mode after.
+    is put in eval mode (no dropout) for the computation and returned to its previous mode after. Autograd is on for
+    the computation even under the caller's `torch.no_grad()` or `torch.inference_mode()` (see [`differentiable`]).
 
     Args:
         batch_size (`int`, defaults to 16): documents per forward/backward pass.
@@ -177,23 +201,35 @@ def document_gradients(
     was_training = model.training
     model.eval()
     try:
-        if weight_modules is None:
-            per_document = [_gradient_of_tokens(model, parameters, ids) for ids in token_ids]
-            return {name: torch.stack([gradients[name] for gradients in per_document]) for name in parameters}
-        stacked = {
-            name: torch.empty((len(documents), *p.shape), dtype=p.dtype, device=p.device)
-            for name, p in parameters.items()
-        }
-        device = next(iter(parameters.values())).device
-        for rows in _length_buckets([len(ids) for ids in token_ids], batch_size, max_batch_tokens):
-            input_ids, attention_mask = _right_padded([token_ids[row] for row in rows], device)
-            with LinearWeightGradients(weight_modules) as capture:
-                loss = documents_lm_loss(model, input_ids, attention_mask)
-            for name, gradients in capture.gradients(loss).items():
-                stacked[name][rows] = gradients
-        return stacked
+        with differentiable(parameters):
+            return _batched_gradients(parameters, token_ids, weight_modules, model, batch_size, max_batch_tokens)
     finally:
         model.train(was_training)
+
+
+def _batched_gradients(
+    parameters: Mapping[str, torch.Tensor],
+    token_ids: list[list[int]],
+    weight_modules: dict[str, nn.Linear] | None,
+    model: nn.Module,
+    batch_size: int,
+    max_batch_tokens: int,
+) -> GradientDict:
+    """[`document_gradients`] of tokenized documents, under [`differentiable`]."""
+    if weight_modules is None:
+        per_document = [_gradient_of_tokens(model, parameters, ids) for ids in token_ids]
+        return {name: torch.stack([gradients[name] for gradients in per_document]) for name in parameters}
+    stacked = {
+        name: torch.empty((len(token_ids), *p.shape), dtype=p.dtype, device=p.device) for name, p in parameters.items()
+    }
+    device = next(iter(parameters.values())).device
+    for rows in _length_buckets([len(ids) for ids in token_ids], batch_size, max_batch_tokens):
+        input_ids, attention_mask = _right_padded([token_ids[row] for row in rows], device)
+        with LinearWeightGradients(weight_modules) as capture:
+            loss = documents_lm_loss(model, input_ids, attention_mask)
+        for name, gradients in capture.gradients(loss).items():
+            stacked[name][rows] = gradients
+    return stacked
 
 
 def _linear_modules_of(model: nn.Module, parameters: Mapping[str, torch.Tensor]) -> dict[str, nn.Linear] | None:

@@ -21,6 +21,10 @@ class ReGradKeyError(ReGradError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class InferenceModeError(ReGradError, RuntimeError):
+    """Document gradients cannot be computed: the model's tensors were made under `torch.inference_mode()`."""
+
+
 class BankMismatchError(ReGradValueError):
     """A gradient bank was built by another learner than the model it is used with."""
 

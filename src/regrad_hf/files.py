@@ -40,24 +40,62 @@ DIRECTORY_MODE = 0o777 & ~_UMASK
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    with file_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.close(handle)
+            write(temporary)
+            os.chmod(temporary, FILE_MODE)
+            os.replace(temporary, path)
+        except BaseException:  # a KeyboardInterrupt too: the target is the old file or the new one, never half
+            with contextlib.suppress(FileNotFoundError):  # os.replace may have moved it just before an interrupt
+                os.unlink(temporary)
+            raise
+
+
+# What an I/O failure says where a library reports it as a plain `Exception` (tokenizers: "No space left on device
+# (os error 28)"): the operating system's messages for failed writes.
+_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG)
+_WRITE_FAILURE_MESSAGES = tuple(os.strerror(code).lower() for code in _WRITE_FAILURES)
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether `error` is a failed file operation: an `OSError`, a safetensors I/O error, or another library's plain
+    exception carrying an operating-system message ([`is_disk_failure`])."""
+    if isinstance(error, ReGradError) or not isinstance(error, Exception):
+        return False
+    return isinstance(error, (OSError, SafetensorError)) or is_disk_failure(error)
+
+
+def is_disk_failure(error: BaseException) -> bool:
+    """Whether `error` says that the file system refused a write (a full disk or quota, a read-only file system,
+    permissions, an I/O error), by its errno or, from libraries that raise plain exceptions, by its message."""
+    if getattr(error, "errno", None) in _WRITE_FAILURES:
+        return True
+    message = str(error).lower()
+    return "(os error" in message or any(text in message for text in _WRITE_FAILURE_MESSAGES)
+
+
+@contextlib.contextmanager
+def file_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raises the failed file operations of the block ([`is_write_failure`]) as [`ReGradFileError`] naming
+    `path`, whichever library made them (Python's `open`, safetensors, tokenizers); the errno is kept. Every
+    writer of the library writes under it, so that a full disk or a read-only folder is one typed error."""
     try:
-        write(temporary)
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException as error:
-        os.unlink(temporary)
-        if isinstance(error, (OSError, SafetensorError)) and not isinstance(error, ReGradError):
-            raise write_error(error, path) from error
-        raise
+        yield
+    except Exception as error:
+        if not is_write_failure(error):
+            raise
+        raise write_error(error, Path(path)) from error
 
 
-def write_error(error: OSError | SafetensorError, path: Path) -> ReGradFileError:
+def write_error(error: BaseException, path: Path) -> ReGradFileError:
     """A failed write (full disk, permissions, a library's I/O error) as a typed error; the errno is kept."""
     code = getattr(error, "errno", None)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(error).lower()
+    full = code in (errno.ENOSPC, errno.EDQUOT) or any(
+        text in str(error).lower() for text in ("no space left", os.strerror(errno.EDQUOT).lower())
+    )
     reason = "the disk is full; free space and try again" if full else str(error)
     wrapped = ReGradFileError(f"cannot write {path}: {reason}")
     wrapped.errno = errno.ENOSPC if full and code is None else code
@@ -150,3 +188,29 @@ def directory_argument(value: object, what: str) -> Path:
     if "\0" in str(path):
         raise ReGradValueError(f"{what} {str(path)!r:.80} holds a NUL character, which no path can")
     return path
+
+
+def output_directory(value: object, what: str, create: bool = True) -> Path:
+    """`value` (the directory a writer is asked to write into: a learner, a bank, an adapter, a download) checked
+    and, with `create`, created if needed: the one path check of every writer.
+
+    Raises:
+        [`ReGradTypeError`] or [`ReGradValueError`]: see [`directory_argument`] (`None`, a number, bytes, `""`).
+        [`ReGradFileError`]: the path is a file, a folder above it is a file, or it cannot be created (a full disk,
+            permissions).
+    """
+    directory = directory_argument(value, what)
+    if directory.exists() and not directory.is_dir():
+        raise ReGradFileError(f"cannot write to {directory} ({what}): it is a file, not a directory")
+    above = next((parent for parent in directory.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ReGradFileError(f"cannot write to {directory} ({what}): {above}, a folder above it, is a file")
+    if not create:
+        return directory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno == errno.ENOTDIR:
+            raise ReGradFileError(f"cannot write to {directory} ({what}): a folder above it is a file") from error
+        raise write_error(error, directory) from error
+    return directory

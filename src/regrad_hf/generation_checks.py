@@ -5,9 +5,11 @@ inside transformers (a `ZeroDivisionError` for `num_beams=0`, an `OverflowError`
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -219,3 +221,63 @@ def transformers_refusals_typed() -> Iterator[None]:
             raise
         typed = ReGradTypeError if isinstance(error, (TypeError, AttributeError)) else ReGradValueError
         raise typed(f"generate cannot use its arguments: {type(error).__name__}: {error}") from error
+
+
+# What `BatchingGenerator.submit` refuses: inputs the generator builds itself, outputs a result has no room for.
+REFUSED_SUBMIT_KWARGS = {
+    "inputs": "pass the prompt as the first argument",
+    "input_ids": "pass the prompt as the first argument",
+    "attention_mask": "the generator builds the batch's attention mask",
+    "inputs_embeds": "prompts are text or token ids",
+    "position_ids": "the generator builds the batch",
+    "cache_position": "the generator builds the batch",
+    "past_key_values": "a cache belongs to one call, not to a request",
+    "streamer": "a streamer would see every row of the batch; call model.generate to stream",
+    "return_dict_in_generate": "a result holds the new tokens; call model.generate for scores or hidden states",
+    "output_scores": "a result holds the new tokens; call model.generate for scores",
+    "output_logits": "a result holds the new tokens; call model.generate for logits",
+    "output_attentions": "a result holds the new tokens; call model.generate for attentions",
+    "output_hidden_states": "a result holds the new tokens; call model.generate for hidden states",
+    "query": "pass query= as a keyword of submit (one string or None per request)",
+}
+
+
+def frozen_setting(value: Any) -> tuple:
+    """A hashable stand-in for a generation kwarg: by value for plain data, by identity for objects (a
+    `GenerationConfig`, a logits processor). The request keeps the object alive, so its id is not reused."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)  # the type too: True, 1 and 1.0 are not the same setting
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(frozen_setting(item) for item in value))
+    if isinstance(value, Mapping):
+        return ("map", tuple(sorted((str(k), frozen_setting(v)) for k, v in value.items())))
+    return ("object", id(value))
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """A wait's `timeout` in seconds: `None` or `math.inf` mean none (returned as `None`); a number up to
+    `threading.TIMEOUT_MAX` is returned as it is (0 or less: no wait).
+
+    Raises:
+        [`ReGradValueError`]: not a number (a bool, a string, NaN), or finite but larger than
+            `threading.TIMEOUT_MAX` (the clocks of the waits overflow: pass `math.inf` or `None` for no timeout).
+    """
+    if timeout is None:
+        return None
+    if type(timeout) not in (int, float) or timeout != timeout:
+        raise ReGradValueError(f"{name} must be a number of seconds or None, got {timeout!r:.40}")
+    if timeout == math.inf:
+        return None
+    if timeout > threading.TIMEOUT_MAX:
+        raise ReGradValueError(
+            f"{name}={timeout:g} s is more than the longest wait, {threading.TIMEOUT_MAX:g} s; pass None or math.inf "
+            "for no timeout"
+        )
+    return timeout
+
+
+def positive_int(value: Any, name: str) -> int:
+    """`value`, checked to be a positive `int` (not a bool); else [`ReGradValueError`] naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ReGradValueError(f"{name} must be a positive integer, got {value!r}")
+    return value

@@ -36,6 +36,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from .cards import merge_card
 from .errors import ReGradError, ReGradHubError, ReGradTypeError, ReGradValueError
+from .files import is_disk_failure, output_directory, write_error
 
 try:  # the HTTP client of huggingface_hub: the base of its status errors and of transport failures
     from httpx2 import HTTPError as _HTTPError
@@ -336,7 +337,12 @@ def pull(
 
     Returns:
         `Path`: `local_dir`.
+
+    Raises:
+        [`ReGradFileError`]: `local_dir` is not a usable folder, or a file cannot be written (a full disk).
+        [`ReGradHubError`]: the repo cannot be reached, or it lists a file outside itself (`../x.json`).
     """
+    local_dir = output_directory(local_dir, "local_dir")
     try:
         folder = snapshot_download(
             repo_id, revision=revision, token=token, local_dir=local_dir, allow_patterns=list(DATA_FILE_PATTERNS)
@@ -347,6 +353,12 @@ def pull(
         raise ReGradHubError(f"no repo {repo_id} on {constants.ENDPOINT} (or it is private: pass a token)") from error
     except RevisionNotFoundError as error:
         raise ReGradValueError(f"{repo_id} has no revision {revision!r}") from error
+    except ValueError as error:  # huggingface_hub refuses a listed path that leaves the folder ("../../x.json")
+        raise ReGradHubError(f"cannot pull {repo_id}: {error}") from error
+    except (_HTTPError, OSError) as error:  # a full disk is a file error; a cut connection, a failed request
+        if is_disk_failure(error):
+            raise write_error(error, local_dir) from error
+        raise _failed_request(f"downloading {repo_id}", error) from error
     return Path(folder)
 
 

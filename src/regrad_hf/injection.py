@@ -5,6 +5,7 @@ documents). A mixin so that modeling.py keeps construction, saving and the learn
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import deltas, multi_lora
+from . import deltas, multi_lora, scopes
 from .bank import GradientBank, Hit
 from .config import check_gamma
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
@@ -230,19 +231,24 @@ class KnowledgeInjectionMixin:
         """Marks the calling thread as inside a `generate` that runs with its own documents' step (see
         [`_refuse_inside_adapted_generate`])."""
         thread = threading.get_ident()
-        self._adapted_generations[thread] = self._adapted_generations.get(thread, 0) + 1
+        marks = self._adapted_generations.setdefault(thread, [])
+        frame = scopes.owner_frame()  # `generate`'s: a mark an interrupt leaves behind is stale once it returns
+        marks.append(frame)
         try:
             yield
         finally:
-            self._adapted_generations[thread] -= 1
-            if not self._adapted_generations[thread]:
-                del self._adapted_generations[thread]
+            with contextlib.suppress(ValueError):
+                marks.remove(frame)
+            if not marks:
+                self._adapted_generations.pop(thread, None)
 
     def _refuse_inside_adapted_generate(self) -> None:
         """Raises when this thread is inside a `generate` of this model that applied its retrieval's step: a call
         from its streamer, stopping criterion or logits processor would run with that step (swap) or that batch's
         per-row LoRA tensors (a mismatch error, or another batch's rows), not as the same call made on its own."""
-        if self._adapted_generations.get(threading.get_ident()):
+        marks = self._adapted_generations.get(threading.get_ident(), [])
+        marks[:] = [frame for frame in marks if scopes.is_running(frame)]  # left behind by an interrupt: dropped
+        if marks:
             raise ReGradError(
                 "generate was called from inside a generate call of the same model (by its streamer, stopping "
                 "criteria or logits processor) that runs with retrieved documents injected: the inner call would "

@@ -135,6 +135,36 @@ def remove_lora(model: nn.Module, requires_grad: Mapping[str, bool], peft_config
         del model.peft_config
 
 
+# Config fields that hold how many positions a decoder family was built for, in the order they are looked up.
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many token positions the language model was built for (its config's `max_position_embeddings` or the
+    family's name for it), or `None` when its config says nothing."""
+    config = getattr(model, "config", None)
+    for field in POSITION_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_document_tokens(config: ReGradConfig, model: nn.Module) -> None:
+    """Refuses a `max_document_tokens` beyond the base model's positions: a document gradient is one forward pass
+    over the document, which such a base cannot take (and whose memory would grow with the setting, not the text).
+
+    Raises:
+        [`ReGradValueError`]: `config.max_document_tokens` is larger than [`position_limit`].
+    """
+    limit = position_limit(model)
+    if limit is not None and config.max_document_tokens > limit:
+        raise ReGradValueError(
+            f"max_document_tokens={config.max_document_tokens} is more than the {limit} positions of the base model; "
+            f"set it to at most {limit}"
+        )
+
+
 def is_lora_parameter_name(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 

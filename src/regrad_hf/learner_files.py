@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 
 from .config import ReGradConfig
 from .errors import ReGradError, ReGradFileError, ReGradValueError
-from .files import DIRECTORY_MODE, FILE_MODE, directory_argument, flocked, write_error
+from .files import DIRECTORY_MODE, FILE_MODE, file_errors, flocked, output_directory, write_error
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
@@ -42,21 +42,8 @@ STAGING_PREFIX = ".regrad-save.staging-"
 
 
 def save_directory(value: object) -> Path:
-    """`value` (the `save_directory` of a save) as a `Path`, created if needed.
-
-    Raises:
-        [`ReGradTypeError`]: not a `str` or `os.PathLike`.
-        [`ReGradValueError`]: the empty string (pass `"."` for the working directory).
-        [`ReGradFileError`]: the path, or a folder above it, is a file; or it cannot be created.
-    """
-    directory = directory_argument(value, "save_directory")
-    if directory.exists() and not directory.is_dir():
-        raise ReGradFileError(f"cannot save a learner to {directory}: it is a file, not a directory")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ReGradFileError(f"cannot create the learner directory {directory}: {error.strerror or error}") from error
-    return directory
+    """`value` (the `save_directory` of a save) as a `Path`, created if needed: [`output_directory`]."""
+    return output_directory(value, "save_directory")
 
 
 def write_learner(directory: Path, write: Callable[[Path], None]) -> None:
@@ -79,13 +66,9 @@ def write_learner(directory: Path, write: Callable[[Path], None]) -> None:
             raise write_error(error, directory) from error
         moving = False  # once files move in, the staging folder and journal stay until every file has moved
         try:
-            try:
+            with file_errors(directory):  # a full disk, whichever library writes (tokenizers raise a plain Exception)
                 staging.chmod(DIRECTORY_MODE)
                 write(staging)
-            except ReGradError:
-                raise
-            except (OSError, SafetensorError) as error:
-                raise write_error(error, directory) from error
             names = sorted((path.name for path in staging.iterdir()), key=lambda name: (name == CONFIG_FILE, name))
             for name in names:
                 target = directory / name

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import deltas, objective
 from .bank import EAGER_FILES as BANK_EAGER_FILES
 from .bank import GradientBank
 from .config import ReGradConfig
-from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, resolve_model_path
+from .defaults import EMBEDDED_MODEL_ID, embedded_model_revision, load_base_model
 from .errors import ReGradError, ReGradValueError
 from .files import atomic_save_safetensors, atomic_write_text
 from .hub import HubOptions, locate
@@ -25,6 +25,7 @@ from .injection import KnowledgeInjectionMixin
 from .learner import (
     StepSizes,
     base_identity,
+    check_document_tokens,
     fingerprint_of,
     inject_lora,
     is_lora_parameter_name,
@@ -48,8 +49,6 @@ from .publishing import LearnerPublishingMixin
 from .restore import ExactRestore
 
 BANK_SUBFOLDER = "bank"
-# Hub options that also apply to the base model's repo (its revision is the one recorded in the config).
-_SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
 # What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
 # from a learner repo is ever run (it holds none), so `trust_remote_code` is moot; it is not passed on to the base.
 _IGNORED_KWARGS = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "trust_remote_code", "proxies")
@@ -102,12 +101,13 @@ class ReGradForCausalLM(
 
     def __init__(self, config: ReGradConfig, language_model: PreTrainedModel, tokenizer=None):
         super().__init__(config)
+        check_document_tokens(config, language_model)
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.bank: GradientBank | None = None
         # Per thread, whether `generate` searches the bank by default inside `knowledge` blocks (innermost last).
         self._bank_default_in_block: dict[int, list[bool]] = {}
-        self._adapted_generations: dict[int, int] = {}  # per thread, its `generate` calls running adapted
+        self._adapted_generations: dict[int, list] = {}  # per thread, the frames of its adapted `generate` calls
         self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
         self._base_identity: tuple[tuple, dict[str, str]] | None = None  # (what it was computed for, value)
@@ -149,10 +149,7 @@ class ReGradForCausalLM(
         config = copy.deepcopy(config) if config is not None else ReGradConfig()
         if isinstance(model_or_name, (str, os.PathLike)):
             name = str(model_or_name)
-            path = resolve_model_path(name)
-            model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **model_kwargs)
-            hub_kwargs = {key: model_kwargs[key] for key in _SHARED_HUB_KWARGS if key in model_kwargs}
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision, **hub_kwargs)
+            model, tokenizer = load_base_model(name, revision, tokenizer, **model_kwargs)
             config.base_model_name_or_path = name
             config.base_model_revision = embedded_model_revision() if name == EMBEDDED_MODEL_ID else revision
         else:
@@ -167,6 +164,7 @@ class ReGradForCausalLM(
                 except (OSError, ValueError):
                     tokenizer = None  # retrieval then needs `query=`; document gradients need a tokenizer
         was_training = model.training
+        check_document_tokens(config, model)  # before the caller's model is modified
         inject_lora(model, config)
         # Like transformers: a model loaded by name is in eval mode; a given model keeps its mode. Either way the whole
         # tree (the new LoRA layers and the wrapper included) is in that one mode.
@@ -245,9 +243,12 @@ class ReGradForCausalLM(
             shared = dict(
                 token=token, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download
             )
-            model = cls.from_base(
-                config.base_model_name_or_path, config, tokenizer, base_revision, **shared, **model_kwargs
-            )
+            name = config.base_model_name_or_path
+            try:
+                model = cls.from_base(name, config, tokenizer, base_revision, **shared, **model_kwargs)
+            except ReGradError as error:  # the field that named it: a learner's config is data, maybe hostile
+                field = f"{location.describe(CONFIG_FILE)} field base_model_name_or_path={name!r:.200}"
+                raise type(error)(f"{field}: {error}") from error
         else:
             requires_grad = {name: parameter.requires_grad for name, parameter in base_model.named_parameters()}
             peft_config = vars(base_model).get("peft_config")
@@ -316,7 +317,9 @@ class ReGradForCausalLM(
         """[`base_identity`] of the language model, computed once and again only when a base tensor was replaced,
         cast, moved or written in place since (its storage, dtype or version counter changed)."""
         base = [p for name, p in self.language_model.named_parameters() if not is_lora_parameter_name(name)]
-        key = (self.language_model.config.to_json_string(), *((p.data_ptr(), p.dtype, p._version) for p in base))
+        # inference tensors (a model built under torch.inference_mode()) have no version counter
+        versions = ((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in base)
+        key = (self.language_model.config.to_json_string(), *versions)
         if self._base_identity is None or self._base_identity[0] != key:
             self._base_identity = (key, base_identity(self.language_model))
         return self._base_identity[1]
@@ -334,6 +337,7 @@ class ReGradForCausalLM(
             raise ReGradError("document gradients need a tokenizer: pass tokenizer= to from_base/from_pretrained")
         if not self.adapters_enabled():
             raise ReGradError("document gradients need the LoRA layers: call enable_adapters() first")
+        check_document_tokens(self.config, self.language_model)  # the config may have been edited since
         with self._adaptation_lock, self._restore.unadapted():
             return deltas.document_gradients(
                 self.language_model, self.tokenizer, self._lora, documents, self.config.max_document_tokens

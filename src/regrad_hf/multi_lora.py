@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import deltas
+from . import deltas, scopes
 from .errors import ReGradError, ReGradKeyError, ReGradValueError
 from .learner import is_lora_parameter_name
 
@@ -154,13 +154,18 @@ def retrieval_row_tensors(
     return stacked
 
 
-def _projection_hook(weights: torch.Tensor, thread: int):
-    """A forward hook for a bias-free `nn.Linear` that applies row `r`'s weight to row `r` of the input."""
+def _projection_hook(weights: torch.Tensor, thread: int, owner):
+    """A forward hook for a bias-free `nn.Linear` that applies row `r`'s weight to row `r` of the input, while the
+    frame `owner` (the one running the [`per_row_lora`] block) runs; one that a `KeyboardInterrupt` left behind
+    removes itself at its next call and changes nothing."""
     expanded = {weights.shape[0]: weights.transpose(1, 2)}  # (rows, in, out), keyed by the batch size it serves
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if threading.get_ident() != thread:
             return None  # another thread's forward through the shared model: leave it alone
+        if not scopes.is_running(owner):  # its block is gone: repair, leave the forward as it is
+            scopes.remove_forward_hooks(module, lambda registered: registered is hook)
+            return None
         x = args[0]
         if x.dim() != 3:
             raise ReGradError(f"per-row LoRA expects inputs of shape (batch, tokens, features), got {tuple(x.shape)}")
@@ -193,8 +198,8 @@ def per_row_lora(model: nn.Module, row_tensors: Mapping[str, torch.Tensor]) -> I
         model (`nn.Module`): the model carrying the LoRA layers.
         row_tensors (`Mapping[str, torch.Tensor]`): `{weight name: (rows, out, in)}`.
     """
-    thread = threading.get_ident()
-    handles = []
+    thread, owner = threading.get_ident(), scopes.owner_frame()
+    hooks = []
     try:
         for name, weights in row_tensors.items():
             module_name, _, attribute = name.rpartition(".")
@@ -207,8 +212,10 @@ def per_row_lora(model: nn.Module, row_tensors: Mapping[str, torch.Tensor]) -> I
                     f"per-row tensors for {name} have shape {tuple(weights.shape)}, expected (rows, "
                     f"{', '.join(map(str, module.weight.shape))})"
                 )
-            handles.append(module.register_forward_hook(_projection_hook(weights, thread)))
+            hook = _projection_hook(weights, thread, owner)
+            hooks.append((module, hook))  # before it is registered: the clean-up finds every hook it may have
+            module.register_forward_hook(hook)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for module, hook in hooks:  # idempotent: a second interrupt may cut it; a hook left is inert (see above)
+            scopes.remove_forward_hooks(module, lambda registered, hook=hook: registered is hook)

@@ -21,7 +21,7 @@ from torch import nn
 from . import deltas
 from .config import check_gamma
 from .errors import ReGradError, ReGradValueError
-from .files import atomic_save_safetensors, atomic_write_text
+from .files import atomic_save_safetensors, atomic_write_text, output_directory
 from .learner import ADAPTER_NAME
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -51,6 +51,10 @@ def write_peft_adapter(
         save_directory (`str` or `os.PathLike`): created if needed; existing adapter files are replaced.
         base_model_name_or_path, revision (`str`, *optional*): recorded in the config for `AutoPeftModelForCausalLM`.
 
+    Raises:
+        [`ReGradTypeError`] or [`ReGradValueError`]: `save_directory` is not a path, or is empty.
+        [`ReGradFileError`]: it is a file or under one, or a file cannot be written (a full disk).
+
     Returns:
         `Path`: the directory.
     """
@@ -66,8 +70,7 @@ def write_peft_adapter(
     tensors = {_PEFT_MODEL_PREFIX + name: tensor.detach().cpu() for name, tensor in sorted(state.items())}
     settings = config.to_dict()
     settings["target_modules"] = sorted(settings["target_modules"])  # a set: sorted so that exports repeat exactly
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = output_directory(save_directory, "save_directory")
     atomic_save_safetensors(tensors, directory / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
     atomic_write_text(directory / ADAPTER_CONFIG_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return directory
@@ -222,12 +225,17 @@ class PeftConventionsMixin:
         Returns:
             `Path`: the directory.
 
+        Raises:
+            [`ReGradTypeError`] or [`ReGradValueError`]: `save_directory` is not a path, or is empty.
+            [`ReGradFileError`]: it is a file or under one, or a file cannot be written (a full disk).
+
         Example:
             ```python
             model.export_adapter("zorbia-adapter", ids=["zorbia"])
             served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), "zorbia-adapter")
             ```
         """
+        output_directory(save_directory, "save_directory", create=False)  # refused before any gradient is computed
         if ids is not None and documents is not None:
             raise ReGradValueError("export_adapter takes ids (from the attached bank) or documents, not both")
         if isinstance(ids, str):

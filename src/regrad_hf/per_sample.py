@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import scopes
 from .errors import ReGradError, ReGradTypeError
 
 
@@ -44,27 +45,48 @@ class LinearWeightGradients:
         self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in self.modules}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._thread: int | None = None
+        self._active = False
+        self._owner = None
 
     def __enter__(self) -> LinearWeightGradients:
         # The modules may be shared with other threads (a model serving generate calls): only the forwards of the
         # thread that entered the block are this capture's.
         self._thread = threading.get_ident()
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._recorder(name)))
+        self._owner = scopes.owner_frame()  # the block's frame: once it is gone, so is the capture (see `_recorder`)
+        for module in self.modules.values():  # a capture of this thread whose block an interrupt cut: repaired
+            remove_stale_captures(module)
+        self._active = True
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._recorder(name)))
+        except BaseException:  # a KeyboardInterrupt between two registrations: no hook stays behind
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
+        # Idempotent and re-entrant: a second interrupt may cut it, and it may run again. Hooks are found on the
+        # modules themselves, not only through the handles (a hook registered just before an interrupt has none);
+        # one that stays behind anyway records nothing and removes itself at its next call (see `_recorder`).
+        self._active = False
+        for module in self.modules.values():
+            _remove_hooks_of(module, self)
         self._handles.clear()
+        self._owner = None
 
     def _recorder(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if threading.get_ident() != self._thread:
                 return
+            if not self._active or not scopes.is_running(
+                self._owner
+            ):  # left behind by an interrupt: repair, record nothing
+                _remove_hooks_of(module, self)
+                return
             # A module called several times in one forward (shared weights) contributes once per call.
             self._calls[name].append((args[0], output))
 
+        record.capture = self
         return record
 
     def gradients(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -94,3 +116,26 @@ class LinearWeightGradients:
             per_row[name] = per_row[name] + row_gradient if name in per_row else row_gradient
         self._calls = {name: [] for name in self.modules}
         return per_row
+
+
+def _remove_hooks_of(module: nn.Module, capture: LinearWeightGradients) -> None:
+    """Removes every forward hook of `capture` from `module`."""
+    scopes.remove_forward_hooks(module, lambda hook: getattr(hook, "capture", None) is capture)
+
+
+def remove_stale_captures(module: nn.Module) -> int:
+    """Removes the hooks that captures left behind on `module`: those of the calling thread (which cannot be inside
+    a capture while it calls this) or of a thread that has ended, e.g. after a `KeyboardInterrupt` landed before a
+    block's clean-up could run. Captures of other running threads are theirs and kept. Returns how many it removed.
+    """
+    me, alive = threading.get_ident(), {thread.ident for thread in threading.enumerate()}
+    stale = {
+        hook.capture
+        for hook in list(module._forward_hooks.values())
+        if getattr(hook, "capture", None) is not None
+        and (hook.capture._thread == me or hook.capture._thread not in alive)
+    }
+    for capture in stale:
+        capture._active = False
+        _remove_hooks_of(module, capture)
+    return len(stale)

@@ -64,15 +64,13 @@ class ExactRestore:
             return
         original = self.unadapted_values()
         names = [name for name in original if any(name in level for level, _ in self._active)]
-        targets = [self.parameters[name] for name in names]
-        with torch.no_grad():
-            adapted = [target.detach().clone() for target in targets]
-            torch._foreach_copy_(targets, [original[name] for name in names])
+        targets = [self.parameters[name].detach() for name in names]  # see `applied` on why detached
+        adapted = [target.clone() for target in targets]
+        torch._foreach_copy_(targets, [original[name] for name in names])
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(targets, adapted)
+            torch._foreach_copy_(targets, adapted)
 
     @contextmanager
     def applied(self, delta: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -83,7 +81,9 @@ class ExactRestore:
         if not names:  # the foreach ops refuse empty lists
             yield
             return
-        targets = [self.parameters[name] for name in names]
+        # Written through detached views (the same storage) rather than under `torch.no_grad()`: a Ctrl-C landing
+        # between a `no_grad` block's entry and its protected region would leave autograd off for the caller.
+        targets = [self.parameters[name].detach() for name in names]
         backup = self._spare_backups.pop() if self._spare_backups else {}
         for name, target in zip(names, targets, strict=True):
             kept = backup.get(name)
@@ -91,19 +91,18 @@ class ExactRestore:
             if kept is None or (kept.shape, kept.dtype, kept.device) != (target.shape, target.dtype, target.device):
                 backup[name] = torch.empty_like(target)
         saved = [backup[name] for name in names]
+        level = (names, backup)
         try:
-            with torch.no_grad():
-                torch._foreach_copy_(saved, targets)
-            self._active.append((names, backup))
-            try:
+            torch._foreach_copy_(saved, targets)
+            try:  # the level is pushed inside the try, so that no interrupt between the two leaves it behind
+                self._active.append(level)
                 steps = [delta[name].to(device=t.device, dtype=t.dtype) for name, t in zip(names, targets, strict=True)]
-                with torch.no_grad():
-                    torch._foreach_add_(targets, steps)
+                torch._foreach_add_(targets, steps)
                 yield
             finally:
-                with torch.no_grad():
-                    torch._foreach_copy_(targets, saved)
-                self._active.pop()
+                torch._foreach_copy_(targets, saved)
+                if self._active and self._active[-1] is level:
+                    self._active.pop()
         finally:
             self._spare_backups.append(backup)
 

@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,20 @@ import torch
 
 from .config import check_gamma
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
-from .generation_checks import check_generation_settings, check_total_tokens, prompt_ids
+from .generation_checks import (
+    REFUSED_SUBMIT_KWARGS,
+    check_generation_settings,
+    check_timeout,
+    check_total_tokens,
+    frozen_setting,
+    positive_int,
+    prompt_ids,
+)
 from .modeling import ReGradForCausalLM
 from .prompting import PromptTemplate
 from .query import prompt_to_query
+
+logger = logging.getLogger(__name__)
 
 
 class GeneratorClosedError(ReGradError, RuntimeError):
@@ -42,23 +53,6 @@ class GenerationTimeoutError(ReGradError, TimeoutError):
     """[`BatchingGenerator.generate`] waited longer than its `timeout` (an `except TimeoutError` catches it too)."""
 
 
-# Inputs the generator builds itself, and outputs a result has no room for.
-_REFUSED_KWARGS = {
-    "inputs": "pass the prompt as the first argument",
-    "input_ids": "pass the prompt as the first argument",
-    "attention_mask": "the generator builds the batch's attention mask",
-    "inputs_embeds": "prompts are text or token ids",
-    "position_ids": "the generator builds the batch",
-    "cache_position": "the generator builds the batch",
-    "past_key_values": "a cache belongs to one call, not to a request",
-    "streamer": "a streamer would see every row of the batch; call model.generate to stream",
-    "return_dict_in_generate": "a result holds the new tokens; call model.generate for scores or hidden states",
-    "output_scores": "a result holds the new tokens; call model.generate for scores",
-    "output_logits": "a result holds the new tokens; call model.generate for logits",
-    "output_attentions": "a result holds the new tokens; call model.generate for attentions",
-    "output_hidden_states": "a result holds the new tokens; call model.generate for hidden states",
-    "query": "pass query= as a keyword of submit (one string or None per request)",
-}
 _FROM_PROMPT = object()  # `query` not given: retrieve for the prompt, as `model.generate` does
 
 
@@ -88,22 +82,18 @@ class _Request:
     future: Future = field(default_factory=Future)
 
 
-def _freeze(value: Any) -> tuple:
-    """A hashable stand-in for a generation kwarg: by value for plain data, by identity for objects (a
-    `GenerationConfig`, a logits processor). The request keeps the object alive, so its id is not reused."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return (type(value).__name__, value)  # the type too: True, 1 and 1.0 are not the same setting
-    if isinstance(value, (list, tuple)):
-        return ("seq", tuple(_freeze(item) for item in value))
-    if isinstance(value, Mapping):
-        return ("map", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
-    return ("object", id(value))
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ReGradValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+def _resolve(future: Future, outcome: Any) -> None:
+    """Sets a future's result, or its exception when `outcome` is one. A done callback that raises past
+    `concurrent.futures` (which logs only `Exception`s), e.g. `SystemExit`, is logged and never stops the worker."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except BaseException as callback_error:  # the worker serves on; the future is resolved already
+        if not future.done():  # the outcome itself could not be set (not a callback's doing)
+            raise
+        logger.error("a done callback of a BatchingGenerator request raised %r; ignored", callback_error)
 
 
 class BatchingGenerator:
@@ -146,12 +136,12 @@ class BatchingGenerator:
             raise ReGradValueError(f"max_wait_ms must be a number of milliseconds >= 0, got {max_wait_ms!r}")
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.max_batch_size = _positive_int(max_batch_size, "max_batch_size")
+        self.max_batch_size = positive_int(max_batch_size, "max_batch_size")
         self.max_wait = max_wait_ms / 1000.0
         if max_total_tokens is None:
             max_total_tokens = getattr(model.language_model.config, "max_position_embeddings", None)
         if max_total_tokens is not None:
-            max_total_tokens = _positive_int(max_total_tokens, "max_total_tokens")
+            max_total_tokens = positive_int(max_total_tokens, "max_total_tokens")
         self.max_total_tokens = max_total_tokens
         self._vocab_size = model.language_model.get_input_embeddings().num_embeddings
         self._pad_id = self._padding_token()
@@ -210,56 +200,55 @@ class BatchingGenerator:
         """[`submit`] and wait: returns the request's [`GenerationResult`] or raises its exception.
 
         Args:
-            timeout (`float`, *optional*): seconds to wait; on expiry [`GenerationTimeoutError`] (a `TimeoutError`) is
-                raised and the request is cancelled if it has not started.
+            timeout (`float`, *optional*): seconds to wait (`None` or `math.inf`: no limit); on expiry
+                [`GenerationTimeoutError`] (a `TimeoutError`) is raised and the request is cancelled if it has not
+                started. A finite value beyond `threading.TIMEOUT_MAX` raises [`ReGradValueError`].
 
         The calling thread's `knowledge`/`retrieved`/`injected` blocks do not apply (the worker thread generates);
-        waiting inside one raises [`ReGradError`] instead of deadlocking.
+        waiting inside one, or in a done callback (on the worker), raises [`ReGradError`] instead of deadlocking.
         """
-        # The worker needs the model's lock to retrieve; a thread holding it (inside `knowledge`, `retrieved`,
+        # The worker serves one batch at a time: a done callback (run on it) waiting for a result would wait for
+        # itself. And it needs the model's lock to retrieve; a thread holding it (inside `knowledge`, `retrieved`,
         # `injected` or `disable_adapter`) would wait for a result that waits for it.
+        if threading.current_thread() is self._worker:
+            raise ReGradError(
+                "BatchingGenerator.generate cannot wait on the generator's own worker thread (in a done callback): the "
+                "worker would wait for itself; call submit() there, which returns a future at once"
+            )
         if self.model._adaptation_lock._is_owned():
             raise ReGradError(
                 "BatchingGenerator.generate cannot wait inside knowledge()/retrieved()/injected()/disable_adapter(): "
                 "the worker needs the model's lock that this thread holds; call it outside the block"
             )
-        if timeout is not None and (type(timeout) not in (int, float) or timeout != timeout):
-            raise ReGradValueError(f"timeout must be a number of seconds or None, got {timeout!r:.40}")
+        timeout = check_timeout(timeout)
         future = self.submit(prompt, **kwargs)
         try:
             return future.result(timeout)
         except TimeoutError as error:
-            started = not future.cancel()
-            raise GenerationTimeoutError(
-                f"no result within {timeout} s"
-                + (
-                    "; the request runs on, its result is dropped"
-                    if started
-                    else "; the request was cancelled before it started"
-                )
-            ) from error
+            fate = "was cancelled before it started" if future.cancel() else "runs on, its result is dropped"
+            raise GenerationTimeoutError(f"no result within {timeout} s; the request {fate}") from error
 
     def _request(self, prompt, query, top_k_docs, gamma, use_bank, kwargs: dict) -> _Request:
         """The request, with every argument checked now, so that a bad one fails its caller and no batch."""
         ids, is_text = prompt_ids(prompt, self.tokenizer, self._vocab_size)
         if query is not _FROM_PROMPT and query is not None and not isinstance(query, str):
             raise ReGradTypeError(f"query must be a string or None (no retrieval), got {type(query).__name__}")
-        refused = sorted(set(kwargs) & set(_REFUSED_KWARGS))
+        refused = sorted(set(kwargs) & set(REFUSED_SUBMIT_KWARGS))
         if refused:
-            raise ReGradValueError(f"submit does not take {refused[0]}: {_REFUSED_KWARGS[refused[0]]}")
+            raise ReGradValueError(f"submit does not take {refused[0]}: {REFUSED_SUBMIT_KWARGS[refused[0]]}")
         if kwargs.get("num_return_sequences", 1) != 1:
             raise ReGradValueError("a request returns one sequence: call model.generate for num_return_sequences > 1")
         check_generation_settings(kwargs, "submit")  # counts, temperature, token ids: fail here, not in the batch
         check_total_tokens(len(ids), kwargs, self.model.generation_config, self.max_total_tokens)
         if top_k_docs is not None:
-            kwargs["top_k_docs"] = _positive_int(top_k_docs, "top_k_docs")
+            kwargs["top_k_docs"] = positive_int(top_k_docs, "top_k_docs")
         if gamma is not None:
             kwargs["gamma"] = check_gamma(gamma)
         if use_bank is not None:
             if not isinstance(use_bank, bool):
                 raise ReGradTypeError(f"use_bank must be True, False or None, got {type(use_bank).__name__}")
             kwargs["use_bank"] = use_bank
-        key = tuple(sorted((name, _freeze(value)) for name, value in kwargs.items()))
+        key = tuple(sorted((name, frozen_setting(value)) for name, value in kwargs.items()))
         return _Request(ids, is_text, query, kwargs, key)
 
     # ------------------------------------------------------------------ closing
@@ -273,6 +262,7 @@ class BatchingGenerator:
                 finishes either way.
             timeout (`float`, *optional*): seconds to wait for the worker to finish.
         """
+        timeout = check_timeout(timeout)
         with self._condition:
             self._closed = True
             if cancel_pending:
@@ -335,20 +325,31 @@ class BatchingGenerator:
         return sum(request.key == key for _, request in self._pending)
 
     def _run(self, batch: list[_Request]) -> None:
+        """Serves a batch; every one of its futures is resolved, whatever its callbacks raise.
+
+        A request's own callbacks (a stopping criterion, a logits processor) may raise anything, `KeyboardInterrupt`
+        and `SystemExit` included: it is that request's outcome, handed to its caller alone. When a batch raises, its
+        requests are served again one by one so that only the request that raised gets the exception."""
         try:
-            results = self._generate(batch)
-        except Exception as error:
-            if len(batch) == 1:
-                batch[0].future.set_exception(error)
+            try:
+                results = self._generate(batch)
+            except BaseException as error:  # a request's callback may raise anything: its caller's alone
+                for request in batch:
+                    _resolve(request.future, error if len(batch) == 1 else self._alone(request))
                 return
-            for request in batch:  # serve them one by one: only the bad one fails
-                try:
-                    request.future.set_result(self._generate([request])[0])
-                except Exception as single_error:
-                    request.future.set_exception(single_error)
-            return
-        for request, result in zip(batch, results, strict=True):
-            request.future.set_result(result)
+            for request, result in zip(batch, results, strict=True):
+                _resolve(request.future, result)
+        finally:  # no caller waits forever, whatever happened above
+            for request in batch:
+                if not request.future.done():
+                    _resolve(request.future, GeneratorClosedError("the request's batch stopped; submit it again"))
+
+    def _alone(self, request: _Request) -> GenerationResult | BaseException:
+        """The request served in a batch of its own: its result, or what it raised (anything, as in [`_run`])."""
+        try:
+            return self._generate([request])[0]
+        except BaseException as error:
+            return error
 
     def _generate(self, batch: list[_Request]) -> list[GenerationResult]:
         """One `model.generate` call for the batch: left padding, an attention mask, one query per row."""

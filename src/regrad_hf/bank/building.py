@@ -20,14 +20,14 @@ from safetensors import SafetensorError, safe_open
 from ..deltas import check_documents
 from ..distributed import broadcast_flags, everyone, process_rank
 from ..errors import BankMismatchError, ReGradError, ReGradFileError, ReGradTypeError, ReGradValueError
-from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text, directory_argument
+from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text, output_directory
 from ..learner import fingerprint_of
 from ..log import progress_bar
 from . import checkpoint
 from .catalogue import Document
 from .directory import GRADIENTS_DIR, publish, writer_lock
 from .persistence import write_catalogue
-from .schema import MAX_TEXT_CHARS, file_error
+from .schema import MAX_TEXT_CHARS, check_storable, file_error
 from .shards import check_gradients
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def build_into(
 
     `bank` is the empty bank to fill (its learner, format and embedder); the published bank is returned, loaded."""
     rank, world = process_rank()
-    output = directory_argument(output_dir, "output_dir").resolve()
+    output = output_directory(output_dir, "output_dir", create=False).resolve()
     bank.store.documents_per_shard(max_shard_bytes)  # checked before any work
     ids, metadata = everyone(lambda: check_new(bank, model, documents, ids, metadata, batch_size), "checking")
     expected = checkpoint.new_state(
@@ -190,6 +190,8 @@ def check_new(
     with bank.lock:  # not while another thread inserts
         ids = bank.catalogue.new_ids(documents, ids)
     metadata = bank.catalogue.check_metadata(documents, metadata)
+    for index, (doc_id, text, entry) in enumerate(zip(ids, documents, metadata, strict=True)):
+        check_storable(doc_id, text, entry, f"document {index} ({doc_id!r:.40})")  # a saved bank always loads
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ReGradValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_source(model)

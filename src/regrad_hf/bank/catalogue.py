@@ -15,10 +15,11 @@ from typing import Any
 
 from ..errors import ReGradKeyError, ReGradTypeError, ReGradValueError
 from .schema import (
-    MAX_DOCUMENT_RECORD_BYTES,
     MAX_ID_CHARS,
     check_json_value,
     check_metadata_size,
+    check_record_line,
+    encode_record,
     parse_json,
     validate_document,
 )
@@ -165,10 +166,7 @@ class Catalogue:
         if lines and not lines[-1]:
             lines.pop()
         for number, line in enumerate(lines, start=1):
-            if len(line) > MAX_DOCUMENT_RECORD_BYTES:
-                raise ReGradValueError(
-                    f"{path} line {number} is longer than the limit of {MAX_DOCUMENT_RECORD_BYTES} bytes"
-                )
+            check_record_line(line, f"{path} line {number}")
             record = parse_json(line, f"{path} line {number}")
             document = Document(**validate_document(record, path, number, shard_sizes))
             if document.id in self.documents or document.key in self.ids_by_key:
@@ -188,11 +186,11 @@ class Catalogue:
             raise ReGradTypeError(f"{what} takes a document id or a sequence of them, got {type(ids).__name__}")
         return list(ids)
 
-    def lines(self, placements: Mapping[str, tuple[int, int]]) -> str:
+    def lines(self, placements: Mapping[str, tuple[int, int]]) -> bytes:
         """The text of `documents.jsonl`, with each document at its (shard, row) of `placements`."""
         lines = []
         for document in self.documents.values():
             shard, row = placements[document.id]
             record = {"id": document.id, "text": document.text, "metadata": document.metadata, "key": document.key}
-            lines.append(json.dumps({**record, "shard": shard, "row": row}, ensure_ascii=False) + "\n")
-        return "".join(lines)
+            lines.append(encode_record({**record, "shard": shard, "row": row}) + b"\n")
+        return b"".join(lines)

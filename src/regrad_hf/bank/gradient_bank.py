@@ -19,7 +19,7 @@ import torch
 from ..data import dataset_documents
 from ..deltas import check_documents, truncation_report
 from ..errors import ReGradValueError
-from ..files import directory_argument
+from ..files import output_directory
 from ..hub import HubOptions
 from ..learner import fingerprint_of
 from . import index as index_module
@@ -308,7 +308,7 @@ class GradientBank:
             save_directory (`str` or `os.PathLike`): where to write.
             max_shard_bytes (`int`, defaults to 1 GiB): the size above which gradients go to a new shard.
         """
-        directory = directory_argument(save_directory, "save_directory")
+        directory = output_directory(save_directory, "save_directory", create=False)
         with self.lock:  # the files are one state of the bank, and the bank reads from them once they are written
             persistence.save(self, directory, max_shard_bytes)
 

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,19 @@ EXACT_SEARCH_MAX_DOCUMENTS = 1_000
 # build time grow with no recall left to gain on 384-d embeddings (benchmarks/bench_search_recall.py).
 MAX_CONNECTIVITY = 256
 MAX_EXPANSION = 16_384
+
+
+@contextlib.contextmanager
+def interrupts_as_themselves() -> Iterator[None]:
+    """Re-raises usearch's report of a Ctrl-C as `KeyboardInterrupt`. usearch checks for signals in long loops and,
+    when Python's handler has run, raises `RuntimeError("Operation has been terminated")` in place of the
+    `KeyboardInterrupt` the handler raised: callers (and notebooks) must see the interrupt itself."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "terminated" not in str(error).lower():
+            raise
+        raise KeyboardInterrupt(str(error)) from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +267,8 @@ class EmbeddingIndex:
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         # One thread: usearch's parallel inserts make the graph (and the file's bytes, whose checksum the config
         # records) depend on thread timing; inserted one by one, equal banks have equal index files.
-        self._index.add(keys, vectors, threads=1)
+        with interrupts_as_themselves():
+            self._index.add(keys, vectors, threads=1)
 
     def remove(self, key: int) -> None:
         self._index.remove(key)
@@ -267,7 +281,8 @@ class EmbeddingIndex:
         if exact is not None and not isinstance(exact, bool):
             raise ReGradTypeError(f"exact must be True, False or None (by the bank's size), got {exact!r:.40}")
         exact = len(self) <= EXACT_SEARCH_MAX_DOCUMENTS if exact is None else exact
-        matches = self._index.search(vectors, k, exact=exact)
+        with interrupts_as_themselves():
+            matches = self._index.search(vectors, k, exact=exact)
         # usearch answers one query with `Matches` and several with `BatchMatches` (indexable into `Matches`).
         per_query = [matches] if isinstance(matches, Matches) else [matches[row] for row in range(len(vectors))]
         return [

@@ -104,7 +104,7 @@ def write_catalogue(
     bank: GradientBank, directory: Path, placements: Mapping[str, tuple[int, int]], shards: list[dict[str, str]]
 ) -> None:
     """Writes documents.jsonl, index.usearch and bank_config.json (last: a directory with it is complete)."""
-    documents = bank.catalogue.lines(placements).encode("utf-8")
+    documents = bank.catalogue.lines(placements)
     index = bank.index.save()
     atomic_write_bytes(directory / DOCUMENTS_FILE, documents)
     atomic_write_bytes(directory / INDEX_FILE, index)

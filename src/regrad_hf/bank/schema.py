@@ -325,3 +325,33 @@ def check_metadata_size(metadata: Mapping[str, Any], where: Path | str) -> None:
     size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     if size > MAX_METADATA_BYTES:
         raise ReGradValueError(f"{where}: metadata of {size} bytes is larger than the limit of {MAX_METADATA_BYTES}")
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """One line of `documents.jsonl` (without its newline): the bytes a save writes and a load reads."""
+    return json.dumps(dict(record), ensure_ascii=False).encode("utf-8")
+
+
+def check_record_line(line: bytes, where: Path | str) -> None:
+    """Refuses a `documents.jsonl` line longer than [`MAX_DOCUMENT_RECORD_BYTES`]."""
+    if len(line) > MAX_DOCUMENT_RECORD_BYTES:
+        raise ReGradValueError(
+            f"{where} is {len(line)} bytes long as stored (JSON writes a control character as 6 bytes), more than "
+            f"the limit of {MAX_DOCUMENT_RECORD_BYTES} bytes a bank loads"
+        )
+
+
+def check_storable(doc_id: str, text: str, metadata: Mapping[str, Any], where: str) -> None:
+    """Checks a document entering a bank with the checks of a load, on the bytes a save would write: its record,
+    encoded with the largest key, shard and row a bank can give it, is parsed back and validated as a load does.
+    Whatever passes is saved and loads again.
+
+    Raises:
+        [`ReGradValueError`]: naming `where`, for anything a load would refuse (a line over the cap, a text over
+            [`MAX_TEXT_CHARS`] characters, metadata over [`MAX_METADATA_BYTES`], JSON over the caps).
+    """
+    record = {"id": doc_id, "text": text, "metadata": metadata, "key": (1 << 63) - 1}
+    line = encode_record({**record, "shard": MAX_DOCUMENTS, "row": MAX_DOCUMENTS})
+    check_record_line(line, where)
+    parsed = parse_json(line, where)
+    validate_document({**parsed, "shard": 0, "row": 0}, Path(where), 1, [1])
