@@ -1,0 +1,120 @@
+"""Issue 29: question-answer pairs per CPU-hour of meta-training, the old recipe against the amortised ones, measured
+side by side in one run. Prints a table and writes benchmarks/results/recipe_throughput.json.
+
+    python benchmarks/bench_recipe_throughput.py [--rounds 3] [--threads 1]
+
+Every recipe trains the shipped learner (embedded SmolLM2-135M, r16 on the MLPs of layers 15-29) on SQuAD v1.1
+**train** paragraphs (articles 0-19 of `../shared/data/squad_train_v1.1.json.gz`), each with its 2 nearest other
+paragraphs as hard distractors (top-3 retrieval), and times one optimiser step's work (collate, meta-loss, backward):
+
+- old: 4 tasks of one question each, second order (today's `run.sh`: 3 documents per question);
+- grouped: 2 task groups of up to 10 questions about one paragraph (one inner step, every question's outer loss);
+- grouped, cached: the same groups with theta0 frozen, document gradients computed once each (cache cold at the
+  start of the run, as in one pass over new data) and the step sizes trained first order;
+- synthetic, grouped: 2 groups of `regrad_hf.synthetic` invented-fact documents (45-109 tokens, 2 same-type
+  distractors), one group per entity.
+
+Rounds interleave the recipes (ABCD ABCD ...) on fresh items, so machine noise hits them alike. Pairs per hour =
+questions trained / seconds x 3600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from regrad_hf import ReGradForCausalLM
+from regrad_hf.collator import TaskCollator
+from regrad_hf.data import load_squad
+from regrad_hf.defaults import load_embedder, shipped_learner_path
+from regrad_hf.gradient_cache import DocumentGradientCache
+from regrad_hf.grouping import group_by_documents, with_group_distractors
+from regrad_hf.prompting import PromptTemplate
+from regrad_hf.synthetic import synthetic_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+SQUAD_TRAIN = ROOT.parent / "shared" / "data" / "squad_train_v1.1.json.gz"
+
+
+def squad_groups(embedder, max_questions: int = 10):
+    tasks = load_squad(SQUAD_TRAIN, range(0, 20))
+    groups = group_by_documents(tasks, max_questions)
+    return with_group_distractors(groups, 3, embedder)
+
+
+def synthetic_groups(count: int):
+    """One group per invented entity (its questions), padded with 2 same-type hard distractors, as in the v3 run."""
+    return group_by_documents(synthetic_tasks(count, seed=1234, documents_per_task=3), 10)
+
+
+def step_seconds(model, collator, items, cache=None) -> float:
+    start = time.perf_counter()
+    batch = collator(items)["tasks"]
+    summed = None if cache is None else [cache.summed(task["documents"]) for task in batch]
+    loss = model(meta_tasks=batch, summed_gradients=summed).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="1: pairs per CPU-hour are per core-hour")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "recipe_throughput.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = ReGradForCausalLM.from_pretrained(shipped_learner_path())
+    model.train()
+    collator = TaskCollator(model.tokenizer, max_document_tokens=512, max_answer_tokens=128,
+                            prompt=PromptTemplate.from_config(model.config))  # fmt: skip
+    embedder = load_embedder(model.config.embedder)
+    groups = squad_groups(embedder)
+    singles = [group.tasks[0].__class__(group.documents, t.question, t.answer, t.answers, t.id)
+               for group in groups for t in group.tasks[:1]]  # fmt: skip
+    synthetic = synthetic_groups(max(12, 2 * (args.rounds + 1)))  # 3+ entities per type for 2 distractors
+    cache = DocumentGradientCache(model, max_tokens=512)
+    recipes = {  # name: (items per step, items, cache)
+        "old: 4 single-question tasks, second order": (4, singles, None),
+        "grouped: 2 groups of <= 10 questions, second order": (2, groups[len(groups) // 3 :], None),
+        "grouped, cached: theta0 frozen, step sizes first order": (2, groups[2 * len(groups) // 3 :], cache),
+        "synthetic, grouped: 2 groups, second order": (2, synthetic, None),
+    }
+    measured = {name: {"seconds": 0.0, "pairs": 0, "steps": 0} for name in recipes}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (allocations, kernels) and is not counted
+        for name, (per_step, items, recipe_cache) in recipes.items():
+            chosen = items[round_ * per_step : (round_ + 1) * per_step]
+            seconds = step_seconds(model, collator, chosen, recipe_cache)
+            if round_ > 0:
+                record = measured[name]
+                record["seconds"] += seconds
+                record["pairs"] += sum(len(item.tasks) if hasattr(item, "tasks") else 1 for item in chosen)
+                record["steps"] += 1
+            print(f"round {round_} {name}: {seconds:.1f} s", flush=True)
+
+    baseline = measured[next(iter(recipes))]
+    baseline_rate = baseline["pairs"] / baseline["seconds"] * 3600
+    rows = []
+    print(f"\n| recipe | s per step | pairs per step | pairs per CPU-hour ({args.threads} threads) | vs old |")
+    print("|---|---|---|---|---|")
+    for name, record in measured.items():
+        rate = record["pairs"] / record["seconds"] * 3600
+        rows.append({"recipe": name, **record, "pairs_per_hour": rate, "ratio_to_old": rate / baseline_rate})
+        print(f"| {name} | {record['seconds'] / record['steps']:.1f} | {record['pairs'] / record['steps']:.1f} | "
+              f"{rate:,.0f} | {rate / baseline_rate:.2f}x |")  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "machine": platform.processor() or platform.machine(), "threads": args.threads, "rounds": args.rounds,
+        "cache_hits": cache.hits, "cache_misses": cache.misses, "rows": rows,
+    }, indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
