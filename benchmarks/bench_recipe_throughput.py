@@ -30,10 +30,10 @@ import torch
 
 from regrad_hf import ReGradForCausalLM
 from regrad_hf.collator import TaskCollator
-from regrad_hf.data import load_squad
+from regrad_hf.data import Task, load_squad
 from regrad_hf.defaults import load_embedder, shipped_learner_path
 from regrad_hf.gradient_cache import DocumentGradientCache
-from regrad_hf.grouping import group_by_documents, with_group_distractors
+from regrad_hf.grouping import count_questions, group_by_documents, with_group_distractors
 from regrad_hf.prompting import PromptTemplate
 from regrad_hf.synthetic import synthetic_tasks
 
@@ -77,8 +77,8 @@ def main() -> None:
                             prompt=PromptTemplate.from_config(model.config))  # fmt: skip
     embedder = load_embedder(model.config.embedder)
     groups = squad_groups(embedder)
-    singles = [group.tasks[0].__class__(group.documents, t.question, t.answer, t.answers, t.id)
-               for group in groups for t in group.tasks[:1]]  # fmt: skip
+    # The old recipe's items: each group's first question alone, with the group's 3 documents.
+    singles = [Task(group.documents, group.tasks[0].question, group.tasks[0].answer, id=group.id) for group in groups]
     synthetic = synthetic_groups(max(12, 2 * (args.rounds + 1)))  # 3+ entities per type for 2 distractors
     cache = DocumentGradientCache(model, max_tokens=512)
     recipes = {  # name: (items per step, items, cache)
@@ -95,7 +95,7 @@ def main() -> None:
             if round_ > 0:
                 record = measured[name]
                 record["seconds"] += seconds
-                record["pairs"] += sum(len(item.tasks) if hasattr(item, "tasks") else 1 for item in chosen)
+                record["pairs"] += count_questions(chosen)
                 record["steps"] += 1
             print(f"round {round_} {name}: {seconds:.1f} s", flush=True)
 

@@ -75,7 +75,7 @@ class TaskCollator:
 
     def encode(self, task: Task | TaskGroup) -> dict[str, torch.Tensor]:
         questions = task.tasks if isinstance(task, TaskGroup) else (task,)
-        documents = list(task.documents) + self._distractors(questions[0] if isinstance(task, TaskGroup) else task)
+        documents = list(task.documents) + self._distractors(questions[0])
         tokenizer = self.tokenizer
         encoded_documents = tokenize_documents(tokenizer, documents, self.max_document_tokens)
         length = max(len(ids) for ids in encoded_documents)

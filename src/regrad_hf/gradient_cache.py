@@ -25,17 +25,14 @@ class DocumentGradientCache:
         learner ([`ReGradForCausalLM`]): the learner whose (frozen) LoRA tensors the gradients are taken at.
         max_tokens (`int`): document truncation, the inner step's (`inner_max_document_tokens`).
         max_documents (`int`, defaults to 1024): documents kept; ~6 MB each in float32 for the shipped layout.
-        dtype (`torch.dtype`, defaults to `torch.float32`): storage dtype (`torch.bfloat16` halves the memory, as
-            a bf16 bank does at inference).
     """
 
-    def __init__(self, learner, max_tokens: int, max_documents: int = 1024, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, learner, max_tokens: int, max_documents: int = 1024) -> None:
         if isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1:
             raise ReGradValueError(f"max_documents must be a positive integer, got {max_documents!r}")
         self.learner = learner
         self.max_tokens = max_tokens
         self.max_documents = max_documents
-        self.dtype = dtype
         self._gradients: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._theta = self._snapshot()
         self.hits = 0
@@ -72,7 +69,8 @@ class DocumentGradientCache:
         for document in documents:
             self._gradients.move_to_end(document)
             for name, gradient in self._gradients[document].items():
-                total[name] = gradient.float() if name not in total else total[name] + gradient.float()
+                # float32, and a copy: the cached tensors are never handed out to be aliased
+                total[name] = gradient.to(torch.float32, copy=True) if name not in total else total[name] + gradient
         while len(self._gradients) > self.max_documents:
             self._gradients.popitem(last=False)
         return total
@@ -84,7 +82,7 @@ class DocumentGradientCache:
                 learner.language_model, learner.tokenizer, learner.lora_parameters(), documents, self.max_tokens
             )
         for row, document in enumerate(documents):
-            self._gradients[document] = {name: g[row].to(self.dtype).clone() for name, g in stacked.items()}
+            self._gradients[document] = {name: g[row].clone() for name, g in stacked.items()}
 
     def __len__(self) -> int:
         return len(self._gradients)

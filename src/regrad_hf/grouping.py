@@ -104,8 +104,6 @@ def with_group_distractors(
 
 def as_training_items(data: Any) -> list[Task | TaskGroup]:
     """What [`ReGradTrainer`] trains on: [`TaskGroup`]s as they are, anything else through [`as_tasks`]."""
-    if isinstance(data, Sequence) and data and all(isinstance(item, TaskGroup) for item in data):
-        return list(data)
     if isinstance(data, Sequence) and any(isinstance(item, TaskGroup) for item in data):
         return [item if isinstance(item, TaskGroup) else as_tasks([item])[0] for item in data]
     return as_tasks(data)

@@ -212,7 +212,7 @@ class ReGradTrainer(Trainer):
                 raise ReGradValueError("cached_gradients runs in one process (DDP needs every parameter to get a "
                                        "gradient, and theta0 gets none)")  # fmt: skip
             self.gradient_cache = DocumentGradientCache(
-                model, args.inner_max_document_tokens, args.gradient_cache_documents, torch.float32
+                model, args.inner_max_document_tokens, args.gradient_cache_documents
             )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
