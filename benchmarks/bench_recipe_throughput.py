@@ -12,7 +12,9 @@ paragraphs as hard distractors (top-3 retrieval), and times one optimiser step's
 - grouped, cached: the same groups with theta0 frozen, document gradients computed once each (cache cold at the
   start of the run, as in one pass over new data) and the step sizes trained first order;
 - synthetic, grouped: 2 groups of `regrad_hf.synthetic` invented-fact documents (45-109 tokens, 2 same-type
-  distractors), one group per entity.
+  distractors), one group per entity;
+- grouped, distilled: the grouped recipe plus the RAG-teacher KL term (`distillation_weight=1`): the teacher (base
+  model, the group's 3 documents in the prompt) runs once more per step without a graph, its shared prefix once.
 
 Rounds interleave the recipes (ABCD ABCD ...) on fresh items, so machine noise hits them alike. Pairs per hour =
 questions trained / seconds x 3600.
@@ -21,6 +23,7 @@ questions trained / seconds x 3600.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -52,11 +55,11 @@ def synthetic_groups(count: int):
     return group_by_documents(synthetic_tasks(count, seed=1234, documents_per_task=3), 10)
 
 
-def step_seconds(model, collator, items, cache=None) -> float:
+def step_seconds(model, collator, items, cache=None, distillation_weight: float = 0.0) -> float:
     start = time.perf_counter()
     batch = collator(items)["tasks"]
     summed = None if cache is None else [cache.summed(task["documents"]) for task in batch]
-    loss = model(meta_tasks=batch, summed_gradients=summed).loss
+    loss = model(meta_tasks=batch, summed_gradients=summed, distillation_weight=distillation_weight).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -81,17 +84,21 @@ def main() -> None:
     singles = [Task(group.documents, group.tasks[0].question, group.tasks[0].answer, id=group.id) for group in groups]
     synthetic = synthetic_groups(max(12, 2 * (args.rounds + 1)))  # 3+ entities per type for 2 distractors
     cache = DocumentGradientCache(model, max_tokens=512)
-    recipes = {  # name: (items per step, items, cache)
-        "old: 4 single-question tasks, second order": (4, singles, None),
-        "grouped: 2 groups of <= 10 questions, second order": (2, groups[len(groups) // 3 :], None),
-        "grouped, cached: theta0 frozen, step sizes first order": (2, groups[2 * len(groups) // 3 :], cache),
-        "synthetic, grouped: 2 groups, second order": (2, synthetic, None),
+    teacher = dataclasses.replace(collator, teacher_prompts=True)
+    n = len(groups)
+    sixth, third, two_thirds = groups[n // 6 :], groups[n // 3 :], groups[2 * n // 3 :]
+    recipes = {  # name: (items per step, items, cache, collator, distillation weight)
+        "old: 4 single-question tasks, second order": (4, singles, None, collator, 0.0),
+        "grouped: 2 groups of <= 10 questions, second order": (2, third, None, collator, 0.0),
+        "grouped, cached: theta0 frozen, step sizes first order": (2, two_thirds, cache, collator, 0.0),
+        "synthetic, grouped: 2 groups, second order": (2, synthetic, None, collator, 0.0),
+        "grouped, distilled: RAG-teacher KL, second order": (2, sixth, None, teacher, 1.0),
     }
     measured = {name: {"seconds": 0.0, "pairs": 0, "steps": 0} for name in recipes}
     for round_ in range(args.rounds + 1):  # round 0 warms up (allocations, kernels) and is not counted
-        for name, (per_step, items, recipe_cache) in recipes.items():
+        for name, (per_step, items, recipe_cache, recipe_collator, distillation) in recipes.items():
             chosen = items[round_ * per_step : (round_ + 1) * per_step]
-            seconds = step_seconds(model, collator, chosen, recipe_cache)
+            seconds = step_seconds(model, recipe_collator, chosen, recipe_cache, distillation)
             if round_ > 0:
                 record = measured[name]
                 record["seconds"] += seconds

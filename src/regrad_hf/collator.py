@@ -51,6 +51,9 @@ class TaskCollator:
             (not on what was collated before), so a resumed run sees the same batches as an uninterrupted one.
         prompt ([`PromptTemplate`]): the question prompt; pass the learner's (`PromptTemplate.from_config(config)`,
             as [`ReGradTrainer`] does) so that it is trained the way it is served. Defaults to a new config's.
+        teacher_prompts (`bool`): also encode each question with every document of the task in the prompt
+            (`teacher_input_ids`/`teacher_labels`, the same answer tokens), for a RAG teacher (see
+            [`regrad_hf.distillation`]).
     """
 
     tokenizer: Any
@@ -61,6 +64,7 @@ class TaskCollator:
     distractor_pool: Sequence[str] = ()
     seed: int = 0
     prompt: PromptTemplate = field(default_factory=PromptTemplate)
+    teacher_prompts: bool = False
 
     def __post_init__(self):
         if self.documents_per_task < 1:
@@ -86,25 +90,36 @@ class TaskCollator:
             document_ids[row, : len(ids)] = torch.tensor(ids)
             document_mask[row, : len(ids)] = 1
 
-        rows = [self._question_row(question, task.documents) for question in questions]
-        # Right padding: with causal attention a row's real tokens never see the padding after them.
-        input_ids = torch.full((len(rows), max(len(ids) for ids, _ in rows)), pad, dtype=torch.long)
-        labels = torch.full_like(input_ids, -100)
-        for row, (ids, prompt_length) in enumerate(rows):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, prompt_length : len(ids)] = input_ids[row, prompt_length : len(ids)]
-        return {
+        in_prompt = None if self.blind else task.documents
+        input_ids, labels = self._rows([self._question_row(question, in_prompt) for question in questions], pad)
+        encoded = {
             "document_ids": document_ids,
             "document_mask": document_mask,
             "documents": tuple(documents),
             "input_ids": input_ids,
             "labels": labels,
         }
+        if self.teacher_prompts:
+            teacher = [self._question_row(question, documents) for question in questions]
+            encoded["teacher_input_ids"], encoded["teacher_labels"] = self._rows(teacher, pad)
+        return encoded
 
-    def _question_row(self, task: Task, documents: Sequence[str]) -> tuple[list[int], int]:
-        """A question's prompt + answer token ids and the prompt's length."""
+    @staticmethod
+    def _rows(rows: Sequence[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids` and `labels` of question rows (token ids, prompt length): labels are -100 on the prompt."""
+        # Right padding: with causal attention a row's real tokens never see the padding after them.
+        input_ids = torch.full((len(rows), max(len(ids) for ids, _ in rows)), pad, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        for row, (ids, prompt_length) in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, prompt_length : len(ids)] = input_ids[row, prompt_length : len(ids)]
+        return input_ids, labels
+
+    def _question_row(self, task: Task, documents: Sequence[str] | None) -> tuple[list[int], int]:
+        """A question's prompt (with `documents`, or the question alone for `None`) + answer token ids and the
+        prompt's length."""
         tokenizer = self.tokenizer
-        prompt = self.prompt.build(tokenizer, task.question, None if self.blind else documents)
+        prompt = self.prompt.build(tokenizer, task.question, documents)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(task.answer.strip() + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
         if len(answer_ids) > self.max_answer_tokens:

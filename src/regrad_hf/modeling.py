@@ -346,8 +346,8 @@ class ReGradForCausalLM(
     def forward(self, *args, meta_tasks: Sequence[Mapping[str, torch.Tensor]] | None = None, **kwargs):
         """The wrapped language model's forward, with the LoRA tensors as they currently are.
 
-        With `meta_tasks` (tasks encoded by [`TaskCollator`]; `first_order=`, `locality_weight=`,
-        `first_token_weight=`, `summed_gradients=` may be passed too), the meta-learning loss instead (see
+        With `meta_tasks` (tasks encoded by [`TaskCollator`]; `first_order=`, `locality_weight=`, `first_token_weight=`,
+        `summed_gradients=`, `distillation_weight=` may be passed too), the meta-learning loss instead (see
         [`regrad_hf.objective`]), as a `CausalLMOutputWithPast` with only `loss` set: [`ReGradTrainer`] computes
         its loss through this forward so that a DDP wrapper synchronises the gradients.
         """
@@ -359,6 +359,7 @@ class ReGradForCausalLM(
                 locality_weight=kwargs.pop("locality_weight", 0.0),
                 first_token_weight=kwargs.pop("first_token_weight", 1.0),
                 summed_gradients=kwargs.pop("summed_gradients", None),
+                distillation_weight=kwargs.pop("distillation_weight", 0.0),
             )
             if args or kwargs:
                 raise ReGradValueError(f"meta_tasks takes no other inputs, got {sorted(kwargs) or 'positional ones'}")

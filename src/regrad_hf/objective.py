@@ -13,7 +13,10 @@ For each task (documents D, question q, answer a):
 - locality (optional, `locality_weight > 0`): plus `locality_weight` times the KL divergence, per token, of the
   unadapted model's next-token distribution to the adapted one's, on another task's prompt and answer: text the
   injected documents say nothing about, which the step should leave alone (the locality term of knowledge-editing
-  work). It penalises steps that make the model degenerate everywhere ("village village village").
+  work). It penalises steps that make the model degenerate everywhere ("village village village");
+- distillation (optional, `distillation_weight > 0`): plus `distillation_weight` times the KL divergence of the
+  adapted model's next-token distribution from a RAG teacher's (the base model reading the documents) at every
+  answer position (see [`regrad_hf.distillation`]): a whole distribution per answer token instead of one gold token.
 
 [`ReGradForCausalLM.forward`] computes it when given `meta_tasks`, so that a wrapper around the model (DDP) sees a
 forward pass and synchronises the gradients of the backward that follows.
@@ -29,6 +32,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .deltas import adapted_parameters, documents_lm_loss
+from .distillation import base_parameters, distillation_loss, teacher_log_probs
 from .errors import ReGradValueError
 
 
@@ -36,6 +40,12 @@ def check_first_token_weight(weight: float) -> None:
     """Raises [`ReGradValueError`] unless `weight` is a finite number above 0."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
         raise ReGradValueError(f"first_token_weight must be a finite number above 0, got {weight!r}")
+
+
+def check_distillation_weight(weight: float) -> None:
+    """Raises [`ReGradValueError`] unless `weight` is a finite number of at least 0."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ReGradValueError(f"distillation_weight must be a finite number >= 0, got {weight!r}")
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_token_weight: float = 1.0) -> torch.Tensor:
@@ -70,6 +80,7 @@ def task_loss(
     locality_weight: float = 0.0,
     first_token_weight: float = 1.0,
     summed_gradients: Mapping[str, torch.Tensor] | None = None,
+    distillation_weight: float = 0.0,
 ) -> torch.Tensor:
     """The outer (answer) loss of one encoded task after one inner step on its documents.
 
@@ -88,11 +99,20 @@ def task_loss(
             beforehand at the current LoRA tensors (a [`DocumentGradientCache`]). The inner step is then not
             recomputed and the LoRA tensors are held fixed (theta0 frozen): only the step sizes get a gradient, and
             it equals the one of `first_order=True` up to rounding.
+        distillation_weight (`float`, defaults to 0): weight of the RAG-teacher KL term (0: not computed; > 0 needs
+            the task's `teacher_input_ids`/`teacher_labels`, see [`TaskCollator`]'s `teacher_prompts`).
 
     Returns:
         `torch.Tensor`: the scalar loss.
     """
     lora = learner.lora_parameters()
+    teacher = None
+    if distillation_weight > 0:
+        if "teacher_input_ids" not in task:
+            raise ReGradValueError("distillation needs the teacher's prompts: collate with teacher_prompts=True")
+        teacher = teacher_log_probs(
+            learner.language_model, base_parameters(lora), task["teacher_input_ids"], task["teacher_labels"]
+        )
     second_order = not first_order and summed_gradients is None and torch.is_grad_enabled()
     # Double backward through CPU flash SDPA is not implemented; the math kernel supports it.
     with sdpa_kernel(SDPBackend.MATH):
@@ -107,7 +127,7 @@ def task_loss(
                 for (name, p), g in zip(lora.items(), gradients, strict=True)
             }
         adapted = adapted_parameters(lora, summed, learner.step_sizes(), learner.config.gamma)
-        if first_token_weight == 1.0:
+        if first_token_weight == 1.0 and teacher is None:
             outputs = functional_call(
                 learner.language_model,
                 adapted,
@@ -118,6 +138,8 @@ def task_loss(
         else:
             logits = functional_call(learner.language_model, adapted, args=(), kwargs={"input_ids": task["input_ids"]})
             loss = answer_loss(logits.logits, task["labels"], first_token_weight)
+            if teacher is not None:
+                loss = loss + distillation_weight * distillation_loss(logits.logits, task["labels"], teacher)
         if locality is not None and locality_weight > 0:
             with torch.no_grad():
                 reference = learner.language_model(input_ids=locality).logits.log_softmax(-1)
@@ -134,12 +156,14 @@ def meta_loss(
     locality_weight: float = 0.0,
     first_token_weight: float = 1.0,
     summed_gradients: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    distillation_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean of [`task_loss`] over `tasks`; with `locality_weight > 0`, each task's locality text is the next task's
     first prompt and answer (so a batch needs two tasks or more). `summed_gradients`: one per task (see
     [`task_loss`])."""
     if locality_weight < 0:
         raise ReGradValueError(f"locality_weight must be >= 0, got {locality_weight}")
+    check_distillation_weight(distillation_weight)
     check_first_token_weight(first_token_weight)
     if summed_gradients is not None and len(summed_gradients) != len(tasks):
         raise ReGradValueError(f"got {len(summed_gradients)} summed gradients for {len(tasks)} tasks")
@@ -156,6 +180,7 @@ def meta_loss(
                 locality_weight,
                 first_token_weight,
                 None if summed_gradients is None else summed_gradients[index],
+                distillation_weight,
             )
             for index, task in enumerate(tasks)
         ]

@@ -30,7 +30,7 @@ from .files import flocked, write_error
 from .gradient_cache import DocumentGradientCache
 from .grouping import as_training_items
 from .modeling import LEARNER_FILE, ReGradForCausalLM
-from .objective import check_first_token_weight
+from .objective import check_distillation_weight, check_first_token_weight
 from .prompting import PromptTemplate
 from .training_state import (
     IDENTITY_CALLBACK,
@@ -66,6 +66,13 @@ class ReGradTrainingArguments(TrainingArguments):
     answer_first_token_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of the answer's first token in the outer loss (1: the plain mean over its tokens)."},
+    )
+    distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the KL of the adapted model (question only) from a RAG teacher (the base model with "
+            "the task's documents in the prompt) at every answer token (0: off)."
+        },
     )
     inner_max_document_tokens: int = field(default=512, metadata={"help": "Document truncation in the inner step."})
     max_answer_tokens: int = field(default=48, metadata={"help": "Longer answers raise an error."})
@@ -173,6 +180,7 @@ class ReGradTrainer(Trainer):
                 "of 2 or more (each task's locality text is another task's)"
             )
         check_first_token_weight(args.answer_first_token_weight)
+        check_distillation_weight(args.distillation_weight)
         # A datasets.Dataset (documents/question/answer columns) or mappings become Tasks, checked once here.
         train_dataset = None if train_dataset is None else as_training_items(train_dataset)
         eval_dataset = None if eval_dataset is None else as_tasks(eval_dataset)
@@ -187,6 +195,7 @@ class ReGradTrainer(Trainer):
                 distractor_pool=pool,
                 seed=args.seed,
                 prompt=PromptTemplate.from_config(model.config),
+                teacher_prompts=args.distillation_weight > 0,
             )
         super().__init__(
             model=model,
@@ -250,6 +259,7 @@ class ReGradTrainer(Trainer):
             first_order=self.args.first_order,
             locality_weight=self.args.locality_weight,
             first_token_weight=self.args.answer_first_token_weight,
+            distillation_weight=self.args.distillation_weight,
         )
         return (outputs.loss, {"loss": outputs.loss}) if return_outputs else outputs.loss
 
