@@ -189,3 +189,27 @@ def test_full_step_sizes_save_and_load(tokenizer, tmp_path):
     )
     assert loaded.config.step_size_mode == "full"
     assert torch.equal(loaded.step_sizes.raw, model.step_sizes.raw)
+
+
+def test_icl_share_puts_the_documents_in_a_seeded_share_of_prompts(tokenizer):
+    tasks = [Task((f"Fact number {n} is {n * 7}.",), f"What is fact {n}?", str(n * 7), id=f"t{n}") for n in range(40)]
+
+    def with_documents(collator):
+        return ["Fact number" in tokenizer.decode(collator.encode(task)["input_ids"][0]) for task in tasks]
+
+    assert not any(with_documents(TaskCollator(tokenizer, max_document_tokens=32)))
+    assert all(with_documents(TaskCollator(tokenizer, max_document_tokens=32, icl_share=1.0)))
+    half = with_documents(TaskCollator(tokenizer, max_document_tokens=32, icl_share=0.5, seed=1))
+    assert 8 <= sum(half) <= 32  # a seeded draw per task, about half
+    assert half == with_documents(TaskCollator(tokenizer, max_document_tokens=32, icl_share=0.5, seed=1))
+    assert half != with_documents(TaskCollator(tokenizer, max_document_tokens=32, icl_share=0.5, seed=2))
+    for share in (-0.1, 1.5, True):
+        with pytest.raises(ReGradValueError, match="icl_share"):
+            TaskCollator(tokenizer, icl_share=share)
+
+
+def test_trainer_passes_icl_share_to_its_collator(tokenizer, tmp_path):
+    trainer = ReGradTrainer(
+        make_tiny_model(tokenizer), arguments(tmp_path, icl_share=0.25), train_dataset=paragraph_tasks()
+    )
+    assert trainer.data_collator.icl_share == 0.25

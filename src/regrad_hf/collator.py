@@ -51,6 +51,8 @@ class TaskCollator:
             (not on what was collated before), so a resumed run sees the same batches as an uninterrupted one.
         prompt ([`PromptTemplate`]): the question prompt; pass the learner's (`PromptTemplate.from_config(config)`,
             as [`ReGradTrainer`] does) so that it is trained the way it is served. Defaults to a new config's.
+        icl_share (`float`): with `blind`, the share of tasks (drawn per task with `seed`) whose questions also have
+            the task's documents in the prompt, so that one learner is trained both for ReGrad and for ReGrad+ICL.
         teacher_prompts (`bool`): also encode each question with every document of the task in the prompt
             (`teacher_input_ids`/`teacher_labels`, the same answer tokens), for a RAG teacher (see
             [`regrad_hf.distillation`]).
@@ -64,11 +66,14 @@ class TaskCollator:
     distractor_pool: Sequence[str] = ()
     seed: int = 0
     prompt: PromptTemplate = field(default_factory=PromptTemplate)
+    icl_share: float = 0.0
     teacher_prompts: bool = False
 
     def __post_init__(self):
         if self.documents_per_task < 1:
             raise ReGradValueError("documents_per_task must be at least 1")
+        if isinstance(self.icl_share, bool) or not 0 <= self.icl_share <= 1:
+            raise ReGradValueError(f"icl_share must be between 0 and 1, got {self.icl_share!r}")
 
     def __call__(self, tasks: Sequence[Task | TaskGroup | Mapping]) -> dict[str, list[dict[str, torch.Tensor]]]:
         return {
@@ -90,7 +95,7 @@ class TaskCollator:
             document_ids[row, : len(ids)] = torch.tensor(ids)
             document_mask[row, : len(ids)] = 1
 
-        in_prompt = None if self.blind else task.documents
+        in_prompt = None if self.blind and not self._with_documents(questions[0]) else task.documents
         input_ids, labels = self._rows([self._question_row(question, in_prompt) for question in questions], pad)
         encoded = {
             "document_ids": document_ids,
@@ -128,6 +133,14 @@ class TaskCollator:
                 f"{self.max_answer_tokens}"
             )
         return prompt_ids + answer_ids, len(prompt_ids)
+
+    def _with_documents(self, task: Task) -> bool:
+        """Whether a blind collator puts `task`'s documents in the prompt (its [`icl_share`] draw)."""
+        # Seeded by the task alone, as the distractors: a resumed run sees the same prompts.
+        return (
+            self.icl_share > 0
+            and random.Random(f"icl\0{self.seed}\0{task.id}\0{task.question}").random() < self.icl_share
+        )
 
     def _distractors(self, task: Task) -> list[str]:
         missing = self.documents_per_task - len(task.documents)

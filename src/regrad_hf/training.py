@@ -56,6 +56,13 @@ class ReGradTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Ask the question alone (True) or with the documents in the prompt (ReGrad+ICL)."},
     )
+    icl_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "With blind, the share of tasks asked with their documents in the prompt as well (one learner "
+            "for ReGrad and ReGrad+ICL)."
+        },
+    )
     locality_weight: float = field(
         default=0.0,
         metadata={
@@ -195,6 +202,7 @@ class ReGradTrainer(Trainer):
                 distractor_pool=pool,
                 seed=args.seed,
                 prompt=PromptTemplate.from_config(model.config),
+                icl_share=args.icl_share,
                 teacher_prompts=args.distillation_weight > 0,
             )
         super().__init__(
