@@ -30,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max_steps", type=int, default=6000)
     parser.add_argument("--cached_gradients", action="store_true", help="theta0 frozen: train the step sizes only")
+    parser.add_argument("--distillation_weight", type=float, default=0.0, help="RAG-teacher KL weight (0: off)")
     parser.add_argument("--output_dir", type=Path, default=HERE / "run")
     parser.add_argument("--resume_dir", type=Path, default=HERE / "resume")
     cli = parser.parse_args()
@@ -47,6 +48,7 @@ def main() -> None:
         max_grad_norm=0.5,
         max_answer_tokens=128,
         cached_gradients=cli.cached_gradients,
+        distillation_weight=cli.distillation_weight,
         logging_steps=10,
         save_strategy="steps",
         save_steps=25,
