@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from regrad_hf import GradientBank, ReGradForCausalLM
-from regrad_hf.collator import answer_suffix
+from regrad_hf.data.collator import answer_suffix
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.evaluation.methods import MethodRunner, check_methods
 from regrad_hf.evaluation.probe import next_token_score

@@ -21,8 +21,8 @@ from bench_record import write_record
 from torch import nn
 
 from regrad_hf import ReGradForCausalLM, deltas
+from regrad_hf.adaptation.learner import is_lora_parameter_name
 from regrad_hf.defaults import shipped_learner_path
-from regrad_hf.learner import is_lora_parameter_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad_dev_articles_00-39.json"

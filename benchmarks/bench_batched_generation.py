@@ -12,7 +12,7 @@ alternating between repeats), so machine noise hits all of them; medians are rep
 - `sequential`: the path for one row: one `generate` per question, each retrieving, applying its step to the shared
   LoRA tensors, generating and restoring them.
 - `batched`: one `generate` on the left-padded batch; rows retrieve different documents, so it runs with per-row
-  LoRA tensors (`regrad_hf.multi_lora`).
+  LoRA tensors (`regrad_hf.adaptation.multi_lora`).
 - `plain sequential` / `plain batched`: the base model with the learner's LoRA and no knowledge at all
   (`language_model.generate`, nothing retrieved or applied), one question at a time and as one batch: the ceiling
   that batching itself offers on this machine, against which `batched` is judged.
@@ -37,9 +37,9 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from regrad_hf import GradientBank, ReGradForCausalLM, deltas, multi_lora
+from regrad_hf.adaptation.learner import ADAPTER_NAME
 from regrad_hf.data import load_squad
 from regrad_hf.defaults import shipped_learner_path
-from regrad_hf.learner import ADAPTER_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad_dev_articles_00-39.json"

@@ -25,7 +25,7 @@ import torch
 from bench_record import write_record
 
 from regrad_hf import GradientBank, ReGradForCausalLM
-from regrad_hf.collator import question_prompt
+from regrad_hf.data.collator import question_prompt
 from regrad_hf.defaults import shipped_learner_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ paragraphs as hard distractors (top-3 retrieval), and times one optimiser step's
 - grouped: 2 task groups of up to 10 questions about one paragraph (one inner step, every question's outer loss);
 - grouped, cached: the same groups with theta0 frozen, document gradients computed once each (cache cold at the
   start of the run, as in one pass over new data) and the step sizes trained first order;
-- synthetic, grouped: 2 groups of `regrad_hf.synthetic` invented-fact documents (45-109 tokens, 2 same-type
+- synthetic, grouped: 2 groups of `regrad_hf.data.synthetic` invented-fact documents (45-109 tokens, 2 same-type
   distractors), one group per entity;
 - grouped, distilled: the grouped recipe plus the RAG-teacher KL term (`distillation_weight=1`): the teacher (base
   model, the group's 3 documents in the prompt) runs once more per step without a graph, its shared prefix once.
@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 
 from regrad_hf import ReGradForCausalLM
-from regrad_hf.collator import TaskCollator
 from regrad_hf.data import Task, load_squad
+from regrad_hf.data.collator import TaskCollator
+from regrad_hf.data.grouping import count_questions, group_by_documents, with_group_distractors
+from regrad_hf.data.synthetic import synthetic_tasks
 from regrad_hf.defaults import load_embedder, shipped_learner_path
-from regrad_hf.gradient_cache import DocumentGradientCache
-from regrad_hf.grouping import count_questions, group_by_documents, with_group_distractors
 from regrad_hf.prompting import PromptTemplate
-from regrad_hf.synthetic import synthetic_tasks
+from regrad_hf.training.gradient_cache import DocumentGradientCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD_TRAIN = ROOT.parent / "shared" / "data" / "squad_train_v1.1.json.gz"

@@ -9,9 +9,7 @@ from pathlib import Path
 import regrad_hf
 from regrad_hf import errors
 
-SOURCES = sorted((Path(regrad_hf.__file__).parent).rglob("*.py")) + [
-    Path(regrad_hf.__file__).parents[1] / "regrad_hf_cli.py"
-]
+SOURCES = sorted((Path(regrad_hf.__file__).parent).rglob("*.py"))
 BUILTIN_ERRORS = {
     name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)
 }

@@ -11,10 +11,10 @@ from transformers import pipeline
 
 from regrad_hf import EMBEDDED_MODEL_ID, GradientBank, ReGradForCausalLM
 from regrad_hf.cli import main
+from regrad_hf.cli.options import examples_dir
 from regrad_hf.data import load_squad
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.evaluation import evaluate_injection
-from regrad_hf_cli import examples_dir
 
 from .conftest import parameter_bytes
 

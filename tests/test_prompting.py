@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
-from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError, cli
-from regrad_hf.cli import shipped_learner_path
-from regrad_hf.collator import TaskCollator
+from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError
+from regrad_hf.cli import verbs
 from regrad_hf.config import PROMPT_FIELDS
 from regrad_hf.data import Task
+from regrad_hf.data.collator import TaskCollator
+from regrad_hf.defaults import shipped_learner_path
+from regrad_hf.modeling.query import prompt_to_query
 from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, EndOfLine, PromptTemplate, template_fields
-from regrad_hf.query import prompt_to_query
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
 
 from .conftest import make_tiny_base, make_tiny_model
@@ -182,11 +183,11 @@ def test_repetition_penalty_leaves_digits_and_punctuation_alone(tokenizer):
 
 def test_the_learners_repetition_penalty_reaches_its_answers(tiny_model):
     question = "Who founded Quentville?"
-    plain = cli.answer(tiny_model, question, 24, use_bank=False)
+    plain = verbs.answer(tiny_model, question, 24, use_bank=False)
     words = plain.split()
     assert len(words) > len(set(words))  # precondition: the random model repeats itself
     tiny_model.config.answer_repetition_penalty = 10.0
-    penalised = cli.answer(tiny_model, question, 24, use_bank=False)
+    penalised = verbs.answer(tiny_model, question, 24, use_bank=False)
     assert penalised != plain
     assert len(penalised.split()) - len(set(penalised.split())) < len(words) - len(set(words))
 

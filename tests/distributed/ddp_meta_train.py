@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: a few DDP meta-training steps of a tiny
+"""Run by tests/bank/test_distributed.py under `torchrun --nproc_per_node 2`: a few DDP meta-training steps of a tiny
 learner; every process writes its learner tensors to `<output>/rank<N>.safetensors`."""
 
 import argparse

@@ -1,11 +1,11 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` with an empty $REGRAD_HF_CACHE: both processes
-ask for the embedded model at once (a distributed run on a fresh machine); each prints what it got."""
+"""Run by tests/bank/test_distributed.py under `torchrun --nproc_per_node 2` with an empty $REGRAD_HF_CACHE: both
+processes ask for the embedded model at once (a distributed run on a fresh machine); each prints what it got."""
 
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from regrad_hf.bank.distributed import process_rank
 from regrad_hf.defaults import embedded_model_path
-from regrad_hf.distributed import process_rank
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")  # transformers' save_pretrained writes nothing on rank 1 from here on

@@ -1,9 +1,9 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: process 1 fails inside `everyone`; each
+"""Run by tests/bank/test_distributed.py under `torchrun --nproc_per_node 2`: process 1 fails inside `everyone`; each
 process prints what it raised, and both must then get through the next collective instead of hanging."""
 
 import torch.distributed as dist
 
-from regrad_hf.distributed import broadcast_flags, everyone, process_rank
+from regrad_hf.bank.distributed import broadcast_flags, everyone, process_rank
 
 
 def step() -> str:

@@ -2,13 +2,13 @@
 
     python training_runs/meta_train_v3/build_data.py [--data ../shared/data]
 
-Sources (train material only; the dev and test splits of `regrad_hf.tasks` are never touched):
+Sources (train material only; the dev and test splits of `regrad_hf.data.task_sets` are never touched):
 - SQuAD v1.1 **train**, articles 0-149: each paragraph's questions (up to 10) in one group, padded with the 2
   paragraphs nearest to its questions (all-MiniLM-L6-v2, the bank's embedder) as top-3 retrieval gives;
 - TOFU authors 0-119 (the train split): documents of 5 whole facts, their 5 questions in one group, padded the same
   way from the TOFU train pool;
-- synthetic invented-fact documents (`regrad_hf.synthetic`, seed 29, 6,000 entities, 2 questions per fact): one group
-  per entity, padded with 2 same-type hard distractors.
+- synthetic invented-fact documents (`regrad_hf.data.synthetic`, seed 29, 6,000 entities, 2 questions per fact): one
+  group per entity, padded with 2 same-type hard distractors.
 Groups are shuffled with seed 0. The file is committed (gzip), so a resumed run trains on exactly the same groups.
 """
 
@@ -21,10 +21,10 @@ import random
 from pathlib import Path
 
 from regrad_hf.data import load_squad
+from regrad_hf.data.grouping import group_by_documents, with_group_distractors
+from regrad_hf.data.synthetic import synthetic_tasks
+from regrad_hf.data.task_sets import tofu_tasks
 from regrad_hf.defaults import load_embedder
-from regrad_hf.grouping import group_by_documents, with_group_distractors
-from regrad_hf.synthetic import synthetic_tasks
-from regrad_hf.tasks import tofu_tasks
 
 HERE = Path(__file__).resolve().parent
 MAX_QUESTIONS = 10

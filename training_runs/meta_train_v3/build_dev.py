@@ -2,8 +2,8 @@
 
     python training_runs/meta_train_v3/build_dev.py
 
-Invented-fact documents of `regrad_hf.synthetic` with a seed of their own (2029; training uses 29), so no dev entity
-is a training entity: 80 entities (20 per type), every fact asked once, one line per question with its gold
+Invented-fact documents of `regrad_hf.data.synthetic` with a seed of their own (2029; training uses 29), so no dev
+entity is a training entity: 80 entities (20 per type), every fact asked once, one line per question with its gold
 document (`regrad eval --dataset jsonl` builds the bank from every line's documents and retrieves top-3 over it).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from regrad_hf.synthetic import synthetic_tasks
+from regrad_hf.data.synthetic import synthetic_tasks
 
 HERE = Path(__file__).resolve().parent
 

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 from regrad_hf import ReGradForCausalLM
+from regrad_hf.data.grouping import TaskGroup
 from regrad_hf.defaults import shipped_learner_path
-from regrad_hf.grouping import TaskGroup
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
-from regrad_hf.training_state import last_checkpoint
+from regrad_hf.training.checkpoints import last_checkpoint
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..deltas import check_documents
-from ..distributed import broadcast_flags, everyone, process_rank
+from ..adaptation.deltas import check_documents
+from ..adaptation.learner import fingerprint_of
 from ..errors import BankMismatchError, ReGradError, ReGradFileError, ReGradTypeError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_save_safetensors, atomic_write_text, output_directory
-from ..learner import fingerprint_of
 from ..log import progress_bar
 from . import checkpoint
 from .catalogue import Document
 from .directory import GRADIENTS_DIR, publish, writer_lock
+from .distributed import broadcast_flags, everyone, process_rank
 from .persistence import write_catalogue
 from .schema import MAX_TEXT_CHARS, check_storable, file_error
 from .shards import check_gradients

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from ..data import dataset_documents
-from ..deltas import check_documents, truncation_report
+from ..adaptation.deltas import check_documents, truncation_report
+from ..adaptation.learner import fingerprint_of
+from ..data.task import dataset_documents
 from ..errors import ReGradValueError
 from ..files import output_directory
-from ..hub import HubOptions
-from ..learner import fingerprint_of
+from ..hub.repos import HubOptions
 from . import index as index_module
 from . import persistence
 from .building import GradientSource, add_documents, build_into, check_learner, check_source

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from ..cards import render_bank_card
 from ..errors import BankNotFoundError, ReGradError, ReGradFileError, ReGradValueError
 from ..files import DIRECTORY_MODE, atomic_write_bytes, atomic_write_text, directory_argument
-from ..hub import HubOptions, Location, check_subfolder, locate, push_folder
+from ..hub.cards import render_bank_card
+from ..hub.repos import HubOptions, Location, check_subfolder, locate, push_folder
 from .directory import (
     CONFIG_FILE,
     DOCUMENTS_FILE,

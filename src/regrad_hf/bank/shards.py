@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ReGradValueError
 from ..files import atomic_save_safetensors
-from ..hub import Location
+from ..hub.repos import Location
 from .directory import CONFIG_FILE, GRADIENTS_DIR, regular_file, sha256_of
 from .mapped import MappedShard
 from .quantization import FloatFormat, GradientFormat

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import HUB_DATASETS, SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad
+from ..data.task import HUB_DATASETS, SQUAD_SPLITS, Task, load_hotpotqa, load_jsonl, load_squad
+from ..data.task_sets import SPLITS, TOFU_FACTS_PER_DOCUMENT, hotpotqa_split_records, tofu_tasks
 from ..errors import ReGradTypeError, ReGradValueError
-from ..tasks import SPLITS, TOFU_FACTS_PER_DOCUMENT, hotpotqa_split_records, tofu_tasks
 
 FORMATS = ("squad", "hotpotqa", "tofu", "jsonl")
 
@@ -114,10 +114,11 @@ def load_eval_set(
     Args:
         format (`str`): one of [`FORMATS`].
         path: the data: a local file, a dataset folder, a Hub dataset name or a `datasets.Dataset` (see
-            [`regrad_hf.sources.read_rows`]); by default the format's Hub dataset ([`HUB_DATASETS`]; not for `jsonl`).
+            [`regrad_hf.data.sources.read_rows`]); by default the format's Hub dataset ([`HUB_DATASETS`]; not for
+            `jsonl`).
         split (`str`, *optional*): a split name of the meta-training task sets (`train`, `dev`, `test`, see
-            [`regrad_hf.tasks`]: SQuAD articles, TOFU authors, HotpotQA records, disjoint), or indices: SQuAD article,
-            TOFU author, HotpotQA record indices (`"35-39"`); JSONL: unused. `None` keeps everything.
+            [`regrad_hf.data.task_sets`]: SQuAD articles, TOFU authors, HotpotQA records, disjoint), or indices: SQuAD
+            article, TOFU author, HotpotQA record indices (`"35-39"`); JSONL: unused. `None` keeps everything.
         limit (`int`, *optional*): evaluate this many questions, sampled with `seed` (the bank is unchanged).
         seed (`int`): seed of the question sampling.
 

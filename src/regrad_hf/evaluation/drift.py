@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..deltas import tokenize_document, truncation_report
+from ..adaptation.deltas import tokenize_document, truncation_report
+from ..data.records import field, mapping, parse_json, text_at
+from ..data.sources import is_dataset, read_text_file
 from ..errors import ReGradValueError
 from ..log import progress_bar
 from ..prompting import PromptTemplate
-from ..records import field, mapping, parse_json, text_at
-from ..sources import is_dataset, read_text_file
 from .methods import ContinualPretraining
 from .probe import candidate_log_probs
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..collator import TaskCollator
-from ..data import Task
-from ..deltas import truncation_report
+from ..adaptation.deltas import truncation_report
+from ..data.collator import TaskCollator
+from ..data.task import Task
 from ..errors import ReGradValueError
 from ..log import progress_bar
 from ..prompting import PromptTemplate

@@ -32,12 +32,12 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..collator import answer_suffix
-from ..deltas import tokenize_document
+from ..adaptation.deltas import tokenize_document
+from ..adaptation.learner import StepSizes
+from ..data.collator import answer_suffix
 from ..errors import ReGradValueError
-from ..learner import StepSizes
-from ..learner_state import STEP_SIZES_KEY
 from ..log import progress_bar
+from ..modeling.learner_state import STEP_SIZES_KEY
 from ..prompting import PromptTemplate
 from .probe import candidate_log_probs, next_token_score
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Task
+from ..data.task import Task
 from ..errors import ReGradValueError
 from .metrics import normalize_answer
 

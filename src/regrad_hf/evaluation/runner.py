@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adaptation.deltas import truncation_report
 from ..bank import GradientBank
 from ..defaults import load_embedder
-from ..deltas import truncation_report
 from ..errors import ReGradValueError
 from ..log import progress_bar
 from ..prompting import PromptTemplate
