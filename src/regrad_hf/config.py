@@ -10,7 +10,6 @@ from typing import Literal
 
 from transformers import PreTrainedConfig
 
-from .bank.quantization import BANK_DTYPES
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
 from .prompting import (
     CONCISE_SYSTEM_PROMPT,
@@ -22,6 +21,9 @@ from .prompting import (
 from .prompting import check_template as check_prompt_template
 
 STEP_SIZE_MODES = ("tie", "row", "full", "same", "fix")
+# How a bank may store gradients: the float formats, then the quantised ones (`regrad_hf.bank.quantization` implements
+# each; a test keeps the two equal).
+BANK_DTYPES = ("bfloat16", "float16", "float32", "int8", "int4", "int3", "int2")
 # Bounds of the integer settings: far above any sensible value, low enough that a typo (an extra digit, 2**26) is
 # refused before it allocates gigabytes.
 INT_BOUNDS = {

@@ -200,3 +200,12 @@ def test_the_format_is_chosen_by_the_config_or_per_build(tokenizer, tiny_model, 
 def _saved_and_loaded(bank, tmp_path):
     bank.save_pretrained(tmp_path / bank.dtype)
     return GradientBank.from_pretrained(tmp_path / bank.dtype, embedder_model=bank.embedder)
+
+
+def test_the_config_names_every_format_the_bank_implements():
+    """`ReGradConfig.bank_dtype` is checked against `regrad_hf.config.BANK_DTYPES` (the config cannot import the bank,
+    a higher floor): the names are the bank's formats, floats first."""
+    from regrad_hf.bank.quantization import FLOAT_DTYPES, QUANTIZED_FORMATS
+    from regrad_hf.config import BANK_DTYPES
+
+    assert (*FLOAT_DTYPES, *QUANTIZED_FORMATS) == BANK_DTYPES

@@ -10,13 +10,14 @@ Modules, one job each (data flows from the facade to its parts):
 - `directory`: the on-disk layout and publishing a bank into a directory;
 - `persistence`: writing a bank's files and reading them back;
 - `schema`: checks of every file before it is trusted;
-- `building`, `checkpoint`: resumable, multi-process builds.
+- `building`, `checkpoint`, `distributed`: resumable, multi-process builds;
+- `parts`: what building and persistence use of a bank, and what a bank needs of a model.
 """
 
-from .building import GradientSource
 from .catalogue import Hit
 from .directory import CONFIG_FILE, DOCUMENTS_FILE, EAGER_FILES, GRADIENTS_DIR, INDEX_FILE
 from .gradient_bank import GradientBank
+from .parts import GradientSource
 from .persistence import FORMAT_VERSION
 
 __all__ = [

@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,31 +26,16 @@ from . import checkpoint
 from .catalogue import Document
 from .directory import GRADIENTS_DIR, publish, writer_lock
 from .distributed import broadcast_flags, everyone, process_rank
+from .parts import Bank, GradientSource
 from .persistence import write_catalogue
 from .schema import MAX_TEXT_CHARS, check_storable, file_error
 from .shards import check_gradients
 
-if TYPE_CHECKING:
-    from ..config import ReGradConfig
-    from .gradient_bank import GradientBank
-
 logger = logging.getLogger(__name__)
 
 
-class GradientSource(Protocol):
-    """What a bank needs from a model to add documents (implemented by [`ReGradForCausalLM`])."""
-
-    config: ReGradConfig
-
-    def learner_identity(self) -> dict[str, str]: ...
-
-    def lora_parameters(self) -> Mapping[str, torch.Tensor]: ...
-
-    def document_gradients(self, documents: Sequence[str]) -> dict[str, torch.Tensor]: ...
-
-
 def build_into(
-    bank: GradientBank,
+    bank: Bank,
     model: GradientSource,
     documents: Sequence[str],
     ids: Sequence[str] | None,
@@ -59,7 +44,7 @@ def build_into(
     show_progress: bool,
     output_dir: str | os.PathLike,
     max_shard_bytes: int,
-) -> GradientBank:
+) -> Bank:
     """[`GradientBank.build`] with `output_dir`: shard by shard, checkpointed, resuming a previous interrupted build;
     with several processes, each computes a share of the unfinished shards and process 0 publishes the bank.
 
@@ -94,7 +79,7 @@ def build_into(
 
 
 def _build_locked(
-    bank: GradientBank,
+    bank: Bank,
     model: GradientSource,
     documents: Sequence[str],
     ids: Sequence[str],
@@ -139,7 +124,7 @@ def _build_locked(
 
 
 def add_documents(
-    bank: GradientBank,
+    bank: Bank,
     model: GradientSource,
     documents: Sequence[str],
     ids: Sequence[str] | None,
@@ -172,7 +157,7 @@ def add_documents(
 
 
 def check_new(
-    bank: GradientBank,
+    bank: Bank,
     model: GradientSource,
     documents: Sequence[str],
     ids: Sequence[str] | None,
@@ -199,7 +184,7 @@ def check_new(
     return ids, metadata
 
 
-def check_learner(bank: GradientBank, model: GradientSource) -> None:
+def check_learner(bank: Bank, model: GradientSource) -> None:
     """[`GradientBank.check_learner`]: raises [`BankMismatchError`] unless `model` is the bank's learner."""
     identity = model.learner_identity()
     if fingerprint_of(identity) != bank.fingerprint:
@@ -230,7 +215,7 @@ def check_source(model: object) -> None:
 
 
 def compute(
-    bank: GradientBank, model: GradientSource, documents: Sequence[str], ids: Sequence[str], batch_size: int, progress
+    bank: Bank, model: GradientSource, documents: Sequence[str], ids: Sequence[str], batch_size: int, progress
 ) -> dict[str, torch.Tensor]:
     """The documents' gradients in the bank's format, stacked, by shard key; non-finite gradients refused."""
     parts: list[dict[str, torch.Tensor]] = []
@@ -257,7 +242,7 @@ def _prepare_work(work: Path, state: dict[str, Any]) -> list[bool]:
 
 
 def _build_shards(
-    bank: GradientBank,
+    bank: Bank,
     model: GradientSource,
     documents: Sequence[str],
     ids: Sequence[str],
@@ -281,7 +266,7 @@ def _build_shards(
 
 
 def _publish(
-    bank: GradientBank,
+    bank: Bank,
     work: Path,
     output: Path,
     state: Mapping[str, Any],

@@ -24,9 +24,10 @@ from ..files import output_directory
 from ..hub.repos import HubOptions
 from . import index as index_module
 from . import persistence
-from .building import GradientSource, add_documents, build_into, check_learner, check_source
+from .building import add_documents, build_into, check_learner, check_source
 from .catalogue import Catalogue, Hit
 from .index import EmbeddingIndex, IndexSettings
+from .parts import GradientSource
 from .quantization import gradient_format
 from .shards import ShardStore, all_finite, check_finite
 

@@ -11,7 +11,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -33,10 +33,8 @@ from .directory import (
     writer_lock,
 )
 from .index import INDEX_DTYPE, INDEX_METRIC, LEGACY_INDEX_SETTINGS, IndexSettings
+from .parts import Bank, BankParts
 from .schema import MAX_CONFIG_BYTES, file_error, parse_json, read_bytes, validate_config
-
-if TYPE_CHECKING:
-    from .gradient_bank import GradientBank
 
 # 2: quantised formats (int8/int4/int3/int2: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
 # in bank_config.json ("quantization"). Version 1 banks (float formats only) read unchanged.
@@ -52,7 +50,7 @@ READ_ATTEMPTS = 50  # a reader loads again when a writer swapped the directory w
 Placements = dict[str, tuple[int, int]]  # document id -> (shard, row)
 
 
-def save(bank: GradientBank, save_directory: Path, max_shard_bytes: int) -> None:
+def save(bank: BankParts, save_directory: Path, max_shard_bytes: int) -> None:
     """[`GradientBank.save_pretrained`]: with the directory's writer lock held, writes a staging directory and swaps
     it in whole; a failure (a full disk included) raises a [`ReGradError`] and leaves the directory as it was."""
     target = save_directory.resolve()
@@ -83,7 +81,7 @@ def save(bank: GradientBank, save_directory: Path, max_shard_bytes: int) -> None
     bank.store.in_memory.clear()
 
 
-def write_files(bank: GradientBank, directory: Path, max_shard_bytes: int) -> tuple[Placements, list[dict[str, str]]]:
+def write_files(bank: BankParts, directory: Path, max_shard_bytes: int) -> tuple[Placements, list[dict[str, str]]]:
     """Writes every bank file into `directory`. Returns where each document's gradient went, and the shards
     (file and SHA-256)."""
     per_shard = bank.store.documents_per_shard(max_shard_bytes)
@@ -101,7 +99,7 @@ def write_files(bank: GradientBank, directory: Path, max_shard_bytes: int) -> tu
 
 
 def write_catalogue(
-    bank: GradientBank, directory: Path, placements: Mapping[str, tuple[int, int]], shards: list[dict[str, str]]
+    bank: BankParts, directory: Path, placements: Mapping[str, tuple[int, int]], shards: list[dict[str, str]]
 ) -> None:
     """Writes documents.jsonl, index.usearch and bank_config.json (last: a directory with it is complete)."""
     documents = bank.catalogue.lines(placements)
@@ -142,12 +140,12 @@ def _stamp(directory: Path) -> tuple[int, int, int] | None:
 
 
 def load(
-    cls: type[GradientBank],
+    cls: type[Bank],
     name_or_path: str | os.PathLike,
     subfolder: str | None,
     options: HubOptions,
     embedder_model,
-) -> GradientBank:
+) -> Bank:
     """[`GradientBank.from_pretrained`]: a local bank directory (see [`read_local`]), or a Hub repo's bank.
 
     Raises:
@@ -169,7 +167,7 @@ def load(
     return read(cls, location, embedder_model)
 
 
-def read_local(cls: type[GradientBank], target: Path, embedder_model) -> GradientBank:
+def read_local(cls: type[Bank], target: Path, embedder_model) -> Bank:
     """Reads the bank directory `target` as it is (renaming and repairing nothing), and again when a writer swapped
     another bank in while it was read, so that the bank returned is one complete bank. When a swap was cut between
     its two renames (no writer holds the lock, the journal names the previous bank), that bank is read where it is.
@@ -214,7 +212,7 @@ def read_local(cls: type[GradientBank], target: Path, embedder_model) -> Gradien
     )
 
 
-def read(cls: type[GradientBank], location: Location, embedder_model) -> GradientBank:
+def read(cls: type[Bank], location: Location, embedder_model) -> Bank:
     """Reads the bank at `location` (a local directory or a Hub snapshot), checking every file against the others.
     Local files are never read through a symlink; a Hub snapshot's files are links into its cache by design."""
     directory = location.directory.resolve() if location.is_remote else location.directory
@@ -276,7 +274,7 @@ def _check_sha256(data: bytes, expected: str | None, path: Path) -> None:
 
 
 def push(
-    bank: GradientBank,
+    bank: BankParts,
     repo_id: str,
     *,
     subfolder: str | None,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import BANK_DTYPES
 from ..errors import ReGradValueError
 
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -39,7 +40,6 @@ QUANTIZED_FORMATS: dict[str, tuple[int, int | None]] = {
     "int3": (3, 32),
     "int2": (2, 32),
 }
-BANK_DTYPES = (*FLOAT_DTYPES, *QUANTIZED_FORMATS)
 SCALE_DTYPE = torch.bfloat16
 MAX_GROUP_SIZE = 1 << 16
 

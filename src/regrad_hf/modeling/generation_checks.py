@@ -8,14 +8,12 @@ import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
 
 from ..errors import ReGradError, ReGradTypeError, ReGradValueError
-from .learner_files import read_json_object
 
 # Counts: a positive integer (or None); those of `_MIN_COUNTS` may also be 0 (`top_k=0` turns top-k filtering off).
 _COUNTS = ("max_new_tokens", "max_length", "num_beams", "num_return_sequences", "num_beam_groups")
@@ -74,24 +72,6 @@ def _check_generation_config(config: object, where: str) -> None:
         raise ReGradTypeError(f"{where}: generation_config must be a GenerationConfig, got {type(config).__name__}")
     values = config.to_dict()
     check_generation_settings({k: v for k, v in values.items() if k not in _TOKEN_IDS}, f"{where}: generation_config")
-
-
-def read_generation_config(path: Path) -> GenerationConfig:
-    """A learner's `generation_config.json`, checked (see [`check_generation_settings`]).
-
-    Raises:
-        [`ReGradValueError`]: the file is damaged (too large, not JSON, not an object) or holds a bad setting.
-    """
-    values = read_json_object(path, "generation config")
-    check_generation_settings(values, str(path))
-    try:
-        return GenerationConfig.from_dict(values)
-    except ReGradError:
-        raise
-    except (ValueError, TypeError, AttributeError, KeyError) as error:
-        raise ReGradValueError(
-            f"{path} is not a readable generation config ({type(error).__name__}: {error})"
-        ) from error
 
 
 def check_generate_inputs(inputs: object, kwargs: Mapping[str, object], vocab_size: int) -> None:

@@ -23,7 +23,7 @@ from .generation_checks import check_generate_inputs, transformers_refusals_type
 from .query import prompt_to_query
 
 if TYPE_CHECKING:
-    from .causal_lm import ReGradForCausalLM
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class KnowledgeInjectionMixin:
@@ -65,9 +65,7 @@ class KnowledgeInjectionMixin:
                 yield
 
     @contextmanager
-    def knowledge(
-        self, documents: Sequence[str], gamma: float | None = None, use_bank: bool = False
-    ) -> Iterator[ReGradForCausalLM]:
+    def knowledge(self, documents: Sequence[str], gamma: float | None = None, use_bank: bool = False) -> Iterator[Self]:
         """Injects documents for the duration of the block, with gradients computed now (no bank needed).
 
         Inside the block, `generate` applies these documents' step alone: an attached bank is not searched, so that
@@ -138,7 +136,7 @@ class KnowledgeInjectionMixin:
             yield hits
 
     @contextmanager
-    def injected(self, ids: str | Sequence[str], gamma: float | None = None) -> Iterator[ReGradForCausalLM]:
+    def injected(self, ids: str | Sequence[str], gamma: float | None = None) -> Iterator[Self]:
         """Injects the bank documents with these ids (one id, or a sequence of them) for the duration of the block
         (retrieval done elsewhere).
 

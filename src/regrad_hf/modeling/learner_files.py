@@ -32,6 +32,7 @@ from transformers import GenerationConfig
 from ..config import ReGradConfig
 from ..errors import ReGradError, ReGradFileError, ReGradValueError
 from ..files import DIRECTORY_MODE, FILE_MODE, file_errors, flocked, output_directory, write_error
+from .generation_checks import check_generation_settings
 
 CONFIG_FILE = "config.json"
 LEARNER_FILE = "learner.safetensors"
@@ -189,6 +190,24 @@ def read_json_object(path: Path, what: str) -> dict:
     return value
 
 
+def read_generation_config(path: Path) -> GenerationConfig:
+    """A learner's `generation_config.json`, checked (see [`check_generation_settings`]).
+
+    Raises:
+        [`ReGradValueError`]: the file is damaged (too large, not JSON, not an object) or holds a bad setting.
+    """
+    values = read_json_object(path, "generation config")
+    check_generation_settings(values, str(path))
+    try:
+        return GenerationConfig.from_dict(values)
+    except ReGradError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        raise ReGradValueError(
+            f"{path} is not a readable generation config ({type(error).__name__}: {error})"
+        ) from error
+
+
 def _state_of(directory: Path) -> tuple:
     """What changes when a save commits into `directory`: its config.json's inode and time, and the journal."""
     try:
@@ -218,8 +237,6 @@ def read_learner(
     Raises:
         [`ReGradValueError`]: a file is missing, damaged or holds bad values; [`ReGradFileError`]: a symlink.
     """
-    from .generation_checks import read_generation_config  # it imports this module
-
     for attempt in range(5):
         before = _state_of(directory) if local else None
         try:

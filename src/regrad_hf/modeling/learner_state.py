@@ -16,7 +16,7 @@ from ..config import MAX_STEP_SIZE
 from ..errors import ReGradError, ReGradValueError
 
 if TYPE_CHECKING:
-    from .causal_lm import ReGradForCausalLM
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 STEP_SIZES_KEY = "regrad.step_sizes"
 
@@ -119,7 +119,7 @@ class LearnerStateMixin:
         self.load_learner_state(state, source=source)
 
     @contextmanager
-    def swapped_learner(self, state: Mapping[str, torch.Tensor]) -> Iterator[ReGradForCausalLM]:
+    def swapped_learner(self, state: Mapping[str, torch.Tensor]) -> Iterator[Self]:
         """Uses another learner state (e.g. the untrained start) inside the block; restores this one bit for bit."""
         with self._adaptation_lock:
             self._refuse_inside_adaptation()
