@@ -9,6 +9,8 @@ from .defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID
 from .errors import (
     BankMismatchError,
     BankNotFoundError,
+    GenerationTimeoutError,
+    GeneratorClosedError,
     InferenceModeError,
     ReGradError,
     ReGradFileError,
@@ -18,7 +20,7 @@ from .errors import (
     ReGradValueError,
 )
 from .modeling import ReGradForCausalLM
-from .serving import BatchingGenerator, GenerationResult, GenerationTimeoutError, GeneratorClosedError
+from .serving import BatchingGenerator, GenerationResult
 
 __version__ = "0.1.0"
 

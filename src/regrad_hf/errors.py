@@ -43,3 +43,11 @@ class ReGradFileError(ReGradError, OSError):
 
 class BankNotFoundError(ReGradFileError, FileNotFoundError):
     """There is no bank where one was asked for (e.g. a bank directory that was deleted)."""
+
+
+class GeneratorClosedError(ReGradError, RuntimeError):
+    """A request was submitted to, or left pending in, a closed [`BatchingGenerator`]."""
+
+
+class GenerationTimeoutError(ReGradError, TimeoutError):
+    """[`BatchingGenerator.generate`] waited longer than its `timeout` (an `except TimeoutError` catches it too)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from regrad_hf.data import SQUAD_SPLITS, Task, hotpotqa_paragraphs, hotpotqa_rows, synthetic
+from regrad_hf.data import SQUAD_SPLITS, Task, hotpotqa_paragraphs, hotpotqa_rows, synthetic_vocabulary
 from regrad_hf.data.synthetic import ENTITY_TYPES, generate_entities, hard_distractors, synthetic_tasks
 from regrad_hf.data.task_sets import TOFU_SPLITS, hotpotqa_split_records
 from regrad_hf.errors import ReGradError, ReGradTypeError, ReGradValueError
@@ -161,7 +161,7 @@ def test_every_fact_is_written_four_ways_and_asked_several_ways_in_shuffled_orde
 
 
 def test_names_are_unique_and_drawn_from_over_100k_per_type():
-    for kind, words in synthetic._NAME_PARTS.items():
+    for kind, words in synthetic_vocabulary.NAME_PARTS.items():
         space = 1
         for parts in words:
             space *= len({"".join(combination) for combination in itertools.product(*parts)})

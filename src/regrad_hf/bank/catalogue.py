@@ -19,8 +19,8 @@ from .schema import (
     check_json_value,
     check_metadata_size,
     check_record_line,
+    checked_json,
     encode_record,
-    parse_json,
     validate_document,
 )
 
@@ -167,7 +167,7 @@ class Catalogue:
             lines.pop()
         for number, line in enumerate(lines, start=1):
             check_record_line(line, f"{path} line {number}")
-            record = parse_json(line, f"{path} line {number}")
+            record = checked_json(line, f"{path} line {number}")
             document = Document(**validate_document(record, path, number, shard_sizes))
             if document.id in self.documents or document.key in self.ids_by_key:
                 duplicate = "id" if document.id in self.documents else "key"

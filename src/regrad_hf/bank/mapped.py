@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ReGradFileError, ReGradValueError
-from .schema import MAX_SAFETENSORS_HEADER_BYTES, MAX_TENSOR_RANK, file_error, parse_json
+from .schema import MAX_SAFETENSORS_HEADER_BYTES, MAX_TENSOR_RANK, checked_json, file_error
 
 # safetensors dtype -> (torch dtype, bytes per element); only what a bank file can legitimately hold is viewable,
 # other dtypes are still parsed so that a wrong one is reported by name
@@ -88,7 +88,7 @@ class MappedShard:
             )
         if 8 + length > size:
             raise self._unreadable(f"its header needs {8 + length} bytes, the file has {size} (truncated)")
-        header = parse_json(self._map[8 : 8 + length], f"the safetensors header of bank file {self.path}")
+        header = checked_json(self._map[8 : 8 + length], f"the safetensors header of bank file {self.path}")
         if not isinstance(header, dict):
             raise self._unreadable("its header is not a JSON object")
         header.pop("__metadata__", None)

@@ -34,7 +34,7 @@ from .directory import (
 )
 from .index import INDEX_DTYPE, INDEX_METRIC, LEGACY_INDEX_SETTINGS, IndexSettings
 from .parts import Bank, BankParts
-from .schema import MAX_CONFIG_BYTES, file_error, parse_json, read_bytes, validate_config
+from .schema import MAX_CONFIG_BYTES, checked_json, file_error, read_bytes, validate_config
 
 # 2: quantised formats (int8/int4/int3/int2: `<name>.codes` and `<name>.scales` per LoRA tensor) and their parameters
 # in bank_config.json ("quantization"). Version 1 banks (float formats only) read unchanged.
@@ -225,7 +225,7 @@ def read(cls: type[Bank], location: Location, embedder_model) -> Bank:
         return read_bytes(path, limit, follow)
 
     config_path = directory / CONFIG_FILE
-    config = validate_config(parse_json(data(CONFIG_FILE, MAX_CONFIG_BYTES), f"bank file {config_path}"), config_path)
+    config = validate_config(checked_json(data(CONFIG_FILE, MAX_CONFIG_BYTES), f"bank file {config_path}"), config_path)
     # a bank saved before the settings were configurable was built with usearch's defaults
     settings = config.get("index_settings")
     bank = cls(

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..data.records import parse_json
 from ..errors import ReGradFileError, ReGradValueError
 from .index import MAX_CONNECTIVITY, MAX_EXPANSION
 from .quantization import BANK_DTYPES, FLOAT_DTYPES, gradient_format
@@ -106,29 +107,13 @@ def file_error(error: OSError, path: Path, action: str) -> ReGradFileError:
     return ReGradFileError(f"cannot {action} {path}: {error.strerror or error}")
 
 
-def _parse_int(digits: str) -> int:
-    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
-        raise ReGradValueError(f"holds an integer of {len(digits)} digits, more than the limit of {MAX_INT_DIGITS}")
-    return int(digits)
-
-
-def parse_json(data: bytes | str, where: Path | str) -> Any:
+def checked_json(data: bytes | str, where: Path | str) -> Any:
     """Parses JSON text (UTF-8 bytes or a string) with the bank's caps on nesting, integers and Unicode.
 
     Raises:
         [`ReGradValueError`]: naming `where`, for invalid UTF-8 or JSON, or anything over the caps.
     """
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        value = json.loads(text, parse_int=_parse_int)
-    except UnicodeDecodeError as error:
-        raise ReGradValueError(f"{where} is not valid UTF-8: {error}") from None
-    except json.JSONDecodeError as error:
-        raise ReGradValueError(f"{where} is not valid JSON: {error}") from None
-    except RecursionError:
-        raise ReGradValueError(f"{where} nests JSON deeper than the limit of {MAX_JSON_DEPTH}") from None
-    except ReGradValueError as error:
-        raise ReGradValueError(f"{where} {error}") from None
+    value = parse_json(data, where, max_depth=MAX_JSON_DEPTH, max_int_digits=MAX_INT_DIGITS)
     check_json_value(value, where)
     return value
 
@@ -172,7 +157,7 @@ def _check_unicode(text: str, where: Path | str) -> None:
 
 def read_json_file(path: Path, follow: bool = False) -> Any:
     """Reads a JSON file of at most [`MAX_CONFIG_BYTES`], not through a symlink unless `follow`."""
-    return parse_json(read_bytes(path, MAX_CONFIG_BYTES, follow), f"bank file {path}")
+    return checked_json(read_bytes(path, MAX_CONFIG_BYTES, follow), f"bank file {path}")
 
 
 def validate_config(config: Any, path: Path) -> dict[str, Any]:
@@ -353,5 +338,5 @@ def check_storable(doc_id: str, text: str, metadata: Mapping[str, Any], where: s
     record = {"id": doc_id, "text": text, "metadata": metadata, "key": (1 << 63) - 1}
     line = encode_record({**record, "shard": MAX_DOCUMENTS, "row": MAX_DOCUMENTS})
     check_record_line(line, where)
-    parsed = parse_json(line, where)
+    parsed = checked_json(line, where)
     validate_document({**parsed, "shard": 0, "row": 0}, Path(where), 1, [1])

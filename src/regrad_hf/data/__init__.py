@@ -3,8 +3,8 @@ the task sets and groups meta-training draws from, and the collator that turns t
 
 Modules: `task` ([`Task`], the loaders), `sources` (files, folders, Hub names, `datasets` objects as rows), `records`
 (checked JSON and record fields), `schemas` (SQuAD and HotpotQA records), `task_sets` (train/dev/test splits, the
-mixed set, hard distractors), `synthetic` (seeded synthetic-fact tasks), `grouping` (several questions about one
-document set), `collator` ([`TaskCollator`] and the question prompt).
+mixed set, hard distractors), `synthetic` and `synthetic_vocabulary` (seeded synthetic-fact tasks, their words),
+`grouping` (several questions about one document set), `collator` ([`TaskCollator`] and the question prompt).
 """
 
 from .task import (

@@ -23,20 +23,45 @@ def _reject_constant(name: str):
     raise _Constant(name)
 
 
-def parse_json(text: str, where: str) -> Any:
-    """`json.loads(text)`, refusing `NaN`/`Infinity` and nesting too deep to parse.
+def parse_json(
+    data: bytes | str, where: str | os.PathLike, *, max_depth: int | None = None, max_int_digits: int | None = None
+) -> Any:
+    """`json.loads` of JSON text (UTF-8 bytes or a string), refusing `NaN`/`Infinity`, nesting too deep to parse and,
+    when `max_int_digits` is given, longer integers. The one JSON parser of the package: user data reads through it,
+    and a bank's files with its caps (`regrad_hf.bank.schema.checked_json`).
+
+    Args:
+        max_depth (`int`, *optional*): the nesting the caller allows (checked by the caller), named when the text
+            nests too deeply to parse at all.
+        max_int_digits (`int`, *optional*): the most digits an integer may have.
 
     Raises:
-        [`ReGradValueError`]: `text` is not JSON; the message starts with `where` (a file, a line).
+        [`ReGradValueError`]: `data` is not UTF-8 or not JSON, or is over a cap; the message starts with `where`
+            (a file, a line).
     """
+
+    def parse_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > max_int_digits:
+            raise ReGradValueError(f"holds an integer of {len(digits)} digits, more than the limit of {max_int_digits}")
+        return int(digits)
+
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, parse_constant=_reject_constant, parse_int=parse_int if max_int_digits else None)
+    except UnicodeDecodeError as error:
+        raise ReGradValueError(f"{where} is not valid UTF-8: {error}") from None
     except json.JSONDecodeError as error:
         raise ReGradValueError(f"{where} is not valid JSON: {error}") from None
     except _Constant as error:
-        raise ReGradValueError(f"{where} is not valid JSON: {error} is not a JSON value") from None
+        raise ReGradValueError(
+            f"{where} is not valid JSON: {error} is not a JSON value (JSON cannot represent NaN or infinities)"
+        ) from None
     except RecursionError:
+        if max_depth is not None:
+            raise ReGradValueError(f"{where} nests JSON deeper than the limit of {max_depth}") from None
         raise ReGradValueError(f"{where} is not valid JSON: it is nested too deeply") from None
+    except ReGradValueError as error:
+        raise ReGradValueError(f"{where} {error}") from None
 
 
 def text_lines(text: str) -> Iterator[tuple[int, str]]:

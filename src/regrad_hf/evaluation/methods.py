@@ -2,7 +2,7 @@
 
 | method          | weights                                         | gradient step             | docs in prompt |
 |-----------------|-------------------------------------------------|---------------------------|----------------|
-| `closed_book`   | the base model (LoRA layers switched off)       | no                        | no             |
+| `closed_book`   | the base model (`model.disable_adapter()`)      | no                        | no             |
 | `no_adaptation` | the learner (meta-trained LoRA)                 | no                        | no             |
 | `rag`           | the base model                                  | no                        | retrieved      |
 | `cpt`           | a copy of the base fine-tuned on the bank       | no                        | no             |
@@ -10,8 +10,8 @@
 | `regrad`        | the learner                                     | yes, retrieved            | no             |
 | `regrad_icl`    | the learner                                     | yes, retrieved            | retrieved      |
 
-Switching LoRA off gives the true base model whatever the learner holds; a fresh learner gives it too, because peft
-initialises B to zero, but a meta-trained learner does not (its B is non-zero).
+`disable_adapter()` gives the true base model whatever the learner holds (every LoRA term exactly zero); a fresh
+learner gives it too, because peft initialises B to zero, but a meta-trained learner does not (its B is non-zero).
 
 Every method is asked with one [`PromptTemplate`] (system instruction, layout, stop rule): the fair comparison is
 the same instruction for all, the documents in the prompt being the only difference.
@@ -75,12 +75,10 @@ def set_adapters_enabled(model, enabled: bool) -> None:
 
 @contextmanager
 def base_only(model) -> Iterator[None]:
-    """Runs the block on the base model: the LoRA layers are switched off, then back on."""
-    set_adapters_enabled(model, False)
-    try:
+    """Runs the block on the base model: the model's `disable_adapter()` (its LoRA terms exactly zero under the model's
+    lock, restored bit for bit after), not peft's switch, which would turn the LoRA layers off for every thread."""
+    with model.disable_adapter():
         yield
-    finally:
-        set_adapters_enabled(model, True)
 
 
 def untrained_learner_state(model, seed: int) -> dict[str, torch.Tensor]:

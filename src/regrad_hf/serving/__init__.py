@@ -1,6 +1,7 @@
 """Serving: requests from many threads micro-batched into heterogeneous batches of one `generate` call, each caller
 getting its own row ([`BatchingGenerator`], in `batching`)."""
 
-from .batching import BatchingGenerator, GenerationResult, GenerationTimeoutError, GeneratorClosedError
+from ..errors import GenerationTimeoutError, GeneratorClosedError
+from .batching import BatchingGenerator, GenerationResult
 
 __all__ = ["BatchingGenerator", "GenerationResult", "GenerationTimeoutError", "GeneratorClosedError"]

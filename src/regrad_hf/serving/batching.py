@@ -29,7 +29,13 @@ from typing import Any
 import torch
 
 from ..config import check_gamma
-from ..errors import ReGradError, ReGradTypeError, ReGradValueError
+from ..errors import (
+    GenerationTimeoutError,
+    GeneratorClosedError,
+    ReGradError,
+    ReGradTypeError,
+    ReGradValueError,
+)
 from ..modeling.causal_lm import ReGradForCausalLM
 from ..modeling.generation_checks import (
     REFUSED_SUBMIT_KWARGS,
@@ -44,14 +50,6 @@ from ..modeling.query import prompt_to_query
 from ..prompting import PromptTemplate
 
 logger = logging.getLogger(__name__)
-
-
-class GeneratorClosedError(ReGradError, RuntimeError):
-    """A request was submitted to, or left pending in, a closed [`BatchingGenerator`]."""
-
-
-class GenerationTimeoutError(ReGradError, TimeoutError):
-    """[`BatchingGenerator.generate`] waited longer than its `timeout` (an `except TimeoutError` catches it too)."""
 
 
 _FROM_PROMPT = object()  # `query` not given: retrieve for the prompt, as `model.generate` does
