@@ -1,11 +1,14 @@
-"""regrad-hf: Retrievable Gradients (ReGrad) for Hugging Face transformers."""
+"""regrad-hf: Retrievable Gradients (ReGrad) for Hugging Face transformers.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+`import regrad_hf` is cheap: each public name below is imported on first use (PEP 562), so that the `regrad` command
+(in `regrad_hf.cli`) answers `--help` without torch. `ReGradConfig` and `ReGradForCausalLM` still join transformers'
+Auto classes before anyone can ask them for a ReGrad model (see [`regrad_hf.auto_registration`]).
+"""
 
-from .bank import GradientBank, Hit
-from .config import ReGradConfig
-from .data import Task
-from .defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID
+import importlib
+from typing import TYPE_CHECKING
+
+from . import auto_registration
 from .errors import (
     BankMismatchError,
     BankNotFoundError,
@@ -19,26 +22,60 @@ from .errors import (
     ReGradTypeError,
     ReGradValueError,
 )
-from .modeling import ReGradForCausalLM
-from .serving import BatchingGenerator, GenerationResult
+
+if TYPE_CHECKING:  # what the names below are, for type checkers and editors
+    from .bank import GradientBank, Hit
+    from .config import ReGradConfig
+    from .data import Task
+    from .defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID
+    from .modeling import ReGradForCausalLM
+    from .serving import BatchingGenerator, GenerationResult
+    from .training import ReGradTrainer, ReGradTrainingArguments
 
 __version__ = "0.1.0"
 
-# `AutoModelForCausalLM.from_pretrained(regrad_repo)` and `pipeline(model=regrad_repo)` then build a ReGradForCausalLM.
-AutoConfig.register(ReGradConfig.model_type, ReGradConfig, exist_ok=True)
-AutoModelForCausalLM.register(ReGradConfig, ReGradForCausalLM, exist_ok=True)
-
-# The trainer pulls in transformers.Trainer and accelerate: import it only when it is asked for.
-_LAZY = {"ReGradTrainer": "training", "ReGradTrainingArguments": "training"}
+# Public name -> the module that defines it, imported when the name is first used.
+_LAZY = {
+    "BatchingGenerator": "serving",
+    "DEFAULT_EMBEDDER_ID": "defaults",
+    "EMBEDDED_MODEL_ID": "defaults",
+    "GenerationResult": "serving",
+    "GradientBank": "bank",
+    "Hit": "bank",
+    "ReGradConfig": "config",
+    "ReGradForCausalLM": "modeling",
+    "ReGradTrainer": "training",
+    "ReGradTrainingArguments": "training",
+    "Task": "data",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    # A sub-package or module (`regrad_hf.bank`, ...), as when `import regrad_hf` imported them all.
+    from importlib.util import find_spec
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if not name.startswith("__") and find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _register_config() -> None:
+    from . import config  # noqa: F401  (importing it registers ReGradConfig with AutoConfig)
+
+
+def _register_model() -> None:
+    from . import modeling  # noqa: F401  (importing it registers ReGradForCausalLM with AutoModelForCausalLM)
+
+
+auto_registration.install(_register_config, _register_model)
 
 __all__ = [
     "BatchingGenerator",

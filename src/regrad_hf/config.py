@@ -8,8 +8,9 @@ import warnings
 from numbers import Real
 from typing import Literal
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
+from . import auto_registration
 from .errors import ReGradError, ReGradTypeError, ReGradValueError
 from .prompting import (
     CONCISE_SYSTEM_PROMPT,
@@ -167,6 +168,7 @@ class ReGradConfig(PreTrainedConfig):
             raise ReGradValueError(
                 f"ReGradConfig has a setting transformers refuses ({type(error).__name__}: {error})"
             ) from error
+        auto_registration.config_built()  # the first config registers ReGradForCausalLM too
 
     def __setattr__(self, name: str, value) -> None:
         # A field changed after construction is checked as the constructor checks it, and a refused value is not
@@ -248,6 +250,8 @@ def _init(self, *args, **kwargs) -> None:
 
 
 ReGradConfig.__init__ = _init
+# `AutoConfig.from_pretrained(regrad_repo)` builds a ReGradConfig (when this module is imported: see auto_registration).
+AutoConfig.register(ReGradConfig.model_type, ReGradConfig, exist_ok=True)
 
 
 def _is_int(value) -> bool:

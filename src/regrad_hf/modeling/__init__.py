@@ -8,6 +8,13 @@ saves, symlink-free reads), `generation_checks` (typed checks of `generate` inpu
 (the retrieval query of a prompt).
 """
 
+from transformers import AutoModelForCausalLM
+
+from ..config import ReGradConfig
 from .causal_lm import ReGradForCausalLM
+
+# `AutoModelForCausalLM.from_pretrained(regrad_repo)` and `pipeline(model=regrad_repo)` build a ReGradForCausalLM (when
+# this package is imported: see regrad_hf.auto_registration).
+AutoModelForCausalLM.register(ReGradConfig, ReGradForCausalLM, exist_ok=True)
 
 __all__ = ["ReGradForCausalLM"]
