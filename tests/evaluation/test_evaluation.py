@@ -303,7 +303,8 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
     for record in results["questions"]:
         assert set(record["methods"]) == set(METHODS) and len(record["retrieved_ids"]) == 2
         tokens = {m: a["prompt_tokens"] for m, a in record["methods"].items()}
-        assert tokens["rag"] == tokens["regrad_icl"] > tokens["regrad"] == tokens["closed_book"]
+        assert tokens["rag"] == tokens["learner_icl"] == tokens["regrad_icl"] > tokens["regrad"]
+        assert tokens["regrad"] == tokens["closed_book"]
     summary = results["summary"]
     for method in METHODS:
         low, high = summary[method]["answer_nll"]["ci95"]
@@ -311,6 +312,7 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
     # Methods differ where they should: the learner is not the base, a document step changes the answer NLL.
     nll = {m: summary[m]["answer_nll"]["mean"] for m in METHODS}
     assert nll["no_adaptation"] != nll["closed_book"] and nll["regrad"] != nll["no_adaptation"]
+    assert nll["learner_icl"] != nll["rag"] and nll["learner_icl"] != nll["regrad_icl"]  # the start, no step
     assert results["cpt"]["steps"] == results["cpt"]["documents"] and not results["cpt"]["weight_change"]["identical"]
 
     written = write_report(results, tmp_path / "out")
@@ -345,14 +347,14 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
         asked = {method: next(per_method) for method in METHODS}
         texts = [eval_set.documents[i] for i in record["retrieved_ids"]]
         for method, (prompt, stop, processors) in asked.items():
-            documents = texts if method in ("rag", "regrad_icl") else None
+            documents = texts if method in ("rag", "learner_icl", "regrad_icl") else None
             assert prompt == template.build(tokenizer, record["question"], documents)
             assert "<|im_start|>system\nReply with only the answer, a few words.<|im_end|>" in prompt
             assert len(stop) == 1  # the end-of-line rule for everyone
             (penalty,) = processors  # the same repetition penalty for everyone, sparing each one's own prompt
             assert penalty.penalty == 1.3 and penalty.prompt_ignore_length == len(tokenizer(prompt)["input_ids"])
         assert len({asked[m][0] for m in ("closed_book", "no_adaptation", "cpt", "raw", "regrad")}) == 1
-        assert asked["rag"][0] == asked["regrad_icl"][0]
+        assert asked["rag"][0] == asked["learner_icl"][0] == asked["regrad_icl"][0]
     assert results["prompt"]["system_prompt"] == template.system_prompt
     assert all({"contained", "repetition", "f1_beyond_question"} <= set(results["summary"][m]) for m in METHODS)
     report = write_report(results, tmp_path)["report"].read_text()

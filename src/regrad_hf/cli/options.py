@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 # The method names of `regrad eval` (`regrad_hf.evaluation.methods.METHODS`; a test keeps the two equal).
-METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
+METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "regrad", "regrad_icl")
 # Gradient storage formats (`regrad_hf.bank.quantization.BANK_DTYPES`; a test keeps the two equal).
 BANK_DTYPES = ("bfloat16", "float16", "float32", "int8", "int4", "int3", "int2")
 # The Hub datasets `regrad eval` and `regrad train` read by default (`regrad_hf.data.HUB_DATASETS`).

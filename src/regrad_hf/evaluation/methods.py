@@ -1,10 +1,11 @@
-"""The seven methods `regrad eval` compares, all answering the same questions with greedy decoding.
+"""The eight methods `regrad eval` compares, all answering the same questions with greedy decoding.
 
 | method          | weights                                         | gradient step             | docs in prompt |
 |-----------------|-------------------------------------------------|---------------------------|----------------|
 | `closed_book`   | the base model (`model.disable_adapter()`)      | no                        | no             |
 | `no_adaptation` | the learner (meta-trained LoRA)                 | no                        | no             |
 | `rag`           | the base model                                  | no                        | retrieved      |
+| `learner_icl`   | the learner                                     | no                        | retrieved      |
 | `cpt`           | a copy of the base fine-tuned on the bank       | no                        | no             |
 | `raw`           | the untrained LoRA start (B = 0: the base)      | yes, retrieved, untrained | no             |
 | `regrad`        | the learner                                     | yes, retrieved            | no             |
@@ -12,6 +13,8 @@
 
 `disable_adapter()` gives the true base model whatever the learner holds (every LoRA term exactly zero); a fresh
 learner gives it too, because peft initialises B to zero, but a meta-trained learner does not (its B is non-zero).
+`learner_icl` is a diagnostic: RAG read through the learner's start, which tells whether theta0 itself (before any
+step) reads the documents worse than the base model does.
 
 Every method is asked with one [`PromptTemplate`] (system instruction, layout, stop rule): the fair comparison is
 the same instruction for all, the documents in the prompt being the only difference.
@@ -41,18 +44,19 @@ from ..modeling.learner_state import STEP_SIZES_KEY
 from ..prompting import PromptTemplate
 from .probe import candidate_log_probs, next_token_score
 
-METHODS = ("closed_book", "no_adaptation", "rag", "cpt", "raw", "regrad", "regrad_icl")
+METHODS = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "regrad", "regrad_icl")
 LABELS = {
     "closed_book": "closed-book (base)",
     "no_adaptation": "no adaptation (learner)",
     "rag": "RAG (base + docs in prompt)",
+    "learner_icl": "learner + docs, no step",
     "cpt": "CPT (fine-tuned on the documents)",
     "raw": "raw gradients (untrained LoRA)",
     "regrad": "ReGrad",
     "regrad_icl": "ReGrad + ICL",
 }
-RETRIEVING = ("rag", "raw", "regrad", "regrad_icl")
-WITH_DOCUMENTS_IN_PROMPT = ("rag", "regrad_icl")
+RETRIEVING = ("rag", "learner_icl", "raw", "regrad", "regrad_icl")
+WITH_DOCUMENTS_IN_PROMPT = ("rag", "learner_icl", "regrad_icl")
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -282,7 +286,7 @@ class MethodRunner:
             yield model
 
     def prompt_text(self, method: str, question: str, texts: Sequence[str]) -> str:
-        """The prompt `method` is asked with: the shared template, with the documents for RAG and ReGrad+ICL."""
+        """The prompt `method` is asked with: the shared template, with the documents where it reads them."""
         documents = list(texts) if method in WITH_DOCUMENTS_IN_PROMPT else None
         return self.prompt.build(self.model.tokenizer, question, documents)
 
