@@ -48,6 +48,26 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     assert result.stdout.strip() == "[]"
 
 
+def test_version_prints_the_package_version_and_imports_nothing_heavy():
+    """`regrad --version` prints `regrad <version>` (the version of `pyproject.toml`), exits 0, imports no torch."""
+    version = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    script = f"""
+import sys, contextlib, io
+from regrad_hf.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        code = main(["--version"])
+    except SystemExit as exit:
+        code = exit.code
+assert code == 0, code
+print(out.getvalue().strip())
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip().splitlines() == [f"regrad {version}", "[]"]
+
+
 def test_the_cli_copies_of_library_constants_agree():
     from regrad_hf.data import HUB_DATASETS
     from regrad_hf.evaluation.methods import METHODS

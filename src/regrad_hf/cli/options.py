@@ -111,7 +111,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
+    """The `regrad` parser: `--version`, and one sub-command per verb.
+
+    Returns:
+        [`Parser`]: a parser whose `parse_args` gives the verb's options, with `verb` naming its function in
+        [`regrad_hf.cli.verbs`].
+    """
+    from .. import __version__  # `regrad_hf` is imported already (it is this package's parent) and is lazy
+
     parser = Parser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
+    parser.add_argument("--version", action="version", version=f"regrad {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     def common(sub: argparse.ArgumentParser, default: str | None) -> None:
