@@ -254,7 +254,7 @@ def test_the_wheel_ships_the_demo_files_and_the_entry_point(tmp_path):
     source, wheel_dir, target = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
     # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)]
     subprocess.run([*build, str(source)], check=True, capture_output=True, timeout=300)
@@ -262,6 +262,12 @@ def test_the_wheel_ships_the_demo_files_and_the_entry_point(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        metadata = archive.read("regrad_hf-0.1.0.dist-info/METADATA").decode()
+        license_text = archive.read("regrad_hf-0.1.0.dist-info/licenses/LICENSE").decode()
+    # The license as an SPDX expression (PEP 639) and the Apache-2.0 text itself in the wheel.
+    assert re.search(r"^License-Expression: Apache-2.0$", metadata, re.M)
+    assert re.search(r"^License-File: LICENSE$", metadata, re.M)
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     # One package on the path: nothing beside regrad_hf but its dist-info.
     assert {name.split("/")[0] for name in names} == {"regrad_hf", "regrad_hf-0.1.0.dist-info"}
     assert {"regrad_hf/examples/documents.jsonl", "regrad_hf/examples/questions.jsonl"} <= names
