@@ -236,6 +236,24 @@ def test_eval_and_train_default_to_hub_datasets_and_name_data_offline(monkeypatc
     one_error_line(capsys, "'rajpurkar/squad'", "pass --data PATH")
 
 
+def test_eval_without_matplotlib_fails_before_any_work(monkeypatch, tmp_path, capsys):
+    """The plots are drawn last; a missing matplotlib is reported before the data or the learner are loaded."""
+    import regrad_hf.evaluation
+
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import matplotlib` raises ImportError
+
+    def work(*args, **kwargs):
+        raise AssertionError("the evaluation started without matplotlib")
+
+    monkeypatch.setattr(regrad_hf.evaluation, "load_eval_set", work)
+    monkeypatch.setattr("regrad_hf.cli.verbs.load_learner", work)
+    argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--drift-n", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    one_error_line(capsys, "the evaluation plots need matplotlib", "pip install matplotlib")
+    assert not (tmp_path / "o").exists()
+
+
 def test_no_default_points_beside_the_checkout():
     """No option defaults to a path outside the installed package (a user has no ../shared)."""
     parser = options.build_parser()

@@ -321,9 +321,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import CPTConfig, EvalConfig, load_eval_set, load_probes, run_evaluation, write_report
     from ..evaluation.datasets import parse_range
     from ..evaluation.methods import check_methods
+    from ..evaluation.report import require_matplotlib
 
     if args.dataset == "jsonl" and args.data is None:
         raise ReGradValueError("--dataset jsonl needs --data PATH (a JSONL file of tasks)")
+    require_matplotlib()  # the plots come last: a missing matplotlib must not cost a whole evaluation first
     drift_ns = [] if args.drift_n in ("", "none") else parse_range(args.drift_n)
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     eval_set = offline_hint(load_eval_set, "--data PATH")(args.dataset, args.data, args.split, args.limit, args.seed)
