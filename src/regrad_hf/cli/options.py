@@ -117,7 +117,7 @@ def build_parser() -> Parser:
         [`Parser`]: a parser whose `parse_args` gives the verb's options, with `verb` naming its function in
         [`regrad_hf.cli.verbs`].
     """
-    from .. import __version__  # `regrad_hf` is imported already (it is this package's parent) and is lazy
+    from ..version import __version__
 
     parser = Parser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"regrad {__version__}")
