@@ -324,6 +324,54 @@ def test_build_bank_from_a_parquet_file(tiny_model, embedder, tmp_path, monkeypa
     assert "Traceback" not in err
 
 
+def test_ask_names_a_learner_directory_given_as_the_bank(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "learner")
+    for extra in ([], ["--learner", str(tmp_path / "learner")]):
+        assert main(["ask", "--bank", str(tmp_path / "learner"), *extra, "q?"]) == 2
+        one_error_line(capsys, f"{tmp_path / 'learner'} is a learner", "not a bank", "pass it as --learner")
+
+
+def test_build_bank_refuses_an_existing_bank_without_overwrite(
+    saved_bank, tiny_model, embedder, tmp_path, monkeypatch, capsys
+):
+    """A bank in --output (here built from other documents) is kept unless --overwrite is given."""
+    monkeypatch.setattr("regrad_hf.cli.verbs.load_learner", lambda learner, seed: tiny_model)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
+    documents = tmp_path / "new.jsonl"
+    documents.write_text('{"id": "one", "text": "One new document."}\n{"id": "two", "text": "Another one."}\n')
+    before = {path: path.read_bytes() for path in saved_bank.rglob("*") if path.is_file()}
+    argv = ["build-bank", "--documents", str(documents), "--output", str(saved_bank)]
+    assert main(argv) == 2
+    one_error_line(capsys, f"{saved_bank} already holds a bank", "pass --overwrite to replace it")
+    assert {path: path.read_bytes() for path in saved_bank.rglob("*") if path.is_file()} == before
+    assert GradientBank.from_pretrained(saved_bank).ids == IDS
+    assert main([*argv, "--overwrite"]) == 0
+    assert GradientBank.from_pretrained(saved_bank).ids == ["one", "two"]
+
+
+def test_build_bank_honours_the_columns_of_a_jsonl_file_and_refuses_them_for_text(
+    tiny_model, embedder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr("regrad_hf.cli.verbs.load_learner", lambda learner, seed: tiny_model)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
+    documents = tmp_path / "docs.jsonl"
+    records = [{"content": text, "key": id_} for text, id_ in zip(DOCUMENTS, IDS, strict=True)]
+    documents.write_text("".join(json.dumps(record) + "\n" for record in records))
+    argv = ["build-bank", "--documents", str(documents), "--text-column", "content", "--id-column", "key"]
+    assert main([*argv, "--output", str(tmp_path / "bank")]) == 0
+    bank = GradientBank.from_pretrained(tmp_path / "bank")
+    assert bank.ids == IDS and bank.document("velomar").text == DOCUMENTS[2]
+    capsys.readouterr()
+    assert main([*argv[:3], "--text-column", "body", "--output", str(tmp_path / "other")]) == 2
+    one_error_line(capsys, 'line 1 has no "body" string')
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(DOCUMENTS) + "\n")
+    for option in ("--text-column", "--id-column"):
+        assert main(["build-bank", "--documents", str(text), option, "x", "--output", str(tmp_path / "o")]) == 2
+        one_error_line(capsys, f"{option} names a JSONL field or a dataset column", "docs.txt is a text file")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "o").exists()
+
+
 def test_errors_from_the_network_and_multi_line_messages_are_one_line(tmp_path, capsys, monkeypatch):
     from huggingface_hub.errors import HfHubHTTPError
 

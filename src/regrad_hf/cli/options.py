@@ -159,8 +159,14 @@ def build_parser() -> Parser:
         help="JSONL ({text, id?, metadata?} per line), text (one document per line), or through `datasets`: a "
         "Parquet/CSV file, a dataset folder or a Hub dataset name",
     )
-    sub.add_argument("--text-column", default="text", help="for a dataset: the column of the texts (default text)")
-    sub.add_argument("--id-column", default=None, help="for a dataset: the column of unique ids (default: row numbers)")
+    sub.add_argument(
+        "--text-column", default=None, help="for JSONL or a dataset: the field or column of the texts (default text)"
+    )
+    sub.add_argument(
+        "--id-column",
+        default=None,
+        help="for JSONL or a dataset: the field or column of unique ids (default: JSONL's id, a dataset's row numbers)",
+    )
     sub.add_argument("--split", default=None, help="for a dataset with several splits (default: train)")
     sub.add_argument(
         "--output",
@@ -168,6 +174,9 @@ def build_parser() -> Parser:
         type=output_directory,
         help="directory to write the bank to; finished shards are checkpointed, so rerunning an interrupted "
         "command resumes it",
+    )
+    sub.add_argument(
+        "--overwrite", action="store_true", help="replace the bank --output already holds (refused without it)"
     )
     sub.add_argument("--batch-size", type=positive_int, default=16, help="documents per gradient batch")
     sub.add_argument(
