@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_hub_and_datasets_caches_are_in_the_run_folder():
+    assert RUN_DIR is not None, f"{conftest._EARLY} were imported before tests/conftest.py set the environment"
     for path in (constants.HF_HOME, constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE):
         assert Path(path).resolve().is_relative_to(RUN_DIR.resolve()), path
     assert RUN_DIR.name.startswith("regrad-tests-") and not RUN_DIR.resolve().is_relative_to(ROOT)
