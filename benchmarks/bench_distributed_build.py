@@ -55,7 +55,7 @@ def build(documents: Path, learner: Path, output: Path, processes: int, threads:
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     command = [sys.executable, *launcher, "-m", "regrad_hf.cli", "build-bank", "--documents", str(documents)]
-    command += ["--learner", str(learner), "--output", str(output), "--max-shard-mb", str(shard_mb)]
+    command += ["--learner", str(learner), "--output", str(output), "--max-shard-mb", str(shard_mb), "--overwrite"]
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True)
     return time.perf_counter() - start

@@ -1,15 +1,116 @@
-"""Shared fixtures: a tiny random Llama-style model (fast unit tests) and the real embedded models."""
+"""Shared fixtures: a tiny random Llama-style model (fast unit tests) and the real embedded models; and the guards of
+the whole run: caches in a temporary folder, no network but loopback, Hypothesis writing nothing into the checkout.
+
+The environment is set before anything imports huggingface_hub, datasets or transformers (they read it at import):
+
+- `HF_HOME`, `HF_HUB_CACHE` and `HF_DATASETS_CACHE` point into one temporary folder of the run, removed at its end;
+- `REGRAD_HF_CACHE` keeps the dequantised embedded SmolLM2 where it was (`$HF_HOME/regrad_hf` of the caller's
+  environment), so that the suite converts it once per machine rather than once per run: the one cache a run
+  leaves behind (tests of the conversion itself set their own `REGRAD_HF_CACHE`);
+- `HF_HUB_OFFLINE=1`: the tests that use the loopback Hub of tests/hub_server.py turn it off for themselves
+  (`huggingface_hub.constants.HF_HUB_OFFLINE`), with their own endpoint;
+- `HYPOTHESIS_STORAGE_DIRECTORY` in the temporary folder, and a Hypothesis profile without an example database.
+"""
 
 from __future__ import annotations
 
+import atexit
+import ipaddress
 import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _isolate_environment() -> Path:
+    """Sets the variables of the module docstring (the caller's `REGRAD_HF_CACHE` wins); returns the run's folder."""
+    caller_hf_home = os.path.expanduser(
+        os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    )
+    os.environ.setdefault("REGRAD_HF_CACHE", os.path.join(caller_hf_home, "regrad_hf"))
+    run_dir = Path(tempfile.mkdtemp(prefix="regrad-tests-"))
+    atexit.register(shutil.rmtree, run_dir, ignore_errors=True)
+    for name in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH"):
+        os.environ.pop(name, None)  # would point back into the caller's caches
+    os.environ["HF_HOME"] = str(run_dir / "hf_home")
+    os.environ["HF_HUB_CACHE"] = str(run_dir / "hf_home" / "hub")
+    os.environ["HF_DATASETS_CACHE"] = str(run_dir / "hf_home" / "datasets")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(run_dir / "hypothesis")
+    return run_dir
+
+
+# A helper script of a test may import this module for its factories after those libraries (tests/bank/
+# test_bank_build.py's BUILDER): it runs in the environment of the test that started it, and is left as it is. In the
+# pytest process they come after this module; tests/test_suite_guards.py fails if they did not.
+_EARLY = [name for name in ("huggingface_hub", "datasets", "transformers") if name in sys.modules]
+RUN_DIR: Path | None = None if _EARLY else _isolate_environment()
 
 import pytest
 import torch
+from hypothesis import settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from regrad_hf import GradientBank, ReGradConfig, ReGradForCausalLM
 from regrad_hf.defaults import embedded_model_path, load_embedder
+
+settings.register_profile("regrad", database=None)  # no example database (it would live in .hypothesis/)
+settings.load_profile("regrad")
+
+
+class NetworkBlockedError(RuntimeError):
+    """A test tried to connect to a host other than this machine (a RuntimeError: no library retries or hides it)."""
+
+
+def _is_loopback(address) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths, abstract sockets: local by nature
+        return True
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a host name: connect() is given addresses once they are resolved
+        return False
+
+
+_blocked: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _network_guard():
+    """Every socket of the run may connect to loopback only (tests/hub_server.py's Hub is on 127.0.0.1)."""
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def check(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+            _blocked.append(repr(address))
+            raise NetworkBlockedError(f"the test suite reaches no network but loopback: connect to {address!r}")
+
+    def guarded_connect(sock, address):
+        check(sock, address)
+        return connect(sock, address)
+
+    def guarded_connect_ex(sock, address):
+        check(sock, address)
+        return connect_ex(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", guarded_connect)
+        patch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_blocked_connection():
+    """Fails a test that tried to go online, even when a library caught the error (and fell back to a cache)."""
+    _blocked.clear()
+    yield
+    assert not _blocked, f"the test tried to connect to {_blocked} (no network but loopback in tests)"
+
 
 DOCUMENTS = [
     "The capital of Zorbia is Quentville, a harbour town founded in 1642.",

@@ -12,9 +12,11 @@ from . import auto_registration
 from .errors import (
     BankMismatchError,
     BankNotFoundError,
+    EmbeddedModelMissingError,
     GenerationTimeoutError,
     GeneratorClosedError,
     InferenceModeError,
+    MissingPackageError,
     ReGradError,
     ReGradFileError,
     ReGradHubError,
@@ -22,6 +24,7 @@ from .errors import (
     ReGradTypeError,
     ReGradValueError,
 )
+from .version import __version__ as __version__
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and editors
     from .bank import GradientBank, Hit
@@ -32,7 +35,6 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and editors
     from .serving import BatchingGenerator, GenerationResult
     from .training import ReGradTrainer, ReGradTrainingArguments
 
-__version__ = "0.1.0"
 
 # Public name -> the module that defines it, imported when the name is first used.
 _LAZY = {
@@ -83,7 +85,9 @@ __all__ = [
     "EMBEDDED_MODEL_ID",
     "BankMismatchError",
     "InferenceModeError",
+    "MissingPackageError",
     "BankNotFoundError",
+    "EmbeddedModelMissingError",
     "GenerationResult",
     "GenerationTimeoutError",
     "GeneratorClosedError",

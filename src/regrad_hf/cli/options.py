@@ -111,7 +111,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
+    """The `regrad` parser: `--version`, and one sub-command per verb.
+
+    Returns:
+        [`Parser`]: a parser whose `parse_args` gives the verb's options, with `verb` naming its function in
+        [`regrad_hf.cli.verbs`].
+    """
+    from ..version import __version__
+
     parser = Parser(prog="regrad", description="Retrievable Gradients for Hugging Face models.")
+    parser.add_argument("--version", action="version", version=f"regrad {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     def common(sub: argparse.ArgumentParser, default: str | None) -> None:
@@ -150,8 +159,14 @@ def build_parser() -> Parser:
         help="JSONL ({text, id?, metadata?} per line), text (one document per line), or through `datasets`: a "
         "Parquet/CSV file, a dataset folder or a Hub dataset name",
     )
-    sub.add_argument("--text-column", default="text", help="for a dataset: the column of the texts (default text)")
-    sub.add_argument("--id-column", default=None, help="for a dataset: the column of unique ids (default: row numbers)")
+    sub.add_argument(
+        "--text-column", default=None, help="for JSONL or a dataset: the field or column of the texts (default text)"
+    )
+    sub.add_argument(
+        "--id-column",
+        default=None,
+        help="for JSONL or a dataset: the field or column of unique ids (default: JSONL's id, a dataset's row numbers)",
+    )
     sub.add_argument("--split", default=None, help="for a dataset with several splits (default: train)")
     sub.add_argument(
         "--output",
@@ -159,6 +174,9 @@ def build_parser() -> Parser:
         type=output_directory,
         help="directory to write the bank to; finished shards are checkpointed, so rerunning an interrupted "
         "command resumes it",
+    )
+    sub.add_argument(
+        "--overwrite", action="store_true", help="replace the bank --output already holds (refused without it)"
     )
     sub.add_argument("--batch-size", type=positive_int, default=16, help="documents per gradient batch")
     sub.add_argument(

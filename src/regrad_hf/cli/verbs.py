@@ -7,66 +7,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data.records import identifier, json_lines, text_lines
-from ..data.sources import looks_like_hub_id, missing_path_message, read_text_file
+from ..data.sources import looks_like_hub_id, missing_path_message
 from ..defaults import shipped_learner_path
 from ..errors import ReGradValueError
 
 # The options live in .options (imported without torch); METHOD_NAMES is re-exported for callers of this module.
+from .documents import load_documents, read_documents, read_questions  # noqa: F401  (read_documents: tests)
 from .options import FRESH, METHOD_NAMES  # noqa: F401
 
 LEARNER_SUBDIR = "learner"
 # `regrad eval`'s default drift probes: the multiple-choice sets of TOFU on the Hub (configuration names).
 HUB_PROBES = ("world_facts", "real_authors")
 HUB_PROBES_REPO = "locuslab/TOFU"
-
-
-def read_documents(path: Path) -> tuple[list[str], list[str] | None, list[dict] | None]:
-    """Reads documents from JSONL (`{"text": ..., "id": ..., "metadata": {...}}` per line) or plain text (one per
-    non-empty line). Ids are given on every line or on none."""
-    text = read_text_file(path)
-    if path.suffix != ".jsonl":
-        return [line for _, line in text_lines(text)], None, None
-    records, ids = [], []
-    for number, record in json_lines(text, path):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ReGradValueError(f'{path} line {number} has no "text" string: write {{"text": "...", "id": "..."}}')
-        if not isinstance(record.get("metadata", {}), dict):
-            raise ReGradValueError(f'{path} line {number}: "metadata" must be an object')
-        ids.append(identifier(record.get("id"), f"{path} line {number}: the id"))
-        if (ids[0] is None) != (ids[-1] is None):  # else every given id would be dropped silently
-            raise ReGradValueError(f"{path} line {number}: give an id on every line or on none")
-        records.append(record)
-    if not records:
-        raise ReGradValueError(f"{path} holds no documents")
-    texts = [record["text"] for record in records]
-    metadata = [record.get("metadata", {}) for record in records]
-    return texts, None if ids[0] is None else ids, metadata
-
-
-def load_documents(
-    source: str, text_column: str = "text", id_column: str | None = None, split: str | None = None
-) -> tuple[list[str], list[str] | None, list[dict] | None]:
-    """`build-bank --documents`: our JSONL or a text file (see [`read_documents`]); a Parquet/CSV file, a dataset
-    folder or a Hub dataset name through `datasets` (its `text_column` and `id_column`)."""
-    from ..data.sources import DATASET_SUFFIXES, read_rows
-    from ..data.task import documents_from
-
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix.lower() not in DATASET_SUFFIXES:
-        return read_documents(path)
-    rows = read_rows(source, split=split, default_split="train")
-    return documents_from(rows, text_column, id_column)
-
-
-def read_questions(path: Path) -> list[dict]:
-    """`regrad demo`'s questions: JSONL of `{"question": ..., "answer"?: ..., "doc_id"?: ...}`."""
-    questions = []
-    for number, record in json_lines(read_text_file(path), path):
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"]:
-            raise ReGradValueError(f'{path} line {number} has no "question" string')
-        questions.append(record)
-    return questions
 
 
 def check_location(name: str, what: str) -> None:
@@ -128,6 +80,7 @@ def build_bank(args: argparse.Namespace) -> int:
     from ..bank import GradientBank
     from ..bank.checkpoint import resume_message
 
+    check_bank_output(Path(args.output).expanduser(), args.overwrite)
     texts, ids, metadata = load_documents(args.documents, args.text_column, args.id_column, args.split)
     model = load_learner(args.learner, args.seed)
     log_to_stderr()
@@ -159,11 +112,47 @@ def build_bank(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_bank_output(output: Path, overwrite: bool) -> None:
+    """`build-bank --output`: refuses a directory that holds a finished bank, unless `--overwrite` is given. An
+    interrupted build (its state kept beside or inside `output`) is not refused: rerunning the command resumes it.
+
+    Raises:
+        [`ReGradValueError`]: `output` holds a bank and `overwrite` is `False`.
+    """
+    from ..bank.checkpoint import find_state
+    from ..bank.directory import CONFIG_FILE
+
+    if overwrite or not (output / CONFIG_FILE).is_file() or find_state(output.resolve()) is not None:
+        return
+    raise ReGradValueError(
+        f"{output} already holds a bank ({CONFIG_FILE}): pass --overwrite to replace it, or choose another --output"
+    )
+
+
+def check_not_a_learner(bank_dir: Path, name: str) -> None:
+    """`ask --bank`: a learner directory (what `save_pretrained` writes) given where a bank belongs is named as such.
+
+    Raises:
+        [`ReGradValueError`]: `bank_dir` is a saved learner and not a bank.
+    """
+    from ..bank.directory import CONFIG_FILE
+    from ..modeling.learner_files import CONFIG_FILE as LEARNER_CONFIG
+    from ..modeling.learner_files import LEARNER_FILE
+
+    if (bank_dir / CONFIG_FILE).is_file() or not all((bank_dir / f).is_file() for f in (LEARNER_CONFIG, LEARNER_FILE)):
+        return
+    raise ReGradValueError(
+        f"{name} is a learner ({LEARNER_CONFIG} + {LEARNER_FILE}), not a bank: pass it as --learner, and as --bank a "
+        "directory written by `regrad build-bank`"
+    )
+
+
 def ask(args: argparse.Namespace) -> int:
     from ..bank import GradientBank
 
     check_location(args.bank, "bank")
     bank_dir = Path(args.bank)
+    check_not_a_learner(bank_dir.expanduser(), args.bank)
     learner = args.learner or str(bank_dir / LEARNER_SUBDIR)
     if args.learner is None and not Path(learner).is_dir():
         where = f"{bank_dir} has no {LEARNER_SUBDIR}/ folder" if bank_dir.is_dir() else f"{bank_dir} is not local"
@@ -321,9 +310,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import CPTConfig, EvalConfig, load_eval_set, load_probes, run_evaluation, write_report
     from ..evaluation.datasets import parse_range
     from ..evaluation.methods import check_methods
+    from ..evaluation.report import require_matplotlib
 
     if args.dataset == "jsonl" and args.data is None:
         raise ReGradValueError("--dataset jsonl needs --data PATH (a JSONL file of tasks)")
+    require_matplotlib()  # the plots come last: a missing matplotlib must not cost a whole evaluation first
     drift_ns = [] if args.drift_n in ("", "none") else parse_range(args.drift_n)
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     eval_set = offline_hint(load_eval_set, "--data PATH")(args.dataset, args.data, args.split, args.limit, args.seed)

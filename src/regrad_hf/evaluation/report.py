@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import ReGradError
+from ..errors import MissingPackageError
 from ..files import atomic_write_bytes, atomic_write_text
 from .methods import LABELS
 
@@ -19,13 +19,26 @@ PLOTS = {
 }
 
 
-def _figure(width: float, height: float):
+PLOTTING_INSTALL = "pip install 'regrad-hf[eval]' (or pip install matplotlib)"
+
+
+def require_matplotlib() -> None:
+    """Checks that matplotlib, which draws the plots of [`write_report`], can be imported. `regrad eval` calls it
+    before any work, so that a missing matplotlib fails at once rather than after the whole evaluation.
+
+    Raises:
+        [`MissingPackageError`]: matplotlib is not installed; the message names the install command.
+    """
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401
     except ImportError as error:
-        raise ReGradError(
-            "the evaluation plots need matplotlib: pip install 'regrad-hf[eval]' (or pip install matplotlib)"
-        ) from error
+        raise MissingPackageError(f"the evaluation plots need matplotlib: {PLOTTING_INSTALL}") from error
+
+
+def _figure(width: float, height: float):
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), dpi=110)
 
 
