@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,9 +179,14 @@ def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
 def test_processes_of_a_fresh_machine_convert_the_embedded_model_once_and_whole(tmp_path, monkeypatch):
     monkeypatch.setenv("REGRAD_HF_CACHE", str(tmp_path / "cache"))
     result = run([str(ROOT / "tests" / "distributed" / "embedded_model_first_use.py")], tmp_path, processes=2)
+    output = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     for rank in (0, 1):
-        line = next(line for line in result.stdout.splitlines() if line.startswith(f"rank {rank} got"))
-        assert " llama " in line and "'config.json'" in line and "'model.safetensors'" in line, line
+        # Searched, not matched at a line's start: the two processes share one pipe, so a line may carry the tail
+        # of the other process's unterminated output in front.
+        got = re.search(rf"rank {rank} got (.*)", result.stdout)
+        assert got is not None, output
+        line = got.group(1)
+        assert " llama " in line and "'config.json'" in line and "'model.safetensors'" in line, output
     # one conversion, moved into place whole: no staging directory left, only the checkpoint and its lock
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         ".SmolLM2-135M-Instruct-Q4_1-0.1.2.lock",
