@@ -14,7 +14,11 @@ paragraphs as hard distractors (top-3 retrieval), and times one optimiser step's
 - synthetic, grouped: 2 groups of `regrad_hf.data.synthetic` invented-fact documents (45-109 tokens, 2 same-type
   distractors), one group per entity;
 - grouped, distilled: the grouped recipe plus the RAG-teacher KL term (`distillation_weight=1`): the teacher (base
-  model, the group's 3 documents in the prompt) runs once more per step without a graph, its shared prefix once.
+  model, the group's 3 documents in the prompt) runs once more per step without a graph, its shared prefix once;
+- grouped, bf16: the grouped recipe under bf16 autocast (`ReGradTrainingArguments(bf16=True)`): the learner stays
+  float32, the matmuls run in bf16 (fast on CPUs with AMX or AVX512-BF16, slower elsewhere).
+
+`--recipes grouped,grouped-bf16` times a subset (names: old, grouped, cached, synthetic, distilled, grouped-bf16).
 
 Rounds interleave the recipes (ABCD ABCD ...) on fresh items, so machine noise hits them alike. Pairs per hour =
 questions trained / seconds x 3600.
@@ -55,11 +59,12 @@ def synthetic_groups(count: int):
     return group_by_documents(synthetic_tasks(count, seed=1234, documents_per_task=3), 10)
 
 
-def step_seconds(model, collator, items, cache=None, distillation_weight: float = 0.0) -> float:
+def step_seconds(model, collator, items, cache=None, distillation_weight: float = 0.0, bf16: bool = False) -> float:
     start = time.perf_counter()
     batch = collator(items)["tasks"]
     summed = None if cache is None else [cache.summed(task["documents"]) for task in batch]
-    loss = model(meta_tasks=batch, summed_gradients=summed, distillation_weight=distillation_weight).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what Trainer(bf16=True) wraps forward in
+        loss = model(meta_tasks=batch, summed_gradients=summed, distillation_weight=distillation_weight).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -69,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="1: pairs per CPU-hour are per core-hour")
+    parser.add_argument("--recipes", default="old,grouped,cached,synthetic,distilled,grouped-bf16")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "recipe_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,18 +93,33 @@ def main() -> None:
     teacher = dataclasses.replace(collator, teacher_prompts=True)
     n = len(groups)
     sixth, third, two_thirds = groups[n // 6 :], groups[n // 3 :], groups[2 * n // 3 :]
-    recipes = {  # name: (items per step, items, cache, collator, distillation weight)
-        "old: 4 single-question tasks, second order": (4, singles, None, collator, 0.0),
-        "grouped: 2 groups of <= 10 questions, second order": (2, third, None, collator, 0.0),
-        "grouped, cached: theta0 frozen, step sizes first order": (2, two_thirds, cache, collator, 0.0),
-        "synthetic, grouped: 2 groups, second order": (2, synthetic, None, collator, 0.0),
-        "grouped, distilled: RAG-teacher KL, second order": (2, sixth, None, teacher, 1.0),
+    every = {  # key: (name, items per step, items, cache, collator, distillation weight, bf16)
+        "old": ("old: 4 single-question tasks, second order", 4, singles, None, collator, 0.0, False),
+        "grouped": ("grouped: 2 groups of <= 10 questions, second order", 2, third, None, collator, 0.0, False),
+        "cached": (
+            "grouped, cached: theta0 frozen, step sizes first order",
+            2,
+            two_thirds,
+            cache,
+            collator,
+            0.0,
+            False,
+        ),
+        "synthetic": ("synthetic, grouped: 2 groups, second order", 2, synthetic, None, collator, 0.0, False),
+        "distilled": ("grouped, distilled: RAG-teacher KL, second order", 2, sixth, None, teacher, 1.0, False),
+        # The same groups as "grouped", so the two rows time the same work in two precisions.
+        "grouped-bf16": ("grouped, bf16 autocast: second order", 2, third, None, collator, 0.0, True),
     }
+    chosen_keys = args.recipes.split(",")
+    unknown = sorted(set(chosen_keys) - set(every))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {', '.join(every)}")
+    recipes = {every[key][0]: every[key][1:] for key in every if key in chosen_keys}
     measured = {name: {"seconds": 0.0, "pairs": 0, "steps": 0} for name in recipes}
     for round_ in range(args.rounds + 1):  # round 0 warms up (allocations, kernels) and is not counted
-        for name, (per_step, items, recipe_cache, recipe_collator, distillation) in recipes.items():
+        for name, (per_step, items, recipe_cache, recipe_collator, distillation, bf16) in recipes.items():
             chosen = items[round_ * per_step : (round_ + 1) * per_step]
-            seconds = step_seconds(model, recipe_collator, chosen, recipe_cache, distillation)
+            seconds = step_seconds(model, recipe_collator, chosen, recipe_cache, distillation, bf16)
             if round_ > 0:
                 record = measured[name]
                 record["seconds"] += seconds
@@ -109,11 +130,11 @@ def main() -> None:
     baseline = measured[next(iter(recipes))]
     baseline_rate = baseline["pairs"] / baseline["seconds"] * 3600
     rows = []
-    print(f"\n| recipe | s per step | pairs per step | pairs per CPU-hour ({args.threads} threads) | vs old |")
+    print(f"\n| recipe | s per step | pairs per step | pairs per CPU-hour ({args.threads} threads) | vs first row |")
     print("|---|---|---|---|---|")
     for name, record in measured.items():
         rate = record["pairs"] / record["seconds"] * 3600
-        rows.append({"recipe": name, **record, "pairs_per_hour": rate, "ratio_to_old": rate / baseline_rate})
+        rows.append({"recipe": name, **record, "pairs_per_hour": rate, "ratio_to_first_row": rate / baseline_rate})
         print(f"| {name} | {record['seconds'] / record['steps']:.1f} | {record['pairs'] / record['steps']:.1f} | "
               f"{rate:,.0f} | {rate / baseline_rate:.2f}x |")  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
