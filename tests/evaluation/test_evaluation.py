@@ -13,6 +13,7 @@ import torch
 from regrad_hf import BankMismatchError, GradientBank, ReGradForCausalLM, cli
 from regrad_hf.cli import options, verbs
 from regrad_hf.evaluation import (
+    DEFAULT_METHODS,
     METHODS,
     CPTConfig,
     EvalConfig,
@@ -294,7 +295,13 @@ def test_every_method_runs_and_the_report_is_written(tokenizer, embedder, probes
     model = make_tiny_model(tokenizer)
     eval_set = load_eval_set("squad", SQUAD, limit=3)
     config = EvalConfig(
-        top_k=2, max_new_tokens=3, drift_ns=[1, 3], drift_heldout=1, bootstrap_resamples=50, show_progress=False
+        methods=METHODS,
+        top_k=2,
+        max_new_tokens=3,
+        drift_ns=[1, 3],
+        drift_heldout=1,
+        bootstrap_resamples=50,
+        show_progress=False,
     )
     results = run_evaluation(model, eval_set, config, probes, embedder_model=embedder, run_info={"command": "test"})
     assert results["methods"] == list(METHODS)
@@ -339,7 +346,7 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
 
     monkeypatch.setattr(ReGradForCausalLM, "generate", spy)
     eval_set = load_eval_set("squad", SQUAD, limit=2)
-    config = EvalConfig(top_k=1, max_new_tokens=2, drift_ns=[], show_progress=False, prompt=template)
+    config = EvalConfig(METHODS, top_k=1, max_new_tokens=2, drift_ns=[], show_progress=False, prompt=template)
     results = run_evaluation(model, eval_set, config, embedder_model=embedder)
     assert len(prompts) == 2 * len(METHODS)
     per_method = iter(prompts)
@@ -375,9 +382,9 @@ def test_beam_search_width_is_the_same_for_every_method_and_reported(tokenizer, 
     prompt = PromptTemplate(answer_repetition_penalty=1.2)  # the stop rule and the penalty work under beams too
     config = EvalConfig(top_k=1, max_new_tokens=3, drift_ns=[], show_progress=False, num_beams=3, prompt=prompt)
     results = run_evaluation(model, load_eval_set("squad", SQUAD, limit=2), config, embedder_model=embedder)
-    assert widths == [3] * (2 * len(METHODS))
+    assert widths == [3] * (2 * len(DEFAULT_METHODS))  # the default methods: all but the sgd diagnostic
     assert results["run"]["num_beams"] == 3
-    assert all(isinstance(r["methods"][m]["prediction"], str) for r in results["questions"] for m in METHODS)
+    assert all(isinstance(r["methods"][m]["prediction"], str) for r in results["questions"] for m in DEFAULT_METHODS)
     assert "beam-search (3 beams) answers of at most 3 tokens" in write_report(results, tmp_path)["report"].read_text()
 
 
@@ -485,3 +492,4 @@ def test_cli_eval_help_lists_every_method(capsys):
     text = "".join(capsys.readouterr().out.split())  # argparse may wrap the long list of names anywhere
     assert all(method in text for method in METHODS)
     assert options.METHOD_NAMES == METHODS  # the CLI keeps its own copy so that --help imports no torch
+    assert options.DEFAULT_METHOD_NAMES == DEFAULT_METHODS and "sgd" not in DEFAULT_METHODS

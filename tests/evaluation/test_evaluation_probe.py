@@ -148,7 +148,7 @@ def test_candidates_are_other_answers_of_the_set_without_the_gold_and_repeat_wit
 def test_every_method_reports_the_probe_and_first_token_scores(tokenizer, embedder, tmp_path):
     model = make_tiny_model(tokenizer)
     eval_set = load_eval_set("squad", SQUAD)
-    config = EvalConfig(top_k=2, max_new_tokens=2, drift_ns=[], bootstrap_resamples=20, show_progress=False)
+    config = EvalConfig(METHODS, top_k=2, max_new_tokens=2, drift_ns=[], bootstrap_resamples=20, show_progress=False)
     results = run_evaluation(model, eval_set, config, embedder_model=embedder)
     assert results["integrity"]["identical"]
     assert results["probe"] == {"candidates": 4, "score": "mean token log-probability", "questions": 5}

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 
 # The method names of `regrad eval` (`regrad_hf.evaluation.methods.METHODS`; a test keeps the two equal).
-METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "regrad", "regrad_icl")
+METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "sgd", "regrad", "regrad_icl")
+DEFAULT_METHOD_NAMES = tuple(method for method in METHOD_NAMES if method != "sgd")  # sgd: a costly diagnostic
 # Gradient storage formats (`regrad_hf.bank.quantization.BANK_DTYPES`; a test keeps the two equal).
 BANK_DTYPES = ("bfloat16", "float16", "float32", "int8", "int4", "int3", "int2")
 # The Hub datasets `regrad eval` and `regrad train` read by default (`regrad_hf.data.HUB_DATASETS`).
@@ -240,7 +241,11 @@ def build_parser() -> Parser:
     sub.add_argument("--limit", type=positive_int, help="questions to evaluate, sampled with --seed (bank unchanged)")
     sub.add_argument("--top-k", type=positive_int, help="documents retrieved per question (default: the learner's)")
     sub.add_argument("--oracle", action="store_true", help="use each question's gold documents instead of retrieval")
-    sub.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated, of {','.join(METHOD_NAMES)}")
+    sub.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHOD_NAMES),
+        help=f"comma-separated, of {','.join(METHOD_NAMES)} (default: all but sgd)",
+    )
     sub.add_argument(
         "--output", required=True, type=output_directory, help="directory for results.json, report.md and the plots"
     )
@@ -266,6 +271,8 @@ def build_parser() -> Parser:
     sub.add_argument("--cpt-mode", default="full", choices=["full", "lora"], help="CPT trains all weights or a LoRA")
     sub.add_argument("--cpt-epochs", type=positive_int, default=1, help="CPT passes over the bank (default 1)")
     sub.add_argument("--cpt-lr", type=positive_float, default=2e-5, help="CPT AdamW learning rate (default 2e-5)")
+    sub.add_argument("--sgd-steps", type=positive_int, default=5, help="the sgd ceiling's gradient steps (default 5)")
+    sub.add_argument("--sgd-lr", type=positive_float, default=3.0, help="the sgd ceiling's step size (default 3)")
     sub.add_argument("--drift-n", default="10,100", help="document counts to measure drift at, or 'none'")
     sub.add_argument("--drift-methods", default="regrad,cpt", help="methods whose drift is measured")
     sub.add_argument("--drift-heldout", type=positive_int, default=20, help="bank documents held out for perplexity")

@@ -307,7 +307,15 @@ def evaluate(args: argparse.Namespace) -> int:
     """Runs every method on a dataset and writes results.json, report.md and the plots to --output."""
     import shlex
 
-    from ..evaluation import CPTConfig, EvalConfig, load_eval_set, load_probes, run_evaluation, write_report
+    from ..evaluation import (
+        CPTConfig,
+        EvalConfig,
+        SGDCeilingConfig,
+        load_eval_set,
+        load_probes,
+        run_evaluation,
+        write_report,
+    )
     from ..evaluation.datasets import parse_range
     from ..evaluation.methods import check_methods
     from ..evaluation.report import require_matplotlib
@@ -335,6 +343,7 @@ def evaluate(args: argparse.Namespace) -> int:
         num_beams=args.num_beams,
         gamma=args.gamma,
         cpt=CPTConfig(args.cpt_mode, args.cpt_epochs, args.cpt_lr, args.seed),
+        sgd=SGDCeilingConfig(args.sgd_steps, args.sgd_lr),
         drift_ns=drift_ns,
         drift_methods=[m.strip() for m in args.drift_methods.split(",") if m.strip()],
         drift_heldout=args.drift_heldout,

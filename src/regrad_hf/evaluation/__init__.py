@@ -2,16 +2,25 @@
 on real data, with drift, a report and plots).
 
 Modules: `metrics` (EM/F1, answer contained, repetition, recall@k, bootstrap CIs), `injection` (the trainer's
-per-task evaluation), `datasets` (evaluation sets: questions, bank documents, gold ids), `methods` (the seven
-methods, one shared prompt), `drift` (probes, perplexity, byte-for-byte weight comparison), `probe` (the
-knowledge probe: the reference answer ranked among other questions' answers, first-token NLL and top-1), `report`
-(results.json, report.md, plots), `runner` (the whole run).
+per-task evaluation), `datasets` (evaluation sets: questions, bank documents, gold ids), `methods` (the nine
+methods, one shared prompt), `sgd_ceiling` (a few plain SGD steps on the retrieved documents: a diagnostic
+ceiling), `drift` (probes, perplexity, byte-for-byte weight comparison), `probe` (the knowledge probe: the reference
+answer ranked among other questions' answers, first-token NLL and top-1), `report` (results.json, report.md,
+plots), `runner` (the whole run).
 """
 
 from .datasets import EvalQuestion, EvalSet, load_eval_set
 from .drift import Probe, WeightSnapshot, cpt_drift, load_probes, probe_accuracy, regrad_drift
 from .injection import CASES, CaseResult, evaluate_injection
-from .methods import METHODS, ContinualPretraining, CPTConfig, MethodRunner, base_only, untrained_learner_state
+from .methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    ContinualPretraining,
+    CPTConfig,
+    MethodRunner,
+    base_only,
+    untrained_learner_state,
+)
 from .metrics import (
     answer_contained,
     bootstrap_ci,
@@ -25,13 +34,16 @@ from .metrics import (
 from .probe import NextTokenScore, candidate_log_probs, gold_rank, next_token_score, probe_candidates
 from .report import write_report
 from .runner import EvalConfig, run_evaluation
+from .sgd_ceiling import SGDCeilingConfig, sgd_state
 
 __all__ = [
     "CASES",
+    "DEFAULT_METHODS",
     "METHODS",
     "CPTConfig",
     "CaseResult",
     "ContinualPretraining",
+    "SGDCeilingConfig",
     "EvalConfig",
     "EvalQuestion",
     "EvalSet",
@@ -50,6 +62,7 @@ __all__ = [
     "probe_accuracy",
     "regrad_drift",
     "run_evaluation",
+    "sgd_state",
     "untrained_learner_state",
     "write_report",
     "answer_contained",

@@ -1,4 +1,4 @@
-"""The eight methods `regrad eval` compares, all answering the same questions with greedy decoding.
+"""The nine methods `regrad eval` compares, all answering the same questions with greedy decoding.
 
 | method          | weights                                         | gradient step             | docs in prompt |
 |-----------------|-------------------------------------------------|---------------------------|----------------|
@@ -10,11 +10,13 @@
 | `raw`           | the untrained LoRA start (B = 0: the base)      | yes, retrieved, untrained | no             |
 | `regrad`        | the learner                                     | yes, retrieved            | no             |
 | `regrad_icl`    | the learner                                     | yes, retrieved            | retrieved      |
+| `sgd`           | the untrained LoRA start                        | N plain SGD steps, retr.  | no             |
 
 `disable_adapter()` gives the true base model whatever the learner holds (every LoRA term exactly zero); a fresh
 learner gives it too, because peft initialises B to zero, but a meta-trained learner does not (its B is non-zero).
 `learner_icl` is a diagnostic: RAG read through the learner's start, which tells whether theta0 itself (before any
-step) reads the documents worse than the base model does.
+step) reads the documents worse than the base model does. `sgd` is a diagnostic ceiling: a few plain gradient steps on
+the retrieved documents with no meta-learning (see [`regrad_hf.evaluation.sgd_ceiling`]).
 
 Every method is asked with one [`PromptTemplate`] (system instruction, layout, stop rule): the fair comparison is
 the same instruction for all, the documents in the prompt being the only difference.
@@ -43,8 +45,9 @@ from ..log import progress_bar
 from ..modeling.learner_state import STEP_SIZES_KEY
 from ..prompting import PromptTemplate
 from .probe import candidate_log_probs, next_token_score
+from .sgd_ceiling import SGDCeilingConfig, sgd_adapted
 
-METHODS = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "regrad", "regrad_icl")
+METHODS = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "sgd", "regrad", "regrad_icl")
 LABELS = {
     "closed_book": "closed-book (base)",
     "no_adaptation": "no adaptation (learner)",
@@ -52,10 +55,13 @@ LABELS = {
     "learner_icl": "learner + docs, no step",
     "cpt": "CPT (fine-tuned on the documents)",
     "raw": "raw gradients (untrained LoRA)",
+    "sgd": "SGD steps on the docs (untrained LoRA)",
     "regrad": "ReGrad",
     "regrad_icl": "ReGrad + ICL",
 }
-RETRIEVING = ("rag", "learner_icl", "raw", "regrad", "regrad_icl")
+# What runs unless asked otherwise: `sgd` is a costly diagnostic (several gradient steps per question), run on request.
+DEFAULT_METHODS = tuple(method for method in METHODS if method != "sgd")
+RETRIEVING = ("rag", "learner_icl", "raw", "sgd", "regrad", "regrad_icl")
 WITH_DOCUMENTS_IN_PROMPT = ("rag", "learner_icl", "regrad_icl")
 
 
@@ -242,6 +248,8 @@ class MethodRunner:
         gamma (`float`, *optional*): step multiplier; defaults to the learner's.
         prompt ([`PromptTemplate`], *optional*): the prompt every method is asked with; defaults to the learner's.
         num_beams (`int`): beam search width (1: greedy), the same for every method.
+        sgd ([`SGDCeilingConfig`], *optional*): the `sgd` method's steps and learning rate (it also needs
+            `untrained_state`).
     """
 
     def __init__(
@@ -254,8 +262,10 @@ class MethodRunner:
         gamma=None,
         prompt=None,
         num_beams=1,
+        sgd=None,
     ):
         self.model = model
+        self.sgd = sgd or SGDCeilingConfig()
         self.prompt = prompt or PromptTemplate.from_config(model.config)
         self.untrained_state = untrained_state
         self.raw_bank = raw_bank
@@ -265,8 +275,9 @@ class MethodRunner:
         self.num_beams = num_beams
 
     @contextmanager
-    def state(self, method: str, ids: Sequence[str]) -> Iterator:
-        """The model to use for `method`, set up (and restored after the block) with the documents `ids` injected."""
+    def state(self, method: str, ids: Sequence[str], texts: Sequence[str] = ()) -> Iterator:
+        """The model to use for `method`, set up (and restored after the block) with the documents `ids` (whose
+        texts are `texts`) injected."""
         model = self.model
         with ExitStack() as stack:
             if method in ("closed_book", "rag"):
@@ -281,6 +292,10 @@ class MethodRunner:
                 stack.enter_context(model.swapped_learner(self.untrained_state))
                 stack.enter_context(bank_attached(model, self.raw_bank))
                 stack.enter_context(model.injected(ids, self.gamma))
+            elif method == "sgd":
+                if self.untrained_state is None:
+                    raise ReGradValueError("the sgd method needs untrained_state=")
+                stack.enter_context(sgd_adapted(model, self.untrained_state, texts, self.sgd))
             elif method in ("regrad", "regrad_icl"):
                 stack.enter_context(model.injected(ids, self.gamma))
             yield model
@@ -317,7 +332,7 @@ class MethodRunner:
         encoded = [tokenizer(text.strip(), add_special_tokens=False)["input_ids"] for text in candidates or ()]
         probe_scores, probe_seconds = None, 0.0
         start = time.perf_counter()
-        with self.state(method, ids) as model:
+        with self.state(method, ids, texts) as model:
             device = model.device
             full = torch.tensor([prompt_ids + answer_ids], device=device)
             labels = full.clone()

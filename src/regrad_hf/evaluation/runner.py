@@ -21,7 +21,7 @@ from ..prompting import PromptTemplate
 from .datasets import EvalQuestion, EvalSet
 from .drift import Probe, WeightSnapshot, cpt_drift, regrad_drift
 from .methods import (
-    METHODS,
+    DEFAULT_METHODS,
     RETRIEVING,
     ContinualPretraining,
     CPTConfig,
@@ -39,6 +39,7 @@ from .metrics import (
     recall_at_k,
 )
 from .probe import PROBE_DISTRACTORS, PROBE_METRIC, probe_candidates, probe_fields
+from .sgd_ceiling import SGDCeilingConfig
 
 GRADIENT_METHODS = ("regrad", "regrad_icl")
 # Per-question scores of each answer, summarised with bootstrap intervals.
@@ -59,7 +60,7 @@ class EvalConfig:
     """Settings of an evaluation run.
 
     Args:
-        methods (`Sequence[str]`): which of [`METHODS`] to run.
+        methods (`Sequence[str]`): which of [`METHODS`] to run; defaults to all but the `sgd` diagnostic.
         top_k (`int`, *optional*): documents retrieved per question; defaults to the learner's `top_k_docs`.
         oracle (`bool`): inject / paste each question's gold documents instead of retrieving.
         seed (`int`): seed of everything random (untrained LoRA start, CPT order, bootstrap, drift stream).
@@ -69,6 +70,7 @@ class EvalConfig:
         prompt ([`PromptTemplate`], *optional*): the prompt every method is asked with (instruction, layout, stop
             rule); defaults to the learner's own template.
         cpt ([`CPTConfig`]): the CPT baseline's settings.
+        sgd ([`SGDCeilingConfig`]): the `sgd` ceiling's steps and learning rate.
         drift_ns (`Sequence[int]`): document counts N to measure drift at; empty skips drift. ReGrad cycles through
             the gold documents when N exceeds them; CPT is measured at the N below its training length and at it.
         drift_methods (`Sequence[str]`): methods whose drift is measured (`regrad`, `cpt`).
@@ -83,7 +85,7 @@ class EvalConfig:
         show_progress (`bool`): progress bars.
     """
 
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     top_k: int | None = None
     oracle: bool = False
     seed: int = 0
@@ -92,6 +94,7 @@ class EvalConfig:
     gamma: float | None = None
     prompt: PromptTemplate | None = None
     cpt: CPTConfig = field(default_factory=CPTConfig)
+    sgd: SGDCeilingConfig = field(default_factory=SGDCeilingConfig)
     drift_ns: Sequence[int] = (10, 100)
     drift_methods: Sequence[str] = ("regrad", "cpt")
     drift_heldout: int = 20
@@ -196,7 +199,7 @@ def run_evaluation(
     integrity = WeightSnapshot(model)
     results: dict = {"methods": methods, "top_k": top_k, "prompt": asdict(prompt), "timings": {}}
     try:
-        needs_untrained = "raw" in methods or "cpt" in methods or "cpt" in drift_methods
+        needs_untrained = any(method in methods for method in ("raw", "sgd", "cpt")) or "cpt" in drift_methods
         untrained = untrained_learner_state(model, config.seed) if needs_untrained else None
 
         # CPT trains on, and drift injects, the evaluated questions' gold documents (`epochs` seeded passes);
@@ -276,9 +279,12 @@ def run_evaluation(
             results["timings"]["raw_bank_build_seconds"] = time.perf_counter() - start
             results["timings"]["raw_bank_documents"] = len(needed)
 
+        if "sgd" in methods:
+            results["sgd"] = asdict(config.sgd)
         runner = MethodRunner(
-            model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma, prompt, config.num_beams
-        )
+            model, untrained, raw_bank, cpt_model, config.max_new_tokens, config.gamma, prompt, config.num_beams,
+            config.sgd,
+        )  # fmt: skip
         records = []
         questions = eval_set.questions
         tasks = [question.task for question in questions]
