@@ -493,3 +493,18 @@ def test_cli_eval_help_lists_every_method(capsys):
     assert all(method in text for method in METHODS)
     assert options.METHOD_NAMES == METHODS  # the CLI keeps its own copy so that --help imports no torch
     assert options.DEFAULT_METHOD_NAMES == DEFAULT_METHODS and "sgd" not in DEFAULT_METHODS
+
+
+def test_a_run_of_the_baselines_alone_computes_no_document_gradients(tokenizer, embedder, monkeypatch):
+    model = make_tiny_model(tokenizer)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no method of this run steps on document gradients")
+
+    monkeypatch.setattr(ReGradForCausalLM, "document_gradients", refuse)
+    config = EvalConfig(
+        ["closed_book", "rag", "learner_icl"], top_k=2, max_new_tokens=2, drift_ns=[], show_progress=False
+    )
+    results = run_evaluation(model, load_eval_set("squad", SQUAD, limit=2), config, embedder_model=embedder)
+    assert results["timings"]["bank_gradient_documents"] == 0 and results["integrity"]["identical"]
+    assert all(len(record["retrieved_ids"]) == 2 for record in results["questions"])  # RAG still retrieves

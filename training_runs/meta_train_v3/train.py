@@ -61,6 +61,9 @@ def main() -> None:
         bf16=cli.bf16,
         disable_tqdm=True,
         ddp_timeout=10800,
+        # Every LoRA tensor and step size takes part in each meta-step: DDP's search for unused ones is a wasted
+        # traversal of the (second-order) graph per step.
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
     trainer = ReGradTrainer(model, args, train_dataset=groups)

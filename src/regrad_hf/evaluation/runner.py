@@ -253,15 +253,18 @@ def run_evaluation(
                     else _rank(embedder, question.task.question, question.candidate_ids, eval_set.documents, top_k)
                 )
                 retrieved[index] = (ids_found, time.perf_counter() - start)
-        # Gradients only where a step uses them: the retrieved documents (and drift's stream of gold documents).
-        needed = [doc_id for ids_found, _ in retrieved.values() for doc_id in ids_found]
+        # Gradients only where a step uses them: the documents ReGrad's methods retrieved, and drift's stream of gold
+        # documents (a run of the baselines alone computes none: the bank is most of a short run's time).
+        stepping = any(method in GRADIENT_METHODS for method in methods)
+        needed = [doc_id for ids_found, _ in retrieved.values() for doc_id in ids_found] if stepping else []
         needed = list(dict.fromkeys(needed + (stream if "regrad" in drift_methods else [])))
-        start = time.perf_counter()
-        bank, computed = _learner_bank(config.bank_cache, model, needed, eval_set.documents, embedder, show)
+        start, computed = time.perf_counter(), 0
+        if needed:
+            bank, computed = _learner_bank(config.bank_cache, model, needed, eval_set.documents, embedder, show)
+            model.attach_bank(bank)
         results["timings"]["bank_build_seconds"] = time.perf_counter() - start
         results["timings"]["bank_gradient_documents"] = len(needed)
         results["timings"]["bank_computed_documents"] = computed
-        model.attach_bank(bank)
 
         raw_bank = None
         if "raw" in methods:
@@ -273,7 +276,7 @@ def run_evaluation(
                     model,
                     [eval_set.documents[doc_id] for doc_id in needed],
                     ids=needed,
-                    embedder_model=bank.embedder,
+                    embedder_model=embedder,
                     show_progress=show,
                 )
             results["timings"]["raw_bank_build_seconds"] = time.perf_counter() - start
