@@ -318,3 +318,12 @@ def test_train_command_reuses_the_last_steps_evaluation_and_can_skip_the_first(t
     loaded = ReGradForCausalLM.from_pretrained(tmp_path / "out")
     fresh = ReGradTrainer(loaded, arguments(tmp_path / "fresh"), eval_dataset=color_tasks(4, 0, 0)).evaluate()
     assert fresh["eval_regrad_answer_loss"] == pytest.approx(logged["eval_regrad_answer_loss"], rel=1e-5)
+
+
+def test_evaluate_shows_progress_unless_disable_tqdm(tiny_model, tmp_path, capsys):
+    tasks = color_tasks(3, 0, 0)
+    ReGradTrainer(tiny_model, arguments(tmp_path, disable_tqdm=False), eval_dataset=tasks).evaluate()
+    shown = capsys.readouterr().err
+    assert "Evaluating" in shown and "3/3" in shown
+    ReGradTrainer(tiny_model, arguments(tmp_path), eval_dataset=tasks).evaluate()  # disable_tqdm=True
+    assert "Evaluating" not in capsys.readouterr().err

@@ -13,7 +13,6 @@ import codecs
 import gzip
 import io
 import os
-import re
 import stat
 import sys
 import zlib
@@ -22,32 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReGradFileError, ReGradHubError, ReGradValueError
+from ..names import looks_like_hub_id, missing_path_message
 
 # Files always read by `datasets` (the loaders' own readers are for JSON and JSON Lines).
 DATASET_SUFFIXES = (".parquet", ".csv", ".arrow")
-# Suffixes that make a name a file path, never a Hub repo id.
-FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".csv", ".arrow", ".gz", ".zst")
-# A Hub repo id: "name" or "owner/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule).
-_REPO_ID = re.compile(r"^(?:[\w][\w.-]{0,95}/)?[\w][\w.-]{0,95}$")
-
 Rows = Sequence[Mapping[str, Any]]
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """Whether `name` could be a Hub repo id rather than a local path: `owner/name` (or `name`) with at most one
-    slash, no leading `.`, `/` or `~`, no `..` or `--`, and no data-file suffix such as `.json`."""
-    return (
-        bool(_REPO_ID.match(name))
-        and ".." not in name
-        and "--" not in name
-        and not name.endswith(".")
-        and not name.lower().endswith(FILE_SUFFIXES)
-    )
-
-
-def missing_path_message(name: str | os.PathLike, kind: str = "file or directory") -> str:
-    """The message for a local path that does not exist."""
-    return f"no such {kind}: {os.fspath(name)}"
 
 
 def is_dataset(obj: Any) -> bool:
