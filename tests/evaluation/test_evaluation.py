@@ -7,8 +7,10 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import bootstrap
 
 from regrad_hf import BankMismatchError, GradientBank, ReGradForCausalLM, cli
 from regrad_hf.cli import options, verbs
@@ -125,6 +127,11 @@ def test_bootstrap_ci_brackets_the_mean_and_repeats_with_its_seed():
     assert (low, high) != bootstrap_ci(values, seed=4)
     assert bootstrap_ci([0.7] * 5) == pytest.approx((0.7, 0.7))
     assert all(math.isnan(v) for v in bootstrap_ci([]))
+    assert bootstrap_ci([0.25]) == (0.25, 0.25)
+    # scipy's percentile bootstrap with the same generator: the interval is scipy's, not a hand-written one
+    rng = np.random.default_rng(3)
+    scipy = bootstrap((np.asarray(values),), np.mean, n_resamples=1000, method="percentile", rng=rng)
+    assert (low, high) == pytest.approx((scipy.confidence_interval.low, scipy.confidence_interval.high))
 
 
 # ---------------------------------------------------------------- evaluation sets
