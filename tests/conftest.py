@@ -127,6 +127,19 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(embedded_model_path())
 
 
+@pytest.fixture(autouse=True)
+def _tokenizer_padding_side_restored(request):
+    """Tests set the session tokenizer's `padding_side` (left, to batch generation): each test gets it back as it
+    was, so that no result depends on the order the tests run in."""
+    if "tokenizer" not in request.fixturenames:  # every fixture the test uses, directly or not
+        yield
+        return
+    tokenizer = request.getfixturevalue("tokenizer")
+    side = tokenizer.padding_side
+    yield
+    tokenizer.padding_side = side
+
+
 @pytest.fixture(scope="session")
 def embedder():
     return load_embedder()

@@ -38,11 +38,14 @@ class Repo:
 
 
 class FakeHub:
-    """The server's state and its HTTP server. `requests` records (method, path) of every request served."""
+    """The server's state and its HTTP server. `requests` records (method, path) of every request served,
+    `private` whether each repo was created private, `commit_messages` (repo, summary) of every commit."""
 
     def __init__(self):
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.private: dict[str, bool] = {}
+        self.commit_messages: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -159,6 +162,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if repo_id in hub.repos:
                 return self._json(409, {"error": "You already created this model repo", "url": url})
             hub.repos[repo_id] = repo = Repo()
+            hub.private[repo_id] = payload.get("visibility") == "private"
             repo.commit({".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "main")
             self._json(200, {"url": url, "name": repo_id})
 
@@ -201,7 +205,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 elif item["key"] == "deletedFolder":
                     prefix = value["path"].rstrip("/") + "/"
                     updated = {path: data for path, data in updated.items() if not path.startswith(prefix)}
-                elif item["key"] != "header":
+                elif item["key"] == "header":
+                    hub.commit_messages.append((repo_id, value["summary"]))
+                else:
                     return self._json(400, {"error": f"this test server does not support {item['key']!r}"})
             ref = f"refs/pr/{sum(r.startswith('refs/pr/') for r in repo.refs) + 1}" if create_pr else revision
             sha = repo.commit(updated, ref)

@@ -2,6 +2,7 @@
 
 import errno
 
+import filelock
 import pytest
 import torch
 from safetensors import SafetensorError
@@ -43,3 +44,19 @@ def test_a_failed_text_write_is_typed_and_leaves_no_temporary_file(tmp_path, mon
     with pytest.raises(ReGradFileError, match="denied"):
         files.atomic_write_text(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_exclusive_lock_is_a_filelock_that_never_follows_a_symlink(tmp_path):
+    target = tmp_path / "bank"
+    with files.exclusive_lock(target), pytest.raises(filelock.Timeout):  # any filelock user of it waits
+        filelock.FileLock(files.lock_path(target)).acquire(timeout=0)
+    with filelock.FileLock(files.lock_path(target), timeout=0):  # released
+        pass
+    victim = tmp_path / "victim"
+    files.lock_path(tmp_path / "other").symlink_to(victim)
+    with (
+        pytest.raises(ReGradFileError, match="symlink, which is never followed"),
+        files.exclusive_lock(tmp_path / "other"),
+    ):
+        pass
+    assert not victim.exists()

@@ -93,11 +93,13 @@ def test_plain_text_tokenizers_get_the_instruction_and_answer_cue(tokenizer):
     plain.chat_template = None
     assert PromptTemplate().build(plain, "Q?") == f"{CONCISE_SYSTEM_PROMPT}\n\nQuestion: Q?\nAnswer:"
     assert LEGACY_PROMPT.build(plain, "Q?", ["D."]) == "D.\n\nQ?\nAnswer:"  # the old plain-text layout
-    for template in (PromptTemplate(), LEGACY_PROMPT, CUSTOM):
-        text = template.build(plain, "Where was halvorite found?", ["Some document."])
-        assert prompt_to_query(plain, ids(plain, text), template) == "Where was halvorite found?" or (
-            template is LEGACY_PROMPT  # legacy has no separator between documents and question
-        )
+    question = "Where was halvorite found?"
+    for template in (PromptTemplate(), CUSTOM):
+        text = template.build(plain, question, ["Some document."])
+        assert prompt_to_query(plain, ids(plain, text), template) == question
+    # Legacy has no separator between documents and question: its query keeps the documents in front.
+    legacy = prompt_to_query(plain, ids(plain, LEGACY_PROMPT.build(plain, question, ["Some document."])), LEGACY_PROMPT)
+    assert legacy == f"Some document.\n\n{question}"
 
 
 @pytest.mark.parametrize("template", [PromptTemplate(), CUSTOM, LEGACY_PROMPT])

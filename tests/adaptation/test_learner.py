@@ -1,6 +1,19 @@
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+)
 
 from regrad_hf import ReGradConfig, ReGradForCausalLM, ReGradValueError
 from regrad_hf.adaptation.deltas import combine
@@ -9,7 +22,7 @@ from regrad_hf.adaptation.objective import meta_loss
 from regrad_hf.data import Task
 from regrad_hf.data.collator import TaskCollator
 
-from ..conftest import make_tiny_base, make_tiny_model
+from ..conftest import assert_equal_up_to_rounding, make_tiny_base, make_tiny_model
 
 
 def test_default_targets_are_mlp_of_upper_half(tiny_base):
@@ -47,6 +60,53 @@ def test_gpt2_style_model_is_supported(tokenizer):
     assert modules == [f"transformer.h.{i}.mlp.{p}" for i in (2, 3) for p in ("c_fc", "c_proj")]
     gradients = model.document_gradients(["A short document about swans."])
     assert any(g.abs().sum() > 0 for g in gradients.values())
+
+
+# Tiny random models of the other decoder families (4 layers, hidden 32): their MLP projections and where they sit.
+FAMILIES = {
+    "phi": (
+        lambda vocab: PhiForCausalLM(PhiConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=4, num_attention_heads=4)),
+        "model.layers.{}.mlp.", ("fc1", "fc2"),
+    ),
+    "opt": (
+        lambda vocab: OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=4,
+                                               num_attention_heads=4, word_embed_proj_dim=32)),
+        "model.decoder.layers.{}.", ("fc1", "fc2"),
+    ),
+    "gpt-neox": (
+        lambda vocab: GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=4, num_attention_heads=4)),
+        "gpt_neox.layers.{}.mlp.", ("dense_h_to_4h", "dense_4h_to_h"),
+    ),
+    "falcon": (
+        lambda vocab: FalconForCausalLM(FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4,
+                                                     num_attention_heads=4)),
+        "transformer.h.{}.mlp.", ("dense_h_to_4h", "dense_4h_to_h"),
+    ),
+    "gpt-j": (
+        lambda vocab: GPTJForCausalLM(GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, rotary_dim=4,
+                                                 n_positions=128)),
+        "transformer.h.{}.mlp.", ("fc_in", "fc_out"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_targets_are_found_in_other_decoder_families(tokenizer, family):
+    make, layer, projections = FAMILIES[family]
+    torch.manual_seed(0)
+    model = ReGradForCausalLM.from_base(make(len(tokenizer)), ReGradConfig(lora_rank=2, max_document_tokens=64),
+                                        tokenizer=tokenizer)  # fmt: skip
+    modules = sorted({name.split(".lora_")[0] for name in model.lora_parameters()})
+    assert modules == sorted(layer.format(i) + p for i in (2, 3) for p in projections)
+    documents = ["A short document about swans.", "Zorbia's capital is Quentville, a harbour town."]
+    batched = model.document_gradients(documents)  # one padded batch, per-row gradients from its layers
+    assert any(g.abs().sum() > 0 for name, g in batched.items() if ".lora_B." in name)
+    for row, document in enumerate(documents):
+        alone = model.document_gradients([document])
+        for name, gradient in alone.items():
+            assert_equal_up_to_rounding(batched[name][row], gradient[0])
 
 
 def test_only_lora_tensors_are_trainable(tiny_model):

@@ -18,6 +18,7 @@ import pytest
 from regrad_hf import GradientBank, ReGradValueError
 from regrad_hf.bank.quantization import BANK_DTYPES
 from regrad_hf.cli import main, options, train_options
+from regrad_hf.cli import train as train_cli
 from regrad_hf.cli.verbs import read_documents
 
 from ..conftest import DOCUMENTS, IDS
@@ -66,6 +67,59 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip().splitlines() == [f"regrad {version}", "[]"]
+
+
+MISTYPED = [
+    (["build-bank", "--documents", "nosuch.jsonl", "--output", "out"], "no such file or directory: nosuch.jsonl"),
+    (["ask", "q", "--bank", "./nosuch"], "no such bank directory: ./nosuch"),
+    (["push", "./nosuch", "user/repo"], "no such directory: ./nosuch"),
+    (["eval", "--dataset", "squad", "--data", "nosuch.json", "--output", "out"], "no such file or directory"),
+    (["demo", "--learner", "./nosuch"], "no such learner directory: ./nosuch"),
+    (["train", "--train_file", "nosuch.json"], "no such file or directory: nosuch.json"),
+    (["train", "--init-learner", "./nosuch"], "no such learner directory: ./nosuch"),
+    (["train", "--resume=./nosuch"], "no such checkpoint directory: ./nosuch"),
+]
+
+
+def test_mistyped_paths_report_before_torch_is_imported(tmp_path):
+    """A path that is neither local nor a possible Hub id is reported by the argument checks, before any verb imports
+    torch or transformers (which takes seconds on a loaded machine)."""
+    script = f"""
+import sys, contextlib, io
+from regrad_hf.cli import main
+for argv, expected in {MISTYPED!r}:
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(argv)
+    assert code == 2 and expected in err.getvalue(), (argv, code, err.getvalue())
+    assert not {{"torch", "transformers"}} & set(sys.modules), argv
+print("checked")
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(options.__file__).parents[2])}  # the sources this test imported
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "checked", result.stderr
+
+
+def test_every_option_takes_both_spellings_and_help_shows_one():
+    parser = options.build_parser()
+    for kebab, snake in [("--top-k", "--top_k"), ("--max-new-tokens", "--max_new_tokens")]:
+        assert parser.parse_args(["ask", "q", "--bank", "b", kebab, "3"]) == parser.parse_args(
+            ["ask", "q", "--bank", "b", snake, "3"]
+        )
+    evaluation = ["eval", "--dataset", "squad", "--output", "o"]
+    assert parser.parse_args([*evaluation, "--bank_cache", "c", "--no_progress"]).bank_cache == "c"
+    commands = parser._subparsers._group_actions[0].choices
+    for verb, sub in commands.items():
+        for action in sub._actions:
+            # argparse's own negation of a BooleanOptionalAction (--no-probe) has no alias
+            kebab = [name for name in action.option_strings if "-" in name[2:] and not name.startswith("--no-")]
+            assert all(f"--{name[2:].replace('-', '_')}" in action.option_strings for name in kebab), (verb, action)
+        text = train_options.train_help().replace("--snake_case", "") if verb == "train" else sub.format_help()
+        listed = [word for word in text.split() if word.startswith("--")]
+        assert listed and not [word for word in listed if "_" in word], verb  # metavars (TOP_K) are not options
+    train = train_options.option_values(["--max-steps", "5", "--output_dir=o", "--preset", "smollm2-squad"])
+    assert train == {"max_steps": "5", "output_dir": "o", "preset": "smollm2-squad"}
+    expanded = train_cli._with_preset(["--preset", "smollm2-squad", "--max-steps", "5"])
+    assert "--max_steps" not in expanded and expanded[-2:] == ["--max-steps", "5"]  # the given one wins, once
 
 
 def test_the_cli_copies_of_library_constants_agree():

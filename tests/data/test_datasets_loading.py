@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from huggingface_hub import constants
 
 from regrad_hf import GradientBank, ReGradHubError, ReGradValueError
 from regrad_hf.data import (
@@ -214,7 +215,9 @@ def point_datasets_at(monkeypatch, hub, cache: Path) -> None:
 def test_offline_hub_names_fail_with_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Offline mode as huggingface_hub has it (read from the environment at its import), not the variable itself.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(
         ReGradHubError, match=r"Hub dataset 'rajpurkar/squad' cannot be loaded \(HF_HUB_OFFLINE is set\)"
     ):
@@ -286,3 +289,31 @@ def test_trainer_takes_a_dataset(tiny_model, tmp_path):
     trainer.train()
     assert any(not torch.equal(p, before[name]) for name, p in tiny_model.lora_parameters().items())
     assert "eval_injection_signal" in trainer.evaluate()
+
+
+def test_bank_add_takes_datasets_streamed_ones_and_keeps_extra_columns_as_metadata(tiny_model, embedder):
+    rows = {
+        "body": ["Zorbia's capital is Quentville.", "The Velomar has a bamboo frame."],
+        "key": ["zorbia", "velomar"],
+    }
+    dataset = datasets.Dataset.from_dict({**rows, "source": ["atlas", "catalogue"], "year": [1901, 1999]})
+    options = {"text_column": "body", "id_column": "key", "show_progress": False}
+    bank = GradientBank.build(tiny_model, dataset.select([0]), embedder_model=embedder, **options)
+    assert bank.add(tiny_model, dataset.select([1]).to_iterable_dataset(), **options) == ["velomar"]
+    streamed = GradientBank.build(tiny_model, dataset.to_iterable_dataset(), embedder_model=embedder, **options)
+    for built in (bank, streamed):
+        assert built.ids == ["zorbia", "velomar"]
+        assert built.document("velomar").metadata == {"source": "catalogue", "year": 1999}
+    gathered, expected = bank.gather(built.ids), streamed.gather(built.ids)
+    assert all(torch.equal(gathered[name], expected[name]) for name in expected)
+    explicit = GradientBank.build(tiny_model, dataset, metadata=[{}, {"mine": 1}], embedder_model=embedder, **options)
+    assert explicit.document("velomar").metadata == {"mine": 1}  # given metadata wins over the columns
+
+
+def test_tasks_and_documents_come_from_streamed_datasets():
+    task = Task(("Doc one.", "Doc two."), "Q?", "A", ("A", "a."), "t1")
+    streamed = datasets.Dataset.from_list([task.to_dict()]).to_iterable_dataset()
+    assert as_tasks(streamed) == [task] == load_jsonl(streamed)
+    assert as_tasks(datasets.Dataset.from_list(squad_hub_rows(SQUAD)).to_iterable_dataset()) == load_squad(SQUAD)
+    dataset = datasets.Dataset.from_list([{"body": "First.", "key": 7}]).to_iterable_dataset()
+    assert documents_from(dataset, "body", "key") == (["First."], ["7"], None)

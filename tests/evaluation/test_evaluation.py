@@ -7,8 +7,10 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import bootstrap
 
 from regrad_hf import BankMismatchError, GradientBank, ReGradForCausalLM, cli
 from regrad_hf.cli import options, verbs
@@ -126,6 +128,11 @@ def test_bootstrap_ci_brackets_the_mean_and_repeats_with_its_seed():
     assert (low, high) != bootstrap_ci(values, seed=4)
     assert bootstrap_ci([0.7] * 5) == pytest.approx((0.7, 0.7))
     assert all(math.isnan(v) for v in bootstrap_ci([]))
+    assert bootstrap_ci([0.25]) == (0.25, 0.25)
+    # scipy's percentile bootstrap with the same generator: the interval is scipy's, not a hand-written one
+    rng = np.random.default_rng(3)
+    scipy = bootstrap((np.asarray(values),), np.mean, n_resamples=1000, method="percentile", rng=rng)
+    assert (low, high) == pytest.approx((scipy.confidence_interval.low, scipy.confidence_interval.high))
 
 
 # ---------------------------------------------------------------- evaluation sets
@@ -455,6 +462,43 @@ def test_cli_eval_writes_the_report(tokenizer, embedder, tmp_path, monkeypatch, 
     assert "error: answer_repetition_penalty must be a number from 1 (off) to 10" in capsys.readouterr().err
     assert cli.main([*argv, "--system-prompt", "none"]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["prompt"]["system_prompt"] is None
+
+
+def test_cli_eval_exits_1_when_the_model_changed(tokenizer, embedder, tmp_path, monkeypatch, capsys):
+    model = make_tiny_model(tokenizer)
+    monkeypatch.setattr(verbs, "load_learner", lambda learner, seed: model)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
+    generate = model.generate
+
+    def leaky_generate(*args, **kwargs):  # a method that forgets to restore a weight
+        with torch.no_grad():
+            model.language_model.get_input_embeddings().weight[0, 0] += 1.0
+        return generate(*args, **kwargs)
+
+    argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--methods", "closed_book", "--limit", "1"]
+    argv += ["--max-new-tokens", "1", "--drift-n", "none", "--no-probe", "--output", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    monkeypatch.setattr(model, "generate", leaky_generate)
+    assert cli.main(argv) == 1
+    assert json.loads((tmp_path / "results.json").read_text())["integrity"]["identical"] is False
+    assert "**changed**" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_eval_bank_cache_keeps_gradients_between_runs(tokenizer, embedder, tmp_path, monkeypatch):
+    model = make_tiny_model(tokenizer)
+    monkeypatch.setattr(verbs, "load_learner", lambda learner, seed: model)
+    monkeypatch.setattr("regrad_hf.bank.index.load_embedder", lambda name=None: embedder)
+    argv = ["eval", "--dataset", "squad", "--data", str(SQUAD), "--methods", "regrad", "--limit", "1", "--top-k", "1"]
+    argv += ["--max-new-tokens", "1", "--drift-n", "none", "--no-probe", "--output", str(tmp_path / "out")]
+    argv += ["--no-progress", "--bank-cache", str(tmp_path / "cache")]
+    computed = []
+    for _ in range(2):
+        assert cli.main(argv) == 0
+        computed.append(
+            json.loads((tmp_path / "out" / "results.json").read_text())["timings"]["bank_computed_documents"]
+        )
+    assert computed == [1, 0]  # the second run loads the gradient the first one cached
+    assert len(GradientBank.from_pretrained(tmp_path / "cache", embedder)) == 1
 
 
 def test_cli_eval_refuses_unknown_methods(tmp_path, capsys):

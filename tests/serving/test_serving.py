@@ -192,6 +192,30 @@ def test_a_caller_that_times_out_gets_a_typed_timeout_and_its_request_is_cancell
     assert not generator._pending and not generator._worker.is_alive()
 
 
+def test_a_caller_that_times_out_after_its_request_started_gets_a_timeout_and_the_batch_runs_on(
+    tiny_model, monkeypatch
+):
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    generate = tiny_model.generate
+
+    def slow_generate(*args, **kwargs):  # the batch has started, and takes longer than the caller waits
+        started.set()
+        release.wait(60)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(tiny_model, "generate", slow_generate)
+    generator = BatchingGenerator(tiny_model, max_wait_ms=0)  # the request starts at once
+    with pytest.raises(GenerationTimeoutError, match="runs on, its result is dropped"):
+        generator.generate(PROMPTS[0], timeout=5, **GREEDY)  # 5 s: ample time to start, even on a loaded machine
+    assert started.is_set() and not finished.is_set()
+    release.set()
+    generator.close(timeout=60)  # the worker finishes the batch and stops
+    assert finished.is_set() and not generator._worker.is_alive() and not generator._pending
+
+
 @pytest.mark.parametrize(
     ("prompt", "kwargs", "error", "match"),
     [

@@ -202,7 +202,8 @@ def test_train_command_on_the_mixed_set_resumes_the_last_checkpoint(sources, tok
     assert json.loads((tmp_path / "compact" / "trainer_state.json").read_text())["global_step"] == 3
 
 
-def test_train_command_starts_from_init_learner_under_the_given_config(tokenizer, tmp_path):
+@pytest.mark.parametrize("init", ["folder", "shipped"])
+def test_train_command_starts_from_init_learner_under_the_given_config(tokenizer, tmp_path, monkeypatch, init):
     make_tiny_base(tokenizer).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     start = ReGradForCausalLM.from_base(str(tmp_path / "base"), ReGradConfig(lora_rank=2))
@@ -214,12 +215,15 @@ def test_train_command_starts_from_init_learner_under_the_given_config(tokenizer
     tasks.write_text("\n".join(json.dumps(t.to_dict()) for t in topic_tasks()[:4]))
     argv = [
         "train", "--base_model", str(tmp_path / "base"), "--train_format", "jsonl", "--train_file", str(tasks),
-        "--init_learner", str(tmp_path / "init"), "--lora_rank", "2", "--gamma", "0.5",
+        "--init_learner", str(tmp_path / "init") if init == "folder" else "shipped",
+        "--lora_rank", "2", "--gamma", "0.5",
         "--system_prompt", "none", "--user_template", "{context}Q: {question}\\nA:", "--answer_repetition_penalty",
         "1.2", "--output_dir",
         str(tmp_path / "out"), "--max_steps", "1", "--learning_rate", "0", "--step_size_learning_rate", "0",
         "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true", "--warmup_steps", "0",
     ]  # fmt: skip
+    # "shipped" names the package's learner (of the embedded SmolLM2): here a tiny one stands in for it.
+    monkeypatch.setattr("regrad_hf.defaults.shipped_learner_path", lambda: tmp_path / "init")
     assert main(argv) == 0
     trained = ReGradForCausalLM.from_pretrained(tmp_path / "out")
     assert trained.config.gamma == 0.5  # the config given here, not the init learner's

@@ -349,3 +349,12 @@ def test_bf16_autocast_trains_on_cpu_close_to_float32_and_keeps_the_learner_in_f
     assert dtypes == {torch.bfloat16}
     assert all(tensor.dtype == torch.float32 for tensor in after.values())
     assert all(not torch.equal(after[n], before[n]) for n in tiny_model.lora_parameters())
+
+
+def test_evaluate_shows_progress_unless_disable_tqdm(tiny_model, tmp_path, capsys):
+    tasks = color_tasks(3, 0, 0)
+    ReGradTrainer(tiny_model, arguments(tmp_path, disable_tqdm=False), eval_dataset=tasks).evaluate()
+    shown = capsys.readouterr().err
+    assert "Evaluating" in shown and "3/3" in shown
+    ReGradTrainer(tiny_model, arguments(tmp_path), eval_dataset=tasks).evaluate()  # disable_tqdm=True
+    assert "Evaluating" not in capsys.readouterr().err

@@ -228,7 +228,7 @@ def _batched_gradients(
         input_ids, attention_mask = _right_padded([token_ids[row] for row in rows], device)
         with LinearWeightGradients(weight_modules) as capture:
             loss = documents_lm_loss(model, input_ids, attention_mask)
-        for name, gradients in capture.gradients(loss).items():
+        for name, gradients in capture.gradients(loss, len(rows)).items():
             stacked[name][rows] = gradients
     return stacked
 

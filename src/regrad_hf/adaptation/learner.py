@@ -17,13 +17,14 @@ from ..config import ReGradConfig
 from ..errors import ReGradValueError
 
 # MLP projections of the common decoder families, tried in order when `target_modules` is None:
-# Llama/Qwen/Mistral/Gemma, GPT-2 (Conv1D), Phi/OPT-style, GPT-NeoX/Falcon, GPT-J.
+# Llama/Qwen/Mistral/Gemma, GPT-2 (Conv1D), Phi, GPT-NeoX/Falcon, GPT-J, OPT (fc1/fc2 in the layer itself, no `mlp`).
 MLP_TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
     ("gate_proj", "up_proj", "down_proj"),
     ("mlp.c_fc", "mlp.c_proj"),
     ("mlp.fc1", "mlp.fc2"),
     ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     ("mlp.fc_in", "mlp.fc_out"),
+    ("fc1", "fc2"),
 )
 
 ADAPTER_NAME = "default"

@@ -89,8 +89,13 @@ class LinearWeightGradients:
         record.capture = self
         return record
 
-    def gradients(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gradients(self, loss: torch.Tensor, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """Per-row weight gradients of `loss`, which must be a sum of per-row losses over the batch.
+
+        Args:
+            loss (`torch.Tensor`): the summed loss.
+            batch_size (`int`, *optional*): the number of rows. Needed when a layer sees its input flattened to
+                `(batch * tokens, features)` (OPT's MLP); without it the first dimension of each input is the batch.
 
         Returns:
             `dict[str, torch.Tensor]`: `{name: (batch, out_features, in_features)}` in each weight's dtype.
@@ -107,11 +112,12 @@ class LinearWeightGradients:
             if output_gradient is None:
                 output_gradient = torch.zeros_like(output)
             # (batch, tokens, out) x (batch, tokens, in) -> (batch, out, in); inputs of any rank >= 2 are flattened
-            # to (batch, tokens, features).
+            # to (batch, tokens, features), batch first (as a row-major flattening of (batch, tokens) keeps it).
+            rows = output.shape[0] if batch_size is None else batch_size
             row_gradient = torch.einsum(
                 "bto,bti->boi",
-                output_gradient.reshape(output.shape[0], -1, output.shape[-1]),
-                inputs.detach().reshape(inputs.shape[0], -1, inputs.shape[-1]).to(output_gradient.dtype),
+                output_gradient.reshape(rows, -1, output.shape[-1]),
+                inputs.detach().reshape(rows, -1, inputs.shape[-1]).to(output_gradient.dtype),
             ).to(weight.dtype)
             per_row[name] = per_row[name] + row_gradient if name in per_row else row_gradient
         self._calls = {name: [] for name in self.modules}

@@ -126,8 +126,9 @@ class GradientBank:
 
         Args:
             model ([`ReGradForCausalLM`]): the learner; its config gives the embedder and the bank dtype.
-            documents (`Sequence[str]` or `datasets.Dataset`): the texts, or a dataset whose `text_column` holds
-                them (and whose `id_column`, if given, their ids).
+            documents (`Sequence[str]` or `datasets.Dataset`): the texts, or a dataset (`Dataset`, `DatasetDict` with
+                a `"train"` split, streamed `IterableDataset`) whose `text_column` holds them, whose `id_column` (if
+                given) their ids, and whose other columns their metadata.
             ids (`Sequence[str]`, *optional*): unique ids; defaults to `"0"`, `"1"`, ...
             metadata (`Sequence[dict]`, *optional*): JSON-serialisable metadata per document.
             batch_size (`int`, defaults to 16): documents per gradient batch, padded together (and progress-bar step).
@@ -156,7 +157,7 @@ class GradientBank:
         """
         check_source(model)  # the model and the settings are checked before any work
         settings = IndexSettings.from_mapping(index_settings)
-        documents, ids = dataset_documents(documents, ids, text_column, id_column)
+        documents, ids, metadata = dataset_documents(documents, ids, metadata, text_column, id_column)
         check_documents(documents)
         embedder_model = embedder_model or index_module.load_embedder(model.config.embedder)
         bank = cls(
@@ -184,12 +185,16 @@ class GradientBank:
         metadata: Sequence[Mapping[str, Any]] | None = None,
         batch_size: int = 16,
         show_progress: bool = True,
+        text_column: str = "text",
+        id_column: str | None = None,
     ) -> list[str]:
-        """Adds documents. Everything is validated and computed before the bank changes, so a failure adds nothing.
+        """Adds documents (texts or a dataset, as [`build`] takes them). Everything is validated and computed before
+        the bank changes, so a failure adds nothing.
 
         Returns:
             `list[str]`: the ids of the added documents.
         """
+        documents, ids, metadata = dataset_documents(documents, ids, metadata, text_column, id_column)
         return add_documents(self, model, documents, ids, metadata, batch_size, show_progress)
 
     def remove(self, ids: str | Sequence[str]) -> None:
@@ -341,19 +346,11 @@ class GradientBank:
         Returns:
             `huggingface_hub.CommitInfo`: the commit (its sha is `.oid`).
         """
-        return persistence.push(
-            self,
-            repo_id,
-            subfolder=subfolder,
-            commit_message=commit_message or f"Upload gradient bank ({len(self)} documents)",
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            max_shard_bytes=max_shard_bytes,
-            card_data=card_data,
-        )
+        message = commit_message or f"Upload gradient bank ({len(self)} documents)"
+        return persistence.push(self, repo_id, subfolder=subfolder, commit_message=message,
+                                commit_description=commit_description, private=private, token=token,
+                                revision=revision, create_pr=create_pr, max_shard_bytes=max_shard_bytes,
+                                card_data=card_data)  # fmt: skip
 
     @classmethod
     def from_pretrained(

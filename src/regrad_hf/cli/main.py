@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .options import build_parser
-from .train_options import train_help
+from .options import build_parser, path_mistake
+from .train_options import train_help, train_path_mistake
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,10 +19,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(arg in ("-h", "--help") for arg in argv[1:]):
             print(train_help())
             return 0
+        if mistake := train_path_mistake(argv[1:]):  # before transformers is imported (seconds)
+            print(f"error: {mistake}", file=sys.stderr)
+            return 2
         from . import train
 
         return run(train.main, argv[1:])
     args = build_parser().parse_args(argv)
+    if mistake := path_mistake(args):  # before the verb imports torch (seconds)
+        print(f"error: {mistake}", file=sys.stderr)
+        return 2
     from . import verbs
 
     return run(getattr(verbs, args.verb), args)

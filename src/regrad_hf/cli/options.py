@@ -6,8 +6,12 @@ runs ([`regrad_hf.cli.verbs`], [`regrad_hf.cli.train`]); the entry point is [`re
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import re
 from pathlib import Path
+
+from ..names import missing_location, missing_path_message
 
 # The method names of `regrad eval` (`regrad_hf.evaluation.methods.METHODS`; a test keeps the two equal).
 METHOD_NAMES = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "sgd", "regrad", "regrad_icl")
@@ -101,11 +105,52 @@ def output_directory(text: str) -> str:
     return text
 
 
+_SNAKE_ALIAS = re.compile(r"/--[a-z0-9]+(?:_[a-z0-9]+)+\b")
+
+
+class OneSpelling(argparse.HelpFormatter):
+    """Help that lists each option once, in its `--kebab-case` spelling (not the `--snake_case` alias)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) > 1:
+            action = copy.copy(action)
+            action.option_strings = [name for name in action.option_strings if "_" not in name]
+        return super()._format_action_invocation(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """An `ArgumentParser` whose mistakes are one line on stderr: `error: ...`, exit status 2."""
+    """An `ArgumentParser` whose mistakes are one line on stderr: `error: ...`, exit status 2. Every `--kebab-case`
+    option also answers to `--snake_case`, as `regrad train`'s options (transformers' `HfArgumentParser`) do."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", OneSpelling)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names: str, **kwargs) -> argparse.Action:
+        aliases = [f"--{name[2:].replace('-', '_')}" for name in names if name.startswith("--") and "-" in name[2:]]
+        return super().add_argument(*names, *aliases, **kwargs)
 
     def error(self, message: str):
+        message = _SNAKE_ALIAS.sub("", message)  # argparse names an option by all its names: "--top-k/--top_k"
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def path_mistake(args: argparse.Namespace) -> str | None:
+    """The first path on the command line that cannot be right (neither an existing local path nor a possible Hub
+    repo id), as an error message; `None` if there is none. Checked before a verb imports torch, so that a typo
+    reports at once.
+    """
+    learner = getattr(args, "learner", None)
+    if learner not in (None, FRESH) and (problem := missing_location(learner, "learner directory")):
+        return problem
+    kinds = {"documents": "file or directory", "bank": "bank directory", "data": "file or directory"}
+    for option, kind in kinds.items():
+        value = getattr(args, option, None)
+        if value is not None and (problem := missing_location(value, kind)):
+            return problem
+    if args.verb == "push" and not Path(args.path).expanduser().is_dir():
+        return missing_path_message(args.path, "directory")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- verbs

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ReGradValueError
-from .train_options import PRESETS, DataArguments, LearnerArguments, RecipeArguments
+from .train_options import PRESETS, DataArguments, LearnerArguments, RecipeArguments, option_values
 
 
 def _load_tasks(format_: str, source: str, split: str | None):
@@ -102,7 +102,7 @@ def _with_preset(argv: list[str]) -> list[str]:
     if name not in PRESETS:
         raise ReGradValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     rest = argv[:position] + argv[position + 2 :]
-    given = {arg.lstrip("-").split("=")[0] for arg in rest if arg.startswith("--")}
+    given = set(option_values(rest))  # options given in either spelling win over the preset's
     expanded = [item for key, value in PRESETS[name].items() if key not in given for item in (f"--{key}", str(value))]
     return expanded + rest
 

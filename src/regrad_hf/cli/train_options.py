@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..names import missing_location
 from .options import HUB_DATA, Parser
 
 
@@ -102,21 +103,60 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The path options of `regrad train` (snake_case names) -> (what they name, the word that is not a path).
+_PATH_OPTIONS = {
+    "train_file": ("file or directory", None),
+    "data": ("file or directory", None),
+    "eval_file": ("file or directory", "same"),
+    "squad_file": ("file", None),
+    "tofu_file": ("file", None),
+    "hotpotqa_file": ("file", None),
+    "base_model": ("base model directory", None),
+    "resume_learner": ("learner directory", None),
+    "init_learner": ("learner directory", "shipped"),
+    "resume": ("checkpoint directory", "last"),
+}
+
+
+def option_values(argv: list[str]) -> dict[str, str]:
+    """`--name value` and `--name=value` pairs of a command line, by snake_case name (the last one given wins)."""
+    values = {}
+    for position, item in enumerate(argv):
+        if not item.startswith("--"):
+            continue
+        name, equals, value = item[2:].partition("=")
+        if not equals:
+            value = argv[position + 1] if position + 1 < len(argv) else ""
+        values[name.replace("-", "_")] = value
+    return values
+
+
+def train_path_mistake(argv: list[str]) -> str | None:
+    """The first path option of `regrad train` that cannot be right (see
+    [`regrad_hf.cli.options.path_mistake`]), as an error message; checked before transformers is imported."""
+    for name, value in option_values(argv).items():
+        kind, word = _PATH_OPTIONS.get(name, (None, None))
+        if kind is not None and value and value != word and (problem := missing_location(value, kind)):
+            return problem
+    return None
+
+
 def train_help() -> str:
     """`regrad train --help` without importing transformers: regrad's own options; `--help-all` lists the rest."""
     parser = Parser(
         prog="regrad train",
         description="Meta-train a learner with ReGradTrainer (a transformers.Trainer).",
         epilog="Every option of ReGradTrainingArguments is accepted too: transformers.TrainingArguments "
-        "(--output_dir, --max_steps, --learning_rate, --per_device_train_batch_size, --seed, --report_to, ...) "
-        "and the meta-learning ones (--first_order, --blind, --step_size_learning_rate, --documents_per_task, ...). "
-        "`regrad train --help-all` lists them all (it imports transformers, a few seconds).",
+        "(--output-dir, --max-steps, --learning-rate, --per-device-train-batch-size, --seed, --report-to, ...) "
+        "and the meta-learning ones (--first-order, --blind, --step-size-learning-rate, --documents-per-task, ...). "
+        "Every option is also accepted in --snake_case. `regrad train --help-all` lists them all (it imports "
+        "transformers, a few seconds).",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a recorded recipe (options given also win)")
     for group_class in (DataArguments, LearnerArguments, RecipeArguments):
         group = parser.add_argument_group(group_class.__name__)
         for item in dataclasses.fields(group_class):
-            names = [f"--{item.name}", *item.metadata.get("aliases", [])]
+            names = [f"--{item.name.replace('_', '-')}", *item.metadata.get("aliases", [])]
             default = item.default
             metavar = type(default).__name__.upper() if default is not None else "STR"
             suffix = f" (default: {default})" if default is not None else ""

@@ -7,9 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data.sources import looks_like_hub_id, missing_path_message
 from ..defaults import shipped_learner_path
 from ..errors import ReGradValueError
+from ..names import missing_location, missing_path_message
 
 # The options live in .options (imported without torch); METHOD_NAMES is re-exported for callers of this module.
 from .documents import load_documents, read_documents, read_questions  # noqa: F401  (read_documents: tests)
@@ -24,8 +24,8 @@ HUB_PROBES_REPO = "locuslab/TOFU"
 def check_location(name: str, what: str) -> None:
     """A learner or bank given on the command line: a local directory, or a name that can be a Hub repo id (then
     the Hub is asked, and its answer names both). A path-like name that does not exist is a typo: say so."""
-    if name != FRESH and not Path(name).expanduser().exists() and not looks_like_hub_id(name):
-        raise ReGradValueError(missing_path_message(name, f"{what} directory"))
+    if name != FRESH and (problem := missing_location(name, f"{what} directory")):
+        raise ReGradValueError(problem)
 
 
 def log_to_stderr() -> None:

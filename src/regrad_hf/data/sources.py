@@ -13,7 +13,6 @@ import codecs
 import gzip
 import io
 import os
-import re
 import stat
 import sys
 import zlib
@@ -22,32 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReGradFileError, ReGradHubError, ReGradValueError
+from ..names import looks_like_hub_id, missing_path_message
 
 # Files always read by `datasets` (the loaders' own readers are for JSON and JSON Lines).
 DATASET_SUFFIXES = (".parquet", ".csv", ".arrow")
-# Suffixes that make a name a file path, never a Hub repo id.
-FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".csv", ".arrow", ".gz", ".zst")
-# A Hub repo id: "name" or "owner/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule).
-_REPO_ID = re.compile(r"^(?:[\w][\w.-]{0,95}/)?[\w][\w.-]{0,95}$")
-
 Rows = Sequence[Mapping[str, Any]]
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """Whether `name` could be a Hub repo id rather than a local path: `owner/name` (or `name`) with at most one
-    slash, no leading `.`, `/` or `~`, no `..` or `--`, and no data-file suffix such as `.json`."""
-    return (
-        bool(_REPO_ID.match(name))
-        and ".." not in name
-        and "--" not in name
-        and not name.endswith(".")
-        and not name.lower().endswith(FILE_SUFFIXES)
-    )
-
-
-def missing_path_message(name: str | os.PathLike, kind: str = "file or directory") -> str:
-    """The message for a local path that does not exist."""
-    return f"no such {kind}: {os.fspath(name)}"
 
 
 def is_dataset(obj: Any) -> bool:
@@ -60,6 +38,24 @@ def is_dataset_dict(obj: Any) -> bool:
     """Whether `obj` is a `datasets.DatasetDict` (checked without importing `datasets`)."""
     module = sys.modules.get("datasets")
     return module is not None and isinstance(obj, module.DatasetDict)
+
+
+def is_iterable_dataset(obj: Any) -> bool:
+    """Whether `obj` is a `datasets.IterableDataset` or `IterableDatasetDict` (a streamed dataset)."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(obj, (module.IterableDataset, module.IterableDatasetDict))
+
+
+STREAM_BATCH_ROWS = 1_000
+
+
+def stream_rows(dataset: Any, batch_size: int = STREAM_BATCH_ROWS) -> list[dict[str, Any]]:
+    """The rows of a `datasets.IterableDataset`, read `batch_size` at a time (it has no length or random access)."""
+    rows = []
+    for batch in dataset.iter(batch_size=batch_size):
+        names = list(batch)
+        rows.extend(dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True))
+    return rows
 
 
 def pick_split(dataset_dict, split: str | None, default: str | None = None):
@@ -87,8 +83,9 @@ def read_rows(
     """The rows of `source`.
 
     Args:
-        source: a `datasets.Dataset`, a `datasets.DatasetDict`, a sequence of mappings, a local file or dataset
-            folder, or a Hub dataset name (e.g. `"rajpurkar/squad"`).
+        source: a `datasets.Dataset`, a `datasets.DatasetDict`, a streamed `datasets.IterableDataset` (read in
+            batches of rows into a list), a sequence of mappings, a local file or dataset folder, or a Hub dataset
+            name (e.g. `"rajpurkar/squad"`).
         config (`str`, *optional*): the configuration (subset) of a Hub dataset or dataset folder.
         split (`str`, *optional*): the split of a `DatasetDict`, Hub dataset or dataset folder.
         default_split (`str`, *optional*): the split taken when `split` is not given and there are several.
@@ -96,12 +93,16 @@ def read_rows(
             are read by `datasets` by their suffix.
 
     Returns:
-        A `datasets.Dataset` or a sequence of mappings.
+        A `datasets.Dataset` or a sequence of mappings (a list of dicts for an `IterableDataset`).
     """
     if is_dataset_dict(source):
         return pick_split(source, split, default_split)
     if is_dataset(source):
         return source
+    if is_iterable_dataset(source):
+        module = sys.modules["datasets"]
+        picked = pick_split(source, split, default_split) if isinstance(source, module.IterableDatasetDict) else source
+        return stream_rows(picked)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes, bytearray)):
         return source
     if not isinstance(source, (str, os.PathLike)):
@@ -144,7 +145,9 @@ def _load_file(path: Path):
 def _load_error(name: str, local: bool, error: Exception) -> Exception:
     if local:
         return ReGradValueError(f"cannot load the dataset folder {name}: {_first_line(error)}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    from huggingface_hub import constants  # offline mode as the Hub client and datasets have it
+
+    offline = constants.is_offline_mode()
     # The name is not a local path either: say so, in case it is a mistyped one.
     return ReGradHubError(
         f"no local file or directory {name}, and the Hub dataset {name!r} cannot be loaded"

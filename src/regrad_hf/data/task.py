@@ -29,7 +29,15 @@ from .records import (
     strings,
 )
 from .schemas import hotpotqa_record, squad_json_rows, squad_row
-from .sources import DATASET_SUFFIXES, Rows, is_dataset, is_dataset_dict, read_rows, read_text_file
+from .sources import (
+    DATASET_SUFFIXES,
+    Rows,
+    is_dataset,
+    is_dataset_dict,
+    is_iterable_dataset,
+    read_rows,
+    read_text_file,
+)
 
 # Article indices of `squad_dev_articles_00-39.json` (shared/data): meta-train, dev and test share no article.
 SQUAD_SPLITS: dict[str, range] = {"train": range(0, 30), "dev": range(30, 35), "test": range(35, 40)}
@@ -289,12 +297,18 @@ LOADERS = {"squad": load_squad, "hotpotqa": load_hotpotqa, "tofu": load_tofu, "j
 
 
 def as_tasks(data: Any) -> list[Task]:
-    """Tasks from what a user hands to [`ReGradTrainer`]: [`Task`]s, mappings, or a `datasets.Dataset` with
-    `documents`/`question`/`answer` columns (or in the SQuAD or HotpotQA Hub schema, recognised by its columns)."""
-    if is_dataset_dict(data):
+    """Tasks from what a user hands to [`ReGradTrainer`]: [`Task`]s, mappings, or a `datasets.Dataset` (or a
+    streamed `IterableDataset`) with `documents`/`question`/`answer` columns (or in the SQuAD or HotpotQA Hub schema,
+    recognised by its columns)."""
+    if is_dataset_dict(data) or (is_iterable_dataset(data) and isinstance(data, Mapping)):
         raise ReGradValueError("got a DatasetDict: pass one of its splits, e.g. dataset['train']")
-    if is_dataset(data):
+    columns = None
+    if is_iterable_dataset(data):
+        data = read_rows(data)  # streamed in batches into a list of rows
+        columns = set(data[0]) if data else set()
+    elif is_dataset(data):
         columns = set(data.column_names)
+    if columns is not None:
         if {"context", "answers", "title"} <= columns:
             return load_squad(data)
         if {"supporting_facts", "context"} <= columns:
@@ -308,14 +322,22 @@ def as_tasks(data: Any) -> list[Task]:
 
 
 def dataset_documents(
-    documents: Any, ids: Sequence[str] | None, text_column: str = "text", id_column: str | None = None
-) -> tuple[Sequence[str], Sequence[str] | None]:
-    """`(documents, ids)` unchanged, unless `documents` is a `datasets.Dataset`/`DatasetDict`: then its
-    `text_column` and `id_column` (explicit `ids` win), for [`GradientBank.build`]."""
-    if not (is_dataset(documents) or is_dataset_dict(documents)):
-        return documents, ids
-    texts, dataset_ids, _ = documents_from(documents, text_column, id_column)
-    return texts, dataset_ids if ids is None else ids
+    documents: Any,
+    ids: Sequence[str] | None,
+    metadata: Sequence[Mapping[str, Any]] | None,
+    text_column: str = "text",
+    id_column: str | None = None,
+) -> tuple[Sequence[str], Sequence[str] | None, Sequence[Mapping[str, Any]] | None]:
+    """`(documents, ids, metadata)` unchanged, unless `documents` is a `datasets.Dataset`, `DatasetDict` or
+    (streamed) `IterableDataset`: then its `text_column`, its `id_column` and its other columns as each document's
+    metadata (explicit `ids` and `metadata` win), for [`GradientBank.build`] and [`GradientBank.add`]."""
+    if not (is_dataset(documents) or is_dataset_dict(documents) or is_iterable_dataset(documents)):
+        return documents, ids, metadata
+    rows = read_rows(documents, default_split="train")
+    names = rows.column_names if is_dataset(rows) else list(rows[0]) if rows else []
+    extra = [name for name in names if name not in (text_column, id_column)] if metadata is None else None
+    texts, dataset_ids, dataset_metadata = documents_from(rows, text_column, id_column, extra)
+    return texts, dataset_ids if ids is None else ids, dataset_metadata if metadata is None else metadata
 
 
 def documents_from(

@@ -90,7 +90,8 @@ def recall_at_k(retrieved: Sequence[str], gold: Collection[str], k: int | None =
 def bootstrap_ci(
     values: Sequence[float], confidence: float = 0.95, resamples: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of `values` (seeded, so it repeats).
+    """Percentile bootstrap confidence interval of the mean of `values` (`scipy.stats.bootstrap`, seeded, so it
+    repeats).
 
     Args:
         values (`Sequence[float]`): one value per question.
@@ -99,16 +100,24 @@ def bootstrap_ci(
         seed (`int`): seed of the resampling.
 
     Returns:
-        `tuple[float, float]`: the lower and upper bounds (NaN when `values` is empty).
+        `tuple[float, float]`: the lower and upper bounds (NaN when `values` is empty; the value itself for one).
     """
+    from scipy.stats import bootstrap  # scipy comes with sentence-transformers; imported when a report needs it
+
     if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
-        # zero resamples would leave np.percentile an empty array (an IndexError)
         raise ReGradValueError(f"bootstrap resamples must be an integer of at least 1, got {resamples!r}")
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    if data.size == 1:  # scipy needs two observations; one value resamples only to itself
+        return float(data[0]), float(data[0])
+    interval = bootstrap(
+        (data,),
+        np.mean,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",  # as the reports have always given it (BCa would change every published interval)
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return float(interval.low), float(interval.high)

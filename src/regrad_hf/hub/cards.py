@@ -8,11 +8,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..defaults import DEFAULT_EMBEDDER_ID
+from ..defaults import DEFAULT_EMBEDDER_ID, EMBEDDED_MODEL_ID, EMBEDDED_MODEL_ORIGIN
 
 LIBRARY_NAME = "regrad-hf"
+PIPELINE_TAG = "text-generation"
+UNNAMED_BASE = "an unnamed base model"  # a learner of a loaded model with no `name_or_path`
+_BASE_KEYS = ("base_model", "base_revision")  # in a bank's learner identity
+# The task of a learner's evaluation results in the card's model-index: `regrad eval` answers questions.
+EVALUATION_TASK = "question-answering"
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "templates" / "MODEL_CARD_TEMPLATE.md"
 CARD_BEGIN = "<!-- regrad-hf:begin -->"
 CARD_END = "<!-- regrad-hf:end -->"
@@ -20,7 +25,10 @@ _CARD_SECTION = re.compile(re.escape(CARD_BEGIN) + r".*?" + re.escape(CARD_END),
 
 
 def _hub_id_or_none(name: str | None) -> str | None:
-    """`name` if it can be a Hub repo id (card metadata may only name those), else None."""
+    """`name` if it can be a Hub repo id (card metadata may only name those), else None; the embedded model is
+    named by the Hub model it quantises."""
+    if name == EMBEDDED_MODEL_ID:
+        return EMBEDDED_MODEL_ORIGIN
     if not name or ":" in name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         return None
     return name
@@ -29,7 +37,22 @@ def _hub_id_or_none(name: str | None) -> str | None:
 def _card_data(base_model: str | None, tags: Sequence[str], extra: Mapping[str, Any] | None) -> ModelCardData:
     extra = dict(extra or {})
     tags = list(dict.fromkeys([*tags, *extra.pop("tags", [])]))
+    extra.setdefault("pipeline_tag", PIPELINE_TAG)
     return ModelCardData(base_model=_hub_id_or_none(base_model), library_name=LIBRARY_NAME, tags=tags, **extra)
+
+
+def _eval_results(evaluation: Mapping[str, float], dataset: str | None) -> list[EvalResult]:
+    """The card's model-index entries: one per metric, on the first of the card's `datasets` when given."""
+    return [
+        EvalResult(
+            task_type=EVALUATION_TASK,
+            dataset_type=dataset or "custom",
+            dataset_name=dataset or "custom",
+            metric_type=name,
+            metric_value=float(value),
+        )
+        for name, value in evaluation.items()
+    ]
 
 
 def render_model_card(
@@ -50,8 +73,8 @@ def render_model_card(
         repo_id (`str`, *optional*): the repo it is pushed to (for the usage example).
         card_data (`Mapping`, *optional*): more `ModelCardData` fields, e.g. `datasets`, `metrics`, `license`,
             `language`, `tags` (added to regrad-hf's), and `title`.
-        evaluation (`Mapping[str, float]`, *optional*): metric name -> value, rendered as a table (the evaluation
-            dataset is the first of `card_data["datasets"]` when given).
+        evaluation (`Mapping[str, float]`, *optional*): metric name -> value, rendered as a table and as the card's
+            model-index (`huggingface_hub.EvalResult`; the dataset is the first of `card_data["datasets"]` when given).
 
     Returns:
         `str`: the card (YAML metadata and markdown).
@@ -61,13 +84,16 @@ def render_model_card(
     data = _card_data(config.base_model_name_or_path, ("regrad", "retrievable-gradients", "lora"), extra)
     if evaluation and not data.metrics:
         data.metrics = list(evaluation)
+    if evaluation and not data.eval_results:
+        data.eval_results = _eval_results(evaluation, (data.datasets or [None])[0])
+        data.model_name = data.model_name or title or repo_id or "regrad-learner"
     card = ModelCard.from_template(
         data,
         template_path=str(TEMPLATE_PATH),
         kind="model",
         title=title,
         repo_id=repo_id or "<this repo or directory>",
-        base_model_id=config.base_model_name_or_path,
+        base_model_id=config.base_model_name_or_path or UNNAMED_BASE,
         base_model_revision=config.base_model_revision,
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -105,8 +131,9 @@ def render_bank_card(
     """
     extra = dict(card_data or {})
     title = extra.pop("title", None)
-    learner = bank_config["learner"]
-    data = _card_data(learner.get("base_model"), ("regrad", "retrievable-gradients", "gradient-bank"), extra)
+    # The learner identity stores names as strings (`str(None)` for none): it is hashed into the fingerprint.
+    base, revision = (None if value == "None" else value for value in map(bank_config["learner"].get, _BASE_KEYS))
+    data = _card_data(base, ("regrad", "retrievable-gradients", "gradient-bank"), extra)
     card = ModelCard.from_template(
         data,
         template_path=str(TEMPLATE_PATH),
@@ -116,8 +143,8 @@ def render_bank_card(
         subfolder=subfolder,
         num_documents=bank_config["num_documents"],
         num_shards=len(bank_config["shards"]),
-        base_model_id=learner.get("base_model"),
-        base_model_revision=learner.get("base_model_revision"),
+        base_model_id=base or UNNAMED_BASE,
+        base_model_revision=revision,
         fingerprint=bank_config["fingerprint"],
         dtype=bank_config["dtype"],
         embedder=bank_config["embedder"],
@@ -125,6 +152,34 @@ def render_bank_card(
         format_version=bank_config["format_version"],
     )
     return str(card)
+
+
+def render_adapter_card(base_model: str | None, base_model_revision: str | None, loadable_base: str | None) -> str:
+    """The `README.md` of an exported peft adapter ([`ReGradForCausalLM.export_adapter`]): peft's metadata, and the
+    learner's base model with its revision, which the adapter config may not carry (it records a loadable base).
+
+    Args:
+        base_model (`str`, *optional*), base_model_revision (`str`, *optional*): the learner's base, as in its config.
+        loadable_base (`str`, *optional*): the base recorded in `adapter_config.json` (a Hub id or a local folder).
+    """
+    revision = f" (revision `{base_model_revision}`)" if base_model_revision else ""
+    loads = (
+        ""
+        if loadable_base == base_model
+        else f" `AutoPeftModelForCausalLM` loads it from `{loadable_base}`, a folder of the machine that exported it."
+    )
+    data = ModelCardData(
+        base_model=_hub_id_or_none(base_model),
+        library_name="peft",
+        pipeline_tag=PIPELINE_TAG,
+        tags=["regrad", "lora", "peft"],
+    )
+    text = (
+        f"# LoRA adapter exported from a ReGrad learner\n\nBase model: `{base_model}`{revision}.{loads}\n\n"
+        "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+        'model = AutoPeftModelForCausalLM.from_pretrained("<this directory>")\n```\n'
+    )
+    return f"---\n{data.to_yaml()}\n---\n\n{text}"
 
 
 def merge_card(existing: str | None, new: str) -> str:

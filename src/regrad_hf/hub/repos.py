@@ -235,6 +235,16 @@ def _hub_requests(what: str) -> Iterator[None]:
         raise _failed_request(what, error) from error
 
 
+def refuse_offline(what: str) -> None:
+    """Raises [`ReGradHubError`] under `HF_HUB_OFFLINE=1`, before a call that needs the Hub (a push, a pull), where
+    huggingface_hub would raise its own `OfflineModeIsEnabled` or fall back to whatever folder is there."""
+    if constants.is_offline_mode():
+        raise ReGradHubError(
+            f"cannot {what}: HF_HUB_OFFLINE=1 is set, so the Hub ({constants.ENDPOINT}) is not contacted; unset it "
+            "to use the Hub, or work with local folders (save_pretrained / from_pretrained of a path)"
+        )
+
+
 def _offline_error(repo_id: str, revision: str | None, files: Sequence[str], options: HubOptions) -> ReGradHubError:
     cache = options.cache_dir or constants.HF_HUB_CACHE
     why = (
@@ -284,7 +294,11 @@ def push_folder(
 
     Returns:
         `huggingface_hub.CommitInfo`: with the commit sha as `.oid` (and the PR URL as `.pr_url`).
+
+    Raises:
+        [`ReGradHubError`]: `HF_HUB_OFFLINE=1` is set, or a request to the Hub fails.
     """
+    refuse_offline(f"push to {repo_id}")
     folder = Path(folder)
     prefix = path_in_repo.strip("/")
     with _hub_requests(f"pushing to {repo_id}"):
@@ -340,8 +354,10 @@ def pull(
 
     Raises:
         [`ReGradFileError`]: `local_dir` is not a usable folder, or a file cannot be written (a full disk).
-        [`ReGradHubError`]: the repo cannot be reached, or it lists a file outside itself (`../x.json`).
+        [`ReGradHubError`]: the repo cannot be reached (`HF_HUB_OFFLINE=1` included), or it lists a file outside
+            itself (`../x.json`).
     """
+    refuse_offline(f"pull {repo_id}")
     local_dir = output_directory(local_dir, "local_dir")
     try:
         folder = snapshot_download(

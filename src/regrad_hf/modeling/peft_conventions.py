@@ -21,11 +21,14 @@ from torch import nn
 from ..adaptation import deltas
 from ..adaptation.learner import ADAPTER_NAME
 from ..config import check_gamma
+from ..defaults import loadable_base
 from ..errors import ReGradError, ReGradValueError
 from ..files import atomic_save_safetensors, atomic_write_text, output_directory
+from ..hub.cards import render_adapter_card
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CARD_FILE = "README.md"
 # How PeftModel names its parameters: the base model sits under `base_model.model` (PeftModel -> LoraModel -> model).
 _PEFT_MODEL_PREFIX = "base_model.model."
 _ONE_ADAPTER = (
@@ -41,6 +44,7 @@ def write_peft_adapter(
     save_directory: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
+    card: str | None = None,
 ) -> Path:
     """Writes LoRA tensors as a standard peft adapter: `adapter_config.json` and `adapter_model.safetensors`, the files
     `PeftModel.save_pretrained` writes, loadable with `PeftModel.from_pretrained(base_model, save_directory)`.
@@ -50,6 +54,7 @@ def write_peft_adapter(
         lora_tensors (`Mapping[str, torch.Tensor]`): the values to write, by parameter name in `model`.
         save_directory (`str` or `os.PathLike`): created if needed; existing adapter files are replaced.
         base_model_name_or_path, revision (`str`, *optional*): recorded in the config for `AutoPeftModelForCausalLM`.
+        card (`str`, *optional*): the adapter's `README.md` (as peft's `save_pretrained` writes one).
 
     Raises:
         [`ReGradTypeError`] or [`ReGradValueError`]: `save_directory` is not a path, or is empty.
@@ -73,6 +78,8 @@ def write_peft_adapter(
     directory = output_directory(save_directory, "save_directory")
     atomic_save_safetensors(tensors, directory / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
     atomic_write_text(directory / ADAPTER_CONFIG_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    if card is not None:
+        atomic_write_text(directory / ADAPTER_CARD_FILE, card)
     return directory
 
 
@@ -212,9 +219,10 @@ class PeftConventionsMixin:
         holds `theta' = theta - gamma * alpha_t * sum_i g_i`, computed exactly as inside
         [`~ReGradForCausalLM.injected`] / [`~ReGradForCausalLM.knowledge`]: `PeftModel.from_pretrained(base, dir)`
         then generates what this model generates inside that context (the tensors are bit for bit those inside it).
-        The model's tensors are never written. The config records the base model's name and revision for
-        `AutoPeftModelForCausalLM`; the embedded default base is not on the Hub under its name, so load that base
-        yourself.
+        The model's tensors are never written. The config records a base that `AutoPeftModelForCausalLM` loads:
+        the base model's name and revision, or for the embedded default base (not on the Hub under its name) its
+        converted local folder (see [`regrad_hf.defaults.embedded_model_path`]; on another machine, pass that
+        machine's folder to `PeftModel.from_pretrained`). A `README.md` names the base model and its revision.
 
         Args:
             save_directory (`str` or `os.PathLike`): where to write (created if needed).
@@ -232,7 +240,7 @@ class PeftConventionsMixin:
         Example:
             ```python
             model.export_adapter("zorbia-adapter", ids=["zorbia"])
-            served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), "zorbia-adapter")
+            served = AutoPeftModelForCausalLM.from_pretrained("zorbia-adapter")  # the base and the adapter
             ```
         """
         output_directory(save_directory, "save_directory", create=False)  # refused before any gradient is computed
@@ -259,11 +267,13 @@ class PeftConventionsMixin:
                     else tensor.clone()
                     for name, tensor in state.items()
                 }
-        config = self.config
+        name, revision = self.config.base_model_name_or_path, self.config.base_model_revision
+        base, base_revision = loadable_base(name, revision)
         return write_peft_adapter(
             self.language_model,
             tensors,
             save_directory,
-            base_model_name_or_path=config.base_model_name_or_path,
-            revision=config.base_model_revision,
+            base_model_name_or_path=base,
+            revision=base_revision,
+            card=render_adapter_card(name, revision, base),
         )

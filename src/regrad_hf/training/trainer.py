@@ -273,7 +273,9 @@ class ReGradTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Answer loss, EM and F1 on dev tasks for `no_adaptation`, `regrad` and `raw` side by side, plus the
-        injection signal `no_adaptation` answer loss minus `regrad` answer loss (positive = the documents help)."""
+        injection signal `no_adaptation` answer loss minus `regrad` answer loss (positive = the documents help).
+
+        A progress bar over the tasks follows `disable_tqdm` and transformers' and huggingface_hub's switches."""
         tasks = as_tasks(eval_dataset if eval_dataset is not None else self.eval_dataset)[: self.args.eval_max_tasks]
         learner = self.accelerator.unwrap_model(self.model)
         results = evaluate_injection(
@@ -284,6 +286,7 @@ class ReGradTrainer(Trainer):
             max_new_tokens=self.args.eval_max_new_tokens,
             max_document_tokens=self.args.inner_max_document_tokens,
             generate=self.args.eval_generate,
+            show_progress=not self.args.disable_tqdm and self.is_local_process_zero(),  # as Trainer's own bars
         )
         metrics = {
             f"{metric_key_prefix}_{case}_{name}": value
