@@ -351,7 +351,6 @@ def test_pull_onto_a_full_disk_or_into_a_file_raises_a_file_error(published, hub
         (OSError(errno.ENOSPC, "No space left on device"), ReGradFileError),
         (OSError(errno.EDQUOT, "Disk quota exceeded"), ReGradFileError),
         (ConnectionError("connection reset by peer"), ReGradHubError),
-        (ValueError("Invalid path '../../x.json': it leaves the folder"), ReGradHubError),
     ],
 )
 def test_pull_failures_are_typed(published, hub, tmp_path, monkeypatch, failure, error):
@@ -361,3 +360,17 @@ def test_pull_failures_are_typed(published, hub, tmp_path, monkeypatch, failure,
     monkeypatch.setattr(regrad_hf.hub.repos, "snapshot_download", failing)
     with pytest.raises(error):
         pull(LEARNER_REPO, tmp_path / "pulled")
+
+
+@pytest.mark.parametrize("outside", ["../../x.json", "/abs/x.json", "bank/../../x.json", "..\\x.json"])
+def test_pulling_a_repo_that_lists_a_file_outside_itself_downloads_nothing_and_says_so_in_one_line(
+    published, hub, tmp_path, capsys, outside
+):
+    HfApi().create_repo("user/escaping", exist_ok=True)
+    hub.edit("user/escaping", {**hub.files(LEARNER_REPO), outside: b"{}"})
+    with pytest.raises(ReGradHubError, match="outside the repo"):
+        pull("user/escaping", tmp_path / "pulled" / "here")
+    assert not [path for path in (tmp_path / "pulled").rglob("*") if path.is_file()]  # refused before any download
+    assert regrad(["pull", "user/escaping", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot pull user/escaping") and "Traceback" not in err and err.count("\n") == 1
