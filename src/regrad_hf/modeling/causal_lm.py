@@ -362,6 +362,9 @@ class ReGradForCausalLM(
         [`regrad_hf.adaptation.objective`]), as a `CausalLMOutputWithPast` with only `loss` set: [`ReGradTrainer`]
         computes its loss through this forward so that a DDP wrapper synchronises the gradients.
         """
+        if self._restore.needs_repair():  # an interrupt cut a block's restore: the tensors are put back first
+            with self._adaptation_lock:
+                self._restore.repair()
         if meta_tasks is not None:
             loss = objective.meta_loss(
                 self,
