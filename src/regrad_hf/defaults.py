@@ -12,13 +12,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 from huggingface_hub import constants
 
-from .errors import EmbeddedModelMissingError, ReGradError, ReGradHubError, ReGradValueError
+from .errors import EmbeddedModelMissingError, ReGradError, ReGradHubError, ReGradTypeError, ReGradValueError
 from .files import DIRECTORY_MODE, exclusive_lock
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct-Q4_1"
@@ -139,22 +140,35 @@ def loadable_base(name: str | None, revision: str | None) -> tuple[str | None, s
 _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
 
 
-def load_base_model(name: str, revision: str | None, tokenizer=None, **model_kwargs):
+def load_base_model(
+    name: str, revision: str | None, tokenizer=None, *, trust_remote_code: bool = False, **model_kwargs
+):
     """Loads a base causal LM and (unless given) its tokenizer by name: a local checkpoint, a Hub id or
-    [`EMBEDDED_MODEL_ID`].
+    [`EMBEDDED_MODEL_ID`]. Only safetensors weights are read (a pickle is never unpickled), and no code of the
+    model's runs unless `trust_remote_code=True`; transformers is never left to ask on stdin.
+
+    Args:
+        trust_remote_code (`bool`, defaults to `False`): the caller's explicit consent to run the code a model's
+            `config.json` names (`auto_map`).
 
     Returns:
         `tuple`: the model and the tokenizer.
 
     Raises:
         [`ReGradValueError`]: `name` is not a model that transformers loads (a folder without a checkpoint, a file,
-            a pickled or malformed checkpoint, a model that needs remote code).
+            weights only as pickles (`pytorch_model.bin`), a malformed checkpoint), or it names its own code
+            (`auto_map`) and `trust_remote_code` is not `True`.
         [`ReGradHubError`]: no such local folder, and no such repo on the Hub (or not cached while offline).
     """
-    import pickle
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    if not isinstance(trust_remote_code, bool):
+        raise ReGradTypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r:.40}")
+    if model_kwargs.get("use_safetensors") is False:
+        raise ReGradValueError(
+            "use_safetensors=False: regrad-hf never unpickles weights; convert them to safetensors, or load the model "
+            "yourself and pass it"
+        )
     path = resolve_model_path(name)
     hub_kwargs = {key: model_kwargs[key] for key in _SHARED_HUB_KWARGS if key in model_kwargs}
     learner = ReGradValueError(f"{name!r:.200} is a ReGrad learner, not a base model: name the plain causal LM")
@@ -162,16 +176,30 @@ def load_base_model(name: str, revision: str | None, tokenizer=None, **model_kwa
         raise learner
     _fail_fast_if_unreachable(path, revision, model_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **model_kwargs)
+        config_kwargs = {key: model_kwargs[key] for key in ("subfolder", "gguf_file") if key in model_kwargs}
+        # config.json as data (no code runs): a model that names its own code is refused before transformers sees it
+        config, _ = PreTrainedConfig.get_config_dict(path, revision=revision, **hub_kwargs, **config_kwargs)
+        if config.get("auto_map") and not trust_remote_code:
+            raise ReGradValueError(
+                f"the base model {name!r:.200} names its own code (auto_map {sorted(config['auto_map'])}), which "
+                "regrad-hf never runs unasked: read that code, then pass trust_remote_code=True to from_base or "
+                "trust_base_remote_code=True to from_pretrained; or load the model yourself and pass it"
+            )
+        code = {"trust_remote_code": trust_remote_code}  # explicit: transformers never prompts
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, **code, **{**model_kwargs, "use_safetensors": True}
+        )
         if getattr(model.config, "model_type", None) == "regrad":  # a learner's base must be a plain causal LM
             raise learner
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision, **hub_kwargs)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision, **code, **hub_kwargs)
     except RecursionError as error:  # a learner naming itself (or a cycle of them) as its base
         raise learner from error
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:  # what transformers and the Hub raise
         if isinstance(error, ReGradError):
             raise
         reason = f"{type(error).__name__}: {str(error)[:300]}"
+        if _has_only_pickled_weights(path):
+            reason = "its weights are pickles (pytorch_model.bin), which regrad-hf never unpickles: convert them"
         if os.path.lexists(path) or not isinstance(error, OSError):
             raise ReGradValueError(f"cannot load the base model {name!r:.200}: {reason}") from error
         offline = " (HF_HUB_OFFLINE=1: only local paths and the Hub cache are read)" if constants.HF_HUB_OFFLINE else ""
@@ -209,6 +237,15 @@ def _fail_fast_if_unreachable(path: str, revision: str | None, model_kwargs: dic
         ) from error
     except (HFValidationError, OSError, ValueError):  # not a repo id, no such repo or file: transformers reports it
         return
+
+
+def _has_only_pickled_weights(path: str) -> bool:
+    """Whether the local folder `path` holds pickled weights and no safetensors ones."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    pickled = any(folder.glob("pytorch_model*.bin"))
+    return pickled and not any(folder.glob("*.safetensors"))
 
 
 def _local_model_type(path: str) -> str | None:

@@ -1,15 +1,23 @@
-"""Atomic file writes: write a temporary file next to the target, then rename it over the target; and the lock that
-makes writers of one target (processes or threads) wait for each other.
+"""Atomic file writes: write a temporary file next to the target, then rename it over the target; the lock that
+makes writers of one target (processes or threads) wait for each other; and the swap that replaces a whole folder.
 
 A write that fails (a full disk, a library's I/O error) leaves the target as it was and raises `ReGradFileError`.
+
+A folder `D` (a bank, a compact checkpoint) is replaced whole, under its lock `.D.lock`: the writer fills a staging
+folder `.D.staging-*`, writes the journal `.D.swap` naming the backup `.D.old-*`, renames `D` to the backup and the
+staging folder to `D`, then deletes the journal and the backup ([`swap_in`]). A kill between the two renames leaves
+no `D`, only the journaled backup: the next writer (or a reader that takes the lock) moves it back ([`repair_swap`]).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -184,6 +192,64 @@ def flocked(path: Path, flags: int) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def journal_path(target: Path) -> Path:
+    """The journal of a swap into the folder `target`: `.NAME.swap` beside it, naming the backup while it stands."""
+    return target.parent / f".{target.name}.swap"
+
+
+def interrupted_backup(target: Path, complete: str) -> Path | None:
+    """The previous folder that a swap into `target` cut between its two renames left, if the journal names one that
+    holds the file `complete` (what a finished folder of its kind always has)."""
+    try:
+        journal = json.loads(journal_path(target).read_text(encoding="utf-8"))
+        backup = target.parent / journal["backup"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if backup.name.startswith(f".{target.name}.old-") and (backup / complete).is_file():
+        return backup
+    return None
+
+
+def repair_swap(target: Path, complete: str) -> None:
+    """With the lock of `target` held: puts the previous folder back if a swap was cut between its renames (see
+    [`interrupted_backup`]), then deletes what killed writers left (staging and backup folders, the journal). A folder
+    deleted on purpose stays deleted: without a journal, no backup is ever moved back."""
+    backup = interrupted_backup(target, complete)
+    if backup is not None and not target.exists():
+        backup.rename(target)
+    journal_path(target).unlink(missing_ok=True)
+    for leftover in [*target.parent.glob(f".{target.name}.old-*"), *target.parent.glob(f".{target.name}.staging-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def staging_folder(target: Path) -> Path:
+    """A new, empty `.NAME.staging-*` folder beside `target` (with the modes of a plain `mkdir`), which
+    [`repair_swap`] deletes if its writer is killed."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    staging.chmod(DIRECTORY_MODE)
+    return staging
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """With the lock of `target` held: puts the folder `staging` in the place of `target`. The previous folder is moved
+    aside under a journal first, so a kill between the two renames leaves it for [`repair_swap`] to put back."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    atomic_write_text(journal_path(target), json.dumps({"backup": backup.name}) + "\n")
+    target.rename(backup)
+    try:
+        staging.rename(target)
+    except BaseException:
+        if not target.exists():  # an interrupt may land just after the rename succeeded
+            backup.rename(target)
+        raise
+    finally:
+        journal_path(target).unlink(missing_ok=True)
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def directory_argument(value: object, what: str) -> Path:

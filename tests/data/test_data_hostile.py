@@ -293,3 +293,38 @@ def test_document_ids_are_given_on_every_line_and_never_null(tmp_path):
     assert read_documents(write(tmp_path, "n.jsonl", jsonl({"text": "One.", "id": 7})))[1] == ["7"]
     with pytest.raises(ReGradValueError, match="row 1 has no 'id'"):
         documents_from(datasets.Dataset.from_dict({"text": ["a", "b"], "id": ["x", None]}), id_column="id")
+
+
+def _saved_documents(folder: Path, texts: list[str]) -> Path:
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlinked split", "symlinked data file", "data file path"])
+def test_a_saved_dataset_folder_is_never_read_outside_itself(tmp_path, escape):
+    """`load_from_disk` joins the split names of dataset_dict.json and the file names of state.json to the folder as
+    they are: a hostile folder must not make documents_from read another folder's data."""
+    other = _saved_documents(tmp_path / "other", ["a secret document outside the folder"])
+    folder = _saved_documents(tmp_path / "deep" / "er" / "documents", ["the folder's own document"])
+    assert documents_from(folder)[0] == ["the folder's own document"]
+    listing = folder / "dataset_dict.json"
+    if escape == "dotdot":
+        listing.write_text(json.dumps({"splits": ["../../../other/train"]}))
+    elif escape == "absolute":
+        listing.write_text(json.dumps({"splits": [str(other / "train")]}))
+    elif escape == "symlinked split":
+        (folder / "train").rename(folder / "train-moved")
+        (folder / "train").symlink_to(other / "train", target_is_directory=True)
+    else:
+        state_path = folder / "train" / "state.json"
+        state = json.loads(state_path.read_text())
+        (data_file,) = [entry["filename"] for entry in state["_data_files"]]
+        if escape == "symlinked data file":
+            (folder / "train" / data_file).unlink()
+            (folder / "train" / data_file).symlink_to(other / "train" / data_file)
+        else:
+            state["_data_files"] = [{"filename": f"../../../../other/train/{data_file}"}]
+            state_path.write_text(json.dumps(state))
+    with pytest.raises(ReGradError, match="never read") as raised:
+        documents_from(folder)
+    assert isinstance(raised.value, (ReGradValueError, ReGradFileError))

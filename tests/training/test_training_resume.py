@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from regrad_hf.cli import main
 from regrad_hf.errors import ReGradError, ReGradFileError, ReGradValueError
 from regrad_hf.files import exclusive_lock, flocked
 from regrad_hf.training import ReGradTrainer
-from regrad_hf.training.checkpoints import export_compact_checkpoint, last_checkpoint
+from regrad_hf.training.checkpoints import check_checkpoint, export_compact_checkpoint, last_checkpoint
 
 from ..conftest import make_tiny_base, make_tiny_model, parameter_bytes
 from .test_training import arguments, color_tasks
@@ -214,7 +215,7 @@ def test_compact_exports_into_one_folder_wait_for_each_other_and_fail_cleanly(ru
         )
         thread.start()
         time.sleep(1)
-        assert not (tmp_path / ".compact.staging").exists()  # it waits before writing anything
+        assert not list(tmp_path.glob(".compact.staging*"))  # it waits before writing anything
         assert {p.name: p.read_bytes() for p in compact.iterdir()} == before
     thread.join(60)
     assert not errors and json.loads((compact / "trainer_state.json").read_text())["global_step"] == 2
@@ -226,7 +227,33 @@ def test_compact_exports_into_one_folder_wait_for_each_other_and_fail_cleanly(ru
     with pytest.raises(ReGradFileError, match="disk is full"):
         export_compact_checkpoint(run / "run" / "checkpoint-1", compact)
     assert json.loads((compact / "trainer_state.json").read_text())["global_step"] == 2
-    assert not (tmp_path / ".compact.staging").exists()
+    assert not list(tmp_path.glob(".compact.staging*"))
+
+
+def test_a_compact_export_killed_between_its_two_renames_leaves_a_checkpoint_that_is_put_back(
+    tokenizer, run, tmp_path, monkeypatch
+):
+    """The disk as a kill between the export's two renames leaves it (copied at that moment): no folder, only the
+    previous one aside. Checking it for a resume puts the previous checkpoint back, whole, and it resumes."""
+    compact = shutil.copytree(run / "compact", tmp_path / "out" / "compact")
+    before = {path.name: path.read_bytes() for path in compact.iterdir()}
+    killed = tmp_path / "killed"
+    rename = Path.rename
+
+    def rename_after_a_snapshot(self, target):
+        if Path(target) == compact and not compact.exists():  # the second rename: what a kill here leaves
+            shutil.copytree(compact.parent, killed, symlinks=True)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_after_a_snapshot)
+    export_compact_checkpoint(run / "run" / "checkpoint-2", compact)
+    monkeypatch.undo()
+    assert json.loads((compact / "trainer_state.json").read_text())["global_step"] == 2
+    assert killed.is_dir() and not (killed / "compact").exists()
+    assert check_checkpoint(killed / "compact")["global_step"] == 1
+    assert {path.name: path.read_bytes() for path in (killed / "compact").iterdir()} == before
+    assert sorted(path.name for path in killed.iterdir()) == [".compact.lock", "compact"]  # no leftover
+    assert resume(tokenizer, tmp_path, killed / "compact", checked_first=False).state.global_step == 2
 
 
 def test_train_command_reports_a_bad_resume_in_one_line_and_resume_last_skips_a_killed_save(

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import stat
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ReGradFileError
-from ..files import atomic_write_text, exclusive_lock, fcntl, lock_path
+from ..files import exclusive_lock, fcntl, journal_path, lock_path, repair_swap, swap_in
+from ..files import interrupted_backup as interrupted_swap
 from .checkpoint import BUILD_FILES
 from .schema import file_error
 
@@ -46,10 +45,6 @@ def sha256_of(handle) -> str:
     for chunk in iter(lambda: handle.read(1 << 22), b""):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def journal_path(target: Path) -> Path:
-    return target.parent / f".{target.name}.swap"
 
 
 @contextlib.contextmanager
@@ -87,53 +82,27 @@ def was_a_bank(target: Path) -> bool:
 
 def interrupted_backup(target: Path) -> Path | None:
     """The previous bank that a swap into `target` cut between its two renames left, if the journal names one."""
-    try:
-        journal = json.loads(journal_path(target).read_text(encoding="utf-8"))
-        backup = target.parent / journal["backup"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if backup.name.startswith(f".{target.name}.old-") and (backup / CONFIG_FILE).is_file():
-        return backup
-    return None
+    return interrupted_swap(target, CONFIG_FILE)
 
 
 def repair(target: Path) -> None:
     """With the lock held: puts back the previous bank if a swap was cut between its renames, then deletes what
-    killed writers left (staging and backup directories, the journal). A bank deleted on purpose stays deleted:
-    without a journal, no backup is ever moved back."""
-    backup = interrupted_backup(target)
-    if backup is not None and not target.exists():
-        backup.rename(target)
-    journal_path(target).unlink(missing_ok=True)
-    for leftover in [*target.parent.glob(f".{target.name}.old-*"), *target.parent.glob(f".{target.name}.staging-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+    killed writers left ([`regrad_hf.files.repair_swap`])."""
+    repair_swap(target, CONFIG_FILE)
 
 
 def publish(staging: Path, target: Path) -> None:
     """With the lock held: puts `staging` in the place of `target`, keeping the files of `target` that are not part
-    of a bank (copied, never through a symlink). The previous bank is moved aside under a journal first, so a kill
-    between the two renames leaves it for the next writer to put back."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    for entry in target.iterdir():
-        if entry.name not in BANK_FILES + BUILD_FILES and not (staging / entry.name).exists():
-            refuse_symlinks(entry)
-            copy = shutil.copytree if entry.is_dir() else shutil.copy2
-            partial = staging / f".{entry.name}.copying"  # renamed when complete: a kill never leaves half a copy
-            copy(entry, partial)
-            partial.rename(staging / entry.name)
-    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    atomic_write_text(journal_path(target), json.dumps({"backup": backup.name}) + "\n")
-    target.rename(backup)
-    try:
-        staging.rename(target)
-    except BaseException:
-        backup.rename(target)
-        raise
-    finally:
-        journal_path(target).unlink(missing_ok=True)
-    shutil.rmtree(backup, ignore_errors=True)
+    of a bank (copied, never through a symlink), with the journaled swap of [`regrad_hf.files.swap_in`]."""
+    if target.exists():
+        for entry in target.iterdir():
+            if entry.name not in BANK_FILES + BUILD_FILES and not (staging / entry.name).exists():
+                refuse_symlinks(entry)
+                copy = shutil.copytree if entry.is_dir() else shutil.copy2
+                partial = staging / f".{entry.name}.copying"  # renamed when complete: a kill never leaves half a copy
+                copy(entry, partial)
+                partial.rename(staging / entry.name)
+    swap_in(staging, target)
 
 
 def refuse_symlinks(path: Path) -> None:

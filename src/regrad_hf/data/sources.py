@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import json
 import os
 import stat
 import sys
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ReGradFileError, ReGradHubError, ReGradValueError
+from ..errors import ReGradError, ReGradFileError, ReGradHubError, ReGradValueError
 from ..names import looks_like_hub_id, missing_path_message
 
 # Files always read by `datasets` (the loaders' own readers are for JSON and JSON Lines).
@@ -122,12 +123,75 @@ def read_rows(
 
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
+            check_saved_dataset(path)
             loaded = datasets.load_from_disk(str(path))
         else:  # a dataset folder or a Hub dataset
             loaded = datasets.load_dataset(name, config, split=split)
+    except ReGradError:
+        raise
     except Exception as error:  # datasets raises many types: ConnectionError, DatasetNotFoundError, ValueError...
         raise _load_error(name, path.is_dir(), error) from error
     return pick_split(loaded, split, default_split) if isinstance(loaded, datasets.DatasetDict) else loaded
+
+
+_SAVED_JSON_BYTES = 16 << 20  # a save_to_disk folder's dataset_dict.json or state.json, at most
+
+
+def check_saved_dataset(folder: Path) -> None:
+    """Confines a `save_to_disk` folder to itself before `datasets.load_from_disk` reads it: `load_from_disk` joins
+    the split names of `dataset_dict.json` and the data file names of each `state.json` to the folder as they are, so
+    a split `"../../other"` or `"/abs"` (or a symlink) would read data from elsewhere.
+
+    Raises:
+        [`ReGradValueError`]: a split or data file name that is not a plain name inside its folder.
+        [`ReGradFileError`]: a file or folder it reads is a symlink, or a JSON file cannot be read.
+    """
+    splits = [folder]
+    if (folder / "dataset_dict.json").is_file():
+        listed = _saved_json(folder / "dataset_dict.json").get("splits")
+        if not isinstance(listed, list):
+            raise ReGradValueError(f"{folder / 'dataset_dict.json'} has no list of splits")
+        splits = [_inside(folder, name, "split") for name in listed]
+    for split in splits:
+        _refuse_symlink(split)
+        files = _saved_json(split / "state.json").get("_data_files")
+        if not isinstance(files, list) or not all(isinstance(entry, dict) for entry in files):
+            raise ReGradValueError(f"{split / 'state.json'} has no list of data files")
+        for entry in files:
+            _refuse_symlink(_inside(split, entry.get("filename"), "data file"))
+        _refuse_symlink(split / "dataset_info.json")
+
+
+def _inside(folder: Path, name: object, what: str) -> Path:
+    """`folder / name` for a plain file or folder name; raises for anything that could leave `folder`."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0") or ":" in name:
+        raise ReGradValueError(
+            f"{folder} names the {what} {name!r:.80}, which is not a plain name inside it (a saved dataset never "
+            "reads from outside its folder)"
+        )
+    return folder / name
+
+
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise ReGradFileError(f"{path} is a symlink; a saved dataset is never read through one: copy the data in")
+
+
+def _saved_json(path: Path) -> dict:
+    _refuse_symlink(path)
+    try:
+        if path.stat().st_size > _SAVED_JSON_BYTES:
+            raise ReGradValueError(f"{path} is larger than {_SAVED_JSON_BYTES >> 20} MiB; it is not a saved dataset's")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ReGradFileError(f"cannot read {path}: {error.strerror or error}") from error
+    except ValueError as error:
+        if isinstance(error, ReGradError):
+            raise
+        raise ReGradValueError(f"{path} is not valid JSON: {_first_line(error)}") from error
+    if not isinstance(value, dict):
+        raise ReGradValueError(f"{path} is not a JSON object")
+    return value
 
 
 def _load_file(path: Path):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from huggingface_hub import (
     CommitOperationAdd,
@@ -360,8 +360,18 @@ def pull(
     refuse_offline(f"pull {repo_id}")
     local_dir = output_directory(local_dir, "local_dir")
     try:
+        # One listing, checked before any download, then downloaded at its commit (a push meanwhile changes nothing).
+        info = HfApi(token=token).model_info(repo_id, revision=revision)
+        names = [sibling.rfilename for sibling in info.siblings or []]
+        wanted = filter_repo_objects(names, allow_patterns=list(DATA_FILE_PATTERNS))
+        outside = [name for name in wanted if _leaves_the_folder(name)]
+        if outside:
+            raise ReGradHubError(
+                f"cannot pull {repo_id}: it lists {outside[0]!r:.200}, a file outside the repo's folder; nothing was "
+                "downloaded"
+            )
         folder = snapshot_download(
-            repo_id, revision=revision, token=token, local_dir=local_dir, allow_patterns=list(DATA_FILE_PATTERNS)
+            repo_id, revision=info.sha, token=token, local_dir=local_dir, allow_patterns=list(DATA_FILE_PATTERNS)
         )
     except HFValidationError as error:
         raise ReGradValueError(f"{repo_id} is not a Hub repo id") from error
@@ -369,13 +379,20 @@ def pull(
         raise ReGradHubError(f"no repo {repo_id} on {constants.ENDPOINT} (or it is private: pass a token)") from error
     except RevisionNotFoundError as error:
         raise ReGradValueError(f"{repo_id} has no revision {revision!r}") from error
-    except ValueError as error:  # huggingface_hub refuses a listed path that leaves the folder ("../../x.json")
-        raise ReGradHubError(f"cannot pull {repo_id}: {error}") from error
+    except ReGradError:
+        raise
     except (_HTTPError, OSError) as error:  # a full disk is a file error; a cut connection, a failed request
         if is_disk_failure(error):
             raise write_error(error, local_dir) from error
         raise _failed_request(f"downloading {repo_id}", error) from error
     return Path(folder)
+
+
+def _leaves_the_folder(name: str) -> bool:
+    """Whether a repo file name would be written outside the folder it is downloaded into: absolute (`/x`, `C:x`,
+    `\\\\host\\x`) or with a `..` component."""
+    windows = PureWindowsPath(name)  # splits on both slashes; knows drives and UNC roots
+    return name.startswith("/") or bool(windows.drive or windows.root) or ".." in windows.parts
 
 
 def _is_under(name: str, prefix: str) -> bool:

@@ -30,7 +30,7 @@ from ..bank import EAGER_FILES as BANK_EAGER_FILES
 from ..bank import GradientBank
 from ..config import ReGradConfig
 from ..defaults import EMBEDDED_MODEL_ID, embedded_model_revision, load_base_model
-from ..errors import ReGradError, ReGradValueError
+from ..errors import ReGradError, ReGradTypeError, ReGradValueError
 from ..files import atomic_save_safetensors, atomic_write_text
 from ..hub.publishing import LearnerPublishingMixin
 from ..hub.repos import HubOptions, locate
@@ -49,8 +49,9 @@ from .learner_state import LearnerStateMixin
 from .peft_conventions import PeftConventionsMixin
 
 BANK_SUBFOLDER = "bank"
-# What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
-# from a learner repo is ever run (it holds none), so `trust_remote_code` is moot; it is not passed on to the base.
+# What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. A learner
+# repo holds no code, so `trust_remote_code` is moot; it never reaches the base, whose code runs only with
+# `trust_base_remote_code=True` (the base is named by the learner's config: data, maybe hostile).
 _IGNORED_KWARGS = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "trust_remote_code", "proxies")
 
 
@@ -140,7 +141,9 @@ class ReGradForCausalLM(
             config ([`ReGradConfig`], *optional*): the learner configuration; defaults to `ReGradConfig()`.
             tokenizer (*optional*): the model's tokenizer; loaded from the same name when omitted.
             revision (`str`, *optional*): revision of the model to load.
-            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when loading by name.
+            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when loading by name. Only safetensors
+                weights are loaded, and a model that names its own code (`auto_map`) is refused unless
+                `trust_remote_code=True` (then that code runs; transformers is never left to ask on stdin).
 
         Returns:
             [`ReGradForCausalLM`]: in eval mode when loaded by name (as transformers loads models), else in the given
@@ -160,7 +163,7 @@ class ReGradForCausalLM(
                 config.base_model_name_or_path = model.name_or_path or None
             if tokenizer is None and model.name_or_path:
                 try:
-                    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+                    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=False)
                 except (OSError, ValueError):
                     tokenizer = None  # retrieval then needs `query=`; document gradients need a tokenizer
         was_training = model.training
@@ -185,6 +188,7 @@ class ReGradForCausalLM(
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
+        trust_base_remote_code: bool = False,
         **model_kwargs,
     ) -> ReGradForCausalLM:
         """Loads a learner saved with [`~ReGradForCausalLM.save_pretrained`] or pushed with
@@ -206,15 +210,22 @@ class ReGradForCausalLM(
             subfolder (`str`, *optional*): the learner's folder inside the directory or repo.
             revision, token, cache_dir, local_files_only, force_download: as in `transformers`, for the learner repo
                 (and its bank); all but `revision` also apply to the base model's repo.
+            trust_base_remote_code (`bool`, defaults to `False`): run the code of the base model that the learner's
+                config names, if its `config.json` has an `auto_map`; without it such a base is refused. Read that
+                code first. `trust_remote_code` (which `pipeline` and the Auto classes pass for the learner repo)
+                never does this.
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model (e.g. `dtype`).
 
         Returns:
             [`ReGradForCausalLM`]: in eval mode, with the saved `generation_config.json` when there is one.
 
         Raises:
-            [`ReGradValueError`]: not a learner (missing files), or a bad argument.
+            [`ReGradValueError`]: not a learner (missing files), a bad argument, or a base model that cannot be
+                loaded (pickled weights; its own code without `trust_base_remote_code=True`).
             [`ReGradHubError`]: the repo cannot be found, or is not cached while offline.
         """
+        if not isinstance(trust_base_remote_code, bool):
+            raise ReGradTypeError(f"trust_base_remote_code must be True or False, got {trust_base_remote_code!r:.40}")
         for key in _IGNORED_KWARGS:
             model_kwargs.pop(key, None)
         options = HubOptions(revision, token, cache_dir, local_files_only, force_download)
@@ -240,9 +251,8 @@ class ReGradForCausalLM(
             if config.base_model_name_or_path is None:
                 raise ReGradValueError(f"{location.describe(CONFIG_FILE)} names no base model; pass base_model=")
             base_revision = None if config.base_model_name_or_path == EMBEDDED_MODEL_ID else config.base_model_revision
-            shared = dict(
-                token=token, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download
-            )
+            shared = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+            shared.update(force_download=force_download, trust_remote_code=trust_base_remote_code)
             name = config.base_model_name_or_path
             try:
                 model = cls.from_base(name, config, tokenizer, base_revision, **shared, **model_kwargs)
@@ -352,6 +362,9 @@ class ReGradForCausalLM(
         [`regrad_hf.adaptation.objective`]), as a `CausalLMOutputWithPast` with only `loss` set: [`ReGradTrainer`]
         computes its loss through this forward so that a DDP wrapper synchronises the gradients.
         """
+        if self._restore.needs_repair():  # an interrupt cut a block's restore: the tensors are put back first
+            with self._adaptation_lock:
+                self._restore.repair()
         if meta_tasks is not None:
             loss = objective.meta_loss(
                 self,

@@ -203,6 +203,7 @@ class KnowledgeInjectionMixin:
             # language model's; its language model drafts with the learner as it is (this call's step, if it is us)
             kwargs["assistant_model"] = kwargs["assistant_model"].language_model
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
+            self._restore.repair()  # a block whose restore an interrupt cut: its tensors are put back first
             if use_bank is None and query is None:
                 use_bank = self._default_use_bank()
             if use_bank is not False:

@@ -43,7 +43,16 @@ from safetensors import SafetensorError, safe_open
 from transformers.trainer_callback import TrainerControl, TrainerState
 
 from ..errors import ReGradError, ReGradFileError, ReGradValueError
-from ..files import atomic_save_safetensors, directory_argument, exclusive_lock, write_error
+from ..files import (
+    atomic_save_safetensors,
+    directory_argument,
+    exclusive_lock,
+    interrupted_backup,
+    repair_swap,
+    staging_folder,
+    swap_in,
+    write_error,
+)
 from ..modeling.learner_files import read_json_object
 
 logger = logging.getLogger(__name__)
@@ -103,8 +112,8 @@ def export_compact_checkpoint(checkpoint: str | os.PathLike, output_dir: str | o
 
     Args:
         checkpoint: a `checkpoint-N` folder written by [`ReGradTrainer`].
-        output_dir: the target folder; it is replaced as a whole (written next to it, then renamed), under its
-            lock, so that exports into one folder wait for each other.
+        output_dir: the target folder; it is replaced as a whole (written next to it, then swapped in under a
+            journal: [`regrad_hf.files.swap_in`]), under its lock, so that exports into one folder wait for each other.
 
     Returns:
         `Path`: `output_dir`.
@@ -130,25 +139,21 @@ def export_compact_checkpoint(checkpoint: str | os.PathLike, output_dir: str | o
         metadata = {"param_groups": json.dumps(optimizer["param_groups"]), "format": "regrad-compact-adamw-2"}
     if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
         raise ReGradFileError(f"cannot export a compact checkpoint to {output_dir}: it is not a folder")
-    staging = output_dir.with_name(f".{output_dir.name}.staging")
-    previous = output_dir.with_name(f".{output_dir.name}.previous")
-    with exclusive_lock(output_dir):  # the staging name is fixed: two exports at once would mix their files
+    with exclusive_lock(output_dir):  # exports into one folder wait for each other; a killed one is repaired first
+        repair_swap(output_dir, TRAINER_STATE_FILE)
+        staging = None
         try:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
+            staging = staging_folder(output_dir)
             for path in [*(checkpoint / name for name in KEPT_FILES), *sorted(checkpoint.glob(RNG_PATTERN))]:
                 shutil.copyfile(path, staging / path.name)
             atomic_save_safetensors(tensors, staging / COMPACT_OPTIMIZER_FILE, metadata=metadata)
-        except BaseException as error:  # nothing of output_dir is touched before this point
-            shutil.rmtree(staging, ignore_errors=True)
+            swap_in(staging, output_dir)  # journaled: a kill between its renames leaves the previous one to put back
+        except BaseException as error:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             if isinstance(error, OSError) and not isinstance(error, ReGradError):
                 raise write_error(error, output_dir) from error
             raise
-        shutil.rmtree(previous, ignore_errors=True)
-        if output_dir.exists():
-            output_dir.rename(previous)
-        staging.rename(output_dir)
-        shutil.rmtree(previous, ignore_errors=True)
     return output_dir
 
 
@@ -212,7 +217,9 @@ def check_checkpoint(checkpoint: str | os.PathLike) -> dict:
     """Checks a folder to resume from, before anything of it is loaded, and returns its trainer state.
 
     A checkpoint is complete when it holds the learner, the optimizer state (`optimizer.pt`, or the compact
-    `optimizer.safetensors`), the scheduler, the RNG state and `trainer_state.json`, which `Trainer` writes last.
+    `optimizer.safetensors`), the scheduler, the RNG state and `trainer_state.json`, which `Trainer` writes last. A
+    compact checkpoint whose re-export was killed between its two renames is first put back (see
+    [`regrad_hf.files.swap_in`]), as the next export would.
 
     Raises:
         [`ReGradFileError`]: the folder does not exist, is not a folder, or it or a file in it is a symlink (a
@@ -220,6 +227,9 @@ def check_checkpoint(checkpoint: str | os.PathLike) -> dict:
         [`ReGradValueError`]: a file is missing (a run killed while saving it), or `trainer_state.json` is damaged.
     """
     folder = directory_argument(checkpoint, "resume_from_checkpoint")
+    if not os.path.lexists(folder) and interrupted_backup(folder, TRAINER_STATE_FILE) is not None:
+        with exclusive_lock(folder):  # an export killed between its two renames: put the previous one back
+            repair_swap(folder, TRAINER_STATE_FILE)
     try:
         link = stat.S_ISLNK(os.lstat(folder).st_mode)
         entries = {} if link else {entry.name: entry for entry in os.scandir(folder)}
