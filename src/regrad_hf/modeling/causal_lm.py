@@ -34,6 +34,7 @@ from ..errors import ReGradError, ReGradValueError
 from ..files import atomic_save_safetensors, atomic_write_text
 from ..hub.publishing import LearnerPublishingMixin
 from ..hub.repos import HubOptions, locate
+from ..prompting import PromptTemplate
 from .injection import KnowledgeInjectionMixin
 from .learner_files import (
     CONFIG_FILE,
@@ -47,6 +48,7 @@ from .learner_files import (
 from .learner_files import save_directory as checked_save_directory
 from .learner_state import LearnerStateMixin
 from .peft_conventions import PeftConventionsMixin
+from .served import install_chat_template, learner_generation_config
 
 BANK_SUBFOLDER = "bank"
 # What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
@@ -111,8 +113,12 @@ class ReGradForCausalLM(
         self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
         self._base_identity: tuple[tuple, dict[str, str]] | None = None  # (what it was computed for, value)
-        # Share the wrapped model's generation config, so that edits through either are seen by both.
-        self.generation_config = language_model.generation_config
+        # The learner's decoding and chat template (see `served`); the wrapped model keeps its own config, so that its
+        # `generate` stays the base model's.
+        template = PromptTemplate.from_config(config)
+        self.generation_config = learner_generation_config(language_model.generation_config, template)
+        if tokenizer is not None:
+            install_chat_template(tokenizer, template)
         self._lora = lora_parameters(language_model)
         self._restore = ExactRestore(self._lora)
         shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
@@ -209,7 +215,8 @@ class ReGradForCausalLM(
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model (e.g. `dtype`).
 
         Returns:
-            [`ReGradForCausalLM`]: in eval mode, with the saved `generation_config.json` when there is one.
+            [`ReGradForCausalLM`]: in eval mode, with the saved `generation_config.json` when there is one (one saved
+            before the learner's decoding was written gets it, see [`served.learner_generation_config`]).
 
         Raises:
             [`ReGradValueError`]: not a learner (missing files), or a bad argument.
@@ -261,8 +268,9 @@ class ReGradForCausalLM(
             if base_model is not None:  # the caller's model leaves a failed load as it came in
                 remove_lora(base_model, requires_grad, peft_config)
             raise
-        if generation is not None:  # learners saved before it was written have none
-            model.generation_config = model.language_model.generation_config = generation
+        if generation is not None:  # learners saved before it was written have none; older ones lack its decoding
+            base = model.language_model.generation_config
+            model.generation_config = learner_generation_config(base, model.prompt_template, saved=generation)
         return model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -286,6 +294,8 @@ class ReGradForCausalLM(
             # should be the same file (bank builds by one process or several compare byte for byte)
             metadata = {"fingerprint": self.fingerprint()}
         generation = self.generation_config.to_json_string()
+        if self.tokenizer is not None:  # the saved chat template lays out the saved config's prompt
+            install_chat_template(self.tokenizer, self.prompt_template)
 
         def write(staging: Path) -> None:
             atomic_save_safetensors(tensors, staging / LEARNER_FILE, metadata=metadata)
