@@ -117,8 +117,9 @@ class ReGradForCausalLM(
         # `generate` stays the base model's.
         template = PromptTemplate.from_config(config)
         self.generation_config = learner_generation_config(language_model.generation_config, template)
-        if tokenizer is not None:
-            install_chat_template(tokenizer, template)
+        if isinstance(getattr(tokenizer, "chat_template", None), str):  # a copy: the caller's keeps its own template
+            self.tokenizer = copy.copy(tokenizer)
+            install_chat_template(self.tokenizer, template)
         self._lora = lora_parameters(language_model)
         self._restore = ExactRestore(self._lora)
         shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
@@ -144,7 +145,8 @@ class ReGradForCausalLM(
             model_or_name (`PreTrainedModel`, `str` or `os.PathLike`, defaults to the embedded SmolLM2-135M):
                 a loaded causal LM (modified in place: LoRA layers are injected), a local checkpoint or a Hub id.
             config ([`ReGradConfig`], *optional*): the learner configuration; defaults to `ReGradConfig()`.
-            tokenizer (*optional*): the model's tokenizer; loaded from the same name when omitted.
+            tokenizer (*optional*): the model's tokenizer; loaded from the same name when omitted. The model keeps a
+                copy with the learner's chat template (see [`served.learner_chat_template`]) when it has one.
             revision (`str`, *optional*): revision of the model to load.
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when loading by name.
 

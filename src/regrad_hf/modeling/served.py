@@ -50,6 +50,8 @@ def learner_generation_config(
     if saved is not None and hasattr(saved, PROMPT_KEY):
         return saved
     config = copy.deepcopy(saved if saved is not None else base)
+    # A config made from a model's config.json is loaded back without the entries transformers does not know.
+    config._from_model_config = False
     for name in _SAMPLING:
         setattr(config, name, None)
     config.do_sample = False
