@@ -34,7 +34,6 @@ from ..errors import ReGradError, ReGradValueError
 from ..files import atomic_save_safetensors, atomic_write_text
 from ..hub.publishing import LearnerPublishingMixin
 from ..hub.repos import HubOptions, locate
-from ..prompting import PromptTemplate
 from .injection import KnowledgeInjectionMixin
 from .learner_files import (
     CONFIG_FILE,
@@ -48,7 +47,7 @@ from .learner_files import (
 from .learner_files import save_directory as checked_save_directory
 from .learner_state import LearnerStateMixin
 from .peft_conventions import PeftConventionsMixin
-from .served import install_chat_template, learner_generation_config
+from .served import install_chat_template, learner_generation_config, served_as_learner
 
 BANK_SUBFOLDER = "bank"
 # What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. No code
@@ -105,7 +104,6 @@ class ReGradForCausalLM(
         super().__init__(config)
         check_document_tokens(config, language_model)
         self.language_model = language_model
-        self.tokenizer = tokenizer
         self.bank: GradientBank | None = None
         # Per thread, whether `generate` searches the bank by default inside `knowledge` blocks (innermost last).
         self._bank_default_in_block: dict[int, list[bool]] = {}
@@ -113,13 +111,8 @@ class ReGradForCausalLM(
         self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
         self._base_identity: tuple[tuple, dict[str, str]] | None = None  # (what it was computed for, value)
-        # The learner's decoding and chat template (see `served`); the wrapped model keeps its own config, so that its
-        # `generate` stays the base model's.
-        template = PromptTemplate.from_config(config)
-        self.generation_config = learner_generation_config(language_model.generation_config, template)
-        if isinstance(getattr(tokenizer, "chat_template", None), str):  # a copy: the caller's keeps its own template
-            self.tokenizer = copy.copy(tokenizer)
-            install_chat_template(self.tokenizer, template)
+        # The learner's decoding and chat template; the wrapped model keeps its own generation config.
+        self.generation_config, self.tokenizer = served_as_learner(config, language_model.generation_config, tokenizer)
         self._lora = lora_parameters(language_model)
         self._restore = ExactRestore(self._lora)
         shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
@@ -217,8 +210,7 @@ class ReGradForCausalLM(
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model (e.g. `dtype`).
 
         Returns:
-            [`ReGradForCausalLM`]: in eval mode, with the saved `generation_config.json` when there is one (one saved
-            before the learner's decoding was written gets it, see [`served.learner_generation_config`]).
+            [`ReGradForCausalLM`]: in eval mode, with its `generation_config.json` (see [`served`]) when there is one.
 
         Raises:
             [`ReGradValueError`]: not a learner (missing files), or a bad argument.
@@ -271,8 +263,9 @@ class ReGradForCausalLM(
                 remove_lora(base_model, requires_grad, peft_config)
             raise
         if generation is not None:  # learners saved before it was written have none; older ones lack its decoding
-            base = model.language_model.generation_config
-            model.generation_config = learner_generation_config(base, model.prompt_template, saved=generation)
+            model.generation_config = learner_generation_config(
+                model.generation_config, model.prompt_template, generation
+            )
         return model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:

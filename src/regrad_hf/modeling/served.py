@@ -61,6 +61,17 @@ def learner_generation_config(
     return config
 
 
+def served_as_learner(config, base: GenerationConfig, tokenizer) -> tuple[GenerationConfig, object]:
+    """The generation config and tokenizer of a learner built with this [`ReGradConfig`]: its
+    [`learner_generation_config`], and a copy of `tokenizer` with its chat template (see [`install_chat_template`]),
+    so that the caller's tokenizer keeps its own; a tokenizer without a chat template is returned as it is."""
+    template = PromptTemplate.from_config(config)
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        tokenizer = copy.copy(tokenizer)
+        install_chat_template(tokenizer, template)
+    return learner_generation_config(base, template), tokenizer
+
+
 def effective_config(own: GenerationConfig, given: GenerationConfig | None, kwargs: dict) -> tuple:
     """What a `generate` call decodes with, as transformers merges it: `given` (else the learner's `own`) with the
     unset fields of `own` filled in, then the call's generation kwargs on top.
