@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, pipeline
+from transformers import AutoTokenizer, GenerationConfig, pipeline
 
 from regrad_hf import ReGradForCausalLM, ReGradValueError
 from regrad_hf.modeling.served import base_chat_template
@@ -51,6 +51,22 @@ def test_the_penalty_of_the_generation_config_is_the_learners_logits_processor(t
     assert not torch.equal(off, explicit)
     with pytest.raises(ReGradValueError, match="answer_repetition_penalty must be a number from 1"):
         model.generate(**inputs, **settings, answer_repetition_penalty=0.5)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_a_given_generation_config_is_completed_by_the_learners(tokenizer, positional):
+    model = make_tiny_model(tokenizer, served=True)
+    model.generation_config.answer_repetition_penalty = 10.0
+    inputs = encode(tokenizer, model.prompt_template.build(tokenizer, QUESTION))
+    penalty = AnswerRepetitionPenalty(10.0, inputs["input_ids"].shape[1], tokenizer)
+    decoding = {"logits_processor": [penalty], "stop_strings": ["\n"], "tokenizer": tokenizer}
+    expected = model.language_model.generate(**inputs, max_new_tokens=16, **decoding)
+    given = GenerationConfig(max_new_tokens=16)  # no stop string, no penalty: the learner's fill them in
+    args = (inputs["input_ids"], given) if positional else ()
+    kwargs = {"attention_mask": inputs["attention_mask"]} | (
+        {} if positional else {**inputs, "generation_config": given}
+    )
+    assert torch.equal(model.generate(*args, **kwargs, use_bank=False), expected)
 
 
 def test_the_chat_template_lays_out_a_chat_as_the_learners_prompt(tokenizer):

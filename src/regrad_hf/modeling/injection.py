@@ -210,8 +210,9 @@ class KnowledgeInjectionMixin:
             # transformers drives an assistant through its config and forward: the ReGrad wrapper has neither of the
             # language model's; its language model drafts with the learner as it is (this call's step, if it is us)
             kwargs["assistant_model"] = kwargs["assistant_model"].language_model
+        given = args[0] if args else kwargs.pop("generation_config", None)
         with transformers_refusals_typed():
-            config, kwargs = served.effective_config(self.generation_config, args[0] if args else None, kwargs)
+            config, kwargs = served.effective_config(self.generation_config, given, kwargs)
         plain = None
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if getattr(config, served.PROMPT_KEY, False) and input_ids is not None and self._has_chat_template():
