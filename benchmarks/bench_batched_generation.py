@@ -151,6 +151,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = ReGradForCausalLM.from_pretrained(shipped_learner_path())
+    # Fixed-length greedy decoding of the prompts as given, as the committed numbers were measured (the learner's
+    # own generation config would stop at a newline and ask plain prompts in its template).
+    model.generation_config = model.language_model.generation_config
     model.tokenizer.padding_side = "left"
     documents, questions = paragraphs_and_questions(args.documents)
     start = time.perf_counter()

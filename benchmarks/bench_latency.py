@@ -50,6 +50,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = ReGradForCausalLM.from_pretrained(shipped_learner_path())
+    # Fixed-length greedy decoding of the prompts as given, as the committed numbers were measured (the learner's
+    # own generation config would stop at a newline and ask plain prompts in its template).
+    model.generation_config = model.language_model.generation_config
     tokenizer = model.tokenizer
     documents, questions = heldout_documents(args.documents)
     bank = GradientBank.build(model, documents, show_progress=False)

@@ -172,6 +172,9 @@ def main() -> None:
         parser.error("give one --requests total per --clients count")
 
     model = ReGradForCausalLM.from_pretrained(shipped_learner_path())
+    # Fixed-length greedy decoding of the prompts as given, as the committed numbers were measured (the learner's
+    # own generation config would stop at a newline and ask plain prompts in its template).
+    model.generation_config = model.language_model.generation_config
     documents, questions = synthetic_documents(args.documents)
     bank, bank_seconds = load_or_build_bank(model, documents, Path(args.bank_dir))
     model.attach_bank(bank)

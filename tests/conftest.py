@@ -162,11 +162,18 @@ def make_tiny_base(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def make_tiny_model(tokenizer, seed: int = 0, **config_kwargs) -> ReGradForCausalLM:
-    """A ReGrad model on a tiny random Llama. LoRA B is made non-zero so that A's gradients are non-zero too."""
+def make_tiny_model(tokenizer, seed: int = 0, served: bool = False, **config_kwargs) -> ReGradForCausalLM:
+    """A ReGrad model on a tiny random Llama. LoRA B is made non-zero so that A's gradients are non-zero too.
+
+    Unless `served`, its `generate` decodes as its base model does (no stop string, prompts as given), so that tests
+    of retrieval and injection compare it with `language_model.generate` under the same step; `served=True` keeps
+    the learner's serving defaults (tests/modeling/test_served.py).
+    """
     base = make_tiny_base(tokenizer, seed)
     config = ReGradConfig(**{"lora_rank": 4, "init_step_size": 0.5, "max_document_tokens": 64, **config_kwargs})
     model = ReGradForCausalLM.from_base(base, config, tokenizer=tokenizer)
+    if not served:
+        model.generation_config.update(stop_strings=None, apply_learner_prompt=False, answer_repetition_penalty=1.0)
     with torch.no_grad():
         for name, parameter in model.lora_parameters().items():
             if ".lora_B." in name:

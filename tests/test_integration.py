@@ -15,6 +15,7 @@ from regrad_hf.cli.options import examples_dir
 from regrad_hf.data import load_squad
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.evaluation import evaluate_injection
+from regrad_hf.evaluation.metrics import has_repetition
 
 from .conftest import parameter_bytes
 
@@ -78,15 +79,20 @@ def test_retrieval_finds_each_question_source(example_bank):
 
 def test_pipeline_and_generate_with_the_bank(smol, example_bank):
     smol.attach_bank(example_bank)
-    messages = [{"role": "user", "content": "What is the capital of Zorbia?"}]
+    question = "What is the capital of Zorbia?"
+    messages = [{"role": "user", "content": question}]
     generator = pipeline("text-generation", model=smol, tokenizer=smol.tokenizer)
-    reply = generator(messages, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]
-    assert reply["role"] == "assistant" and reply["content"].strip()
-    prompt = smol.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    reply = generator(messages, max_new_tokens=12)[0]["generated_text"][-1]
+    prompt = smol.prompt_template.build(smol.tokenizer, question)  # what the learner's chat template renders
+    assert smol.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
     inputs = smol.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    with smol.retrieved("What is the capital of Zorbia?"):
-        expected = smol.language_model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    assert torch.equal(smol.generate(**inputs, max_new_tokens=12, do_sample=False), expected)
+    with smol.retrieved(question):  # retrieve, step, the base model's generate with the learner's decoding
+        decoding = {"do_sample": False, "stop_strings": ["\n"], "tokenizer": smol.tokenizer}
+        expected = smol.language_model.generate(**inputs, max_new_tokens=12, **decoding)
+    assert torch.equal(smol.generate(**inputs, max_new_tokens=12), expected)
+    width = inputs["input_ids"].shape[1]
+    assert reply["role"] == "assistant"
+    assert reply["content"] == smol.tokenizer.decode(expected[0, width:], skip_special_tokens=True)
     smol.detach_bank()
 
 
@@ -128,20 +134,33 @@ def test_cli_help(command, capsys):
     assert "usage: regrad" in capsys.readouterr().out
 
 
-def test_quickstart_example_runs(capsys):
-    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
-    assert "restored bit for bit" in capsys.readouterr().out
+def test_quickstart_example_prints_its_answers_and_restores_the_weights(capsys):
+    names = runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")  # the README's quick start
+    lines = capsys.readouterr().out.splitlines()
+    # generate with the learner's prompt, pipeline with a plain string and with a chat message: one greedy answer
+    assert lines[:3] == ["Quentville."] * 3
+    # inside `knowledge`: an answer about the injected document, not a degenerate repetition
+    assert "swans" in lines[3] and not has_repetition(lines[3], n=1) and len(lines[3]) < 80
+    restored = {name: p.detach().numpy().tobytes() for name, p in names["model"].lora_parameters().items()}
+    assert restored == names["before"] and lines[4:] == ["LoRA tensors restored bit for bit: True"]
 
 
 def test_cli_demo(tmp_path, capsys):
     documents = tmp_path / "docs.jsonl"
     documents.write_text("\n".join(json.dumps(d) for d in read_jsonl(DEMO_FILES / "documents.jsonl")[:2]))
     questions = tmp_path / "questions.jsonl"
-    questions.write_text(json.dumps(read_jsonl(DEMO_FILES / "questions.jsonl")[0]))
+    questions.write_text(json.dumps(read_jsonl(DEMO_FILES / "questions.jsonl")[0]))  # Zorbia's capital: Quentville
     assert main(["demo", "--documents", str(documents), "--questions", str(questions), "--max-new-tokens", "6"]) == 0
-    output = capsys.readouterr().out
-    assert "retrieved:      zorbia" in output
-    assert "without ReGrad:" in output and "with ReGrad:" in output and "NLL of its source document" in output
+    lines = capsys.readouterr().out.splitlines()
+    assert "   retrieved:   zorbia" in "\n".join(lines)
+    answers = {line.split(":")[0].strip(): line.split(":", 1)[1].strip() for line in lines if line.startswith("   ")}
+    assert answers.keys() >= {"closed-book", "ReGrad", "RAG"}
+    assert answers["RAG"].startswith("Quentville") and answers["RAG"].endswith("[contains the answer]")
+    marked = [method for method in ("closed-book", "ReGrad", "RAG") if "[contains the answer]" in answers[method]]
+    summary = "answers that contain the expected one: " + ", ".join(
+        f"{method} {int(method in marked)}/1" for method in ("closed-book", "ReGrad", "RAG")
+    )
+    assert summary in lines and any(line.startswith("What to expect at 135M parameters") for line in lines)
 
 
 def test_shipped_learner_injects_knowledge_on_held_out_articles():

@@ -15,7 +15,7 @@ from regrad_hf.data import Task
 from regrad_hf.data.collator import TaskCollator
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.modeling.query import prompt_to_query
-from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, EndOfLine, PromptTemplate, template_fields
+from regrad_hf.prompting import CONCISE_SYSTEM_PROMPT, LEGACY_PROMPT, PromptTemplate, template_fields
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
 
 from .conftest import make_tiny_base, make_tiny_model
@@ -125,39 +125,38 @@ def test_generate_retrieves_on_the_question_of_the_learners_template(tiny_model,
     assert queries == ["What is the capital of Zorbia?"]
 
 
+def test_the_stop_rules_are_transformers_stop_strings(tokenizer):
+    assert PromptTemplate().stop_strings == ["\n"]
+    assert LEGACY_PROMPT.stop_strings is None  # end of turn only: generate's eos
+    decoding = PromptTemplate().generation_kwargs(tokenizer, 3)
+    assert decoding["stop_strings"] == ["\n"] and decoding["tokenizer"] is tokenizer
+
+
 @pytest.mark.parametrize(
-    ("generated", "stops"), [("Paris", False), ("Paris\nThe", True), ("\nParis", False), ("\n\n", False)]
+    ("forced", "answer"),
+    [
+        ("Paris\nThe capital of France", "Paris"),  # stops at the newline that ends the first line
+        ("Paris \n\nThe capital of France", "Paris"),  # a token with a newline inside ends it too
+        ("\nParis\nThe capital of France", ""),  # a leading blank line stops at once (EndOfLine skipped it)
+    ],
 )
-def test_end_of_line_stops_after_the_first_non_blank_line(tokenizer, generated, stops):
-    prompt = ids(tokenizer, "Q: where?\nA:")
-    row = torch.tensor([prompt + ids(tokenizer, generated)])
-    criterion = EndOfLine(tokenizer, len(prompt))
-    assert criterion(row, torch.zeros(1, 1)).tolist() == [stops]
-    assert len(PromptTemplate().stopping_criteria(tokenizer, 3)) == 1
-    assert len(LEGACY_PROMPT.stopping_criteria(tokenizer, 3)) == 0  # end of turn only: generate's eos
-
-
-def test_generation_stops_at_the_end_of_a_line(tiny_model, tokenizer):
-    forced = ids(tokenizer, "\nParis\nThe capital of France")  # a leading blank line, an answer, more text
+def test_generation_stops_at_the_first_newline(tiny_model, tokenizer, forced, answer):
+    forced_ids = ids(tokenizer, forced)
     prompt = torch.tensor([ids(tokenizer, "Hello")])
 
     def force(batch, sofar):  # the tiny random model writes exactly `forced`
         step = len(sofar) - prompt.shape[1]
-        return [forced[step]] if step < len(forced) else [tokenizer.eos_token_id]
+        return [forced_ids[step]] if step < len(forced_ids) else [tokenizer.eos_token_id]
 
+    settings = dict(
+        max_new_tokens=len(forced_ids), use_bank=False, prefix_allowed_tokens_fn=force, apply_learner_prompt=False
+    )
     template = PromptTemplate()
-    output = tiny_model.generate(
-        input_ids=prompt, max_new_tokens=len(forced), do_sample=False, use_bank=False,
-        prefix_allowed_tokens_fn=force, stopping_criteria=template.stopping_criteria(tokenizer, prompt.shape[1]),
-    )  # fmt: skip
+    output = tiny_model.generate(input_ids=prompt, **settings, **template.generation_kwargs(tokenizer, 1))
     text = tokenizer.decode(output[0, prompt.shape[1] :])
-    assert text.startswith("\nParis\n") and "capital" not in text
-    assert template.cut(text) == "Paris"
-    free = tiny_model.generate(
-        input_ids=prompt, max_new_tokens=len(forced), do_sample=False, use_bank=False, prefix_allowed_tokens_fn=force,
-        stopping_criteria=LEGACY_PROMPT.stopping_criteria(tokenizer, prompt.shape[1]),
-    )  # fmt: skip
-    assert tokenizer.decode(free[0, prompt.shape[1] :]) == "\nParis\nThe capital of France"
+    assert "capital" not in text and text.strip() == answer and template.cut(text) == answer
+    free = tiny_model.generate(input_ids=prompt, **settings, **LEGACY_PROMPT.generation_kwargs(tokenizer, 1))
+    assert tokenizer.decode(free[0, prompt.shape[1] :]) == forced
 
 
 def test_repetition_penalty_spares_the_prompt_and_penalises_the_answers_own_tokens():
@@ -188,7 +187,7 @@ def test_the_learners_repetition_penalty_reaches_its_answers(tiny_model):
     plain = verbs.answer(tiny_model, question, 24, use_bank=False)
     words = plain.split()
     assert len(words) > len(set(words))  # precondition: the random model repeats itself
-    tiny_model.config.answer_repetition_penalty = 10.0
+    tiny_model.generation_config.answer_repetition_penalty = 10.0  # how the learner is served
     penalised = verbs.answer(tiny_model, question, 24, use_bank=False)
     assert penalised != plain
     assert len(penalised.split()) - len(set(penalised.split())) < len(words) - len(set(words))

@@ -4,7 +4,8 @@ A learner is meta-trained on answers that follow one prompt, so it must be serve
 lives in [`ReGradConfig`] (`system_prompt`, `user_template`, `document_template`, `answer_stop`,
 `answer_repetition_penalty`) and travels with the learner (config.json, the Hub). [`PromptTemplate`] builds the
 prompt of a (question, documents) pair through the tokenizer's chat template, and exposes how `generate` decodes
-the answer (stop rule, repetition penalty) and the answer cut that goes with the stop rule.
+the answer (stop rule, repetition penalty) and the answer cut that goes with the stop rule. A learner is served with
+them without being asked: see [`regrad_hf.modeling.served`] (its generation config and chat template).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .errors import ReGradValueError
 
@@ -103,8 +104,8 @@ class PromptTemplate:
             the prompt carries none). Whitespace the template leaves at either end is stripped.
         document_template (`str`): how each document is written into `{context}`; `{document}` is its text,
             `{index}` its 1-based rank.
-        answer_stop (`str`): `"line"` ends an answer at the end of its first non-empty line or at the end of
-            the turn; `"turn"` only at the end of the turn (the eos token).
+        answer_stop (`str`): `"line"` ends an answer at its first newline or at the end of the turn (see
+            [`stop_strings`]); `"turn"` only at the end of the turn (the eos token).
         answer_repetition_penalty (`float`): the CTRL repetition penalty (transformers'
             `RepetitionPenaltyLogitsProcessor`) on the word tokens the answer has already produced: not on the
             prompt's, so that an answer may still copy the question or a document, and not on tokens without a
@@ -162,7 +163,10 @@ class PromptTemplate:
             messages = [{"role": "user", "content": content}]
             if self.system_prompt is not None:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # The messages as built here: a learner's own chat template would lay the user turn out a second time.
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, apply_learner_prompt=False
+            )
         text = content if content.rstrip().endswith("Answer:") else f"{content}\nAnswer:"
         return text if self.system_prompt is None else f"{self.system_prompt}\n\n{text}"
 
@@ -177,12 +181,16 @@ class PromptTemplate:
         match = re.fullmatch(r"\s*" + pattern + r"\s*", text, flags=re.DOTALL)
         return (match["question"] if match and match["question"].strip() else text).strip()
 
-    def stopping_criteria(self, tokenizer, prompt_length: int) -> StoppingCriteriaList:
-        """The stop rule for `generate(..., stopping_criteria=...)` (the end of the turn is the eos token, which
-        `generate` stops at anyway). `prompt_length` is the padded prompt length of the batch."""
-        if self.answer_stop == "turn":
-            return StoppingCriteriaList()
-        return StoppingCriteriaList([EndOfLine(tokenizer, prompt_length)])
+    @property
+    def stop_strings(self) -> list[str] | None:
+        """The stop rule as transformers' `stop_strings` (`generate` then needs `tokenizer=`): `["\\n"]` for `"line"`,
+        `None` for `"turn"` (the end of the turn is the eos token, which `generate` stops at anyway).
+
+        `"\\n"` stops at the first token holding a newline. An answer that starts with a blank line therefore stops
+        there, and [`cut`] makes it empty; the `EndOfLine` criterion used until 2026-12 went on to the end of the
+        first line with text. Otherwise the two stop at the same token.
+        """
+        return ["\n"] if self.answer_stop == "line" else None
 
     def logits_processor(self, tokenizer, prompt_length: int) -> LogitsProcessorList:
         """The answer's repetition penalty for `generate(..., logits_processor=...)`; empty when it is off.
@@ -193,10 +201,11 @@ class PromptTemplate:
         return LogitsProcessorList([penalty])
 
     def generation_kwargs(self, tokenizer, prompt_length: int) -> dict:
-        """`stopping_criteria` and `logits_processor` for `generate`: how an answer asked with this template is
-        decoded (its stop rule and repetition penalty)."""
+        """`stop_strings`, `tokenizer` and `logits_processor` for `generate`: how an answer asked with this template
+        is decoded (its stop rule and repetition penalty), by any causal LM."""
         return {
-            "stopping_criteria": self.stopping_criteria(tokenizer, prompt_length),
+            "stop_strings": self.stop_strings,
+            "tokenizer": tokenizer,
             "logits_processor": self.logits_processor(tokenizer, prompt_length),
         }
 
@@ -274,20 +283,3 @@ class AnswerRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
         penalised = super().__call__(input_ids, scores)
         penalised[..., exempt] = kept
         return penalised
-
-
-class EndOfLine(StoppingCriteria):
-    """Stops a row once its answer holds a newline after some non-blank text (a leading blank line is allowed).
-
-    Args:
-        tokenizer: decodes the generated tokens.
-        prompt_length (`int`): where the generated tokens start.
-    """
-
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        return torch.tensor([bool(text.lstrip()) and "\n" in text.lstrip() for text in texts], device=input_ids.device)

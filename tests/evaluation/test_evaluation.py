@@ -348,7 +348,7 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
 
     def spy(self, *args, **kwargs):  # the CPT copy is another ReGradForCausalLM: a class-level spy sees it too
         text = tokenizer.decode(kwargs["input_ids"][0])
-        prompts.append((text, kwargs["stopping_criteria"], kwargs["logits_processor"]))
+        prompts.append((text, kwargs["stop_strings"], kwargs["logits_processor"]))
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(ReGradForCausalLM, "generate", spy)
@@ -364,7 +364,7 @@ def test_every_method_is_asked_with_the_same_instruction(tokenizer, embedder, tm
             documents = texts if method in ("rag", "learner_icl", "regrad_icl") else None
             assert prompt == template.build(tokenizer, record["question"], documents)
             assert "<|im_start|>system\nReply with only the answer, a few words.<|im_end|>" in prompt
-            assert len(stop) == 1  # the end-of-line rule for everyone
+            assert stop == ["\n"]  # the end-of-line rule for everyone
             (penalty,) = processors  # the same repetition penalty for everyone, sparing each one's own prompt
             assert penalty.penalty == 1.3 and penalty.prompt_ignore_length == len(tokenizer(prompt)["input_ids"])
         assert len({asked[m][0] for m in ("closed_book", "no_adaptation", "cpt", "raw", "regrad")}) == 1

@@ -77,7 +77,7 @@ def test_generation_config_is_saved_and_loaded(tiny_model, tokenizer, tmp_path):
     assert (tmp_path / "generation_config.json").is_file()
     loaded = ReGradForCausalLM.from_pretrained(tmp_path, base_model=make_tiny_base(tokenizer), tokenizer=tokenizer)
     assert loaded.generation_config.max_new_tokens == 7
-    assert loaded.language_model.generation_config is loaded.generation_config  # one config, seen by both
+    assert loaded.language_model.generation_config.max_new_tokens is None  # the base model keeps its own
     inputs = prompt(tokenizer)
     output = loaded.generate(**inputs, do_sample=False, use_bank=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 7  # generate uses it
@@ -248,8 +248,8 @@ def test_an_adapter_of_a_named_base_loads_with_auto_peft(tokenizer, tmp_path):
                 parameter.normal_(0.0, 0.05)
     directory = model.export_adapter(tmp_path / "adapter", documents=[DOCUMENTS[0]])
     served = AutoPeftModelForCausalLM.from_pretrained(directory)  # the base found by the name the config records
-    with model.knowledge([DOCUMENTS[0]]):
-        expected = model.generate(**prompt(tokenizer), **GREEDY)
+    with model.knowledge([DOCUMENTS[0]]):  # decoded as the base model decodes (the learner's own: test_served.py)
+        expected = model.generate(**prompt(tokenizer), **GREEDY, stop_strings=None, apply_learner_prompt=False)
     assert torch.equal(served.generate(**prompt(tokenizer), **GREEDY), expected)
 
 
@@ -529,4 +529,5 @@ def test_an_exported_adapter_of_the_embedded_model_serves_its_documents_in_peft(
     with model.knowledge([document]):
         expected = model.generate(**inputs, **settings)
     served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_model_path()), directory)
-    assert torch.equal(served.generate(**inputs, **settings), expected)
+    decoding = {"stop_strings": model.generation_config.stop_strings, "tokenizer": model.tokenizer}  # the learner's
+    assert torch.equal(served.generate(**inputs, **settings, **decoding), expected)

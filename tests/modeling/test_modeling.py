@@ -9,6 +9,9 @@ from regrad_hf.files import FILE_MODE
 from ..conftest import DOCUMENTS, IDS, make_tiny_base, make_tiny_model, parameter_bytes
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
+# A model built here without tests/conftest.py's helper is served as a learner (tests/modeling/test_served.py): these
+# settings make its generate the base model's (no stop string, the prompt as given).
+AS_THE_BASE = {"stop_strings": None, "apply_learner_prompt": False}
 
 
 def chat(tokenizer, *turns, system=None):
@@ -70,7 +73,7 @@ def test_use_bank_false_equals_the_plain_model(tokenizer, tiny_bank, tiny_model)
     expected = unwrapped.generate(**inputs, **GREEDY)
     fresh = ReGradForCausalLM.from_base(make_tiny_base(tokenizer), tiny_model.config, tokenizer=tokenizer)
     fresh.attach_bank(tiny_bank, force=True)
-    assert torch.equal(fresh.generate(**inputs, **GREEDY, use_bank=False), expected)
+    assert torch.equal(fresh.generate(**inputs, **GREEDY, **AS_THE_BASE, use_bank=False), expected)
     tiny_model.attach_bank(tiny_bank)
     assert torch.equal(
         tiny_model.generate(**inputs, **GREEDY, use_bank=False), tiny_model.language_model.generate(**inputs, **GREEDY)
@@ -225,7 +228,7 @@ def test_from_base_loads_a_local_checkpoint_by_path(tokenizer, tmp_path):
     assert model.tokenizer is not None and len(model.lora_parameters()) == 12
     unwrapped = make_tiny_base(tokenizer)
     inputs = tokenizer("Tell me about swans.", return_tensors="pt")
-    assert torch.equal(model.generate(**inputs, **GREEDY), unwrapped.generate(**inputs, **GREEDY))
+    assert torch.equal(model.generate(**inputs, **GREEDY, **AS_THE_BASE), unwrapped.generate(**inputs, **GREEDY))
 
 
 def test_generate_without_input_ids_needs_a_query(tiny_model, tiny_bank, tokenizer):

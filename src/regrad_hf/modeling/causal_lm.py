@@ -47,6 +47,7 @@ from .learner_files import (
 from .learner_files import save_directory as checked_save_directory
 from .learner_state import LearnerStateMixin
 from .peft_conventions import PeftConventionsMixin
+from .served import install_chat_template, learner_generation_config, served_as_learner
 
 BANK_SUBFOLDER = "bank"
 # What transformers' Auto classes and pipelines pass to `from_pretrained` and a ReGrad learner has no use for. A learner
@@ -104,7 +105,6 @@ class ReGradForCausalLM(
         super().__init__(config)
         check_document_tokens(config, language_model)
         self.language_model = language_model
-        self.tokenizer = tokenizer
         self.bank: GradientBank | None = None
         # Per thread, whether `generate` searches the bank by default inside `knowledge` blocks (innermost last).
         self._bank_default_in_block: dict[int, list[bool]] = {}
@@ -112,8 +112,8 @@ class ReGradForCausalLM(
         self._plain_base_depth = 0  # > 0 inside `disable_adapter` (whose thread holds the lock)
         self._adaptation_lock = threading.RLock()
         self._base_identity: tuple[tuple, dict[str, str]] | None = None  # (what it was computed for, value)
-        # Share the wrapped model's generation config, so that edits through either are seen by both.
-        self.generation_config = language_model.generation_config
+        # The learner's decoding and chat template; the wrapped model keeps its own generation config.
+        self.generation_config, self.tokenizer = served_as_learner(config, language_model.generation_config, tokenizer)
         self._lora = lora_parameters(language_model)
         self._restore = ExactRestore(self._lora)
         shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
@@ -139,7 +139,8 @@ class ReGradForCausalLM(
             model_or_name (`PreTrainedModel`, `str` or `os.PathLike`, defaults to the embedded SmolLM2-135M):
                 a loaded causal LM (modified in place: LoRA layers are injected), a local checkpoint or a Hub id.
             config ([`ReGradConfig`], *optional*): the learner configuration; defaults to `ReGradConfig()`.
-            tokenizer (*optional*): the model's tokenizer; loaded from the same name when omitted.
+            tokenizer (*optional*): the model's tokenizer; loaded from the same name when omitted. The model keeps a
+                copy with the learner's chat template (see [`served.learner_chat_template`]) when it has one.
             revision (`str`, *optional*): revision of the model to load.
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when loading by name. Only safetensors
                 weights are loaded, and a model that names its own code (`auto_map`) is refused unless
@@ -217,7 +218,7 @@ class ReGradForCausalLM(
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the base model (e.g. `dtype`).
 
         Returns:
-            [`ReGradForCausalLM`]: in eval mode, with the saved `generation_config.json` when there is one.
+            [`ReGradForCausalLM`]: in eval mode, with its `generation_config.json` (see [`served`]) when there is one.
 
         Raises:
             [`ReGradValueError`]: not a learner (missing files), a bad argument, or a base model that cannot be
@@ -271,8 +272,10 @@ class ReGradForCausalLM(
             if base_model is not None:  # the caller's model leaves a failed load as it came in
                 remove_lora(base_model, requires_grad, peft_config)
             raise
-        if generation is not None:  # learners saved before it was written have none
-            model.generation_config = model.language_model.generation_config = generation
+        if generation is not None:  # learners saved before it was written have none; older ones lack its decoding
+            model.generation_config = learner_generation_config(
+                model.generation_config, model.prompt_template, generation
+            )
         return model.eval()  # as `PreTrainedModel.from_pretrained` returns its models
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -296,6 +299,8 @@ class ReGradForCausalLM(
             # should be the same file (bank builds by one process or several compare byte for byte)
             metadata = {"fingerprint": self.fingerprint()}
         generation = self.generation_config.to_json_string()
+        if self.tokenizer is not None:  # the saved chat template lays out the saved config's prompt
+            install_chat_template(self.tokenizer, self.prompt_template)
 
         def write(staging: Path) -> None:
             atomic_save_safetensors(tensors, staging / LEARNER_FILE, metadata=metadata)

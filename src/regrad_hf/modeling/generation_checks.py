@@ -14,6 +14,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..errors import ReGradError, ReGradTypeError, ReGradValueError
+from ..prompting import MAX_REPETITION_PENALTY
 
 # Counts: a positive integer (or None); those of `_MIN_COUNTS` may also be 0 (`top_k=0` turns top-k filtering off).
 _COUNTS = ("max_new_tokens", "max_length", "num_beams", "num_return_sequences", "num_beam_groups")
@@ -34,7 +35,8 @@ def _as_list(value: object) -> list:
 def check_generation_settings(settings: Mapping[str, object], where: str) -> None:
     """Raises [`ReGradValueError`] naming the first generation setting of `settings` with a value `generate` cannot
     use: a count that is not a positive integer, a temperature or top-p that is not a positive finite number, a token
-    id that is not a non-negative integer (or a list of them), a `do_sample` that is not a bool.
+    id that is not a non-negative integer (or a list of them), a `do_sample` or `apply_learner_prompt` that is not a
+    bool, an `answer_repetition_penalty` outside 1 to `MAX_REPETITION_PENALTY`.
 
     Args:
         settings (`Mapping[str, object]`): generation settings (a `GenerationConfig`'s dict or `generate`'s kwargs).
@@ -54,8 +56,12 @@ def check_generation_settings(settings: Mapping[str, object], where: str) -> Non
             isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf
         ):
             wanted = "a positive finite number"
-        elif name == "do_sample" and not isinstance(value, bool):
+        elif name in ("do_sample", "apply_learner_prompt") and not isinstance(value, bool):
             wanted = "True or False"
+        elif name == "answer_repetition_penalty" and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= MAX_REPETITION_PENALTY
+        ):
+            wanted = f"a number from 1 (off) to {MAX_REPETITION_PENALTY:g}"
         elif name in _TOKEN_IDS and not all(
             _is_int(i) and i >= 0 for i in (value if isinstance(value, list) else [value])
         ):

@@ -19,6 +19,7 @@ from ..bank import GradientBank, Hit
 from ..config import check_gamma
 from ..errors import ReGradError, ReGradTypeError, ReGradValueError
 from ..prompting import PromptTemplate
+from . import served
 from .generation_checks import check_generate_inputs, transformers_refusals_typed
 from .query import prompt_to_query
 
@@ -185,6 +186,13 @@ class KnowledgeInjectionMixin:
                 bank when one is attached, except inside [`knowledge`], [`retrieved`], [`injected`] (they inject
                 their own documents) and [`disable_adapter`].
 
+        Decoding: the model's `generation_config` (the learner's: greedy, the stop rule as `stop_strings`, the
+        answer repetition penalty), under a `generation_config=` given and the call's settings, as transformers merges
+        them; `answer_repetition_penalty=` and `apply_learner_prompt=` may be set per call too. With
+        `apply_learner_prompt` (the default), a row that is plain text (no special token but a leading bos: a plain
+        string tokenized, as `pipeline` does with one) is asked as the question of the learner's prompt
+        (`prompt_template.build`); the output still starts with the row as given.
+
         Returns:
             What the wrapped model's `generate` returns.
 
@@ -202,6 +210,35 @@ class KnowledgeInjectionMixin:
             # transformers drives an assistant through its config and forward: the ReGrad wrapper has neither of the
             # language model's; its language model drafts with the learner as it is (this call's step, if it is us)
             kwargs["assistant_model"] = kwargs["assistant_model"].language_model
+        given = args[0] if args else kwargs.pop("generation_config", None)
+        with transformers_refusals_typed():
+            config, kwargs = served.effective_config(self.generation_config, given, kwargs)
+        plain = None
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if getattr(config, served.PROMPT_KEY, False) and input_ids is not None and self._has_chat_template():
+            plain = served.PlainPrompts(input_ids, kwargs.get("attention_mask"), self.tokenizer, self.prompt_template)
+            if plain.wrapped:
+                inputs, kwargs = None, {**kwargs, "input_ids": plain.input_ids, "attention_mask": plain.attention_mask}
+                input_ids = plain.input_ids
+        width = input_ids.shape[1] if input_ids is not None else 0
+        kwargs = served.learner_processors(config, kwargs, self.tokenizer, width)
+        output = self._retrieving_generate(inputs, (config, *args[1:]), kwargs, query, top_k_docs, gamma, use_bank)
+        return output if plain is None else plain.restore(output)
+
+    def _has_chat_template(self) -> bool:
+        return self.tokenizer is not None and isinstance(getattr(self.tokenizer, "chat_template", None), str)
+
+    def _retrieving_generate(
+        self,
+        inputs: torch.Tensor | None,
+        args: tuple,
+        kwargs: dict,
+        query: str | Sequence[str | None] | None,
+        top_k_docs: int | None,
+        gamma: float | None,
+        use_bank: bool | None,
+    ):
+        """`generate` once its inputs and settings are checked: retrieval, the step, the wrapped model's `generate`."""
         with self._adaptation_lock:  # retrieval and the swap read or write the shared LoRA tensors
             self._restore.repair()  # a block whose restore an interrupt cut: its tensors are put back first
             if use_bank is None and query is None:

@@ -29,7 +29,9 @@ def _user_turn_markers(chat_template: str, tokenizer) -> tuple[str, str] | None:
         {"role": "user", "content": second},
     ]
     try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        rendered = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False, apply_learner_prompt=False
+        )  # the turn markers of the base template, not the learner's layout inside them
     except Exception:  # templates raise on their own terms (e.g. Jinja errors); then we treat prompts as plain text
         return None
     if not all(sentinel in rendered for sentinel in _SENTINELS):
