@@ -18,6 +18,7 @@ from regrad_hf.data.collator import TaskCollator
 from regrad_hf.evaluation.methods import untrained_learner_state
 
 from ..conftest import DOCUMENTS, IDS, make_tiny_base, make_tiny_model, parameter_bytes
+from ..modeling.test_conventions import exported_tensors
 
 GREEDY = {"max_new_tokens": 5, "do_sample": False}
 PROMPTS = ["What is the capital of Zorbia?", "Who discovered halvorite?"]
@@ -237,3 +238,34 @@ def test_a_learner_file_and_a_config_that_disagree_on_the_transform_are_refused(
 
 def shapes_of(model: ReGradForCausalLM) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.lora_parameters().items()}
+
+
+def test_an_exported_adapter_bakes_in_the_transformed_step(tokenizer, embedder, tmp_path):
+    model = trained(make_tiny_model(tokenizer, gradient_transform_rank=2))
+    model.attach_bank(GradientBank.build(model, DOCUMENTS, ids=IDS, embedder_model=embedder, show_progress=False))
+    directory = model.export_adapter(tmp_path / "adapter", ids=IDS[:2])
+    theta = {name: p.detach().clone() for name, p in model.lora_parameters().items()}
+    expected = expected_deltas(model, model.bank.gather(IDS[:2]), model.config.gamma)
+    with model.injected(IDS[:2]):
+        inside = {name: p.detach().clone() for name, p in model.lora_parameters().items()}
+    exported = exported_tensors(directory)
+    assert all(torch.equal(exported[name], inside[name]) for name in inside)  # bit for bit the swap's step
+    for name, value in theta.items():
+        torch.testing.assert_close(exported[name].double() - value.double(), expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_rows_that_retrieve_different_documents_generate_with_the_transformed_step(tokenizer, embedder):
+    model = make_tiny_model(tokenizer, gradient_transform_rank=2)
+    model.attach_bank(GradientBank.build(model, DOCUMENTS, ids=IDS, embedder_model=embedder, show_progress=False))
+    prompts = [*PROMPTS, "Tell me about the Velomar bicycle frame"]  # three different retrievals: per-row tensors
+
+    def alone() -> list[torch.Tensor]:
+        return [model.generate(**tokenizer(p, return_tensors="pt"), **GREEDY, top_k_docs=2)[0, -5:] for p in prompts]
+
+    at_identity = alone()
+    trained(model)
+    expected = alone()
+    assert all(not torch.equal(a, b) for a, b in zip(at_identity, expected, strict=True))  # the transform matters
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    together = model.generate(**batch, **GREEDY, top_k_docs=2)
+    assert all(torch.equal(together[row, -5:], expected[row]) for row in range(len(prompts)))
