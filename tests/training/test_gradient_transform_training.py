@@ -9,6 +9,7 @@ from regrad_hf.cli.train import _init_from_learner
 from regrad_hf.data.collator import TaskCollator
 from regrad_hf.data.grouping import group_by_documents
 from regrad_hf.training import ReGradTrainer
+from regrad_hf.training.checkpoints import export_compact_checkpoint
 from regrad_hf.training.gradient_cache import DocumentGradientCache
 
 from ..conftest import make_tiny_model
@@ -76,3 +77,31 @@ def test_init_learner_from_a_learner_without_a_transform_starts_it_at_the_identi
     state = model.learner_state_dict()
     assert torch.equal(state["regrad.gradient_transform"], identity)
     assert all(torch.equal(state[n], p) for n, p in source.learner_state_dict().items())
+
+
+def test_a_run_with_a_transform_resumes_from_a_full_or_compact_checkpoint(tokenizer, tmp_path):
+    tasks, options = color_tasks(16, 0, 0), {"max_steps": 4, "warmup_steps": 1}
+
+    def learner():
+        model = make_tiny_model(tokenizer, gradient_transform_rank=1)
+        with torch.no_grad():  # a start other than the checkpoint's: what a resumed run ends with comes from it
+            model.gradient_transform.raw.uniform_(-1, 1)
+        return model
+
+    uninterrupted = make_tiny_model(tokenizer, gradient_transform_rank=1)
+    ReGradTrainer(uninterrupted, arguments(tmp_path / "a", **options), train_dataset=tasks).train()
+    args = arguments(tmp_path / "b", save_strategy="steps", save_steps=2, **options)
+    ReGradTrainer(make_tiny_model(tokenizer, gradient_transform_rank=1), args, train_dataset=tasks).train()
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-2"
+    resumed = learner()
+    ReGradTrainer(resumed, args, train_dataset=tasks).train(resume_from_checkpoint=str(checkpoint))
+    expected = snapshot(uninterrupted)
+    assert all(torch.equal(value, expected[name]) for name, value in snapshot(resumed).items())
+    # the compact form: three optimizer groups, moments stored lossily, so the steps after it are close
+    compact = export_compact_checkpoint(checkpoint, tmp_path / "compact")
+    from_compact = learner()
+    start = from_compact.gradient_transform.raw.detach().clone()
+    trainer = ReGradTrainer(from_compact, arguments(tmp_path / "c", **options), train_dataset=tasks)
+    trainer.train(resume_from_checkpoint=str(compact))
+    end, got = uninterrupted.gradient_transform.raw.detach(), from_compact.gradient_transform.raw.detach()
+    assert trainer.state.global_step == 4 and (got - end).norm() < 1e-2 * (start - end).norm()
