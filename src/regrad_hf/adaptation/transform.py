@@ -74,7 +74,6 @@ class GradientTransform(nn.Module):
                     count += value.numel()
                     parts.append(value.reshape(-1))
             self._factors[name] = factors
-        self.names = list(shapes)
         self.raw = nn.Parameter(torch.cat(parts))
 
     def factors(self, name: str) -> dict[str, torch.Tensor]:
