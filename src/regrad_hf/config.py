@@ -33,6 +33,7 @@ INT_BOUNDS = {
     "max_document_tokens": (2, 1 << 20),
 }
 MAX_TARGET_LAYER = 100_000
+MAX_TRANSFORM_RANK = 4096
 MAX_STEP_SIZE = 1e6
 MAX_NAME_CHARS = 4096
 STEP_SIZE_PARAMETRIZATIONS = ("log", "linear")
@@ -82,6 +83,11 @@ class ReGradConfig(PreTrainedConfig):
         step_size_parametrization (`str`, defaults to `"log"`):
             `"log"` stores `log(alpha)` (step sizes stay positive and are trained on a relative scale);
             `"linear"` stores `alpha` itself.
+        gradient_transform_rank (`int`, *optional*):
+            `None` (default): the step uses the summed gradient as it is. An integer `k` (0 to 4096) adds a learned
+            linear transform of the summed gradient of each LoRA tensor, `G' = L G R`, trained with the step sizes:
+            full matrices on the LoRA-rank side, diagonal plus rank `k` on the feature side (0: diagonal only),
+            starting at the identity (see [`~regrad_hf.adaptation.transform.GradientTransform`]).
         init_step_size (`float`, defaults to 0.3):
             Initial step size `alpha_t`. 0.3 (log-parametrised) is where meta-training was measured to start well
             (DESIGN.md section 1); at 1e-2 a document's own gradient changes its NLL by less than 0.01 nats.
@@ -124,6 +130,7 @@ class ReGradConfig(PreTrainedConfig):
     target_layers: list[int] | None = None
     step_size_mode: Literal["tie", "row", "full", "same", "fix"] = "tie"
     step_size_parametrization: Literal["log", "linear"] = "log"
+    gradient_transform_rank: int | None = None
     init_step_size: float = 0.3
     gamma: float = 1.0
     top_k_docs: int = 3
@@ -200,6 +207,12 @@ class ReGradConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not _is_int(value) or not low <= value <= high:
                 raise ReGradValueError(f"{name} must be an integer from {low} to {high}, got {_short(value)}")
+        rank = self.gradient_transform_rank
+        if rank is not None and (not _is_int(rank) or not 0 <= rank <= MAX_TRANSFORM_RANK):
+            raise ReGradValueError(
+                f"gradient_transform_rank must be None (no transform) or an integer from 0 to {MAX_TRANSFORM_RANK}, "
+                f"got {_short(rank)}"
+            )
         if not _is_real(self.lora_alpha) or not 0 < self.lora_alpha <= 1e6:
             raise ReGradValueError(f"lora_alpha must be a number in (0, 1e6], got {_short(self.lora_alpha)}")
         if not _is_real(self.init_step_size) or not 0 < self.init_step_size <= MAX_STEP_SIZE:

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, pipeline
 import regrad_hf
 import regrad_hf.bank.index
 from regrad_hf import GradientBank, ReGradConfig, ReGradFileError, ReGradForCausalLM, ReGradHubError, ReGradValueError
+from regrad_hf.adaptation import deltas
 from regrad_hf.cli import main as regrad
 from regrad_hf.config import PROMPT_FIELDS
 from regrad_hf.hub import pull
@@ -53,10 +54,10 @@ def _point_client_at(patch: pytest.MonkeyPatch, hub: FakeHub, cache: Path) -> No
     patch.setattr(transformers.utils.hub, "_hf_api", None)  # transformers keeps one HfApi with its endpoint
 
 
-def make_learner(tokenizer, seed: int = 0) -> ReGradForCausalLM:
+def make_learner(tokenizer, seed: int = 0, **config_kwargs) -> ReGradForCausalLM:
     """A learner on the tiny base in the Hub repo BASE_REPO (so loading it fetches the base through the Hub too)."""
     torch.manual_seed(seed)
-    config = ReGradConfig(lora_rank=4, init_step_size=0.5, max_document_tokens=64, top_k_docs=1)
+    config = ReGradConfig(lora_rank=4, init_step_size=0.5, max_document_tokens=64, top_k_docs=1, **config_kwargs)
     model = ReGradForCausalLM.from_base(BASE_REPO, config, tokenizer=tokenizer)
     with torch.no_grad():
         for name, parameter in model.lora_parameters().items():
@@ -138,6 +139,26 @@ def test_from_pretrained_through_the_hub_generates_like_the_local_model(publishe
     with loaded.retrieved(PROMPT) as hits:
         assert [hit.id for hit in hits] == ["zorbia"]
     assert downloaded(hub, start, "tiny/base/resolve") != []  # the base came through the Hub too
+
+
+def test_a_trained_gradient_transform_round_trips_through_the_hub_with_its_bank(hub, tokenizer, embedder, tmp_path):
+    model = make_learner(tokenizer, seed=1, gradient_transform_rank=2)
+    bank = GradientBank.build(model, DOCUMENTS, ids=IDS, embedder_model=embedder, show_progress=False)
+    with torch.no_grad():  # trained after the bank was built: the bank still fits (raw gradients, see transform.py)
+        model.gradient_transform.raw.add_(0.3 * torch.randn(model.gradient_transform.raw.shape))
+    model.attach_bank(bank)
+    model.push_to_hub("user/transformed", token="hf_test")
+    bank.push_to_hub("user/transformed", subfolder="bank", token="hf_test")
+    loaded = ReGradForCausalLM.from_pretrained("user/transformed")  # attaches bank/: its identity check passes
+    assert loaded.config.gradient_transform_rank == 2 and loaded.bank.ids == IDS
+    assert parameter_bytes(loaded) == parameter_bytes(model)
+    assert torch.equal(generate(loaded, tokenizer), generate(model, tokenizer))
+    steps = [deltas.combine(m.bank.gather(IDS[:2]), m.step_sizes(), 1.0, m.gradient_transform) for m in (model, loaded)]
+    assert all(torch.equal(steps[0][name], steps[1][name]) for name in steps[0])
+    assert regrad(["pull", "user/transformed", str(tmp_path / "pulled")]) == 0
+    pulled = ReGradForCausalLM.from_pretrained(tmp_path / "pulled")
+    assert parameter_bytes(pulled) == parameter_bytes(model) and pulled.bank.ids == IDS
+    assert torch.equal(generate(pulled, tokenizer), generate(model, tokenizer))
 
 
 def test_auto_model_and_pipeline_load_a_regrad_repo(published, hub, tokenizer):

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import InferenceModeError, ReGradKeyError, ReGradTypeError, ReGradValueError
 from ..log import warn_at_caller
 from .per_sample import LinearWeightGradients
+from .transform import GradientTransform, transformed_rows
 
 GradientDict = dict[str, torch.Tensor]
 
@@ -303,15 +304,20 @@ def documents_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
 
 def combine(
-    stacked_gradients: Mapping[str, torch.Tensor], step_sizes: Mapping[str, torch.Tensor], gamma: float
+    stacked_gradients: Mapping[str, torch.Tensor],
+    step_sizes: Mapping[str, torch.Tensor],
+    gamma: float,
+    transform: GradientTransform | None = None,
 ) -> GradientDict:
-    """The step `-gamma * alpha_t * sum_i g_{i,t}` for every tensor `t` (summed in float32, in document order).
+    """The step `-gamma * alpha_t * T_t(sum_i g_{i,t})` for every tensor `t` (summed in float32, in document order;
+    `T_t` the learned gradient transform, or none).
 
     Args:
         stacked_gradients (`Mapping[str, torch.Tensor]`): `{name: (k, *shape)}` gradients of k documents.
         step_sizes (`Mapping[str, torch.Tensor]`): `alpha_t` by name: scalars, or tensors that broadcast against
             the gradient (a column of per-row step sizes).
         gamma (`float`): test-time multiplier.
+        transform ([`GradientTransform`], *optional*): applied to each summed gradient, untrained (no graph).
 
     Returns:
         `dict[str, torch.Tensor]`: the delta to add to each tensor, in float32.
@@ -322,7 +328,8 @@ def combine(
     steps = {}
     for name, gradients in stacked_gradients.items():
         documents = torch.arange(gradients.shape[0], device=gradients.device)[None]
-        steps[name] = scaled_steps(summed_rows(gradients, documents), step_sizes[name], gamma)[0]
+        total = transformed_rows(summed_rows(gradients, documents), name, transform)
+        steps[name] = scaled_steps(total, step_sizes[name], gamma)[0]
     return steps
 
 
@@ -368,13 +375,18 @@ def adapted_parameters(
     summed_gradients: Mapping[str, torch.Tensor],
     step_sizes: Mapping[str, torch.Tensor],
     gamma: float = 1.0,
+    transform: GradientTransform | None = None,
 ) -> GradientDict:
-    """Functional form of the step, differentiable w.r.t. the parameters, the step sizes and the gradients.
+    """Functional form of the step, differentiable w.r.t. the parameters, the step sizes, the gradients and the
+    gradient transform.
 
-    Returns `{name: theta_t - gamma * alpha_t * g_t}`, ready for `torch.func.functional_call` (meta-learning).
-    Tensors without a gradient are returned unchanged.
+    Returns `{name: theta_t - gamma * alpha_t * T_t(g_t)}` (`T_t(g) = g` without a transform), ready for
+    `torch.func.functional_call` (meta-learning). Tensors without a gradient are returned unchanged.
     """
-    return {
-        name: parameter - gamma * step_sizes[name] * summed_gradients[name] if name in summed_gradients else parameter
-        for name, parameter in parameters.items()
-    }
+    adapted = {}
+    for name, parameter in parameters.items():
+        gradient = summed_gradients.get(name)
+        if gradient is not None and transform is not None:
+            gradient = transform.apply(name, gradient)
+        adapted[name] = parameter if gradient is None else parameter - gamma * step_sizes[name] * gradient
+    return adapted

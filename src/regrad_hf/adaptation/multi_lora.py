@@ -37,6 +37,7 @@ from .. import scopes
 from ..errors import ReGradError, ReGradKeyError, ReGradValueError
 from . import deltas
 from .learner import is_lora_parameter_name
+from .transform import GradientTransform, transformed_rows
 
 
 @torch.no_grad()
@@ -90,14 +91,16 @@ def retrieval_row_tensors(
     retrievals: Sequence[Sequence[int] | None],
     step_sizes: Mapping[str, torch.Tensor],
     gamma: float,
+    transform: GradientTransform | None = None,
 ) -> dict[str, torch.Tensor]:
     """The LoRA tensors each row of a batch runs with, stacked, straight from the gradients of all the rows'
     documents (gathered once): `{name: (len(retrievals), *shape)}`.
 
-    Row `i` gets `parameters[name] + (-gamma * step_sizes[name] * sum_j gathered[name][retrievals[i][j]])` (summed in
-    float32 in retrieval order by [`deltas.summed_rows`], cast to the parameter's dtype before the addition), the
-    same arithmetic as [`deltas.combine`] followed by the swap of [`restore.applied_delta`], so the values are bit for
-    bit what the swap writes; `None` rows get the parameter itself. Each distinct retrieval is computed once, and all
+    Row `i` gets `parameters[name] + (-gamma * step_sizes[name] * T(sum_j gathered[name][retrievals[i][j]]))` (summed
+    in float32 in retrieval order by [`deltas.summed_rows`], `T` the gradient transform applied to each distinct
+    retrieval's sum on its own, cast to the parameter's dtype before the addition), the same arithmetic as
+    [`deltas.combine`] followed by the swap of [`restore.applied_delta`], so the values are bit for bit what the swap
+    writes; `None` rows get the parameter itself. Each distinct retrieval is computed once, and all
     retrievals of one length together: one `index_select` and one add per document position, one scaling and one
     addition of the base per tensor.
 
@@ -109,6 +112,7 @@ def retrieval_row_tensors(
             first, or `None` for no retrieval.
         step_sizes (`Mapping[str, torch.Tensor]`): `alpha` by name: scalars, or tensors broadcastable to the shape.
         gamma (`float`): test-time multiplier.
+        transform ([`GradientTransform`], *optional*): the learned gradient transform, or none.
 
     Returns:
         `dict[str, torch.Tensor]`: stacked adapted tensors, detached, in the parameters' dtype and device.
@@ -146,6 +150,7 @@ def retrieval_row_tensors(
         if len(totals) > 1:  # back to the order of `distinct`
             order = [n for numbers in by_length.values() for n in numbers]
             total = total.index_select(0, torch.tensor(order, device=base.device).argsort())
+        total = transformed_rows(total, name, transform)
         adapted = deltas.scaled_steps(total, step_sizes[name], gamma).to(base.dtype).add_(base)
         if one_to_one:
             stacked[name] = adapted

@@ -4,7 +4,8 @@ For each task (documents D, question q, answer a):
 
 - inner: `g = d/d theta sum_{d in D} NLL(d)` (the per-document mean token NLL, as stored in a bank), with
   `create_graph=True` (second order) or detached (first order);
-- adapt: `theta' = theta - gamma * alpha * g`;
+- adapt: `theta' = theta - gamma * alpha * T(g)` (`T` the learner's gradient transform, when it has one: trained
+  here with the step sizes, also against cached gradients);
 - outer: cross-entropy of the answer tokens of `a` given the prompt, through `torch.func.functional_call` with
   `theta'`; with `first_token_weight` w != 1, a weighted mean in which the answer's first token counts w times.
   Greedy decoding commits to an answer with its first token, and in a plain mean that token is one of five or
@@ -98,8 +99,8 @@ def task_loss(
             ([`answer_loss`]; 1 is the plain mean).
         summed_gradients (`Mapping[str, torch.Tensor]`, *optional*): the documents' summed gradient, computed
             beforehand at the current LoRA tensors (a [`DocumentGradientCache`]). The inner step is then not
-            recomputed and the LoRA tensors are held fixed (theta0 frozen): only the step sizes get a gradient, and
-            it equals the one of `first_order=True` up to rounding.
+            recomputed and the LoRA tensors are held fixed (theta0 frozen): only the step sizes (and the gradient
+            transform) get a gradient, and it equals the one of `first_order=True` up to rounding.
         distillation_weight (`float`, defaults to 0): weight of the RAG-teacher KL term (0: not computed; > 0 needs
             the task's `teacher_input_ids`/`teacher_labels`, see [`TaskCollator`]'s `teacher_prompts`).
 
@@ -127,7 +128,9 @@ def task_loss(
                 name: torch.zeros_like(p) if g is None else g if second_order else g.detach()
                 for (name, p), g in zip(lora.items(), gradients, strict=True)
             }
-        adapted = adapted_parameters(lora, summed, learner.step_sizes(), learner.config.gamma)
+        adapted = adapted_parameters(
+            lora, summed, learner.step_sizes(), learner.config.gamma, learner.gradient_transform
+        )
         if first_token_weight == 1.0 and teacher is None:
             outputs = functional_call(
                 learner.language_model,

@@ -35,13 +35,14 @@ def _load_tasks(format_: str, source: str, split: str | None):
 
 def _init_from_learner(model, folder: Path) -> None:
     """Starts `model` from a saved learner's LoRA tensors and step sizes, converting the step sizes when the two
-    configs lay them out differently (e.g. the shipped learner's per-tensor ones into `step_size_mode="row"`)."""
+    configs lay them out differently (e.g. the shipped learner's per-tensor ones into `step_size_mode="row"`), and
+    its gradient transform; a learner without one leaves the model's new transform at the identity."""
     from safetensors.torch import load_file
 
     from ..adaptation.learner import StepSizes
     from ..modeling.learner_files import LEARNER_FILE
     from ..modeling.learner_files import read_config as _read_config
-    from ..modeling.learner_state import STEP_SIZES_KEY
+    from ..modeling.learner_state import STEP_SIZES_KEY, TRANSFORM_KEY
 
     state = load_file(folder / LEARNER_FILE)
     source_config = _read_config(folder / "config.json")
@@ -52,6 +53,8 @@ def _init_from_learner(model, folder: Path) -> None:
     source.raw.data.copy_(state[STEP_SIZES_KEY])
     model.step_sizes.copy_from(source)
     state[STEP_SIZES_KEY] = model.step_sizes.raw.detach().clone()
+    if model.gradient_transform is not None and TRANSFORM_KEY not in state:
+        state[TRANSFORM_KEY] = model.gradient_transform.raw.detach().clone()
     model.load_learner_state(state, source=str(folder))
 
 
@@ -168,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             init_step_size=learner_args.init_step_size,
             step_size_mode=learner_args.step_size_mode,
             step_size_parametrization=learner_args.step_size_parametrization,
+            gradient_transform_rank=learner_args.gradient_transform_rank,
             max_document_tokens=learner_args.max_document_tokens,
             gamma=learner_args.gamma,
             **prompt_fields,

@@ -34,6 +34,9 @@ class LearnerArguments:
     init_step_size: float = 0.3
     step_size_mode: str = "tie"
     step_size_parametrization: str = "log"
+    gradient_transform_rank: int | None = field(
+        default=None, metadata={"help": "learn a transform L G R of the summed gradient, rank k on feature sides"}
+    )
     max_document_tokens: int = 512
     gamma: float = field(default=1.0, metadata={"help": "test-time step multiplier (also used in training)"})
     # The learner's prompt template (regrad_hf.prompting; None: ReGradConfig's default), saved in its config.json.

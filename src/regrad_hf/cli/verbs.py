@@ -247,7 +247,8 @@ def folder_card(folder: Path, repo_id: str, subfolder: str | None) -> tuple[str,
                 fingerprint, names = (learner.metadata() or {}).get("fingerprint", "unknown"), list(learner.keys())
         except SafetensorError as error:
             raise ReGradValueError(f"{learner_path} is not a readable learner file ({error})") from error
-        lora_tensors = len([name for name in names if name != learner_state.STEP_SIZES_KEY])
+        learner_keys = (learner_state.STEP_SIZES_KEY, learner_state.TRANSFORM_KEY)
+        lora_tensors = len([name for name in names if name not in learner_keys])
         return cards.render_model_card(
             config, fingerprint=fingerprint, num_lora_tensors=lora_tensors, repo_id=repo_id
         ), []

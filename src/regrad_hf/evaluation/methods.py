@@ -38,11 +38,10 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..adaptation.deltas import tokenize_document
-from ..adaptation.learner import StepSizes
 from ..data.collator import answer_suffix
 from ..errors import ReGradValueError
 from ..log import progress_bar
-from ..modeling.learner_state import STEP_SIZES_KEY
+from ..modeling.learner_state import STEP_SIZES_KEY, TRANSFORM_KEY, learner_modules
 from ..prompting import PromptTemplate
 from .probe import candidate_log_probs, next_token_score
 from .sgd_ceiling import SGDCeilingConfig, sgd_adapted
@@ -92,8 +91,9 @@ def base_only(model) -> Iterator[None]:
 
 
 def untrained_learner_state(model, seed: int) -> dict[str, torch.Tensor]:
-    """A learner state as meta-training starts: peft's LoRA init (A Kaiming-uniform, B = 0) drawn with `seed`, and
-    step sizes at `config.init_step_size`. The model is left as it was."""
+    """A learner state as meta-training starts: peft's LoRA init (A Kaiming-uniform, B = 0) drawn with `seed`, step
+    sizes at `config.init_step_size`, and the gradient transform (if any) at the identity. The model is left as it
+    was."""
     with model.swapped_learner(model.learner_state_dict()), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in model.language_model.modules():
@@ -101,10 +101,10 @@ def untrained_learner_state(model, seed: int) -> dict[str, torch.Tensor]:
                 for adapter in module.lora_A:
                     module.reset_lora_parameters(adapter, True)
         state = {name: tensor.clone() for name, tensor in model.learner_state_dict().items()}
-    config = model.config
-    shapes = {name: tuple(p.shape) for name, p in model.lora_parameters().items()}
-    fresh = StepSizes(shapes, config.step_size_mode, config.step_size_parametrization, config.init_step_size)
-    state[STEP_SIZES_KEY] = fresh.raw.detach().clone()
+    step_sizes, transform = learner_modules(model.config, model.lora_parameters())
+    state[STEP_SIZES_KEY] = step_sizes.raw.detach().clone()
+    if transform is not None:
+        state[TRANSFORM_KEY] = transform.raw.detach().clone()
     return state
 
 

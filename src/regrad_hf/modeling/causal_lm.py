@@ -15,7 +15,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..adaptation import deltas, objective
 from ..adaptation.learner import (
-    StepSizes,
     base_identity,
     check_document_tokens,
     fingerprint_of,
@@ -45,7 +44,7 @@ from .learner_files import (
     write_learner,
 )
 from .learner_files import save_directory as checked_save_directory
-from .learner_state import LearnerStateMixin
+from .learner_state import LearnerStateMixin, learner_modules
 from .peft_conventions import PeftConventionsMixin
 from .served import install_chat_template, learner_generation_config, served_as_learner
 
@@ -116,11 +115,7 @@ class ReGradForCausalLM(
         self.generation_config, self.tokenizer = served_as_learner(config, language_model.generation_config, tokenizer)
         self._lora = lora_parameters(language_model)
         self._restore = ExactRestore(self._lora)
-        shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
-        self.step_sizes = StepSizes(
-            shapes, config.step_size_mode, config.step_size_parametrization, config.init_step_size
-        )
-        self.step_sizes.to(next(iter(self._lora.values())).device)
+        self.step_sizes, self.gradient_transform = learner_modules(config, self._lora)
 
     # ------------------------------------------------------------------ construction
 

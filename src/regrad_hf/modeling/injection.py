@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 class KnowledgeInjectionMixin:
     """Retrieval, the gradient step and its exact undo around `generate`. Needs the model's `bank`, `config`,
-    `tokenizer`, `language_model`, `step_sizes`, LoRA tensors (`_lora`, `_restore`), re-entrant lock
-    (`_adaptation_lock`), `_bank_default_in_block` and `_adapted_generations`, and peft's conventions
+    `tokenizer`, `language_model`, `step_sizes`, `gradient_transform`, LoRA tensors (`_lora`, `_restore`), re-entrant
+    lock (`_adaptation_lock`), `_bank_default_in_block` and `_adapted_generations`, and peft's conventions
     (`_refuse_inside_plain_base`, `adapters_enabled`)."""
 
     @property
@@ -59,7 +59,7 @@ class KnowledgeInjectionMixin:
     @contextmanager
     def _applied(self, stacked_gradients: Mapping[str, torch.Tensor], gamma: float | None) -> Iterator[None]:
         gamma = self.config.gamma if gamma is None else check_gamma(gamma)
-        delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma)
+        delta = deltas.combine(stacked_gradients, self.step_sizes(), gamma, self.gradient_transform)
         with self._adaptation_lock:
             self._refuse_inside_plain_base()
             with self._restore.applied(delta):
@@ -336,4 +336,6 @@ class KnowledgeInjectionMixin:
         position = {doc_id: number for number, doc_id in enumerate(union)}
         rows = [None if ids is None else [position[doc_id] for doc_id in ids] for ids in retrievals]
         gathered = self.bank.gather(union)
-        return multi_lora.retrieval_row_tensors(self._lora, gathered, rows, self.step_sizes(), gamma)
+        return multi_lora.retrieval_row_tensors(
+            self._lora, gathered, rows, self.step_sizes(), gamma, self.gradient_transform
+        )

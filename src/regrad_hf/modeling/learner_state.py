@@ -1,6 +1,6 @@
-"""Reading and writing a learner's tensors (LoRA tensors and step sizes) on a [`ReGradForCausalLM`]: state dicts,
-`learner.safetensors` files, and a temporary swap to another learner, all under the model's lock and checked before
-anything is written."""
+"""Reading and writing a learner's tensors (LoRA tensors, step sizes, and the gradient transform when the config asks
+for one) on a [`ReGradForCausalLM`]: state dicts, `learner.safetensors` files, and a temporary swap to another
+learner, all under the model's lock and checked before anything is written."""
 
 from __future__ import annotations
 
@@ -12,21 +12,38 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import MAX_STEP_SIZE
+from ..adaptation.learner import StepSizes
+from ..adaptation.transform import GradientTransform
+from ..config import MAX_STEP_SIZE, ReGradConfig
 from ..errors import ReGradError, ReGradValueError
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
 STEP_SIZES_KEY = "regrad.step_sizes"
+TRANSFORM_KEY = "regrad.gradient_transform"
+
+
+def learner_modules(
+    config: ReGradConfig, lora: Mapping[str, torch.Tensor]
+) -> tuple[StepSizes, GradientTransform | None]:
+    """A fresh learner's step sizes (at `config.init_step_size`) and gradient transform (at the identity; `None` when
+    `config.gradient_transform_rank` is `None`) for these LoRA tensors, on their device."""
+    shapes = {name: tuple(p.shape) for name, p in lora.items()}
+    device = next(iter(lora.values())).device
+    step_sizes = StepSizes(shapes, config.step_size_mode, config.step_size_parametrization, config.init_step_size)
+    rank = config.gradient_transform_rank
+    transform = None if rank is None else GradientTransform(shapes, rank).to(device)
+    return step_sizes.to(device), transform
 
 
 class LearnerStateMixin:
-    """The learner-state methods of [`ReGradForCausalLM`] (it provides `_lora`, `step_sizes`, `_restore` and
-    `_adaptation_lock`)."""
+    """The learner-state methods of [`ReGradForCausalLM`] (it provides `_lora`, `step_sizes`, `gradient_transform`,
+    `_restore` and `_adaptation_lock`)."""
 
     def learner_state_dict(self) -> dict[str, torch.Tensor]:
-        """The learner's tensors: the LoRA tensors by name, and the raw step sizes under `regrad.step_sizes`.
+        """The learner's tensors: the LoRA tensors by name, the raw step sizes under `regrad.step_sizes`, and the
+        gradient transform's factors, when it has one, under `regrad.gradient_transform`.
 
         Copies of the un-adapted values (also inside an adaptation, and whatever other threads do; see the class
         docstring), detached.
@@ -34,11 +51,15 @@ class LearnerStateMixin:
         with self._adaptation_lock:
             state = self._restore.unadapted_values()
             state[STEP_SIZES_KEY] = self.step_sizes.raw.detach().clone()
+            if self.gradient_transform is not None:
+                state[TRANSFORM_KEY] = self.gradient_transform.raw.detach().clone()
         return state
 
     def _learner_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {name: tuple(p.shape) for name, p in self._lora.items()}
         shapes[STEP_SIZES_KEY] = tuple(self.step_sizes.raw.shape)
+        if self.gradient_transform is not None:
+            shapes[TRANSFORM_KEY] = tuple(self.gradient_transform.raw.shape)
         return shapes
 
     def _check_layout(self, found: Mapping[str, tuple[int, ...]], source: str) -> None:
@@ -85,6 +106,8 @@ class LearnerStateMixin:
             for name, parameter in self._lora.items():
                 parameter.copy_(state[name])
             self.step_sizes.raw.copy_(state[STEP_SIZES_KEY])
+            if self.gradient_transform is not None:
+                self.gradient_transform.raw.copy_(state[TRANSFORM_KEY])
 
     def _refuse_inside_adaptation(self) -> None:
         if self._restore.active:  # only the thread holding the lock can be inside one
@@ -94,7 +117,7 @@ class LearnerStateMixin:
             )
 
     def load_learner(self, path: str | os.PathLike) -> None:
-        """Loads LoRA tensors and step sizes from a `learner.safetensors` file.
+        """Loads LoRA tensors, step sizes and gradient transform from a `learner.safetensors` file.
 
         Names and shapes are checked from the file's header before any tensor is read; then the checks of
         [`load_learner_state`].

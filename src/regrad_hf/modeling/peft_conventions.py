@@ -89,7 +89,8 @@ class PeftConventionsMixin:
     the one adapter a ReGrad model has (the others raise a [`ReGradError`] that says what to do instead).
 
     The host class provides `language_model`, `_lora`, `_restore`, `_adaptation_lock`, `_bank_default`,
-    `_plain_base_depth`, `learner_state_dict`, `step_sizes`, `_require_bank`, `document_gradients` and `config`.
+    `_plain_base_depth`, `learner_state_dict`, `step_sizes`, `gradient_transform`, `_require_bank`,
+    `document_gradients` and `config`.
     """
 
     # ------------------------------------------------------------------ the plain base model
@@ -260,7 +261,7 @@ class PeftConventionsMixin:
                     self._require_bank().gather(list(ids)) if ids is not None else self.document_gradients(documents)
                 )
                 gamma = self.config.gamma if gamma is None else check_gamma(gamma)
-                delta = deltas.combine(stacked, self.step_sizes(), gamma)
+                delta = deltas.combine(stacked, self.step_sizes(), gamma, self.gradient_transform)
                 tensors = {
                     name: tensor + delta[name].to(device=tensor.device, dtype=tensor.dtype)
                     if name in delta

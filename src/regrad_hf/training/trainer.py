@@ -86,14 +86,22 @@ class ReGradTrainingArguments(TrainingArguments):
     step_size_learning_rate: float = field(
         default=3e-2, metadata={"help": "Learning rate of the step sizes (their own parameter group, no decay)."}
     )
+    gradient_transform_learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Learning rate of the gradient transform, when the learner has one (ReGradConfig."
+            "gradient_transform_rank; its own parameter group, no decay: decay would pull it to 0, not the identity)."
+        },
+    )
     documents_per_task: int = field(
         default=1, metadata={"help": "Pad each task with distractor documents from other tasks up to this count."}
     )
     cached_gradients: bool = field(
         default=False,
         metadata={
-            "help": "Freeze the LoRA start (theta0) and train the step sizes only, against document gradients "
-            "computed once each and cached (first order, exact for a frozen theta0; one process)."
+            "help": "Freeze the LoRA start (theta0) and train the step sizes (and the gradient transform) only, "
+            "against document gradients computed once each and cached (first order, exact for a frozen theta0; one "
+            "process)."
         },
     )
     gradient_cache_documents: int = field(
@@ -223,8 +231,9 @@ class ReGradTrainer(Trainer):
         self.untrained_state = {name: t.detach().clone() for name, t in model.learner_state_dict().items()}
         self.gradient_cache = None
         if args.cached_gradients:
-            if model.config.step_size_mode == "fix":
-                raise ReGradValueError("cached_gradients trains the step sizes only, and step_size_mode 'fix' has none")
+            if model.config.step_size_mode == "fix" and model.gradient_transform is None:
+                raise ReGradValueError("cached_gradients trains the step sizes and a gradient transform only, and "
+                                       "step_size_mode 'fix' without a gradient transform has neither")  # fmt: skip
             if args.world_size > 1:
                 raise ReGradValueError("cached_gradients runs in one process (DDP needs every parameter to get a "
                                        "gradient, and theta0 gets none)")  # fmt: skip
@@ -233,8 +242,9 @@ class ReGradTrainer(Trainer):
             )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """The `args.optim` optimizer over two groups: the LoRA tensors (lr, weight decay) and the step sizes
-        (`step_size_learning_rate`, no decay)."""
+        """The `args.optim` optimizer over up to three groups: the LoRA tensors (lr, weight decay), the step sizes
+        (`step_size_learning_rate`, no decay) and the gradient transform (`gradient_transform_learning_rate`, no
+        decay)."""
         if self.optimizer is None:
             learner = self.accelerator.unwrap_model(model or self.model)
             groups = []
@@ -249,6 +259,14 @@ class ReGradTrainer(Trainer):
             step_sizes = [p for p in learner.step_sizes.parameters() if p.requires_grad]
             if step_sizes:
                 groups.append({"params": step_sizes, "lr": self.args.step_size_learning_rate, "weight_decay": 0.0})
+            if learner.gradient_transform is not None:
+                groups.append(
+                    {
+                        "params": [learner.gradient_transform.raw],
+                        "lr": self.args.gradient_transform_learning_rate,
+                        "weight_decay": 0.0,
+                    }
+                )
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, learner)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
