@@ -502,3 +502,31 @@ def test_threads_saving_different_learners_into_one_directory_never_mix_them(tok
         thread.join()
     loaded.append(learner_bytes(load_into(tmp_path, tokenizer)))
     assert not errors and all(state in expected for state in loaded)
+
+
+def test_a_reader_whose_file_a_save_moves_in_between_finding_and_opening_it_reads_again(
+    tokenizer, tmp_path, monkeypatch
+):
+    """A save moving its files in (journal written, config.json not moved yet): a reader finds learner.safetensors
+    in the staging folder, the writer moves it before the reader opens it. Nothing the reader compares changed
+    (config.json and the journal are the same), yet the read must be retried, not reported as a missing file."""
+    old, new = make_tiny_model(tokenizer, seed=1), make_tiny_model(tokenizer, seed=2)
+    old.save_pretrained(tmp_path)
+    new.save_pretrained(tmp_path / "new")
+    staging = tmp_path / f"{learner_files.STAGING_PREFIX}test"
+    (tmp_path / "new").rename(staging)
+    (tmp_path / learner_files.JOURNAL_FILE).write_text(json.dumps({"staging": staging.name}) + "\n")
+    read_tensors, moved = learner_files.read_tensors, []
+
+    def writer_moves_the_file_first(path):
+        if not moved:  # the writer's os.replace lands between the reader's check and its open
+            os.replace(staging / learner_files.LEARNER_FILE, tmp_path / learner_files.LEARNER_FILE)
+            moved.append(path)
+        return read_tensors(path)
+
+    monkeypatch.setattr(learner_files, "read_tensors", writer_moves_the_file_first)
+    config, tensors, _, _ = learner_files.read_learner(tmp_path)
+    assert moved[0] == staging / learner_files.LEARNER_FILE
+    assert config.lora_rank == new.config.lora_rank
+    expected = new.learner_state_dict()
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[n], expected[n]) for n in expected)

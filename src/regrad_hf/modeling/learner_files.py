@@ -22,6 +22,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 MAX_CONFIG_BYTES = 16 << 20
 JOURNAL_FILE = ".regrad-save.journal"
 STAGING_PREFIX = ".regrad-save.staging-"
+# Reads of a learner that a save changed meanwhile are retried this often (backing off up to 0.1 s, ~1.5 s in all).
+READ_ATTEMPTS = 20
 
 
 def save_directory(value: object) -> Path:
@@ -237,7 +240,7 @@ def read_learner(
     Raises:
         [`ReGradValueError`]: a file is missing, damaged or holds bad values; [`ReGradFileError`]: a symlink.
     """
-    for attempt in range(5):
+    for attempt in range(READ_ATTEMPTS):
         before = _state_of(directory) if local else None
         try:
             config = read_config(learner_file(directory, CONFIG_FILE, local=local)) if read_config_file else None
@@ -246,9 +249,15 @@ def read_learner(
             generation_path = learner_file(directory, GENERATION_CONFIG_FILE, local=local)
             generation = read_generation_config(generation_path) if generation_path.is_file() else None
         except (ReGradError, OSError):
-            if not local or _state_of(directory) == before or attempt == 4:
+            after = _state_of(directory) if local else None
+            # Read again when a save committed meanwhile, or is moving its files in: a file found in its staging
+            # folder may have moved before it was opened, while config.json (moved last) and the journal stay the
+            # same. A save holds its lock while it moves, so a descheduled writer is waited for, briefly.
+            saving = after is not None and after[1] is not None
+            if not local or attempt == READ_ATTEMPTS - 1 or (after == before and not saving):
                 raise
-            continue  # a save moved a file while it was read: read them again
+            time.sleep(min(0.001 * 2**attempt, 0.1))
+            continue
         if not local or _state_of(directory) == before:
             break
     return config, tensors, path, generation
