@@ -3,7 +3,13 @@ import torch
 from torch.func import functional_call
 
 from regrad_hf import ReGradKeyError, ReGradValueError
-from regrad_hf.adaptation.deltas import adapted_parameters, combine, document_gradient, document_gradients
+from regrad_hf.adaptation.deltas import (
+    adapted_parameters,
+    combine,
+    document_gradient,
+    document_gradients,
+    truncation_report,
+)
 from regrad_hf.adaptation.per_sample import LinearWeightGradients
 from regrad_hf.adaptation.restore import ExactRestore, applied_delta
 
@@ -177,3 +183,16 @@ def test_functional_adaptation_is_differentiable_wrt_step_sizes(tiny_model):
     loss.backward()
     assert tiny_model.step_sizes.raw.grad is not None
     assert tiny_model.step_sizes.raw.grad.abs().sum() > 0
+
+
+def test_a_truncation_report_an_interrupt_cut_short_does_not_swallow_later_warnings(tiny_model):
+    def cut_block():  # a Ctrl-C right after the block was entered: its exit never runs
+        block = truncation_report()
+        block.__enter__()
+        return block  # kept alive, as a saved traceback keeps an interrupted frame's locals
+
+    kept = cut_block()
+    with pytest.warns(UserWarning, match="truncated to max_document_tokens=16"):
+        document_gradient(tiny_model.language_model, tiny_model.tokenizer, tiny_model.lora_parameters(),
+                          " ".join(["swan"] * 200), 16)  # fmt: skip
+    assert kept is not None

@@ -10,10 +10,12 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
+from types import FrameType
 
 import torch
 from torch import nn
 
+from .. import scopes
 from ..errors import InferenceModeError, ReGradKeyError, ReGradTypeError, ReGradValueError
 from ..log import warn_at_caller
 from .per_sample import LinearWeightGradients
@@ -50,9 +52,12 @@ def check_documents(documents: Sequence[str]) -> None:
 
 
 class _Truncations(threading.local):
-    """The documents tokenized so far in the current thread's outermost [`truncation_report`] block."""
+    """The documents tokenized so far in the current thread's outermost [`truncation_report`] block, and the frame
+    of that block's caller (see [`regrad_hf.scopes`]): a report whose block an interrupt cut before its `finally`
+    ran is stale once that frame is gone, and is then replaced instead of swallowing every later warning."""
 
     report: dict | None = None
+    owner: FrameType | None = None
 
 
 _truncations = _Truncations()
@@ -66,14 +71,16 @@ def truncation_report() -> Iterator[None]:
     public call wrapped in one (`model.knowledge`, an evaluation; usable as a decorator) warns once however many
     batches it tokenizes; a document tokenized several times counts once. Nothing is reported when the block raises.
     """
-    if _truncations.report is not None:
+    if _truncations.report is not None and scopes.is_running(_truncations.owner):
         yield
         return
-    report = _truncations.report = {"documents": set(), "truncated": set(), "longest": 0, "max_tokens": 0}
+    report = {"documents": set(), "truncated": set(), "longest": 0, "max_tokens": 0}
+    _truncations.owner, _truncations.report = scopes.owner_frame(), report
     try:
         yield
     finally:
-        _truncations.report = None
+        if _truncations.report is report:
+            _truncations.report = _truncations.owner = None
     if report["truncated"]:
         warn_at_caller(
             f"{len(report['truncated'])} of {len(report['documents'])} documents truncated to "
