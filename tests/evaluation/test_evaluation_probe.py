@@ -14,16 +14,19 @@ import torch
 from regrad_hf import GradientBank, cli
 from regrad_hf.cli import verbs
 from regrad_hf.data import Task
+from regrad_hf.data.collator import answer_suffix
 from regrad_hf.errors import ReGradError
 from regrad_hf.evaluation import METHODS, EvalConfig, load_eval_set, normalize_answer, run_evaluation, write_report
 from regrad_hf.evaluation.methods import MethodRunner
 from regrad_hf.evaluation.probe import (
     PROBE_DISTRACTORS,
     candidate_log_probs,
+    continuation_logits,
     gold_rank,
     next_token_score,
     probe_candidates,
     probe_fields,
+    prompt_cache,
 )
 
 from ..conftest import make_tiny_model
@@ -210,3 +213,39 @@ def test_cli_no_probe_leaves_the_ranking_out(tokenizer, embedder, tmp_path, monk
     assert results["probe"]["questions"] == 0 and results["summary"]["regrad"]["probe_accuracy"]["n"] == 0
     assert results["questions"][0]["probe_candidates"] is None
     assert "it ran on 0 of 2 questions" in (tmp_path / "report.md").read_text()
+
+
+def test_an_answer_from_the_cached_prompt_equals_running_the_prompt_for_every_use(tokenizer):
+    # MethodRunner.answer runs the prompt once and continues from its KV cache for the answer's NLL, the probe and
+    # greedy decoding; each must equal the same computation with the prompt run again.
+    model = make_tiny_model(tokenizer)
+    runner = MethodRunner(model, max_new_tokens=6)
+    question, texts = "Where is Quentville?", ["Quentville lies in the north of Zorbia, by the Kell river."]
+    candidates = ["in the north of Zorbia", "Kell", "by the sea", "1912"]
+    answer = runner.answer("rag", question, candidates[0], ["d0"], texts, candidates)
+
+    prompt = tokenizer(runner.prompt_text("rag", question, texts), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(candidates[0] + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
+    encoded = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
+    with runner.state("rag", ["d0"], texts) as base, torch.no_grad():
+        full = torch.tensor([prompt + answer_ids])
+        labels = full.clone()
+        labels[0, : len(prompt)] = -100
+        output = base(input_ids=full, labels=labels)
+        first = next_token_score(output.logits[0, len(prompt) - 1], answer_ids[0])
+        expected_scores = candidate_log_probs(base, prompt, encoded)
+        generated = base.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, use_bank=False,
+            **runner.prompt.generation_kwargs(tokenizer, len(prompt)),
+        )  # fmt: skip
+        cache = prompt_cache(base, prompt)
+        length = cache.get_seq_length()
+        assert continuation_logits(base, prompt, answer_ids, cache) == pytest.approx(
+            continuation_logits(base, prompt, answer_ids), abs=1e-4
+        )
+        assert cache.get_seq_length() == length == len(prompt) - 1  # each use extends a copy
+    assert answer.answer_nll == pytest.approx(output.loss.item(), abs=1e-5)
+    assert answer.first_token_nll == pytest.approx(first.nll, abs=1e-5) and answer.first_token_top1 == first.top1
+    assert answer.probe_scores == pytest.approx(expected_scores, abs=1e-5)
+    expected_prediction = tokenizer.decode(generated[0, len(prompt) :], skip_special_tokens=True)
+    assert answer.prediction == runner.prompt.cut(expected_prediction)

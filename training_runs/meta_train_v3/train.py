@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=6000)
     parser.add_argument("--cached_gradients", action="store_true", help="theta0 frozen: train the step sizes only")
     parser.add_argument("--distillation_weight", type=float, default=0.0, help="RAG-teacher KL weight (0: off)")
+    parser.add_argument("--icl_share", type=float, default=0.0, help="share of groups also asked with their documents")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (AMX/AVX512-BF16 CPUs: ~1.9x per step)")
     parser.add_argument("--output_dir", type=Path, default=HERE / "run")
     parser.add_argument("--resume_dir", type=Path, default=HERE / "resume")
@@ -50,6 +51,7 @@ def main() -> None:
         max_answer_tokens=128,
         cached_gradients=cli.cached_gradients,
         distillation_weight=cli.distillation_weight,
+        icl_share=cli.icl_share,
         logging_steps=10,
         save_strategy="steps",
         save_steps=25,

@@ -43,7 +43,7 @@ from ..errors import ReGradValueError
 from ..log import progress_bar
 from ..modeling.learner_state import STEP_SIZES_KEY, TRANSFORM_KEY, learner_modules
 from ..prompting import PromptTemplate
-from .probe import candidate_log_probs, next_token_score
+from .probe import candidate_log_probs, continuation_logits, next_token_score, prompt_cache
 from .sgd_ceiling import SGDCeilingConfig, sgd_adapted
 
 METHODS = ("closed_book", "no_adaptation", "rag", "learner_icl", "cpt", "raw", "sgd", "regrad", "regrad_icl")
@@ -334,19 +334,21 @@ class MethodRunner:
         start = time.perf_counter()
         with self.state(method, ids, texts) as model:
             device = model.device
-            full = torch.tensor([prompt_ids + answer_ids], device=device)
-            labels = full.clone()
-            labels[0, : len(prompt_ids)] = -100
+            # The prompt runs once: scoring the answer, the probe and greedy decoding continue from its cache (beam
+            # search expands its own, so it starts afresh).
+            cache = prompt_cache(model, prompt_ids)
+            logits = continuation_logits(model, prompt_ids, answer_ids, cache)
+            targets = torch.tensor(answer_ids, device=logits.device)
+            nll = torch.nn.functional.cross_entropy(logits, targets).item()
+            first = next_token_score(logits[0], answer_ids[0])
+            del logits
+            if encoded:
+                probe_start = time.perf_counter()
+                probe_scores = candidate_log_probs(model, prompt_ids, encoded, cache)
+                probe_seconds = time.perf_counter() - probe_start
             prompt = torch.tensor([prompt_ids], device=device)
+            reuse = {"past_key_values": cache} if cache is not None and self.num_beams == 1 else {}
             with torch.no_grad():
-                output = model(input_ids=full, labels=labels)
-                nll = output.loss.item()
-                first = next_token_score(output.logits[0, len(prompt_ids) - 1], answer_ids[0])
-                del output
-                if encoded:
-                    probe_start = time.perf_counter()
-                    probe_scores = candidate_log_probs(model, prompt_ids, encoded)
-                    probe_seconds = time.perf_counter() - probe_start
                 output = model.generate(
                     input_ids=prompt,
                     attention_mask=torch.ones_like(prompt),
@@ -354,6 +356,7 @@ class MethodRunner:
                     do_sample=False,
                     num_beams=self.num_beams,
                     use_bank=False,
+                    **reuse,
                     **self.prompt.generation_kwargs(tokenizer, len(prompt_ids)),
                 )
         prediction = self.prompt.cut(tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True))

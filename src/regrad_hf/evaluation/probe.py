@@ -14,6 +14,7 @@ method's own prompt and with its own adaptation applied (a ReGrad step, document
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,23 +67,76 @@ def next_token_score(logits: torch.Tensor, token_id: int) -> NextTokenScore:
     return NextTokenScore(nll, rank, int(logits.argmax()) == token_id)
 
 
-def candidate_log_probs(model, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
+def prompt_cache(model, prompt_ids: Sequence[int]):
+    """The KV cache of every prompt token but the last, so that scoring continuations and generating after one prompt
+    run the prompt once instead of once per use (a RAG prompt is hundreds of tokens, its answers a few).
+
+    Args:
+        model: a causal LM that returns `past_key_values` with `use_cache=True` (any transformers one).
+        prompt_ids (`Sequence[int]`): the prompt's token ids.
+
+    Returns:
+        The cache (a transformers `Cache`), or `None` when there is nothing to cache (a one-token prompt) or the model
+        returns none. Each use takes a copy ([`continuation_logits`]) except a last one, which may consume it.
+    """
+    if len(prompt_ids) < 2:
+        return None
+    with torch.no_grad():
+        output = model(input_ids=torch.tensor([list(prompt_ids[:-1])], device=model.device), use_cache=True)
+    return getattr(output, "past_key_values", None)
+
+
+def continuation_logits(model, prompt_ids: Sequence[int], continuation: Sequence[int], cache=None) -> torch.Tensor:
+    """The logits that predict each token of `continuation` after `prompt_ids`, teacher-forced.
+
+    Args:
+        model: a causal LM.
+        prompt_ids (`Sequence[int]`): the prompt's token ids (at least one).
+        continuation (`Sequence[int]`): the continuation's token ids (at least one).
+        cache (*optional*): [`prompt_cache`] of `prompt_ids` (left unchanged: a copy is extended); without it the
+            prompt runs again.
+
+    Returns:
+        `torch.Tensor`: float logits of shape `(len(continuation), vocab_size)`; row 0 is the next-token distribution
+        after the prompt.
+    """
+    if not prompt_ids or not continuation:
+        raise ReGradValueError("scoring a continuation needs a non-empty prompt and a non-empty continuation")
+    prompt, continuation = list(prompt_ids), list(continuation)
+    with torch.no_grad():
+        if cache is None:
+            input_ids = torch.tensor([prompt + continuation[:-1]], device=model.device)
+            logits = model(input_ids=input_ids, logits_to_keep=len(continuation)).logits[0]
+        else:
+            # From the prompt's last token on: the cache holds the rest of the prompt.
+            input_ids = torch.tensor([prompt[-1:] + continuation[:-1]], device=model.device)
+            logits = model(input_ids=input_ids, past_key_values=copy.deepcopy(cache), use_cache=True).logits[0]
+    return logits[-len(continuation) :].float()
+
+
+def candidate_log_probs(
+    model, prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], cache=None
+) -> list[float]:
     """Mean log-probability per token of each candidate continuation after one prompt, teacher-forced.
 
-    One forward of a right-padded batch with a row per candidate; only the logits of the candidates' positions are
-    computed (`logits_to_keep`).
+    Without `cache`: one forward of a right-padded batch with a row per candidate, computing only the logits of the
+    candidates' positions (`logits_to_keep`). With `cache` ([`prompt_cache`] of `prompt_ids`): one short forward per
+    candidate after the cached prompt, so the prompt is not run again for each candidate.
 
     Args:
         model: a causal LM (e.g. [`ReGradForCausalLM`], with whatever adaptation is active), with `.tokenizer` for
             the pad id when it has one.
         prompt_ids (`Sequence[int]`): the prompt's token ids (at least one).
         candidates (`Sequence[Sequence[int]]`): each candidate's token ids (at least one each).
+        cache (*optional*): the prompt's [`prompt_cache`] (left unchanged).
 
     Returns:
         `list[float]`: the mean token log-probability of each candidate, in the given order.
     """
     if not prompt_ids or not candidates or any(len(ids) == 0 for ids in candidates):
         raise ReGradValueError("scoring candidates needs a non-empty prompt and non-empty candidates")
+    if cache is not None:
+        return [_mean_log_prob(continuation_logits(model, prompt_ids, ids, cache), ids) for ids in candidates]
     prompt, longest = list(prompt_ids), max(len(ids) for ids in candidates)
     tokenizer = getattr(model, "tokenizer", None)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -97,12 +151,14 @@ def candidate_log_probs(model, prompt_ids: Sequence[int], candidates: Sequence[S
         logits = model(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=longest + 1
         ).logits[:, -(longest + 1) : -1]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    scores = []
-    for row, ids in enumerate(candidates):
-        targets = torch.tensor(list(ids), device=log_probs.device)
-        scores.append(log_probs[row, torch.arange(len(ids), device=log_probs.device), targets].mean().item())
-    return scores
+    return [_mean_log_prob(logits[row, : len(ids)].float(), ids) for row, ids in enumerate(candidates)]
+
+
+def _mean_log_prob(logits: torch.Tensor, ids: Sequence[int]) -> float:
+    """The mean log-probability of `ids` under `logits` (one row per token, row `i` predicting `ids[i]`)."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    targets = torch.tensor(list(ids), device=log_probs.device)
+    return log_probs[torch.arange(len(ids), device=log_probs.device), targets].mean().item()
 
 
 def gold_rank(scores: Sequence[float], gold: int = 0) -> int:
