@@ -10,12 +10,13 @@ questions share the documents at the start of their prompts, so that prefix is r
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+
+from ..kv_cache import cache_keyword, returned_cache
 
 
 def base_parameters(lora: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,11 +70,9 @@ def teacher_log_probs(model, parameters: Mapping[str, torch.Tensor], input_ids: 
     if prefix > 0:
         prefix_kwargs = {"input_ids": input_ids[:1, :prefix], "use_cache": True, "logits_to_keep": 1}
         outputs = functional_call(model, dict(parameters), args=(), kwargs=prefix_kwargs)
-        cache = outputs.get("cache", outputs.get("past_key_values"))
+        cache = returned_cache(outputs)
         cache.batch_repeat_interleave(len(input_ids))
-        # transformers renamed the forward's `past_key_values` to `cache` within 5.x; pass it by the model's name.
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        kwargs = {"input_ids": input_ids[:, prefix:], name: cache, "use_cache": True}
+        kwargs = {"input_ids": input_ids[:, prefix:], cache_keyword(model): cache, "use_cache": True}
     logits = functional_call(model, dict(parameters), args=(), kwargs=kwargs).logits
     rows, positions = scored_positions(labels)
     return logits[rows, positions - prefix].float().log_softmax(-1)

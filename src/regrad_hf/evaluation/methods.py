@@ -40,6 +40,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from ..adaptation.deltas import tokenize_document
 from ..data.collator import answer_suffix
 from ..errors import ReGradValueError
+from ..kv_cache import cache_keyword
 from ..log import progress_bar
 from ..modeling.learner_state import STEP_SIZES_KEY, TRANSFORM_KEY, learner_modules
 from ..prompting import PromptTemplate
@@ -347,7 +348,7 @@ class MethodRunner:
                 probe_scores = candidate_log_probs(model, prompt_ids, encoded, cache)
                 probe_seconds = time.perf_counter() - probe_start
             prompt = torch.tensor([prompt_ids], device=device)
-            reuse = {"past_key_values": cache} if cache is not None and self.num_beams == 1 else {}
+            reuse = {cache_keyword(model): cache} if cache is not None and self.num_beams == 1 else {}
             with torch.no_grad():
                 output = model.generate(
                     input_ids=prompt,

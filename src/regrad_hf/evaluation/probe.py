@@ -23,6 +23,7 @@ import torch
 
 from ..data.task import Task
 from ..errors import ReGradValueError
+from ..kv_cache import cache_keyword, returned_cache
 from .metrics import normalize_answer
 
 # Wrong answers ranked against the reference answer of each question (chance accuracy 1 / 4).
@@ -72,7 +73,7 @@ def prompt_cache(model, prompt_ids: Sequence[int]):
     run the prompt once instead of once per use (a RAG prompt is hundreds of tokens, its answers a few).
 
     Args:
-        model: a causal LM that returns `past_key_values` with `use_cache=True` (any transformers one).
+        model: a causal LM that returns its KV cache with `use_cache=True` (any transformers one).
         prompt_ids (`Sequence[int]`): the prompt's token ids.
 
     Returns:
@@ -83,7 +84,7 @@ def prompt_cache(model, prompt_ids: Sequence[int]):
         return None
     with torch.no_grad():
         output = model(input_ids=torch.tensor([list(prompt_ids[:-1])], device=model.device), use_cache=True)
-    return getattr(output, "past_key_values", None)
+    return returned_cache(output)
 
 
 def continuation_logits(model, prompt_ids: Sequence[int], continuation: Sequence[int], cache=None) -> torch.Tensor:
@@ -110,7 +111,8 @@ def continuation_logits(model, prompt_ids: Sequence[int], continuation: Sequence
         else:
             # From the prompt's last token on: the cache holds the rest of the prompt.
             input_ids = torch.tensor([prompt[-1:] + continuation[:-1]], device=model.device)
-            logits = model(input_ids=input_ids, past_key_values=copy.deepcopy(cache), use_cache=True).logits[0]
+            reuse = {cache_keyword(model): copy.deepcopy(cache), "use_cache": True}
+            logits = model(input_ids=input_ids, **reuse).logits[0]
     return logits[-len(continuation) :].float()
 
 
