@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from regrad_hf import ReGradForCausalLM, ReGradValueError
+from regrad_hf.adaptation.deltas import adapted_parameters, documents_lm_loss
 from regrad_hf.adaptation.learner import StepSizes
-from regrad_hf.adaptation.objective import meta_loss, task_loss
+from regrad_hf.adaptation.objective import answer_loss, meta_loss, scored_window, task_loss
 from regrad_hf.data import Task
 from regrad_hf.data.collator import TaskCollator
 from regrad_hf.data.grouping import TaskGroup, as_training_items, count_questions, group_by_documents
@@ -87,6 +88,42 @@ def test_a_group_loss_is_the_token_weighted_mean_of_its_questions_losses(tokeniz
     for index, gradient in enumerate(group_gradients):
         expected = sum(n * grads[index] for n, (_, grads) in zip(counts, singles, strict=True)) / sum(counts)
         torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_scored_window_holds_every_labelled_token_and_the_one_before():
+    labels = torch.full((3, 10), -100)
+    labels[0, 6:8] = 1  # row 0 scores positions 6-7, row 1 positions 4-8, row 2 nothing
+    labels[1, 4:9] = 1
+    assert scored_window(labels) == 7  # positions 3-9: 3 predicts the first labelled token, 4
+    assert scored_window(torch.full((2, 5), -100)) == 5
+    labels = torch.full((1, 4), -100)
+    labels[0, 1:] = 1
+    assert scored_window(labels) == 4  # never more than the row
+
+
+def test_the_outer_loss_from_the_answer_window_equals_the_loss_over_every_position(tokenizer):
+    """task_loss computes logits only from the first answer token's predecessor on (an ICL prompt is long); its loss
+    and second-order gradients equal the answer loss over the logits of every position."""
+    model = make_tiny_model(tokenizer)
+    collator = TaskCollator(tokenizer, max_document_tokens=64, icl_share=1.0)  # the documents in every prompt
+    task = collator.encode(group_by_documents(paragraph_tasks())[0])
+    assert scored_window(task["labels"]) < task["input_ids"].shape[1]
+    parameters = [*model.lora_parameters().values(), model.step_sizes.raw]
+    loss = task_loss(model, task, first_token_weight=2.0)
+    gradients = torch.autograd.grad(loss, parameters)
+
+    lora = model.lora_parameters()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        inner = documents_lm_loss(model.language_model, task["document_ids"], task["document_mask"])
+        summed = dict(zip(lora, torch.autograd.grad(inner, list(lora.values()), create_graph=True), strict=True))
+        adapted = adapted_parameters(lora, summed, model.step_sizes(), model.config.gamma, model.gradient_transform)
+        logits = torch.func.functional_call(
+            model.language_model, adapted, args=(), kwargs={"input_ids": task["input_ids"]}
+        )
+    expected = answer_loss(logits.logits, task["labels"], first_token_weight=2.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for gradient, reference in zip(gradients, torch.autograd.grad(expected, parameters), strict=True):
+        torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
 
 
 def test_cached_gradients_equal_uncached_training_for_a_frozen_theta0(tokenizer):

@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--distillation_weight", type=float, default=0.0, help="RAG-teacher KL weight (0: off)")
     parser.add_argument("--icl_share", type=float, default=0.0, help="share of groups also asked with their documents")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (AMX/AVX512-BF16 CPUs: ~1.9x per step)")
+    parser.add_argument("--groups", type=Path, default=HERE / "groups_train.jsonl.gz", help="the task groups file")
     parser.add_argument("--output_dir", type=Path, default=HERE / "run")
     parser.add_argument("--resume_dir", type=Path, default=HERE / "resume")
     cli = parser.parse_args()
-    groups = load_groups(HERE / "groups_train.jsonl.gz")
+    groups = load_groups(cli.groups)
     model = ReGradForCausalLM.from_pretrained(shipped_learner_path())
     args = ReGradTrainingArguments(
         output_dir=str(cli.output_dir),

@@ -74,6 +74,23 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_token_weight: 
     return (losses * weights).sum() / weights.sum()
 
 
+def scored_window(labels: torch.Tensor) -> int:
+    """How many positions, counted from the end, hold every labelled token of every row and the position before the
+    first of them: the `logits_to_keep` with which [`answer_loss`] of `labels[:, -window:]` equals that of all.
+
+    Args:
+        labels (`torch.Tensor`): `(batch, length)`, -100 where not scored.
+
+    Returns:
+        `int`: the window, between 2 and `length` (all of it when nothing is labelled).
+    """
+    length = labels.shape[1]
+    scored = (labels != -100).any(0)
+    if not bool(scored.any()):
+        return length
+    return min(length, length - int(scored.int().argmax()) + 1)
+
+
 def task_loss(
     learner,
     task: Mapping[str, torch.Tensor],
@@ -116,40 +133,38 @@ def task_loss(
             learner.language_model, base_parameters(lora), task["teacher_input_ids"], task["teacher_labels"]
         )
     second_order = not first_order and summed_gradients is None and torch.is_grad_enabled()
-    # Double backward through CPU flash SDPA is not implemented; the math kernel supports it.
-    with sdpa_kernel(SDPBackend.MATH):
-        if summed_gradients is not None:
-            summed = {name: summed_gradients[name].to(p.dtype).detach() for name, p in lora.items()}
-            lora = {name: p.detach() for name, p in lora.items()}
-        else:
+    if summed_gradients is not None:
+        summed = {name: summed_gradients[name].to(p.dtype).detach() for name, p in lora.items()}
+        lora = {name: p.detach() for name, p in lora.items()}
+    else:
+        # The documents' forward is differentiated twice (second order): double backward through CPU flash SDPA is
+        # not implemented, the math kernel supports it. The outer forwards below are differentiated once and keep
+        # the default kernel, which stores no attention matrices: a question asked with its documents in the prompt
+        # (ICL) is ~600 tokens.
+        with sdpa_kernel(SDPBackend.MATH):
             inner = documents_lm_loss(learner.language_model, task["document_ids"], task["document_mask"])
             gradients = torch.autograd.grad(inner, list(lora.values()), create_graph=second_order, allow_unused=True)
-            summed = {
-                name: torch.zeros_like(p) if g is None else g if second_order else g.detach()
-                for (name, p), g in zip(lora.items(), gradients, strict=True)
-            }
-        adapted = adapted_parameters(
-            lora, summed, learner.step_sizes(), learner.config.gamma, learner.gradient_transform
-        )
-        if first_token_weight == 1.0 and teacher is None:
-            outputs = functional_call(
-                learner.language_model,
-                adapted,
-                args=(),
-                kwargs={"input_ids": task["input_ids"], "labels": task["labels"]},
-            )
-            loss = outputs.loss
-        else:
-            logits = functional_call(learner.language_model, adapted, args=(), kwargs={"input_ids": task["input_ids"]})
-            loss = answer_loss(logits.logits, task["labels"], first_token_weight)
-            if teacher is not None:
-                loss = loss + distillation_weight * distillation_loss(logits.logits, task["labels"], teacher)
-        if locality is not None and locality_weight > 0:
-            with torch.no_grad():
-                reference = learner.language_model(input_ids=locality).logits.log_softmax(-1)
-            adapted_logits = functional_call(learner.language_model, adapted, args=(), kwargs={"input_ids": locality})
-            divergence = F.kl_div(adapted_logits.logits.log_softmax(-1), reference, log_target=True, reduction="none")
-            loss = loss + locality_weight * divergence.sum(-1).mean()
+        summed = {
+            name: torch.zeros_like(p) if g is None else g if second_order else g.detach()
+            for (name, p), g in zip(lora.items(), gradients, strict=True)
+        }
+    adapted = adapted_parameters(lora, summed, learner.step_sizes(), learner.config.gamma, learner.gradient_transform)
+    # Logits only from the first answer token's predecessor on: the rest of a long (ICL) prompt's ~50k-way logits
+    # would cost memory and time and score nothing.
+    keep = scored_window(task["labels"])
+    logits = functional_call(
+        learner.language_model, adapted, args=(), kwargs={"input_ids": task["input_ids"], "logits_to_keep": keep}
+    ).logits
+    labels = task["labels"][:, -keep:]
+    loss = answer_loss(logits, labels, first_token_weight)
+    if teacher is not None:
+        loss = loss + distillation_weight * distillation_loss(logits, labels, teacher)
+    if locality is not None and locality_weight > 0:
+        with torch.no_grad():
+            reference = learner.language_model(input_ids=locality).logits.log_softmax(-1)
+        adapted_logits = functional_call(learner.language_model, adapted, args=(), kwargs={"input_ids": locality})
+        divergence = F.kl_div(adapted_logits.logits.log_softmax(-1), reference, log_target=True, reduction="none")
+        loss = loss + locality_weight * divergence.sum(-1).mean()
     return loss
 
 
