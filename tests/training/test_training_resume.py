@@ -131,6 +131,19 @@ def test_a_checkpoint_of_another_run_is_refused(tokenizer, tmp_path, checkpoint,
     assert resume(tokenizer, tmp_path, checkpoint).state.global_step == 2  # the same run's arguments resume
 
 
+def test_a_checkpoint_without_a_recorded_identity_resumes_and_its_next_checkpoints_record_it(
+    tokenizer, tmp_path, checkpoint
+):
+    # Checkpoints written before the run identity was recorded are not checked; resuming one must also save.
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    identity = state["stateful_callbacks"].pop("RunIdentityCallback")
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    trainer = resume(tokenizer, tmp_path, checkpoint, save_strategy="steps", save_steps=1)
+    assert trainer.state.global_step == 2
+    saved = json.loads((tmp_path / "resumed" / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["RunIdentityCallback"] == identity
+
+
 def test_another_lora_rank_is_refused(tokenizer, tmp_path, checkpoint):
     trainer = ReGradTrainer(make_tiny_model(tokenizer, lora_rank=2), arguments(tmp_path), train_dataset=TASKS)
     with pytest.raises(ReGradValueError, match="does not fit"):

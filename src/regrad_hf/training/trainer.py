@@ -349,6 +349,11 @@ class ReGradTrainer(Trainer):
         """`Trainer`'s checkpoint, written under the run folder's lock (two runs into one `output_dir` write whole
         checkpoints in turn) and with a rewritten folder's `trainer_state.json` (which `Trainer` writes last) deleted
         first, so that a folder rewritten in part is never taken for a complete checkpoint."""
+        # A state resumed from a checkpoint written before one of our stateful callbacks existed (one without the run
+        # identity) has no entry for it, and Trainer's save indexes that entry: the callback's own state fills it.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ExportableState):
+                self.state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
         if not self.args.should_save:  # process 0 holds the lock; the others write their RNG state only
             return super()._save_checkpoint(model, trial)
         run = Path(self._get_output_dir(trial=trial))
