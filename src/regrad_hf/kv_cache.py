@@ -29,4 +29,5 @@ def returned_cache(outputs) -> Any | None:
     Returns:
         The cache, or `None` when the forward returned none.
     """
-    return outputs.get("cache", outputs.get("past_key_values"))
+    cache = outputs.get("cache")  # the old name only when the new one is absent: reading it logs a deprecation
+    return cache if cache is not None else outputs.get("past_key_values")
