@@ -182,14 +182,14 @@ def test_linear_parametrization_stores_alpha():
 
 
 def test_a_run_starts_from_a_learner_of_another_step_size_layout(tokenizer, tmp_path):
-    from regrad_hf.cli.train import _init_from_learner
+    from regrad_hf.cli.train import init_from_learner
 
     source = make_tiny_model(tokenizer, seed=1)
     with torch.no_grad():
         source.step_sizes.raw.copy_(torch.linspace(-1.0, 1.0, source.step_sizes.raw.numel()))
     source.save_pretrained(tmp_path / "tie")
     model = make_tiny_model(tokenizer, step_size_mode="row")
-    _init_from_learner(model, tmp_path / "tie")
+    init_from_learner(model, tmp_path / "tie")
     lora = source.lora_parameters()
     assert all(torch.equal(p, lora[name]) for name, p in model.lora_parameters().items())
     theirs, ours = source.step_sizes(), model.step_sizes()

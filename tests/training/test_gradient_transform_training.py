@@ -5,7 +5,7 @@ give it the gradient of uncached first-order training."""
 import torch
 
 from regrad_hf.adaptation.objective import task_loss
-from regrad_hf.cli.train import _init_from_learner
+from regrad_hf.cli.train import init_from_learner
 from regrad_hf.data.collator import TaskCollator
 from regrad_hf.data.grouping import group_by_documents
 from regrad_hf.training import ReGradTrainer
@@ -73,7 +73,7 @@ def test_init_learner_from_a_learner_without_a_transform_starts_it_at_the_identi
     source.save_pretrained(tmp_path)
     model = make_tiny_model(tokenizer, gradient_transform_rank=1)
     identity = model.gradient_transform.raw.detach().clone()
-    _init_from_learner(model, tmp_path)
+    init_from_learner(model, tmp_path)
     state = model.learner_state_dict()
     assert torch.equal(state["regrad.gradient_transform"], identity)
     assert all(torch.equal(state[n], p) for n, p in source.learner_state_dict().items())

@@ -33,7 +33,7 @@ def _load_tasks(format_: str, source: str, split: str | None):
         raise ReGradHubError(f"{error}; pass --data PATH (--train_file/--eval_file) to use local data") from error
 
 
-def _init_from_learner(model, folder: Path) -> None:
+def init_from_learner(model, folder: Path) -> None:
     """Starts `model` from a saved learner's LoRA tensors and step sizes, converting the step sizes when the two
     configs lay them out differently (e.g. the shipped learner's per-tensor ones into `step_size_mode="row"`), and
     its gradient transform; a learner without one leaves the model's new transform at the identity."""
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ..defaults import shipped_learner_path
 
             folder = shipped_learner_path() if recipe_args.init_learner == "shipped" else Path(recipe_args.init_learner)
-            _init_from_learner(model, Path(folder))
+            init_from_learner(model, Path(folder))
     if recipe_args.task_set == "mixed":
         with training_args.main_process_first(desc="mixed task sets"):  # process 0 builds them, the others read
             train_tasks, eval_tasks = _mixed_task_sets(recipe_args, training_args, model)
