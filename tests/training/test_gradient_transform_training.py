@@ -2,12 +2,14 @@
 second-order and the cached-gradient (theta0 frozen) modes, in its own parameter group, and the cached gradients
 give it the gradient of uncached first-order training."""
 
+import pytest
 import torch
 
 from regrad_hf.adaptation.objective import task_loss
 from regrad_hf.cli.train import init_from_learner
 from regrad_hf.data.collator import TaskCollator
 from regrad_hf.data.grouping import group_by_documents
+from regrad_hf.errors import ReGradValueError
 from regrad_hf.training import ReGradTrainer
 from regrad_hf.training.checkpoints import export_compact_checkpoint
 from regrad_hf.training.gradient_cache import DocumentGradientCache
@@ -105,3 +107,13 @@ def test_a_run_with_a_transform_resumes_from_a_full_or_compact_checkpoint(tokeni
     trainer.train(resume_from_checkpoint=str(compact))
     end, got = uninterrupted.gradient_transform.raw.detach(), from_compact.gradient_transform.raw.detach()
     assert trainer.state.global_step == 4 and (got - end).norm() < 1e-2 * (start - end).norm()
+
+
+def test_init_learner_from_a_damaged_learner_file_raises_a_typed_error(tokenizer, tmp_path):
+    make_tiny_model(tokenizer, seed=3).save_pretrained(tmp_path)
+    (tmp_path / "learner.safetensors").write_bytes(b"not a safetensors file")
+    model = make_tiny_model(tokenizer)
+    before = model.learner_state_dict()
+    with pytest.raises(ReGradValueError, match="not a readable learner file"):
+        init_from_learner(model, tmp_path)
+    assert all(torch.equal(model.learner_state_dict()[n], t) for n, t in before.items())  # nothing written

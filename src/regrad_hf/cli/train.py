@@ -37,14 +37,12 @@ def init_from_learner(model, folder: Path) -> None:
     """Starts `model` from a saved learner's LoRA tensors and step sizes, converting the step sizes when the two
     configs lay them out differently (e.g. the shipped learner's per-tensor ones into `step_size_mode="row"`), and
     its gradient transform; a learner without one leaves the model's new transform at the identity."""
-    from safetensors.torch import load_file
-
     from ..adaptation.learner import StepSizes
-    from ..modeling.learner_files import LEARNER_FILE
+    from ..modeling.learner_files import LEARNER_FILE, read_tensors
     from ..modeling.learner_files import read_config as _read_config
     from ..modeling.learner_state import STEP_SIZES_KEY, TRANSFORM_KEY
 
-    state = load_file(folder / LEARNER_FILE)
+    state = read_tensors(folder / LEARNER_FILE)  # a damaged file raises ReGradValueError, not SafetensorError
     source_config = _read_config(folder / "config.json")
     shapes = {name: tuple(p.shape) for name, p in model.lora_parameters().items()}
     source = StepSizes(shapes, source_config.step_size_mode, source_config.step_size_parametrization, 1.0)
