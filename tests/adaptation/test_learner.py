@@ -182,7 +182,7 @@ def test_linear_parametrization_stores_alpha():
 
 
 def test_a_run_starts_from_a_learner_of_another_step_size_layout(tokenizer, tmp_path):
-    from regrad_hf.cli.train import init_from_learner
+    from regrad_hf.modeling.learner_state import init_from_learner
 
     source = make_tiny_model(tokenizer, seed=1)
     with torch.no_grad():

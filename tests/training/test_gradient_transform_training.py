@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from regrad_hf.adaptation.objective import task_loss
-from regrad_hf.cli.train import init_from_learner
 from regrad_hf.data.collator import TaskCollator
 from regrad_hf.data.grouping import group_by_documents
 from regrad_hf.errors import ReGradValueError
+from regrad_hf.modeling.learner_state import init_from_learner
 from regrad_hf.training import ReGradTrainer
 from regrad_hf.training.checkpoints import export_compact_checkpoint
 from regrad_hf.training.gradient_cache import DocumentGradientCache

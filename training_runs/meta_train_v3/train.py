@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 from regrad_hf import ReGradForCausalLM
-from regrad_hf.cli.train import init_from_learner
 from regrad_hf.data.grouping import TaskGroup
 from regrad_hf.defaults import shipped_learner_path
 from regrad_hf.modeling.learner_files import read_config
+from regrad_hf.modeling.learner_state import init_from_learner
 from regrad_hf.training import ReGradTrainer, ReGradTrainingArguments
 from regrad_hf.training.checkpoints import last_checkpoint
 
@@ -69,7 +69,8 @@ def main() -> None:
         max_grad_norm=0.5,
         max_answer_tokens=128,
         cached_gradients=cli.cached_gradients,
-        gradient_cache_documents=256,  # ~6 MB each: beside the main run's two processes on 24 GB
+        # ~6 MB each: an arm beside the main run's two processes on 24 GB (read only with --cached_gradients)
+        **({"gradient_cache_documents": 256} if cli.cached_gradients else {}),
         distillation_weight=cli.distillation_weight,
         icl_share=cli.icl_share,
         logging_steps=10,

@@ -33,29 +33,6 @@ def _load_tasks(format_: str, source: str, split: str | None):
         raise ReGradHubError(f"{error}; pass --data PATH (--train_file/--eval_file) to use local data") from error
 
 
-def init_from_learner(model, folder: Path) -> None:
-    """Starts `model` from a saved learner's LoRA tensors and step sizes, converting the step sizes when the two
-    configs lay them out differently (e.g. the shipped learner's per-tensor ones into `step_size_mode="row"`), and
-    its gradient transform; a learner without one leaves the model's new transform at the identity."""
-    from ..adaptation.learner import StepSizes
-    from ..modeling.learner_files import LEARNER_FILE, read_tensors
-    from ..modeling.learner_files import read_config as _read_config
-    from ..modeling.learner_state import STEP_SIZES_KEY, TRANSFORM_KEY
-
-    state = read_tensors(folder / LEARNER_FILE)  # a damaged file raises ReGradValueError, not SafetensorError
-    source_config = _read_config(folder / "config.json")
-    shapes = {name: tuple(p.shape) for name, p in model.lora_parameters().items()}
-    source = StepSizes(shapes, source_config.step_size_mode, source_config.step_size_parametrization, 1.0)
-    if tuple(state[STEP_SIZES_KEY].shape) != tuple(source.raw.shape):
-        raise ReGradValueError(f"{folder}: its step sizes do not match its config's step_size_mode")
-    source.raw.data.copy_(state[STEP_SIZES_KEY])
-    model.step_sizes.copy_from(source)
-    state[STEP_SIZES_KEY] = model.step_sizes.raw.detach().clone()
-    if model.gradient_transform is not None and TRANSFORM_KEY not in state:
-        state[TRANSFORM_KEY] = model.gradient_transform.raw.detach().clone()
-    model.load_learner_state(state, source=str(folder))
-
-
 def _mixed_task_sets(recipe: RecipeArguments, training_args, model) -> tuple[list, list]:
     """The mixed train and dev tasks, cached in output_dir so that a resumed run sees the same distractors."""
     from ..data.task import load_jsonl
@@ -177,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = ReGradForCausalLM.from_base(learner_args.base_model or EMBEDDED_MODEL_ID, config)
         if recipe_args.init_learner:
             from ..defaults import shipped_learner_path
+            from ..modeling.learner_state import init_from_learner
 
             folder = shipped_learner_path() if recipe_args.init_learner == "shipped" else Path(recipe_args.init_learner)
-            init_from_learner(model, Path(folder))
+            init_from_learner(model, folder)
     if recipe_args.task_set == "mixed":
         with training_args.main_process_first(desc="mixed task sets"):  # process 0 builds them, the others read
             train_tasks, eval_tasks = _mixed_task_sets(recipe_args, training_args, model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +17,7 @@ from ..adaptation.learner import StepSizes
 from ..adaptation.transform import GradientTransform
 from ..config import MAX_STEP_SIZE, ReGradConfig
 from ..errors import ReGradError, ReGradValueError
+from .learner_files import LEARNER_FILE, read_config, read_tensors
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -35,6 +37,33 @@ def learner_modules(
     rank = config.gradient_transform_rank
     transform = None if rank is None else GradientTransform(shapes, rank).to(device)
     return step_sizes.to(device), transform
+
+
+def init_from_learner(model, folder: str | os.PathLike) -> None:
+    """Starts `model` from a saved learner's LoRA tensors and step sizes, converting the step sizes when the two
+    configs lay them out differently (e.g. the shipped learner's per-tensor ones into `step_size_mode="row"`), and
+    its gradient transform; a learner without one leaves the model's new transform at the identity.
+
+    Args:
+        model ([`ReGradForCausalLM`]): the model to start (its own config decides the layout).
+        folder (`str` or `os.PathLike`): a saved learner or compact checkpoint (`config.json`, `learner.safetensors`).
+
+    Raises:
+        [`ReGradValueError`]: a damaged file, or step sizes that do not match the folder's config.
+    """
+    folder = Path(folder)
+    state = read_tensors(folder / LEARNER_FILE)  # a damaged file raises ReGradValueError, not SafetensorError
+    source_config = read_config(folder / "config.json")
+    shapes = {name: tuple(p.shape) for name, p in model.lora_parameters().items()}
+    source = StepSizes(shapes, source_config.step_size_mode, source_config.step_size_parametrization, 1.0)
+    if tuple(state[STEP_SIZES_KEY].shape) != tuple(source.raw.shape):
+        raise ReGradValueError(f"{folder}: its step sizes do not match its config's step_size_mode")
+    source.raw.data.copy_(state[STEP_SIZES_KEY])
+    model.step_sizes.copy_from(source)
+    state[STEP_SIZES_KEY] = model.step_sizes.raw.detach().clone()
+    if model.gradient_transform is not None and TRANSFORM_KEY not in state:
+        state[TRANSFORM_KEY] = model.gradient_transform.raw.detach().clone()
+    model.load_learner_state(state, source=str(folder))
 
 
 class LearnerStateMixin:
