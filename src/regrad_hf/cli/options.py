@@ -317,7 +317,12 @@ def build_parser() -> Parser:
     sub.add_argument("--cpt-epochs", type=positive_int, default=1, help="CPT passes over the bank (default 1)")
     sub.add_argument("--cpt-lr", type=positive_float, default=2e-5, help="CPT AdamW learning rate (default 2e-5)")
     sub.add_argument("--sgd-steps", type=positive_int, default=5, help="the sgd ceiling's gradient steps (default 5)")
-    sub.add_argument("--sgd-lr", type=positive_float, default=3.0, help="the sgd ceiling's step size (default 3)")
+    sub.add_argument(
+        "--sgd-lr",
+        type=positive_float,
+        default=1.0,
+        help="the sgd ceiling's first step size, halved where it overshoots (default 1)",
+    )
     sub.add_argument("--drift-n", default="10,100", help="document counts to measure drift at, or 'none'")
     sub.add_argument("--drift-methods", default="regrad,cpt", help="methods whose drift is measured")
     sub.add_argument("--drift-heldout", type=positive_int, default=20, help="bank documents held out for perplexity")
