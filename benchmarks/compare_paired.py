@@ -2,10 +2,13 @@
 (`contained` by default) and the mean difference of a continuous one, per question. Prints a table and writes JSON.
 
     python benchmarks/compare_paired.py A/results.json:regrad B/results.json:regrad [--metric contained]
-        [--also probe_accuracy,f1_beyond_question] [--output out.json]
+        [--also probe_accuracy,f1_beyond_question] [--common] [--output out.json]
 
 Each argument is `results.json:method`; the two runs must hold the same question ids (the same --limit and --seed
-sample). The exact McNemar p-value is the two-sided binomial test of the discordant pairs (b = A right and B wrong,
+sample), or, with `--common`, the questions both hold are compared (a run with a smaller --limit and the same --seed
+holds the first questions of a larger one's sample).
+
+The exact McNemar p-value is the two-sided binomial test of the discordant pairs (b = A right and B wrong,
 c = the reverse) against p = 1/2.
 """
 
@@ -32,10 +35,10 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def compare(first: dict[str, dict], second: dict[str, dict], metric: str, also: list[str]) -> dict:
-    ids = sorted(first)
-    if set(first) != set(second):
-        raise SystemExit("the two runs hold different questions: use the same --limit and --seed")
+def compare(first: dict[str, dict], second: dict[str, dict], metric: str, also: list[str], common=False) -> dict:
+    ids = sorted(set(first) & set(second)) if common else sorted(first)
+    if not ids or (not common and set(first) != set(second)):
+        raise SystemExit("the two runs hold different questions: use the same --limit and --seed, or --common")
     a = [first[i][metric] >= 0.5 for i in ids]
     b = [second[i][metric] >= 0.5 for i in ids]
     only_first = sum(x and not y for x, y in zip(a, b, strict=True))
@@ -61,10 +64,12 @@ def main() -> None:
     parser.add_argument("second")
     parser.add_argument("--metric", default="contained")
     parser.add_argument("--also", default="f1_beyond_question,probe_accuracy,first_token_nll,answer_nll")
+    parser.add_argument("--common", action="store_true", help="compare on the questions both runs hold")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     (name_a, first), (name_b, second) = load(args.first), load(args.second)
-    result = {"first": name_a, "second": name_b, **compare(first, second, args.metric, args.also.split(","))}
+    compared = compare(first, second, args.metric, args.also.split(","), args.common)
+    result = {"first": name_a, "second": name_b, **compared}
     print(f"| | {name_a} | {name_b} |\n|---|---|---|")
     print(f"| {args.metric} (n={result['questions']}) | {result[args.metric][0]:.3f} | {result[args.metric][1]:.3f} |")
     for name in args.also.split(","):
