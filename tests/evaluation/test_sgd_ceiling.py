@@ -35,34 +35,33 @@ def test_later_steps_take_the_gradient_where_the_previous_step_left_the_tensors(
     assert any(not torch.equal(two[name], start[name]) for name in a_names)
 
 
-def quadratic_loss_around(monkeypatch, model, centre):
-    """Makes the documents' loss `||theta - centre||^2` over the LoRA tensors (the tiny random model's own loss is
-    nearly flat along its gradient, so it cannot show an overshoot)."""
+def valley_one_gradient_away(monkeypatch, tokenizer):
+    """A tiny model, its untrained start and mean document gradient, with the documents' loss replaced by
+    `||theta - (start - gradient)||^2` over the LoRA tensors (the tiny random model's own loss is nearly flat along
+    its gradient, so it cannot show an overshoot)."""
+    model = make_tiny_model(tokenizer)
+    start = untrained_learner_state(model, seed=0)
+    with model.swapped_learner(start):
+        gradients = {name: stacked.mean(dim=0) for name, stacked in model.document_gradients(DOCUMENTS).items()}
+    centre = {name: start[name] - gradient for name, gradient in gradients.items()}
 
     def loss(model, documents):
         return sum(((p.detach() - centre[n]) ** 2).sum().item() for n, p in model.lora_parameters().items())
 
     monkeypatch.setattr(sgd_ceiling, "documents_loss", loss)
+    return model, start, gradients
 
 
 def test_a_step_that_overshoots_is_retaken_at_half_the_size_until_the_loss_falls(tokenizer, monkeypatch):
-    model = make_tiny_model(tokenizer)
-    start = untrained_learner_state(model, seed=0)
-    with model.swapped_learner(start):
-        gradients = {name: stacked.mean(dim=0) for name, stacked in model.document_gradients(DOCUMENTS).items()}
-    # The valley lies one gradient away: size 8 overshoots it (7 gradients past), 4 too (3 past), 2 does not.
-    quadratic_loss_around(monkeypatch, model, {n: start[n] - gradients[n] for n in gradients})
+    model, start, gradients = valley_one_gradient_away(monkeypatch, tokenizer)
+    # Size 8 overshoots the valley (7 gradients past it), 4 too (3 past), 2 does not (1 past: the start's loss).
     stepped = sgd_state(model, start, DOCUMENTS, SGDCeilingConfig(steps=1, learning_rate=8.0))
     for name, gradient in gradients.items():
         torch.testing.assert_close(stepped[name], start[name] - 2.0 * gradient)
 
 
 def test_a_descent_that_no_halving_rescues_ends_where_it_stands(tokenizer, monkeypatch):
-    model = make_tiny_model(tokenizer)
-    start = untrained_learner_state(model, seed=0)
-    with model.swapped_learner(start):
-        gradients = {name: stacked.mean(dim=0) for name, stacked in model.document_gradients(DOCUMENTS).items()}
-    quadratic_loss_around(monkeypatch, model, {n: start[n] - gradients[n] for n in gradients})
+    model, start, _ = valley_one_gradient_away(monkeypatch, tokenizer)
     stepped = sgd_state(model, start, DOCUMENTS, SGDCeilingConfig(steps=3, learning_rate=8.0, max_halvings=1))
     assert all(torch.equal(stepped[name], start[name]) for name in start)
 
